@@ -1,0 +1,142 @@
+"""GrokConfig: the reference's LanguageModelConfig/TransformerConfig fields (SPEC section 1).
+
+Field names are the reference's own, so a config.json written for xai-org/grok-1 (or the golden
+model's) loads unchanged. Derived sizes are properties. The config is frozen: parallel code keeps
+its local counts in its own objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or value that does not describe a valid Grok model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GrokConfig:
+    vocab_size: int = 128 * 1024  # SentencePiece BPE vocabulary, tied input/output table
+    pad_token: int = 0  # tokens > pad_token are real; id 0 is masked as a key (SPEC 2.2)
+    eos_token: int = 2  # the reference never stops on it; our generators do
+    sequence_len: int = 8192  # KV-cache length in the reference; our context limit
+    emb_size: int = 48 * 128  # d_model
+    key_size: int = 128  # head size of q, k and v
+    num_q_heads: int = 48
+    num_kv_heads: int = 8  # GQA: 6 query heads share a kv head
+    num_layers: int = 64
+    widening_factor: float = 8.0  # expert width = int(8 * 6144) * 2 // 3 = 32768, rounded up to 8
+    num_experts: int = 8
+    num_selected_experts: int = 2  # top-2 softmax gates, not renormalised (SPEC 2.6)
+    embedding_multiplier_scale: float = 78.38367176906169  # sqrt(6144); 78.5 once rounded to bf16
+    output_multiplier_scale: float = 0.5773502691896257  # 1/sqrt(3); 0.578125 in bf16
+    attn_output_multiplier: float = 0.08838834764831845  # 1/sqrt(key_size), applied in f32
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
+                    "num_kv_heads", "num_layers", "num_experts", "num_selected_experts")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ConfigError(f"num_q_heads={self.num_q_heads} must be a multiple of "
+                              f"num_kv_heads={self.num_kv_heads}")
+        if self.num_selected_experts > self.num_experts:
+            raise ConfigError(f"num_selected_experts={self.num_selected_experts} exceeds "
+                              f"num_experts={self.num_experts}")
+        if self.key_size % 2:
+            raise ConfigError(f"key_size={self.key_size}: RoPE needs an even head size")
+        if not 0 <= self.pad_token < self.vocab_size or not 0 <= self.eos_token < self.vocab_size:
+            raise ConfigError(f"pad_token={self.pad_token} and eos_token={self.eos_token} must be "
+                              f"ids below vocab_size={self.vocab_size}")
+        for name in ("widening_factor", "embedding_multiplier_scale", "output_multiplier_scale",
+                     "attn_output_multiplier"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive number")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def ffn_size(self) -> int:
+        """Expert width F: the reference's ffn_size rule (SPEC section 1)."""
+        f = int(self.widening_factor * self.emb_size) * 2 // 3
+        return f + (8 - f) % 8
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "GrokConfig":
+        """A named config: grok-1 (run.py), tiny (tests), debug (a few layers at small width)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any], *, source: str = "config",
+                  ignore: tuple[str, ...] = ()) -> "GrokConfig":
+        """Strict: every field must be present and known (names in `ignore` are skipped)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in fields.items() if k not in ignore}
+        unknown = sorted(set(given) - known)
+        missing = sorted(known - set(given))
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                              f"known fields: {', '.join(sorted(known))}")
+        if missing:
+            raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**given)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GrokConfig":
+        """Load a JSON file with the reference's field names (extra `seed`/`parameter_order`
+        keys of golden/config.json are descriptions of the file, not of the model)."""
+        path = Path(path)
+        try:
+            fields = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields")
+        return cls.from_dict(fields, source=str(path), ignore=("seed", "parameter_order"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def replace(self, **changes: Any) -> "GrokConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _small(emb_size: int, key_size: int, num_q_heads: int, num_kv_heads: int, num_layers: int,
+           vocab_size: int, sequence_len: int) -> GrokConfig:
+    """A config with Grok's ratios and multipliers at a smaller width."""
+    return GrokConfig(vocab_size=vocab_size, sequence_len=sequence_len, emb_size=emb_size,
+                      key_size=key_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                      num_layers=num_layers, embedding_multiplier_scale=math.sqrt(emb_size),
+                      attn_output_multiplier=1 / math.sqrt(key_size))
+
+
+PRESETS: dict[str, GrokConfig] = {
+    "grok-1": GrokConfig(),
+    # Tests: 6:1 GQA, 8 experts top-2, widths in the tens.
+    "tiny": _small(emb_size=48, key_size=8, num_q_heads=6, num_kv_heads=1, num_layers=2,
+                   vocab_size=256, sequence_len=128),
+    # Full Grok ratios (48 q / 8 kv heads, 8-way scale groups line up) at a debuggable width.
+    "debug": _small(emb_size=384, key_size=8, num_q_heads=48, num_kv_heads=8, num_layers=2,
+                    vocab_size=1024, sequence_len=256),
+}

@@ -1,0 +1,338 @@
+"""Grok-1 forward pass in plain PyTorch: the same function as xai-org/grok-1 model.py (SPEC section 2).
+
+Every bf16 rounding point of the reference is kept (SPEC 2.8, 10): projections and QK^T/PV in
+bf16, RoPE / attention scores / softmax / norms / router / the expert GeGLU and down-projection in
+f32. No parallelism and no custom kernels here: `grok1.engine` and `grok1.parallel` change a model
+from outside, and the functions below are the reference twins their kernels are tested against.
+
+Shape letters: B batch, T new tokens, S cached positions, D emb_size, N query heads, K kv heads,
+G query heads per kv head, H key_size, E experts, A selected experts, F expert width, V vocab,
+M flattened tokens (B*T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grok1.config import GrokConfig
+from grok1.quant import QUANT_GROUPS, dequantize
+
+BF16 = torch.bfloat16
+SOFTCAP = 30.0  # attention logits: 30 * tanh(s / 30), f32, before masking (SPEC 2.5)
+MASKED = -1e30  # the reference's fill for masked scores
+RMS_EPS = 1e-5
+ROPE_BASE = 10000.0
+
+
+def bf16_constant(x: float) -> float:
+    """The value a Python float takes as a weakly typed bf16 literal under jit (78.38 -> 78.5)."""
+    return torch.tensor(x, dtype=BF16).item()
+
+
+# ---- the reference's building blocks (also the twins of the fused kernels) -------------------
+
+def matmul_bf16(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
+    """bf16 x bf16 -> bf16 with f32 accumulation and one rounding, as XLA's dot.
+
+    cuBLAS does exactly that. torch's CPU bf16 kernels round partial sums, which moved the golden
+    logits 5 % instead of 0.5 %, so on the CPU the product is taken in f32 and rounded once.
+    """
+    if a.is_cuda:
+        return a @ b if equation is None else torch.einsum(equation, a, b)
+    a, b = a.float(), b.float()
+    return (a @ b if equation is None else torch.einsum(equation, a, b)).to(BF16)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """w * x / rms(x) in f32, cast back to x's dtype; scale applied as w, not 1 + w (SPEC 2.4)."""
+    x32 = x.float()
+    y = scale.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+    return y.to(x.dtype)
+
+
+def rope_cos_sin(positions_BT: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f32 cos/sin [B, T, H] of the half-split (rotate_half) layout; never precomputed in bf16."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_size, 2, dtype=torch.float32,
+                                                 device=positions_BT.device) / head_size))
+    phase = positions_BT.float()[..., None] * inv_freq
+    phase = torch.cat([phase, phase], dim=-1)
+    return torch.cos(phase), torch.sin(phase)
+
+
+def apply_rope(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, computed in f32 and rounded once (SPEC 2.5.2)."""
+    x = x_BTNH.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = x * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+    return out.to(x_BTNH.dtype)
+
+
+def attention_ref(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tensor,
+                  mask_BTS: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """GQA attention with the 30*tanh soft-cap; query head n uses kv head n // G. -> [B, T, N*H]."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s = matmul_bf16(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")  # bf16 out, as the reference
+    s = s.float() * multiplier
+    s = SOFTCAP * torch.tanh(s / SOFTCAP)
+    s = s.masked_fill(~mask_BTS[:, None, None], MASKED)
+    p = torch.softmax(s, dim=-1).to(v_BSKH.dtype)
+    o = matmul_bf16(p, v_BSKH, "bkgts,bskh->btkgh")
+    return o.reshape(B, T, N * H)
+
+
+def gelu_glu(gate_MF: torch.Tensor, up_MF: torch.Tensor) -> torch.Tensor:
+    """tanh-approximate GELU(gate) * up in f32 (jax.nn.gelu's default; SPEC 2.6)."""
+    return F.gelu(gate_MF.float(), approximate="tanh") * up_MF.float()
+
+
+def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, ...]:
+    """f32 router: (logits [M, E], gates [M, A], expert ids [M, A]); gates are the softmax over
+    all experts, not renormalised over the selected ones (SPEC 2.6)."""
+    logits = x_MD.float() @ router_DE.float()
+    gates, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    return logits, gates, ids
+
+
+def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
+            w_gate: "Linear", w_up: "Linear", w_down: "Linear") -> torch.Tensor:
+    """Sparse top-k dispatch, expert by expert; equal to the reference's all-experts one-hot
+    einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32."""
+    out = torch.zeros(x_MD.shape, dtype=torch.float32, device=x_MD.device)
+    gates = gates_MA.to(BF16).float()  # the reference rounds the gate to bf16 first
+    for e in torch.unique(ids_MA).tolist():
+        rows, slots = (ids_MA == e).nonzero(as_tuple=True)
+        x = x_MD[rows]
+        h = gelu_glu(w_gate(x, expert=e), w_up(x, expert=e))
+        y = h @ w_down.dense(expert=e).float()
+        out.index_add_(0, rows, y * gates[rows, slots, None])
+    return out.to(x_MD.dtype)
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+class Linear(nn.Module):
+    """x @ W with W stored [(E,) in, out] as in the reference, no bias.
+
+    W is a bf16 (or f32, for training) parameter, or, with `quant_groups`, an int8 buffer plus
+    bf16 scales [(E,) G, out] dequantized on every call, so int8 stays int8 in memory.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, experts: int | None = None,
+                 quant_groups: int | None = None, dtype: torch.dtype = BF16):
+        super().__init__()
+        lead = (experts,) if experts else ()
+        if quant_groups:
+            self.register_buffer("weight", torch.empty(*lead, d_in, d_out, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(*lead, quant_groups, d_out, dtype=BF16))
+        else:
+            self.weight = nn.Parameter(torch.empty(*lead, d_in, d_out, dtype=dtype))
+            self.scales = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    def dense(self, expert: int | None = None) -> torch.Tensor:
+        """The bf16 matrix [in, out] (of one expert when given)."""
+        w = self.weight if expert is None else self.weight[expert]
+        if self.scales is None:
+            return w.to(BF16)
+        return dequantize(w, self.scales if expert is None else self.scales[expert])
+
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        return matmul_bf16(x, self.dense(expert))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))  # f32 in the checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale)
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Static per-layer K/V buffers, written in place at each row's own positions.
+
+    `lengths_B` counts the valid positions of each row; `real_BS` is False where the key is a
+    pad token (the reference masks tokens == pad as keys, SPEC 2.2).
+    """
+    k_LBSKH: torch.Tensor
+    v_LBSKH: torch.Tensor
+    real_BS: torch.Tensor
+    lengths_B: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: GrokConfig, batch: int, max_len: int,
+                 device: torch.device | str = "cpu") -> "KVCache":
+        if max_len > config.sequence_len:
+            raise ValueError(f"cache length {max_len} exceeds sequence_len={config.sequence_len}")
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.key_size)
+        return cls(torch.zeros(shape, dtype=BF16, device=device),
+                   torch.zeros(shape, dtype=BF16, device=device),
+                   torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k_LBSKH.shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        D, H = config.emb_size, config.key_size
+        q = QUANT_GROUPS if quantized else {}
+        self.config = config
+        self.wq = Linear(D, config.num_q_heads * H, quant_groups=q.get("attn.wq"), dtype=dtype)
+        self.wk = Linear(D, config.num_kv_heads * H, quant_groups=q.get("attn.wk"), dtype=dtype)
+        self.wv = Linear(D, config.num_kv_heads * H, quant_groups=q.get("attn.wv"), dtype=dtype)
+        self.wo = Linear(config.num_q_heads * H, D, quant_groups=q.get("attn.wo"), dtype=dtype)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask_BTS: torch.Tensor, cache: KVCache | None, layer: int,
+                positions_BT: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, c.num_q_heads, c.key_size)
+        k = self.wk(x_BTD).view(B, T, c.num_kv_heads, c.key_size)
+        v = self.wv(x_BTD).view(B, T, c.num_kv_heads, c.key_size)
+        k = apply_rope(k, *rope)  # the reference rotates k, then q; v is not rotated
+        q = apply_rope(q, *rope)
+        if cache is not None:
+            rows_B1 = torch.arange(B, device=x_BTD.device)[:, None]
+            cache.k_LBSKH[layer][rows_B1, positions_BT] = k
+            cache.v_LBSKH[layer][rows_B1, positions_BT] = v
+            S = mask_BTS.shape[-1]  # keys beyond the longest row are never visible
+            k, v = cache.k_LBSKH[layer][:, :S], cache.v_LBSKH[layer][:, :S]
+        o = attention_ref(q, k, v, mask_BTS, c.attn_output_multiplier)
+        return self.wo(o)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        D, E, Fw = config.emb_size, config.num_experts, config.ffn_size
+        q = QUANT_GROUPS if quantized else {}
+        self.top_k = config.num_selected_experts
+        self.router = nn.Parameter(torch.empty(D, E, dtype=torch.float32))  # f32 (SPEC 2.6)
+        self.w_gate = Linear(D, Fw, experts=E, quant_groups=q.get("moe.w_gate"), dtype=dtype)
+        self.w_up = Linear(D, Fw, experts=E, quant_groups=q.get("moe.w_up"), dtype=dtype)
+        self.w_down = Linear(Fw, D, experts=E, quant_groups=q.get("moe.w_down"), dtype=dtype)
+        # Set while training: the router's logits and choices of the last call, for the
+        # load-balancing and z losses (the reference's inference path has none).
+        self.last_router_logits: torch.Tensor | None = None
+        self.last_expert_ids: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x = x_BTD.reshape(-1, x_BTD.shape[-1])
+        logits, gates, ids = route(x, self.router, self.top_k)
+        if self.training:
+            self.last_router_logits, self.last_expert_ids = logits, ids
+        return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down).view_as(x_BTD)
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich norms: a norm before and after attention, and before and after the MoE."""
+
+    def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        D = config.emb_size
+        self.attn_norm, self.attn_out_norm = RMSNorm(D), RMSNorm(D)
+        self.moe_norm, self.moe_out_norm = RMSNorm(D), RMSNorm(D)
+        self.attn = Attention(config, quantized, dtype)
+        self.moe = MoE(config, quantized, dtype)
+
+    def forward(self, h: torch.Tensor, rope, mask_BTS, cache, layer, positions_BT) -> torch.Tensor:
+        a = self.attn(self.attn_norm(h), rope, mask_BTS, cache, layer, positions_BT)
+        h = h + self.attn_out_norm(a)
+        return h + self.moe_out_norm(self.moe(self.moe_norm(h)))
+
+
+class Grok1(nn.Module):
+    """The Grok-1 language model. `quantized` keeps the attention and expert matrices int8 with
+    bf16 scales (the release format); `dtype` is the dtype of the other (dense) matrices."""
+
+    def __init__(self, config: GrokConfig, *, quantized: bool = False, dtype: torch.dtype = BF16):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Parameter(torch.empty(config.vocab_size, config.emb_size, dtype=dtype))
+        self.layers = nn.ModuleList(DecoderLayer(config, quantized, dtype)
+                                    for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.emb_size)
+        self.embedding_multiplier = bf16_constant(config.embedding_multiplier_scale)
+        self.output_multiplier = bf16_constant(config.output_multiplier_scale)
+
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None, *,
+                lengths_B: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (bf16 values, as the reference's), or [B, 1, V] with `last_only`.
+
+        With a cache, row b's tokens go to positions cache.lengths_B[b] + t, and the row then
+        advances by lengths_B[b] (its real tokens; the rest is right padding), default T.
+        `last_only` unembeds only each row's last real token.
+        """
+        B, T = tokens_BT.shape
+        device = tokens_BT.device
+        real_BT = tokens_BT != self.config.pad_token
+        t_T = torch.arange(T, device=device)
+        if lengths_B is None:
+            lengths_B = torch.full((B,), T, dtype=torch.long, device=device)
+        if cache is None:
+            positions_BT = t_T.expand(B, T)
+            mask_BTS = real_BT[:, None, :] & (t_T[None, :, None] >= t_T[None, None, :])
+        else:
+            start_B = cache.lengths_B
+            positions_BT = start_B[:, None] + t_T
+            if int(positions_BT.max()) >= cache.max_len:
+                raise ValueError(f"KV cache of {cache.max_len} positions is full "
+                                 f"(a row would reach position {int(positions_BT.max())})")
+            rows_B1 = torch.arange(B, device=device)[:, None]
+            cache.real_BS[rows_B1, positions_BT] = real_BT
+            S = int(positions_BT.max()) + 1
+            s_S = torch.arange(S, device=device)
+            # query t of row b sits at position p = start_b + t and sees the keys 0..p that are
+            # not padding; keys past p belong to later tokens (or are stale) and stay hidden.
+            mask_BTS = (s_S[None, None, :] <= positions_BT[:, :, None]) & cache.real_BS[:, None, :S]
+
+        h = self.embed[tokens_BT].to(BF16) * self.embedding_multiplier  # bf16 (SPEC 2.1)
+        rope = rope_cos_sin(positions_BT, self.config.key_size)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask_BTS, cache, i, positions_BT)
+        if cache is not None:
+            cache.lengths_B += lengths_B
+        if last_only:
+            h = h[torch.arange(B, device=device), lengths_B - 1][:, None]
+        return self.unembed(self.norm(h))
+
+    def unembed(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Tied output projection, bf16, times the bf16-rounded output multiplier (SPEC 2.7)."""
+        return matmul_bf16(h_BTD, self.embed.to(BF16).T) * self.output_multiplier
+
+    @property
+    def quantized(self) -> bool:
+        return self.layers[0].attn.wq.quantized
+
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Random weights for training from scratch: normal(std) matrices, scaled-down outputs,
+        unit norms. Quantized models are made by quantizing trained weights, not initialised."""
+        if self.quantized:
+            raise ValueError("init_weights works on a dense model; quantize trained weights instead")
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("scale"):
+                    p.fill_(1.0)
+                elif name.endswith(("wo.weight", "w_down.weight")):
+                    p.copy_(torch.randn(p.shape, generator=generator) * out_std)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)

@@ -1,0 +1,38 @@
+"""Shared fixtures: the golden model in ../shared, tiny configs, the gpu marker."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from grok1.config import GrokConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "grok1"
+GOLDEN = SHARED / "golden"
+TOKENIZER = SHARED / "tokenizer.model"
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu on the device)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN.exists():
+        pytest.skip(f"golden data not found at {GOLDEN}")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    if not TOKENIZER.exists():
+        pytest.skip(f"tokenizer not found at {TOKENIZER}")
+    return TOKENIZER
+
+
+@pytest.fixture
+def tiny_config() -> GrokConfig:
+    return GrokConfig.preset("tiny")
