@@ -1,0 +1,3 @@
+from grok1.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""`grok1` command line: parse, call, print. Each subcommand's work lives in its layer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="release checkpoint (a folder holding ckpt-0/) or a grok1 native folder; "
+                        "default: the small embedded Shakespeare model")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config JSON with the reference's field names (default: the checkpoint's "
+                        "config.json, or the grok-1 preset for a release checkpoint)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="SentencePiece model (default: tokenizer.model in or beside the checkpoint)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens regardless")
+
+
+def resolve_model_dir(checkpoint: Path | None) -> Path:
+    if checkpoint is not None:
+        return checkpoint
+    from grok1.assets import default_model_dir
+
+    return default_model_dir()
+
+
+def resolve_tokenizer(tokenizer: Path | None, model_dir: Path) -> Path:
+    """The tokenizer the user named, else tokenizer.model in the checkpoint folder or beside it."""
+    if tokenizer is not None:
+        return tokenizer
+    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"error: no tokenizer.model in {model_dir} or beside it; pass --tokenizer PATH")
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    from grok1.checkpoint import load
+    from grok1.tokenizer import Tokenizer
+
+    model_dir = resolve_model_dir(args.checkpoint)
+    tokenizer = Tokenizer(resolve_tokenizer(args.tokenizer, model_dir))
+    model = load(model_dir, config=args.config, device=_device(args.device))
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from grok1.generation import generate
+    from grok1.sampling import SamplingParams
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    if len(prompts) == 1:  # stream: print each new piece of text as its token arrives
+        sys.stdout.write(args.prompt[0])
+        ids: list[int] = []
+        printed = ""
+
+        def on_token(_row: int, token: int) -> None:
+            nonlocal printed
+            ids.append(token)
+            text = tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):  # hold back a partly decoded UTF-8 character
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+
+        generate(model, prompts, params, on_token=on_token)
+        sys.stdout.write(tokenizer.decode(ids)[len(printed):] + "\n")
+        return
+    with torch.inference_mode():
+        results = generate(model, prompts, params)
+    for prompt, result in zip(args.prompt, results):
+        print(f"--- {prompt!r} ({result.finish_reason})\n{prompt}{tokenizer.decode(result.token_ids)}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from grok1.config import GrokConfig
+    from grok1.info import format_info
+
+    config = GrokConfig.from_json(args.config) if args.config else GrokConfig.preset(args.preset)
+    print(format_info(config, gpu_gib=args.gpu_gib))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grok1", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text (default: the embedded Shakespeare model)")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameter counts, weight and KV bytes, GPUs needed")
+    p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
+    p.add_argument("--preset", default="grok-1", help="a named config when --config is not given")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from grok1.checkpoint import CheckpointError
+    from grok1.config import ConfigError
+    from grok1.tokenizer import TokenizerError
+
+    try:
+        args.func(args)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+        raise SystemExit(f"error: {type(e).__name__}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The arithmetic behind `grok1 info`: parameters, weight bytes, KV bytes, GPUs needed (SPEC 9)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from grok1.config import GrokConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    total_params: int
+    non_embedding_params: int
+    active_params: int  # per token: attention, the selected experts, router, norms, embedding once
+    bytes_bf16: int  # every tensor in bf16
+    bytes_released: int  # int8 matrices + bf16 scales, the rest f32 (the release checkpoint)
+    bytes_int8: int  # int8 matrices + bf16 scales, the rest bf16 (grok1 in memory)
+    bytes_int4: int  # 4-bit matrices + bf16 scales per 8 groups as released, the rest bf16
+    kv_bytes_per_token: int  # bf16 K and V of every layer
+
+    def gpus_needed(self, gpu_bytes: int, weight_bytes: int | None = None,
+                    headroom: float = 0.9) -> int:
+        """Fewest GPUs whose memory (times `headroom`, for activations and cache) holds the weights."""
+        return math.ceil((self.bytes_int8 if weight_bytes is None else weight_bytes)
+                         / (gpu_bytes * headroom))
+
+
+def model_size(c: GrokConfig) -> ModelSize:
+    D, H, Fw, E = c.emb_size, c.key_size, c.ffn_size, c.num_experts
+    attn = D * c.num_q_heads * H * 2 + D * c.num_kv_heads * H * 2  # q, o; k, v
+    expert = 3 * D * Fw
+    router, norms = D * E, 4 * D
+    embed = c.vocab_size * D
+    layer = attn + E * expert + router + norms
+    total = c.num_layers * layer + embed + D
+    active = c.num_layers * (attn + c.num_selected_experts * expert + router + norms) + embed + D
+    quantized = c.num_layers * (attn + E * expert)
+    # scale elements per layer: one bf16 row per output column and input-dim group (SPEC 3)
+    scales = c.num_layers * (c.num_q_heads * H + 2 * c.num_kv_heads * H + 8 * D
+                             + E * (2 * Fw + 8 * D))
+    unquantized = total - quantized
+    return ModelSize(
+        total_params=total,
+        non_embedding_params=total - embed,
+        active_params=active,
+        bytes_bf16=2 * total,
+        bytes_released=quantized + 2 * scales + 4 * unquantized,
+        bytes_int8=quantized + 2 * scales + 2 * unquantized,
+        bytes_int4=quantized // 2 + 2 * scales + 2 * unquantized,
+        kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * H * 2,
+    )
+
+
+def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
+    s = model_size(c)
+    gb = lambda n: f"{n:,} B ({n / 1e9:.2f} GB, {n / 2**30:.1f} GiB)"  # noqa: E731
+    gpu_bytes = int(gpu_gib * 2**30)
+    lines = [
+        f"layers {c.num_layers}, d_model {c.emb_size}, heads {c.num_q_heads} q / {c.num_kv_heads} kv "
+        f"of {c.key_size}, experts {c.num_experts} (top {c.num_selected_experts}) of width "
+        f"{c.ffn_size}, vocab {c.vocab_size}, context {c.sequence_len}",
+        f"parameters, total:          {s.total_params:,}",
+        f"parameters, non-embedding:  {s.non_embedding_params:,}",
+        f"parameters, active/token:   {s.active_params:,} "
+        f"({s.active_params + c.vocab_size * c.emb_size:,} counting the tied embedding twice)",
+        f"weights, bf16:              {gb(s.bytes_bf16)}",
+        f"weights, as released:       {gb(s.bytes_released)}",
+        f"weights, int8 (in memory):  {gb(s.bytes_int8)}",
+        f"weights, int4:              {gb(s.bytes_int4)}",
+        f"KV cache per token:         {s.kv_bytes_per_token:,} B; per {c.sequence_len}-token "
+        f"sequence {s.kv_bytes_per_token * c.sequence_len / 2**30:.2f} GiB",
+    ]
+    for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("bf16", s.bytes_bf16)):
+        lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): "
+                     f"{s.gpus_needed(gpu_bytes, n)}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Next-token sampling: temperature, top-k, top-p, per-request seeds (the reference twin).
+
+The reference (SPEC 5) divides bf16 logits by the temperature, keeps the top-p nucleus and draws
+with Gumbel noise from JAX's threefry; exact sampled-token parity would need that PRNG, so only
+the distribution is the same. We add top-k and greedy (temperature 0), which the reference lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # same seed, same tokens
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # when False the model's eos_token ends the request
+    logprobs: int | None = None  # return the chosen token's logprob and this many top ones
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer >= 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature={self.temperature!r}: must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs={self.logprobs!r}: must be in [0, 20]")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def filter_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
+                  top_p_B: torch.Tensor) -> torch.Tensor:
+    """f32 logits / temperature with everything outside each row's top-k and top-p set to -inf.
+
+    Rows with temperature 0 are left unscaled (their caller takes the argmax).
+    """
+    x = logits_BV.float() / torch.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    rank_V = torch.arange(x.shape[-1], device=x.device)
+    drop = (top_k_B[:, None] > 0) & (rank_V[None, :] >= top_k_B[:, None])
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_x, dim=-1)
+    # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < p
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p_B[:, None]
+    drop[:, 0] = False  # the most likely token always survives
+    return x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+
+
+def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row [B]: argmax where temperature is 0, else a draw from the filtered
+    softmax using that row's generator (exponential race: argmax p / Exp(1))."""
+    device = logits_BV.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    x = filter_logits(logits_BV, temperature, top_k, top_p)
+    probs = torch.softmax(x, dim=-1)
+    noise = torch.empty_like(probs)
+    for b, gen in enumerate(generators):
+        noise[b].exponential_(generator=gen)
+    drawn = (probs / noise).argmax(dim=-1)
+    return torch.where(temperature > 0, drawn, logits_BV.argmax(dim=-1))
+
+
+def logprobs_of(logits_BV: torch.Tensor, tokens_B: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """(logprob of each chosen token [B], top logprobs [B, top], their ids [B, top]) under the
+    model's own distribution (before temperature and filtering), as OpenAI reports them."""
+    logp = torch.log_softmax(logits_BV.float(), dim=-1)
+    top_logp, top_ids = logp.topk(top, dim=-1) if top else (logp[:, :0], tokens_B[:, None][:, :0])
+    return logp.gather(-1, tokens_B[:, None])[:, 0], top_logp, top_ids
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen

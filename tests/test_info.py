@@ -1,0 +1,33 @@
+"""`grok1 info` reproduces SPEC section 9 to the parameter and the byte."""
+
+import subprocess
+import sys
+
+from grok1.config import GrokConfig
+from grok1.info import model_size
+
+
+def test_grok1_preset_counts_match_spec_section_9():
+    s = model_size(GrokConfig.preset("grok-1"))
+    assert s.total_params == 315_684_820_992
+    assert s.non_embedding_params == 314_879_514_624
+    assert s.active_params == 83_756_587_008
+    assert s.bytes_bf16 == 631_369_641_984
+    assert s.bytes_released == 318_239_694_848
+    assert s.bytes_int8 == 316_619_632_640
+    assert s.kv_bytes_per_token == 262_144
+
+
+def test_gpus_needed_grows_as_gpus_shrink():
+    s = model_size(GrokConfig.preset("grok-1"))
+    assert s.gpus_needed(141 * 2**30) == 3  # 317 GB of int8 weights over 0.9 x 141 GiB
+    assert s.gpus_needed(80 * 2**30) == 5
+    assert s.gpus_needed(80 * 2**30, s.bytes_bf16) == 9
+
+
+def test_info_command_prints_spec_figures():
+    out = subprocess.run([sys.executable, "-m", "grok1", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    for figure in ("315,684,820,992", "314,879,514,624", "83,756,587,008", "318,239,694,848",
+                   "631,369,641,984", "262,144"):
+        assert figure in out, figure

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from grok1.sampling import SamplingParams, filter_logits, logprobs_of, make_generator, sample
+
+
+def test_greedy_takes_the_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 4, [make_generator(0, "cpu")] * 4)
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40)
+    x = filter_logits(logits, torch.ones(3), torch.tensor([1, 5, 0]), torch.ones(3))
+    assert torch.isfinite(x).sum(-1).tolist() == [1, 5, 40]
+    kept = torch.isfinite(x[1])
+    assert set(kept.nonzero().flatten().tolist()) == set(logits[1].topk(5).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for p, keep in ((0.5, 1), (0.6, 2), (0.8, 2), (0.81, 3), (0.96, 4), (1.0, 4)):
+        x = filter_logits(logits, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor([p]))
+        assert int(torch.isfinite(x).sum()) == keep, p
+
+
+def test_same_seed_same_tokens_and_distribution_is_followed():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 6) * 2
+    params = [SamplingParams(temperature=1.0, seed=7)]
+    draws = lambda: [int(sample(logits, params, [g])[0]) for g in [make_generator(7, "cpu")] for _ in range(300)]  # noqa: E731
+    assert draws() == draws()
+    gen = make_generator(11, "cpu")
+    counts = torch.bincount(torch.stack([sample(logits, params, [gen])[0] for _ in range(4000)]), minlength=6)
+    freq = counts.float() / counts.sum()
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.03)  # ~4 sigma at n=4000
+
+
+def test_temperature_sharpens():
+    torch.manual_seed(3)
+    logits = torch.randn(1, 8)
+    gen = make_generator(3, "cpu")
+    cold = [int(sample(logits, [SamplingParams(temperature=0.05)], [gen])[0]) for _ in range(200)]
+    assert cold.count(int(logits.argmax())) >= 195
+
+
+def test_logprobs_are_log_softmax():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 10)
+    chosen, top, ids = logprobs_of(logits, torch.tensor([3, 4]), 2)
+    ref = torch.log_softmax(logits, -1)
+    assert torch.allclose(chosen, ref[[0, 1], [3, 4]])
+    assert torch.allclose(top, ref.topk(2).values) and torch.equal(ids, ref.topk(2).indices)
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -1), ("logprobs", 21)])
+def test_bad_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"{field}="):
+        SamplingParams(**{field: value})
