@@ -31,7 +31,7 @@ ROPE_BASE = 10000.0
 
 def bf16_constant(x: float) -> float:
     """The value a Python float takes as a weakly typed bf16 literal under jit (78.38 -> 78.5)."""
-    return torch.tensor(x, dtype=BF16).item()
+    return torch.tensor(x, dtype=BF16, device="cpu").item()  # also under torch.device("meta")
 
 
 # ---- the reference's building blocks (also the twins of the fused kernels) -------------------
@@ -102,9 +102,11 @@ def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int) -> tuple[torc
 
 
 def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
-            w_gate: "Linear", w_up: "Linear", w_down: "Linear") -> torch.Tensor:
+            w_gate: "Linear", w_up: "Linear", w_down: "Linear", *,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sparse top-k dispatch, expert by expert; equal to the reference's all-experts one-hot
-    einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32."""
+    einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32.
+    `out_dtype` (default x's) lets partial sums stay f32 until summed across ranks."""
     out = torch.zeros(x_MD.shape, dtype=torch.float32, device=x_MD.device)
     gates = gates_MA.to(BF16).float()  # the reference rounds the gate to bf16 first
     for e in torch.unique(ids_MA).tolist():
@@ -113,7 +115,7 @@ def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
         h = gelu_glu(w_gate(x, expert=e), w_up(x, expert=e))
         y = h @ w_down.dense(expert=e).float()
         out.index_add_(0, rows, y * gates[rows, slots, None])
-    return out.to(x_MD.dtype)
+    return out.to(out_dtype or x_MD.dtype)
 
 
 # ---- modules ---------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""grok1's own checkpoint folder, for trained and converted models.
+
+Format (version 1), a folder holding:
+- `config.json`: the GrokConfig fields, reference names (`GrokConfig.save_json`).
+- `model.safetensors`: the model's state dict under model.py's names (`embed`, `norm.scale`,
+  `layers.{i}.attn.wq.weight`, ...), every matrix stored [(E,) in, out] as the model holds it.
+  Quantized: the attention and expert matrices are int8 `.weight` with bf16 `.scales`
+  [(E,) G, out] (G = 1, or 8 for attn.wo and moe.w_down; see grok1.quant); dense: bf16 (or f32)
+  `.weight` only. Norms and routers are f32, the embedding bf16 (or f32). Header metadata:
+  `{"format": "pt", "grok1_format": "1", "quantized": "true"|"false"}`; loading decides
+  quantized from the keys (`.scales` present), not from the metadata.
+- `tokenizer.model` (optional): the SentencePiece model the weights go with.
+
+Saving streams tensor by tensor (never a second copy of the model) into a temporary sibling
+folder that is renamed into place once complete, so a crash never leaves a half-written folder
+under the final name. Loading checks every name, shape and integer dtype before reading data,
+then takes tensor by tensor onto the device. On the CPU, tensors already in the model's dtype
+stay memory-mapped from the file (copy-on-write, by safetensors): loading is quick and the page
+cache is shared, and the file must not be truncated in place while the model lives (save_native
+never does: it replaces the folder by renaming).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from grok1.checkpoint.names import CheckpointError, assign_tensor
+from grok1.config import GrokConfig
+from grok1.model import Grok1
+
+FORMAT_VERSION = "1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32",
+              torch.int64: "I64", torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time (safetensors' own writer first copies
+    every tensor to host bytes, which would double a 300 GB model in RAM); fsync'ed."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{key}: dtype {t.dtype} cannot be saved in safetensors")
+        if t.is_meta:
+            raise CheckpointError(f"{key} is on the meta device (never loaded); nothing to save")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_native(model: Grok1, out_dir: str | Path, tokenizer_path: str | Path | None = None, *,
+                overwrite: bool = False) -> Path:
+    """Write `model` (and a copy of its tokenizer) as a grok1 folder at `out_dir`, atomically.
+
+    Raises CheckpointError if `out_dir` exists and `overwrite` is False.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)
+        model.config.save_json(tmp / CONFIG_FILE)
+        quantized = any(k.endswith(".scales") for k in model.state_dict())
+        write_safetensors(tmp / WEIGHTS_FILE, model.state_dict(),
+                          {"format": "pt", "grok1_format": FORMAT_VERSION,
+                           "quantized": str(quantized).lower()})
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        if out_dir.exists():  # overwrite: move the old folder aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old",
+                                        dir=out_dir.parent))
+            out_dir.rename(old / out_dir.name)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+
+
+def load_native(path: str | Path, config: GrokConfig | None = None, *,
+                device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Grok1:
+    """The Grok1 saved in the grok1 folder `path` (config from its config.json unless given).
+
+    Quantized or dense as saved; `dtype` is the dtype of the embedding and dense matrices
+    (default: as saved). Raises CheckpointError for missing or unexpected names, wrong shapes
+    or int8/scale dtypes, ConfigError for a bad config.json.
+    """
+    path = Path(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; not a grok1 checkpoint folder")
+    if config is None:
+        if not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
+        config = GrokConfig.from_json(path / CONFIG_FILE)
+    where = f"{path.name}/{WEIGHTS_FILE}"
+    device = torch.device(device)
+    try:
+        f = safe_open(weights, framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from e
+    with f:
+        keys = list(f.keys())
+        quantized = any(k.endswith(".scales") for k in keys)
+        if dtype is None:
+            dtype = _TORCH_DTYPES.get(f.get_slice("embed").get_dtype(), torch.bfloat16) \
+                if "embed" in keys else torch.bfloat16
+        with torch.device("meta"):
+            model = Grok1(config, quantized=quantized, dtype=dtype)
+        targets = dict(model.state_dict(keep_vars=True))
+        missing = [k for k in targets if k not in set(keys)]
+        unexpected = [k for k in keys if k not in targets]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing: {_names(missing)}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
+            raise CheckpointError(f"{where} does not match its config ({config.num_layers} layers"
+                                  f", {'quantized' if quantized else 'dense'}): "
+                                  + "; ".join(parts))
+        for key, target in targets.items():
+            s = f.get_slice(key)
+            shape, file_dtype = tuple(s.get_shape()), _TORCH_DTYPES.get(s.get_dtype())
+            if shape != tuple(target.shape):
+                raise CheckpointError(f"{where}: {key} shape {tuple(target.shape)} expected, "
+                                      f"file has {shape}")
+            exact = target.dtype in (torch.int8,) or key.endswith(".scales")
+            if file_dtype is None or (exact and file_dtype != target.dtype) or (
+                    not exact and not file_dtype.is_floating_point):
+                raise CheckpointError(f"{where}: {key} dtype {target.dtype} expected, file has "
+                                      f"{s.get_dtype()}")
+        for key, target in targets.items():
+            assign_tensor(model, key, f.get_tensor(key).to(device=device, dtype=target.dtype))
+    return model
+

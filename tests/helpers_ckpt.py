@@ -1,0 +1,64 @@
+"""Release-format pickles for tests: an independent reader (numpy + ml_dtypes through pickle) and
+a writer of files as xai-org/grok-1's checkpoint.py writes them. Test code only: the reader
+unpickles, which is safe only on the trusted golden files."""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+
+
+class QuantizedWeight8bit:
+    """The reference's pytree dataclass, as far as pickle sees it: `weight` and `scales`."""
+
+    def __init__(self, weight: np.ndarray, scales: np.ndarray):
+        self.weight, self.scales = weight, scales
+
+
+class _Reader(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("__main__", "QuantizedWeight8bit"):
+            return QuantizedWeight8bit  # no sys.modules["__main__"] shim needed to read
+        return super().find_class(module, name)
+
+
+def read_xai_file(path: Path) -> np.ndarray | QuantizedWeight8bit:
+    with open(path, "rb") as f:
+        return _Reader(f).load()
+
+
+@contextlib.contextmanager
+def _as_main_attribute(cls: type):
+    """pickle writes a class by name and checks the name resolves to it; the reference put its
+    class on __main__ (checkpoint.py), so for the duration of a dump, so do we."""
+    main = sys.modules["__main__"]
+    had, old = hasattr(main, cls.__name__), getattr(main, cls.__name__, None)
+    cls.__module__ = "__main__"
+    setattr(main, cls.__name__, cls)
+    try:
+        yield
+    finally:
+        cls.__module__ = __name__
+        if had:
+            setattr(main, cls.__name__, old)
+        else:
+            delattr(main, cls.__name__)
+
+
+def write_xai_file(path: Path, value: np.ndarray | QuantizedWeight8bit) -> None:
+    """One release file: a pickle (protocol 4) of an array or a QuantizedWeight8bit."""
+    with _as_main_attribute(QuantizedWeight8bit), open(path, "wb") as f:
+        pickle.dump(value, f, protocol=4)
+
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    """numpy (incl. ml_dtypes.bfloat16) -> torch, bit for bit."""
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
