@@ -62,6 +62,9 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     model_dir = resolve_model_dir(args.checkpoint)
     tokenizer = Tokenizer(resolve_tokenizer(args.tokenizer, model_dir))
     model = load(model_dir, config=args.config, device=_device(args.device))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
+                         f"the model's vocab_size is {model.config.vocab_size}; wrong --tokenizer?")
     return model, tokenizer
 
 
