@@ -1,0 +1,32 @@
+"""Where a decode step (batch 1) and a 1024-token prefill spend GPU time: torch.profiler's
+kernel table over the eager forward (4 full-width layers, random int8 weights)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from grok1.engine.bench_cli import _runner, _sequences
+from grok1.engine.dummy import dummy_model
+from grok1.engine.scheduler import ScheduledChunk, Sequence
+
+if __name__ == "__main__":
+    model = dummy_model(4)
+    runner = _runner(model, 1, 1100)
+    runner.use_graphs = False
+    gen = torch.Generator().manual_seed(0)
+    decode = _sequences(1, 512, runner.block_size, model.config.vocab_size, gen)
+    seq = Sequence("p", torch.randint(3, 1000, (1024,), generator=gen).tolist(), 1024)
+    seq.block_ids = list(range(1, 65))
+    for name, chunks in [("decode b=1", decode), ("prefill 1024", [ScheduledChunk(seq, 0, 1024)])]:
+        for _ in range(2):
+            runner.execute(chunks)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.execute(chunks)
+            torch.cuda.synchronize()
+        print(f"== {name}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))

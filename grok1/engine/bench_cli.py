@@ -1,0 +1,241 @@
+"""`grok1 bench`: decode and prefill latency on random full-width weights, each printed beside
+its roofline (from ceilings measured in the same run) and the reference's anchor figures, and
+written as JSON (one object per measurement) under bench/results/<gpu>/.
+
+Roofline = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), from the config:
+- decode at batch B: attention weights + the experts the batch touches (8 * (1 - (6/8)^B) per
+  layer for uniform top-2 routing; 2 at B=1) + the bf16 unembedding + the KV cache read.
+- prefill of T tokens: 2 * T * active parameters (2 of 8 experts) + causal attention FLOPs +
+  the last token's unembedding; bytes: every weight once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from grok1.config import GrokConfig
+
+# issue 4's targets (one H100, 4 layers): decode b=1 <= 2.65 ms, prefill 1024 <= 22 ms,
+# batch-64 decode >= 60 % of its roofline
+TARGETS = {("decode", 1): ("decode_step_ms", 2.65), ("prefill", 1024): ("prefill_ms", 22.0),
+           ("decode", 64): ("pct_of_roofline", 60.0)}
+
+ANCHORS = {  # ../shared/grok1/ANCHORS.md: reference JAX on one H100, 4 full-width layers, batch 1
+    "decode_ms": 40.1, "prefill_1024_ms": 1650.0,
+    "decode_roofline_ms": 2.25, "prefill_1024_roofline_ms": 13.4,
+}
+
+
+# ---- ceilings ------------------------------------------------------------------------------
+
+def measure_ceilings(device: str = "cuda") -> dict:
+    """Copy bandwidth (bytes read + written, 2 GiB device-to-device) and bf16 matmul rate
+    (8192^3, random data), medians over 20 timed runs."""
+    src = torch.randn(2 << 30 >> 1, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), reps=20)
+    nbytes = 2 * src.numel() * src.element_size()
+    src = dst = None  # free 4 GiB before the matmul
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    mm_ms = time_ms(lambda: a @ b, reps=20)
+    return {"copy_gbps": nbytes / copy_ms / 1e6, "bf16_tflops": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median of `reps` CUDA-event timings of fn()."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ---- rooflines -----------------------------------------------------------------------------
+
+def layer_bytes(c: GrokConfig, experts: float) -> float:
+    D, F, H = c.emb_size, c.ffn_size, c.key_size
+    attn = D * (c.num_q_heads + 2 * c.num_kv_heads) * H + c.num_q_heads * H * D  # int8
+    attn += 2 * ((c.num_q_heads + 2 * c.num_kv_heads) * H + 8 * D)  # bf16 scales
+    expert = 3 * D * F + 2 * (2 * F + 8 * D)
+    return attn + experts * expert + 4 * 4 * D  # + norms (f32)
+
+
+def decode_roofline_ms(c: GrokConfig, batch: int, context: int, ceilings: dict) -> float:
+    E, A = c.num_experts, c.num_selected_experts
+    experts = E * (1 - ((E - A) / E) ** batch)
+    kv = batch * context * 2 * c.num_kv_heads * c.key_size * 2
+    nbytes = c.num_layers * (layer_bytes(c, experts) + kv) + c.vocab_size * c.emb_size * 2
+    active = c.num_layers * (layer_bytes(c, A) - 4 * 4 * c.emb_size) + c.vocab_size * c.emb_size
+    flops = 2 * batch * active
+    return max(nbytes / ceilings["copy_gbps"] / 1e6, flops / ceilings["bf16_tflops"] / 1e9)
+
+
+def prefill_roofline_ms(c: GrokConfig, tokens: int, ceilings: dict) -> float:
+    A = c.num_selected_experts
+    active = layer_bytes(c, A) - 4 * 4 * c.emb_size  # int8 params = bytes
+    attn = 2 * 2 * tokens * tokens / 2 * c.num_q_heads * c.key_size
+    flops = c.num_layers * (2 * tokens * active + attn) + 2 * c.vocab_size * c.emb_size
+    nbytes = c.num_layers * layer_bytes(c, c.num_experts) + c.vocab_size * c.emb_size * 2
+    return max(nbytes / ceilings["copy_gbps"] / 1e6, flops / ceilings["bf16_tflops"] / 1e9)
+
+
+# ---- measurements --------------------------------------------------------------------------
+
+def _runner(model, max_batch: int, max_len: int, block_size: int = 16):
+    from grok1.engine.runner import ModelRunner
+    num_blocks = max_batch * -(-max_len // block_size)
+    return ModelRunner(model, num_blocks=num_blocks, block_size=block_size, max_model_len=max_len,
+                       max_batch_size=max_batch, use_cuda_graphs=True)
+
+
+def _sequences(batch: int, context: int, block_size: int, vocab: int, gen: torch.Generator):
+    from grok1.engine.kv_cache import BlockPool
+    from grok1.engine.scheduler import ScheduledChunk, Sequence
+    pool = BlockPool(batch * -(-(context + 1) // block_size), block_size)
+    chunks = []
+    for b in range(batch):
+        toks = torch.randint(3, vocab, (context + 1,), generator=gen).tolist()
+        seq = Sequence(f"b{b}", toks, context, num_computed=context)
+        seq.block_ids = pool.allocate(pool.blocks_for(context + 1))
+        chunks.append(ScheduledChunk(seq, context, 1))
+    return chunks
+
+
+def bench_decode(model, batches: list[int], context: int, ceilings: dict) -> list[dict]:
+    c = model.config
+    max_batch = max(batches)
+    runner = _runner(model, max_batch, context + 16)
+    runner.k_cache.normal_()  # never time on zeros
+    runner.v_cache.normal_()
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for B in batches:
+        chunks = _sequences(B, context, runner.block_size, c.vocab_size, gen)
+        runner.execute(chunks)  # captures this bucket's graph
+        graph, _, _ = runner._graphs[next(b for b in sorted(runner.graph_buckets) if b >= B)]
+        replay_ms = time_ms(graph.replay, reps=50)
+        step_ms = time_ms(lambda chunks=chunks: runner.execute(chunks), reps=30)
+        roof = decode_roofline_ms(c, B, context, ceilings)
+        results.append({"kind": "decode", "batch": B, "context": context, "decode_step_ms": replay_ms,
+                            "runner_step_ms": step_ms, "roofline_ms": roof,
+                            "pct_of_roofline": 100 * roof / replay_ms})
+    return results
+
+
+def bench_prefill(model, lengths: list[int], ceilings: dict) -> list[dict]:
+    from grok1.engine.scheduler import ScheduledChunk, Sequence
+    c = model.config
+    runner = _runner(model, 1, max(lengths) + 16)
+    runner.use_graphs = False
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    for T in lengths:
+        seq = Sequence("p", torch.randint(3, c.vocab_size, (T,), generator=gen).tolist(), T)
+        seq.block_ids = list(range(1, -(-T // runner.block_size) + 1))
+        chunk = ScheduledChunk(seq, 0, T)
+        ms = time_ms(lambda chunk=chunk: runner.execute([chunk]), reps=10, warmup=2)
+        roof = prefill_roofline_ms(c, T, ceilings)
+        results.append({"kind": "prefill", "batch": 1, "prefill_tokens": T, "prefill_ms": ms,
+                            "roofline_ms": roof, "pct_of_roofline": 100 * roof / ms})
+    return results
+
+
+# ---- reporting -----------------------------------------------------------------------------
+
+def environment() -> dict:
+    sha = os.environ.get("GROK1_GIT_SHA")  # the device copy of the tree may have no .git
+    if not sha:
+        try:
+            r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                               cwd=Path(__file__).parent)
+            sha = r.stdout.strip() if r.returncode == 0 else None
+        except OSError:
+            sha = None
+    try:  # the version without importing triton (only grok1.ops may)
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    return {"gpu": torch.cuda.get_device_name(), "num_gpus": 1, "torch": torch.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "git_sha": sha, "command": " ".join(sys.argv),
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
+def describe(r: dict) -> str:
+    if r["kind"] == "decode":
+        ref = f" | reference {ANCHORS['decode_ms']} ms ({ANCHORS['decode_ms'] / r['decode_step_ms']:.1f}x)" \
+            if r["batch"] == 1 and r["layers"] == 4 else ""
+        return (f"decode b={r['batch']} L={r['layers']} ctx={r['context']}: "
+                f"{r['decode_step_ms']:.3f} ms (runner step {r['runner_step_ms']:.3f} ms) | "
+                f"roofline {r['roofline_ms']:.3f} ms ({r['pct_of_roofline']:.0f}%){ref}")
+    ref = f" | reference {ANCHORS['prefill_1024_ms']} ms ({ANCHORS['prefill_1024_ms'] / r['prefill_ms']:.0f}x)" \
+        if r["prefill_tokens"] == 1024 and r["layers"] == 4 else ""
+    return (f"prefill T={r['prefill_tokens']} L={r['layers']}: {r['prefill_ms']:.2f} ms | "
+            f"roofline {r['roofline_ms']:.2f} ms ({r['pct_of_roofline']:.0f}%){ref}")
+
+
+def write_results(results: list[dict], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    path = out_dir / f"bench_{stamp}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", nargs="?", default="all", choices=["all", "decode", "prefill"])
+    p.add_argument("--layers", type=int, default=4, help="full-width layers (random int8 weights)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    p.add_argument("--context", type=int, default=512, help="cached tokens per sequence in decode")
+    p.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--out", type=Path, default=None, help="default bench/results/<gpu>/")
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    from grok1.engine.dummy import dummy_model
+    if not torch.cuda.is_available():
+        raise SystemExit("grok1 bench needs a CUDA GPU")
+    env = environment()
+    ceilings = measure_ceilings()
+    print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} "
+          f"TFLOP/s ({env['gpu']})", flush=True)
+    model = dummy_model(args.layers)
+    results = []
+    if args.what in ("all", "decode"):
+        results += bench_decode(model, args.batch, args.context, ceilings)
+    if args.what in ("all", "prefill"):
+        results += bench_prefill(model, args.prefill, ceilings)
+    for r in results:
+        r.update(env, layers=args.layers, ceilings=ceilings, dtype="int8 weights, bf16 act")
+        size = r["batch"] if r["kind"] == "decode" else r["prefill_tokens"]
+        target = TARGETS.get((r["kind"], size)) if args.layers == 4 else None
+        if target:
+            field, bound = target
+            met = r[field] >= bound if field == "pct_of_roofline" else r[field] <= bound
+            r["target"] = {"field": field, "bound": bound, "met": met,
+                           "miss_by": 0.0 if met else abs(r[field] - bound)}
+        print(describe(r) + (f" | target {r['target']['field']} {r['target']['bound']}: "
+                             f"{'met' if r['target']['met'] else 'MISSED'}" if "target" in r else ""),
+              flush=True)
+    out = args.out or Path("bench/results") / env["gpu"].replace(" ", "_")
+    print(f"wrote {write_results(results, out)}")
+    return results

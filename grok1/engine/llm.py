@@ -1,0 +1,267 @@
+"""The engine's Python API: `Engine` (continuous batching, one `step()` at a time; the server
+drives it from one thread) and `LLM` (offline batches with streaming callbacks).
+
+Stop tokens (eos unless ignore_eos, and stop_token_ids) end a request and are not returned, as
+in grok1.generation. Logprobs are those of the model's own distribution (before temperature and
+filtering), as grok1.sampling.logprobs_of reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from grok1.engine.kv_cache import BlockPool
+from grok1.engine.runner import ModelRunner
+from grok1.engine.sampler import sample_rows, top_logprobs
+from grok1.engine.scheduler import Scheduler, Sequence
+from grok1.model import Grok1
+from grok1.sampling import SamplingParams, make_generator
+from grok1.tokenizer import Tokenizer
+
+__all__ = [
+    "LLM",
+    "Completion",
+    "Engine",
+    "EngineStats",
+    "RequestOutput",
+    "SamplingParams",
+    "TokenLogprob",
+]
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), best first, len == params.logprobs
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One per request per engine step that produced something."""
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preempted_total: int
+
+
+@dataclasses.dataclass
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    stops: frozenset[int]
+
+
+def _default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
+                        max_batch_size: int, device: torch.device) -> int:
+    c = model.config
+    per_seq = -(-max_model_len // block_size)
+    want = per_seq * max_batch_size
+    if device.type != "cuda":
+        return max(per_seq, min(want, 4096))
+    bytes_per_block = 2 * c.num_layers * block_size * c.num_kv_heads * c.key_size * 2
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(free * 0.7) - (2 << 30)  # leave room for activations and graphs
+    return max(per_seq, min(want, budget // bytes_per_block))
+
+
+class Engine:
+    """Continuous-batching engine over a Grok1 model (CPU runs the plain reference ops).
+
+    Not thread-safe: call it from one thread.
+    """
+
+    def __init__(self, model: Grok1, *, max_batch_size: int = 64, block_size: int = 16,
+                 num_blocks: int | None = None, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None, use_cuda_graphs: bool = True,
+                 record_logits: bool = False):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.embed.device
+        self.max_model_len = max_model_len or self.config.sequence_len
+        if self.max_model_len > self.config.sequence_len:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"sequence_len={self.config.sequence_len}")
+        if num_blocks is None:
+            num_blocks = _default_num_blocks(model, block_size, self.max_model_len,
+                                             max_batch_size, self.device)
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(f"num_blocks={num_blocks} x block_size={block_size} holds fewer "
+                             f"tokens than max_model_len={self.max_model_len}")
+        self.pool = BlockPool(num_blocks, block_size)
+        budget = max_num_batched_tokens or max(2048, max_batch_size)
+        self.scheduler = Scheduler(self.pool, max_batch_size=max_batch_size,
+                                   max_num_batched_tokens=budget)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size,
+                                  max_model_len=self.max_model_len,
+                                  max_batch_size=max_batch_size, use_cuda_graphs=use_cuda_graphs)
+        self._requests: dict[str, _Request] = {}
+        self._aborted: list[RequestOutput] = []
+        self.record_logits = record_logits
+        self.logits_log: dict[str, list[torch.Tensor]] = {}  # request -> logits per sampled token
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request; ValueError for an empty prompt, ids outside the vocabulary, a
+        prompt + max_tokens beyond max_model_len, or a request id already in use."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: empty prompt")
+        V = self.config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token id {bad[0]!r} outside [0, {V})")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"request {request_id!r}: {len(prompt_token_ids)} prompt tokens + "
+                             f"max_tokens={params.max_tokens} exceeds max_model_len="
+                             f"{self.max_model_len}")
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids))
+        gen = None if params.greedy else make_generator(params.seed, self.device)
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.add(self.config.eos_token)
+        self._requests[request_id] = _Request(seq, params, gen, frozenset(stops))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's cache blocks now; the next step() reports it finished ("abort").
+        No-op for unknown or finished requests."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.finish(req.seq)
+        self._aborted.append(RequestOutput(request_id, [], None, True, "abort",
+                                           req.seq.num_prompt_tokens, req.seq.num_generated))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.pool.num_used,
+                           self.pool.num_blocks, s.num_preempted_total)
+
+    # ---- one iteration -------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return outputs
+        logits_RV = self.runner.execute(plan.chunks)
+        sampled = [ch.seq for ch in plan.chunks if ch.needs_sample]
+        for ch in plan.chunks:
+            ch.seq.num_computed += ch.num_tokens
+        if not sampled:
+            return outputs
+        reqs = [self._requests[s.request_id] for s in sampled]
+        tokens_R = sample_rows(logits_RV, [r.params for r in reqs], [r.generator for r in reqs])
+        want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None]
+        lp = {}
+        if want_lp:
+            top = max(reqs[r].params.logprobs for r in want_lp)
+            rows = torch.tensor(want_lp, device=logits_RV.device)
+            chosen, top_lp, top_ids = top_logprobs(logits_RV[rows], tokens_R[rows], top)
+            for i, r in enumerate(want_lp):
+                k = reqs[r].params.logprobs
+                lp[r] = TokenLogprob(int(tokens_R[r]), float(chosen[i]),
+                                     list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())))
+        for r, (req, token) in enumerate(zip(reqs, tokens_R.tolist())):
+            seq = req.seq
+            if self.record_logits:
+                self.logits_log.setdefault(seq.request_id, []).append(logits_RV[r].cpu().clone())
+            if token in req.stops:
+                outputs.append(self._finish(req, [], None, "stop"))
+                continue
+            seq.token_ids.append(token)
+            new_lp = [lp[r]] if r in lp else None
+            if seq.num_generated >= req.params.max_tokens or \
+                    len(seq.token_ids) >= self.max_model_len:
+                outputs.append(self._finish(req, [token], new_lp, "length"))
+            else:
+                outputs.append(RequestOutput(seq.request_id, [token], new_lp, False, None,
+                                             seq.num_prompt_tokens, seq.num_generated))
+        return outputs
+
+    def _finish(self, req: _Request, tokens: list[int], lps, reason: str) -> RequestOutput:
+        seq = req.seq
+        self.scheduler.finish(seq)
+        del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, tokens, lps, True, reason, seq.num_prompt_tokens,
+                             seq.num_generated)
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]          # generated, without the stop token
+    text: str | None              # decoded when the LLM has a tokenizer
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None
+
+
+class LLM:
+    """Offline batches: generate() queues every prompt and steps the engine until all finish."""
+
+    def __init__(self, model: Grok1, tokenizer: Tokenizer | None = None, **engine_kwargs):
+        self.engine = Engine(model, **engine_kwargs)
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 on_token: Callable[[str, int], None] | None = None) -> list[Completion]:
+        """Completions in prompt order; on_token(request_id, token_id) streams each token."""
+        params = params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        done: dict[str, Completion] = {}
+        order = []
+        for prompt, p in zip(prompts, params):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer: LLM(model, tokenizer)")
+                prompt = self.tokenizer.encode(prompt)
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(rid, list(prompt), p)
+            order.append(rid)
+            done[rid] = Completion(rid, list(prompt), [], None, "", [] if p.logprobs is not None
+                                   else None)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                c = done.get(out.request_id)
+                if c is None:
+                    continue
+                c.token_ids += out.new_token_ids
+                if out.new_logprobs and c.logprobs is not None:
+                    c.logprobs += out.new_logprobs
+                if on_token is not None:
+                    for t in out.new_token_ids:
+                        on_token(out.request_id, t)
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+        if self.tokenizer is not None:
+            for c in done.values():
+                c.text = self.tokenizer.decode(c.token_ids)
+        return [done[r] for r in order]

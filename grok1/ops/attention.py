@@ -1,0 +1,118 @@
+"""Attention over a paged KV cache, prefill chunks and decode in one kernel (GQA, 30*tanh cap).
+
+Twin: `grok1.model.attention_ref` on K/V gathered from the pages (`paged_attention_ref`).
+Layout: q [M, N, H] for the M new tokens of all sequences (flattened, sequence by sequence);
+K/V caches [P, PAGE, K, H] (one layer), a token at position s of sequence b lives in page
+block_table[b, s // PAGE], row s % PAGE. The new tokens' K/V must already be written. Query token
+i of sequence b sits at positions[i] and sees the keys 0..positions[i] (causal within chunks).
+Scores: bf16 q.k, times the multiplier in f32, then 30*tanh(s/30), as the reference (SPEC 2.5).
+
+Shape letters: M new tokens, B sequences, N query heads, K kv heads, G = N // K, H head size,
+P pages, S keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from grok1.model import attention_ref
+from grok1.ops._triton import interpreting, use_kernel
+
+NUM_SMS_GUESS = 132  # H100; only sets how many key splits decode uses
+
+
+@dataclasses.dataclass
+class AttentionPlan:
+    """How the kernel's programs map onto sequences; built once per step, shared by layers."""
+    query_start_B1: list[int]          # host copy, for the twin
+    qblock_seq: torch.Tensor           # [QB] int32: sequence of each query block
+    qblock_tok0: torch.Tensor          # [QB] int32: its first token (index into M)
+    query_end_B: torch.Tensor          # [B] int32: one past each sequence's last token
+    block_t: int                       # query tokens per program
+    splits: int                        # key splits (decode at long context)
+
+
+def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
+                   device: torch.device | str, *, splits: int | None = None,
+                   max_kv_len: int = 0) -> AttentionPlan:
+    """Plan for sequences whose new tokens are query_start[b]:query_start[b+1]."""
+    q_lens = [e - s for s, e in itertools.pairwise(query_start_B1)]
+    decode = max(q_lens) == 1
+    block_t = max(2 if decode else 16, -(-16 // _g_pad(q_per_kv)))
+    seq, tok0 = [], []
+    for b, (s, n) in enumerate(zip(query_start_B1[:-1], q_lens)):
+        for t in range(0, n, block_t):
+            seq.append(b)
+            tok0.append(s + t)
+    if splits is None:
+        want = -(-NUM_SMS_GUESS // (len(seq) * num_kv_heads))
+        splits = max(1, min(16, want, -(-max_kv_len // 256))) if decode else 1
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
+    return AttentionPlan(list(query_start_B1), as_i32(seq), as_i32(tok0),
+                         as_i32(query_start_B1[1:]), block_t, splits)
+
+
+def _g_pad(G: int) -> int:
+    return max(2, 1 << (G - 1).bit_length())
+
+
+def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_table_BP: torch.Tensor, positions_M: torch.Tensor,
+                        plan: AttentionPlan, multiplier: float) -> torch.Tensor:
+    """The twin: per sequence, gather its keys and call model.attention_ref. -> [M, N*H] bf16."""
+    M, N, H = q_MNH.shape
+    page = k_cache.shape[1]
+    K = k_cache.shape[2]
+    k_flat, v_flat = k_cache.reshape(-1, K, H), v_cache.reshape(-1, K, H)
+    out = torch.empty(M, N * H, dtype=q_MNH.dtype, device=q_MNH.device)
+    qs = plan.query_start_B1
+    for b in range(len(qs) - 1):
+        if qs[b + 1] == qs[b]:
+            continue
+        pos_T = positions_M[qs[b]:qs[b + 1]]
+        S = int(pos_T.max()) + 1
+        s_S = torch.arange(S, device=q_MNH.device)
+        slots = block_table_BP[b, s_S // page].long() * page + s_S % page
+        mask_1TS = (s_S[None, :] <= pos_T[:, None])[None]
+        out[qs[b]:qs[b + 1]] = attention_ref(q_MNH[None, qs[b]:qs[b + 1]], k_flat[slots][None],
+                                             v_flat[slots][None], mask_1TS, multiplier)[0]
+    return out
+
+
+def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table_BP: torch.Tensor, positions_M: torch.Tensor,
+                    plan: AttentionPlan, multiplier: float) -> torch.Tensor:
+    """[M, N*H] bf16; the Triton kernel on CUDA, else the twin."""
+    if not use_kernel(q_MNH):
+        return paged_attention_ref(q_MNH, k_cache, v_cache, block_table_BP, positions_M, plan,
+                                   multiplier)
+    from grok1.ops.attention_triton import paged_attention_kernel
+    M, N, H = q_MNH.shape
+    _, page, K, _ = k_cache.shape
+    G = N // K
+    g_pad = _g_pad(G)
+    block_t = plan.block_t
+    h_pad = max(16, 1 << (H - 1).bit_length())
+    q = q_MNH.contiguous()
+    out = torch.empty(M, N, H, dtype=q.dtype, device=q.device)
+    splits = plan.splits
+    if splits > 1:
+        part = torch.empty(splits, M, N, H, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(splits, M, N, dtype=torch.float32, device=q.device)
+    else:
+        part = l_part = out
+    rows = block_t * g_pad
+    grid = (plan.qblock_seq.numel(), K, splits)
+    paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part, l_part, block_table_BP, positions_M,
+        plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
+        float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
+        BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
+        num_warps=4 if rows <= 32 else 8, num_stages=2)
+    if splits > 1:
+        l_sum = l_part.sum(0)
+        out = (part.sum(0) / torch.where(l_sum > 0, l_sum, 1.0)[..., None]).to(q.dtype)
+    return out.view(M, N * H)

@@ -1,0 +1,74 @@
+"""Triton kernel of paged GQA attention with the 30*tanh soft-cap (see grok1.ops.attention).
+
+One program serves one kv head for BLOCK_T query tokens of one sequence, all G query heads of
+that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. Scores are
+capped to [-30, 30], so exp(s - 30) never overflows: no running max and no rescaling, and the
+splits combine by plain sums of the numerator and the denominator.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, F32: tl.constexpr):
+    if F32:  # Triton's CPU interpreter multiplies bf16 raw bits: upcast there only
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_table_ptr,
+                           positions_ptr, qblock_seq_ptr, qblock_tok0_ptr, query_end_ptr,
+                           M, stride_bt, multiplier,
+                           N: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr,
+                           G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_S: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
+                           F32: tl.constexpr):
+    qb = tl.program_id(0)
+    kh = tl.program_id(1)
+    sp = tl.program_id(2)
+    R: tl.constexpr = BLOCK_T * G_PAD
+    b = tl.load(qblock_seq_ptr + qb)
+    tok0 = tl.load(qblock_tok0_ptr + qb)
+    qend = tl.load(query_end_ptr + b)
+    r = tl.arange(0, R)
+    tok = tok0 + r // G_PAD
+    g = r % G_PAD
+    row_ok = (tok < qend) & (g < G)
+    head = kh * G + g
+    h = tl.arange(0, H_PAD)
+    pos = tl.load(positions_ptr + tok, mask=row_ok, other=-1).to(tl.int32)
+    q = tl.load(q_ptr + (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :],
+                mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
+    kv_len = tl.max(pos, 0) + 1
+    per = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_S) * BLOCK_S
+    lo = sp * per
+    hi = tl.minimum(lo + per, kv_len)
+    l_R = tl.zeros([R], dtype=tl.float32)
+    acc = tl.zeros([R, H_PAD], dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < hi
+        page = tl.load(block_table_ptr + b * stride_bt + s // PAGE, mask=s_ok, other=0)
+        slot = page.to(tl.int64) * PAGE + s % PAGE
+        kv_off = slot * (KV * H) + kh * H
+        k_t = tl.load(k_ptr + kv_off[None, :] + h[:, None],
+                      mask=s_ok[None, :] & (h[:, None] < H), other=0.0)
+        sc = _dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
+        sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
+        sc = 30.0 - 60.0 / (tl.exp(sc / 15.0) + 1.0)  # 30 * tanh(sc / 30)
+        visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
+        p = tl.where(visible, tl.exp(sc - 30.0), 0.0)
+        l_R += tl.sum(p, 1)
+        v = tl.load(v_ptr + kv_off[:, None] + h[None, :],
+                    mask=s_ok[:, None] & (h[None, :] < H), other=0.0)
+        acc = _dot(p.to(tl.bfloat16), v, acc, F32)
+    out_off = (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :]
+    out_mask = row_ok[:, None] & (h[None, :] < H)
+    if SPLITS == 1:
+        o = acc / tl.where(l_R > 0, l_R, 1.0)[:, None]
+        tl.store(o_ptr + out_off, o.to(tl.bfloat16), mask=out_mask)
+    else:
+        tl.store(part_ptr + sp.to(tl.int64) * M * N * H + out_off, acc, mask=out_mask)
+        tl.store(l_ptr + sp.to(tl.int64) * M * N + tok.to(tl.int64) * N + head, l_R, mask=row_ok)

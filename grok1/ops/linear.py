@@ -1,0 +1,93 @@
+"""x @ W for int8 weights with blockwise bf16 scales, without materialising the bf16 matrix.
+
+Twin: `grok1.model.Linear.forward` (dequantize, then a bf16 matmul). The kernel dequantizes each
+K tile exactly as `quant.dequantize` and accumulates in f32; the output is rounded to bf16 once.
+Used for the attention projections (the experts go through grok1.ops.moe).
+Shape letters: M rows, K input dim, N output dim, G scale groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grok1.ops._triton import device_name, interpreting, load_tuned, nearest_m, use_kernel
+from grok1.quant import dequantize
+
+NUM_SMS_GUESS = 132
+
+
+def linear_config(M: int, K: int, N: int, device: str) -> dict:
+    tuned = nearest_m(load_tuned("linear", device).get(f"K{K}_N{N}", {}), M)
+    if tuned:
+        return dict(tuned)
+    if M <= 64:  # memory-bound: split K until the grid covers the GPU about twice
+        tiles = -(-N // 64)
+        split = max(1, min(8, -(-2 * NUM_SMS_GUESS // tiles)))
+        return {"BM": 16 if M <= 16 else 64, "BN": 64, "BK": 128, "SPLIT": split, "W": 4, "S": 4}
+    return {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 1, "W": 8, "S": 4}
+
+
+def _tile_k(K: int, G: int, want: int) -> int:
+    bk = want
+    while bk >= 16:
+        if G == 1 or (K // G) % bk == 0:
+            return bk
+        bk //= 2
+    return 0
+
+
+def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
+                config: dict | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """bf16 [M, N] = x @ dequantize(w, s) (Triton kernel); `out_dtype=torch.float32` returns
+    the f32 accumulator unrounded (a tensor-parallel partial sum, summed across ranks first)."""
+    M, K = x_MK.shape
+    N = w_KN.shape[1]
+    G = s_GN.shape[0]
+    cfg = dict(config or linear_config(M, K, N, device_name(x_MK)))
+    bk = _tile_k(K, G, cfg["BK"])
+    from grok1.ops.linear_triton import linear_kernel
+    split = cfg["SPLIT"]
+    k_per_split = -(-K // (split * bk)) * bk  # whole K tiles per split
+    split = -(-K // k_per_split)
+    f32_out = out_dtype == torch.float32
+    if split == 1 and not f32_out:
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=x_MK.device)
+    else:
+        out = torch.empty(split, M, N, dtype=torch.float32, device=x_MK.device)
+    x = x_MK.contiguous()
+    grid = (-(-M // cfg["BM"]), -(-N // cfg["BN"]), split)
+    linear_kernel[grid](x, w_KN, s_GN, out, M, N, K, K // G, G, k_per_split, QUANT=True,
+                        SPLIT=max(split, 2) if f32_out else split,  # SPLIT > 1 stores f32
+                        BM=cfg["BM"], BN=cfg["BN"], BK=bk,
+                        EVEN_K=k_per_split * split == K, F32=interpreting(),
+                        num_warps=cfg["W"], num_stages=cfg["S"])
+    if out.dtype == torch.bfloat16:
+        return out
+    return out.sum(0) if f32_out else out.sum(0).to(torch.bfloat16)
+
+
+def kernel_supported(K: int, G: int) -> bool:
+    return K % G == 0 and bool(_tile_k(K, G, 128))
+
+
+class Int8Linear(torch.nn.Module):
+    """Drop-in for a quantized model.Linear (same `weight`/`scales` buffers, same names)."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.register_buffer("weight", linear.weight)  # the same tensors, the same names
+        self.register_buffer("scales", linear.scales)
+        self._kernel_ok = kernel_supported(linear.weight.shape[0], linear.scales.shape[0])
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    def dense(self) -> torch.Tensor:
+        return dequantize(self.weight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self._kernel_ok and use_kernel(x)):
+            return x @ self.dense()  # the twin: model.Linear.forward
+        lead = x.shape[:-1]
+        return int8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.scales).view(*lead, -1)

@@ -1,0 +1,191 @@
+"""Fused MoE: only the selected experts run, as grouped GEMMs over pairs sorted by expert.
+
+Twin: `grok1.model.moe_ref` (the same math expert by expert). Contract (vLLM's fused_moe, redone):
+- align: the P = M*A (token, slot) pairs are sorted by expert; each expert's run is padded to
+  BM rows with the sentinel P, so one launch serves every expert; block_expert[b] names the
+  expert of block b (-1 past the end). Static sizes, no host sync: CUDA graphs capture it.
+- gate/up: h[p] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]), stored bf16 [P, F].
+- down: out[p] = gate[p] * (h[p] @ Wd[e]) in f32 [SPLIT, P, D]; the slots (and K splits) are
+  summed in f32 and rounded to bf16 once, as the reference's f32 accumulation.
+int8 weights are dequantized per K tile exactly as `quant.dequantize` (bf16(w * s)); the matmuls
+accumulate in f32. The only departures from the twin: h is rounded to bf16 before the
+down-projection (the reference keeps it f32) and tanh is computed through exp: bf16 noise.
+
+Shape letters: M tokens, A selected experts, P pairs, D emb_size, F expert width, E experts,
+G scale groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grok1.model import moe_ref
+from grok1.ops._triton import device_name, interpreting, load_tuned, nearest_m, use_kernel
+
+DEFAULT_BM_DECODE = 16
+
+
+def moe_align_ref(ids_MA: torch.Tensor, num_experts: int, block_m: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of the align kernel: (sorted_ids [S] int32, block_expert [S/BM] int32)."""
+    flat = ids_MA.reshape(-1).long()
+    P = flat.numel()
+    num_slots = _num_slots(P, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = torch.sort(flat, stable=True).indices
+    sorted_e = flat[order]
+    rank = torch.arange(P, device=flat.device) - (counts.cumsum(0) - counts)[sorted_e]
+    sorted_ids = torch.full((num_slots,), P, dtype=torch.int32, device=flat.device)
+    sorted_ids[(ends - padded)[sorted_e] + rank] = order.int()
+    block_start = torch.arange(0, num_slots, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_expert >= num_experts, -1, block_expert).int()
+    return sorted_ids, block_expert
+
+
+def _num_slots(P: int, E: int, block_m: int) -> int:
+    return -(-(P + E * (block_m - 1)) // block_m) * block_m
+
+
+def moe_align(ids_MA: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_kernel(ids_MA):
+        return moe_align_ref(ids_MA, num_experts, block_m)
+    from grok1.ops.moe_triton import moe_align_kernel
+    P = ids_MA.numel()
+    num_slots = _num_slots(P, num_experts, block_m)
+    sorted_ids = torch.empty(num_slots, dtype=torch.int32, device=ids_MA.device)
+    block_expert = torch.empty(num_slots // block_m, dtype=torch.int32, device=ids_MA.device)
+    ids = ids_MA.reshape(-1).to(torch.int32)
+    moe_align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_slots, num_slots // block_m,
+                           E=num_experts, E_PAD=max(2, triton_next_pow2(num_experts)),
+                           BM=block_m, CHUNK=1024, num_warps=4)
+    return sorted_ids, block_expert
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+# ---- launch configs ----------------------------------------------------------------------
+
+def _largest_tile(group_k: int, num_groups: int, k: int, want: int) -> int:
+    """Largest power-of-two K tile <= want (>= 16, tl.dot's minimum) that stays inside one
+    scale group; 0 if none."""
+    bk = want
+    while bk >= 16:
+        if num_groups == 1 or group_k % bk == 0:
+            return bk
+        bk //= 2
+    return 0
+
+
+def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> dict:
+    """Launch config for P pairs: tuned JSON (configs/moe.json) by nearest P, else defaults."""
+    tuned = nearest_m(load_tuned("moe", device).get(f"D{D}_F{F}_E{E}_{'int8' if quant else 'bf16'}", {}), P)
+    if tuned:
+        return dict(tuned)
+    if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
+        return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4, "S2": 4, "SPLIT": 4}
+    if P <= 512:
+        return {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4, "S2": 4, "SPLIT": 2}
+    return {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 4, "BN2": 128, "BK2": 64, "W2": 8, "S2": 4, "SPLIT": 1}
+
+
+# ---- the op ------------------------------------------------------------------------------
+
+def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
+              wg_EDF: torch.Tensor, sg_EGF: torch.Tensor | None,
+              wu_EDF: torch.Tensor, su_EGF: torch.Tensor | None,
+              wd_EFD: torch.Tensor, sd_EGD: torch.Tensor | None,
+              config: dict | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bf16 [M, D]: sum over slots a of gates[m, a] * expert ids[m, a] (x[m]) (Triton kernels).
+    `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks).
+
+    Weights int8 with bf16 scales (all three) or bf16 (scales None).
+    """
+    M, D = x_MD.shape
+    A = ids_MA.shape[1]
+    E, _, F = wg_EDF.shape
+    P = M * A
+    quant = sg_EGF is not None
+    cfg = dict(config or moe_config(P, D, F, E, quant, device_name(x_MD)))
+    G1 = sg_EGF.shape[1] if quant else 1
+    G2 = sd_EGD.shape[1] if quant else 1
+    bk1 = _largest_tile(D // G1, G1, D, cfg["BK1"])
+    bk2 = _largest_tile(F // G2, G2, F, cfg["BK2"])
+    if not bk1 or not bk2 or D % G1 or F % G2:
+        raise ValueError(f"fused_moe: D={D}, F={F} with {G1}/{G2} scale groups have no K tile "
+                         f">= 16 inside one group; use moe_ref")
+    from grok1.ops.moe_triton import moe_down_kernel, moe_gate_up_kernel
+    if not quant and cfg["BK1"] * cfg["BN1"] * cfg["S1"] > 128 * 128 * 2:
+        cfg["S1"] = 2  # bf16 tiles are twice the bytes of int8 ones: fit shared memory
+    late = quant and bool(cfg.get("LATE", 0))
+    BM = cfg["BM"]
+    x_MD = x_MD.contiguous()
+    sorted_ids, block_expert = moe_align(ids_MA, E, BM)
+    num_blocks = block_expert.numel()
+    h_PF = torch.empty(P, F, dtype=torch.bfloat16, device=x_MD.device)
+    BN1 = cfg["BN1"]
+    moe_gate_up_kernel[(num_blocks, triton_cdiv(F, BN1))](
+        x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
+        sorted_ids, block_expert, P, D, F, D // G1, G1,
+        A=A, QUANT=quant, BM=BM, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0, F32=interpreting(), LATE=late,
+        num_warps=cfg["W1"], num_stages=cfg["S1"])
+    split = max(1, cfg["SPLIT"])
+    k_per_split = triton_cdiv(triton_cdiv(F, split), bk2) * bk2
+    split = triton_cdiv(F, k_per_split)
+    out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
+    gates_P = gates_MA.to(torch.bfloat16).float().reshape(P)  # the reference rounds gates to bf16
+    BN2 = cfg["BN2"]
+    moe_down_kernel[(num_blocks, triton_cdiv(D, BN2), split)](
+        h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
+        P, D, F, F // G2, G2, k_per_split,
+        QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
+        EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late, num_warps=cfg["W2"], num_stages=cfg["S2"])
+    return out.view(split, M, A, D).sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kernel_supported(D: int, F: int, groups_in: int, groups_down: int) -> bool:
+    """Whether the kernels can tile these sizes (tiny test widths may not)."""
+    return (D % groups_in == 0 and F % groups_down == 0
+            and bool(_largest_tile(D // groups_in, groups_in, D, 128))
+            and bool(_largest_tile(F // groups_down, groups_down, F, 128)))
+
+
+class FusedMoE(torch.nn.Module):
+    """Drop-in for model.MoE (same parameter names: router, w_gate/w_up/w_down.weight/.scales):
+    f32 router as the reference, then the fused kernels; the twin moe_ref where they can't run."""
+
+    def __init__(self, moe: torch.nn.Module):
+        super().__init__()
+        self.top_k = moe.top_k
+        self.router = moe.router
+        self.w_gate, self.w_up, self.w_down = moe.w_gate, moe.w_up, moe.w_down
+        g_in = self.w_gate.scales.shape[1] if self.w_gate.quantized else 1
+        g_down = self.w_down.scales.shape[1] if self.w_down.quantized else 1
+        _, D, F = self.w_gate.weight.shape
+        self._kernel_ok = kernel_supported(D, F, g_in, g_down)
+
+    @classmethod
+    def like(cls, moe: torch.nn.Module) -> FusedMoE:
+        return cls(moe)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        from grok1.model import route
+        x = x_BTD.reshape(-1, x_BTD.shape[-1])
+        _, gates, ids = route(x, self.router, self.top_k)
+        if self._kernel_ok and use_kernel(x):
+            out = fused_moe(x, gates, ids, self.w_gate.weight, self.w_gate.scales,
+                            self.w_up.weight, self.w_up.scales,
+                            self.w_down.weight, self.w_down.scales)
+        else:
+            out = moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down)
+        return out.view_as(x_BTD)

@@ -1,0 +1,184 @@
+"""Triton kernels of the fused MoE (imported lazily by grok1.ops.moe; see that file's contract).
+
+Shape letters: P (token, slot) pairs = M * A, D emb_size, F expert width, E experts,
+BM rows (pairs) per block. Weights are stored [E, in, out] (x @ W), int8 with bf16 scales
+[E, G, out] or bf16. The GEMMs compute the transposed product (W^T x^T) so the dequantized weight
+tile is the left operand (it may stay in registers) and a small pair count is the narrow side.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, F32: tl.constexpr):
+    """acc + a @ b; F32 upcasts the operands (only for Triton's CPU interpreter, whose bf16 dot
+    multiplies raw bits)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NUM_BLOCKS,
+                     E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: pairs sorted by expert, each expert's run padded to BM with the sentinel P;
+    block_expert[b] = the expert of rows b*BM.., or -1 past the last used block."""
+    e_r = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, P, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+        onehot = (ids[:, None] == e_r[None, :]).to(tl.int32)
+        counts += tl.sum(onehot, 0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    for s0 in range(0, NUM_SLOTS, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ids_ptr + offs, tl.zeros([CHUNK], dtype=tl.int32) + P, mask=offs < NUM_SLOTS)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        e_of = tl.sum((ends[None, :] <= (b * BM)[:, None]).to(tl.int32), 1)
+        e_of = tl.where(e_of >= E, -1, e_of)
+        tl.store(block_expert_ptr + b, e_of, mask=b < NUM_BLOCKS)
+    tl.debug_barrier()  # the sentinel fill above must land before the scatter below
+    running = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, P, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+        onehot = (ids[:, None] == e_r[None, :]).to(tl.int32)
+        incl = tl.cumsum(onehot, 0)
+        rank = tl.sum((incl - 1 + running[None, :]) * onehot, 1)
+        base = tl.sum(starts[None, :] * onehot, 1)
+        tl.store(sorted_ids_ptr + base + rank, offs, mask=offs < P)
+        running += tl.sum(onehot, 0)
+
+
+@triton.jit
+def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexpr, BK: tl.constexpr,
+              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """W^T tile [BN, BK] in bf16: W[k0:k0+BK, n] (row-major [K, N]); int8 tiles are scaled by
+    their group's bf16 scales, rounded once to bf16 (= quant.dequantize, exactly)."""
+    kk = k0 + tl.arange(0, BK)
+    ptrs = w_ptr + kk[None, :] * N + n[:, None]
+    if EVEN_K and EVEN_N:
+        w = tl.load(ptrs)
+    else:
+        w = tl.load(ptrs, mask=(kk[None, :] < K) & (n[:, None] < N), other=0)
+    if QUANT:
+        # BK divides GROUP_K, so one scale row serves the whole tile
+        grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)  # tiles past K are masked to 0 anyway
+        if EVEN_N:
+            s = tl.load(s_ptr + grp * N + n)
+        else:
+            s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
+        w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+    else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact
+        w = w.to(tl.float32).to(tl.bfloat16)
+    return w
+
+
+@triton.jit
+def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_ptr,
+                       block_expert_ptr, P, D, F, GROUP_K, NUM_GROUPS,
+                       A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                       F32: tl.constexpr, LATE: tl.constexpr):
+    """h[pair, n] = bf16(gelu(bf16(x @ Wg)) * bf16(x @ Wu)) for the pairs of one block, one
+    expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] bf16."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    pair = tl.load(sorted_ids_ptr + pid_m * BM + tl.arange(0, BM))
+    valid = pair < P
+    tok = tl.where(valid, pair // A, 0)
+    n = pid_n * BN + tl.arange(0, BN)
+    e64 = e.to(tl.int64)
+    wg_ptr += e64 * D * F
+    wu_ptr += e64 * D * F
+    sg_ptr += e64 * NUM_GROUPS * F
+    su_ptr += e64 * NUM_GROUPS * F
+    acc_g = tl.zeros([BN, BM], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BM], dtype=tl.float32)
+    for grp in range(NUM_GROUPS if LATE else 1):
+        part_g = tl.zeros([BN, BM], dtype=tl.float32)
+        part_u = tl.zeros([BN, BM], dtype=tl.float32)
+        k_lo = grp * GROUP_K if LATE else 0
+        k_hi = tl.minimum(k_lo + GROUP_K, D) if LATE else D
+        for k0 in range(k_lo, k_hi, BK):
+            kk = k0 + tl.arange(0, BK)
+            x_t = tl.load(x_ptr + tok[None, :].to(tl.int64) * D + kk[:, None],
+                          mask=valid[None, :] & (kk[:, None] < D), other=0.0)
+            wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+                           BK, EVEN_K, EVEN_N)
+            part_g = _dot(wg, x_t, part_g, F32)
+            wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+                           BK, EVEN_K, EVEN_N)
+            part_u = _dot(wu, x_t, part_u, F32)
+        if LATE:  # int8 values exact in bf16; the group's scale applied to the f32 sum
+            acc_g += part_g * tl.load(sg_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
+            acc_u += part_u * tl.load(su_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
+        else:
+            acc_g += part_g
+            acc_u += part_u
+    g = acc_g.to(tl.bfloat16).to(tl.float32)  # the reference's projections are bf16
+    u = acc_u.to(tl.bfloat16).to(tl.float32)
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    h = 0.5 * g * (1.0 + _tanh(inner)) * u
+    ptrs = h_ptr + pair[None, :].to(tl.int64) * F + n[:, None]
+    tl.store(ptrs, h.to(tl.bfloat16), mask=valid[None, :] & (n[:, None] < F))
+
+
+@triton.jit
+def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+                    P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
+                    QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
+                    LATE: tl.constexpr):
+    """out[split, pair, n] = gate[pair] * (h[pair, ks] @ Wd[e, ks, n]) over this split's ks;
+    h [P, F] bf16, Wd [E, F, D], gates [P] f32, out [SPLIT, P, D] f32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    pair = tl.load(sorted_ids_ptr + pid_m * BM + tl.arange(0, BM))
+    valid = pair < P
+    safe = tl.where(valid, pair, 0).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    e64 = e.to(tl.int64)
+    wd_ptr += e64 * F * D
+    sd_ptr += e64 * NUM_GROUPS * D
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = k_lo + K_PER_SPLIT
+    g_lo = k_lo // GROUP_K if LATE else 0
+    g_hi = tl.minimum(tl.cdiv(k_hi, GROUP_K), NUM_GROUPS) if LATE else 1
+    for grp in range(g_lo, g_hi):
+        part = tl.zeros([BN, BM], dtype=tl.float32)
+        a = tl.maximum(grp * GROUP_K, k_lo) if LATE else k_lo
+        z = tl.minimum((grp + 1) * GROUP_K, k_hi) if LATE else k_hi
+        for k0 in range(a, z, BK):
+            kk = k0 + tl.arange(0, BK)
+            h_t = tl.load(h_ptr + safe[None, :] * F + kk[:, None],
+                          mask=valid[None, :] & (kk[:, None] < F), other=0.0)
+            w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+                          BK, EVEN_K, EVEN_N)
+            part = _dot(w, h_t, part, F32)
+        if LATE:
+            acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
+        else:
+            acc += part
+    gate = tl.load(gates_ptr + safe, mask=valid, other=0.0)
+    acc = acc * gate[None, :]
+    ptrs = out_ptr + pid_k.to(tl.int64) * P * D + safe[None, :] * D + n[:, None]
+    tl.store(ptrs, acc, mask=valid[None, :] & (n[:, None] < D))

@@ -1,0 +1,50 @@
+"""RMSNorm, and the sandwich-norm residual step fused with the next norm.
+
+Twin: `grok1.model.rms_norm` (f32 math, bf16 out). `add_rms_norm(h, a, w_a, w_next)` is
+h' = h + rms_norm(a, w_a) (a bf16 add, as the reference's residual), x = rms_norm(h', w_next):
+one pass over the rows instead of about a dozen elementwise kernels.
+Shape letters: M rows, D emb_size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grok1.model import RMS_EPS, rms_norm
+from grok1.ops._triton import use_kernel
+
+
+def add_rms_norm_ref(h_MD: torch.Tensor, a_MD: torch.Tensor, w_a_D: torch.Tensor,
+                     w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h_MD + rms_norm(a_MD, w_a_D)
+    return h, rms_norm(h, w_next_D)
+
+
+def rms_norm_op(x_MD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
+    if not use_kernel(x_MD):
+        return rms_norm(x_MD, w_D)
+    from grok1.ops.rmsnorm_triton import rmsnorm_kernel
+    x = x_MD.contiguous()
+    M, D = x.shape
+    out = torch.empty_like(x)
+    rmsnorm_kernel[(M,)](x, x, w_D, w_D, out, out, D, RMS_EPS, FUSED=False,
+                         BLOCK=triton_block(D), num_warps=8)
+    return out
+
+
+def add_rms_norm(h_MD: torch.Tensor, a_MD: torch.Tensor, w_a_D: torch.Tensor,
+                 w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + rms_norm(a, w_a), rms_norm of that with w_next), both bf16 [M, D]."""
+    if not use_kernel(h_MD):
+        return add_rms_norm_ref(h_MD, a_MD, w_a_D, w_next_D)
+    from grok1.ops.rmsnorm_triton import rmsnorm_kernel
+    h, a = h_MD.contiguous(), a_MD.contiguous()
+    M, D = h.shape
+    h_out, x_out = torch.empty_like(h), torch.empty_like(h)
+    rmsnorm_kernel[(M,)](a, h, w_a_D, w_next_D, h_out, x_out, D, RMS_EPS, FUSED=True,
+                         BLOCK=triton_block(D), num_warps=8)
+    return h_out, x_out
+
+
+def triton_block(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())

@@ -1,0 +1,154 @@
+"""Engine end to end against the plain model: mixed batches joining and leaving mid-run,
+chunked prefill, preemption; logits within bf16 noise, greedy tokens equal; API behaviour."""
+
+import pytest
+import torch
+from _engine_helpers import random_model
+
+from grok1.config import GrokConfig
+from grok1.engine.llm import LLM, Engine, SamplingParams
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def drive(engine: Engine, prompts: dict, params: SamplingParams, join_every: int = 2):
+    """Add two requests, then one more every `join_every` steps while others run."""
+    ids = list(prompts)
+    got = {r: [] for r in ids}
+    for r in ids[:2]:
+        engine.add_request(r, prompts[r], params)
+    nxt, step = 2, 0
+    while engine.has_unfinished_requests() or nxt < len(ids):
+        if step % join_every == join_every - 1 and nxt < len(ids):
+            engine.add_request(ids[nxt], prompts[ids[nxt]], params)
+            nxt += 1
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        step += 1
+    return got
+
+
+def check_against_plain_model(model, engine, prompts, got, tol):
+    """Each generated token's engine logits vs the plain forward over prompt + outputs."""
+    for rid, prompt in prompts.items():
+        full = torch.tensor([prompt + got[rid]], device=DEV)
+        with torch.no_grad():
+            ref = model(full)[0].float().cpu()
+        L, n = len(prompt), len(got[rid])
+        ref = ref[L - 1:L - 1 + n]
+        eng = torch.stack(engine.logits_log[rid])
+        assert eng.shape == ref.shape
+        err = ((eng - ref).norm() / ref.norm()).item()
+        assert err < tol, f"{rid}: logits relative error {err:.2e}"
+        top2 = ref.topk(2, dim=-1).values
+        margin_ok = (top2[:, 0] - top2[:, 1]) > 0.1  # real margins only (bf16 noise ~1e-2)
+        assert margin_ok.float().mean() > 0.5, "model margins too small for a greedy check"
+        same = ref.argmax(-1) == torch.tensor(got[rid])
+        # tokens agree wherever the plain model's margin is real (the history is the engine's
+        # own, so one near-tie flip cannot cascade)
+        assert bool(same[margin_ok].all()), f"{rid}: greedy token differs at a clear margin"
+
+
+def random_prompts(n, vocab, max_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {f"r{i}": torch.randint(3, vocab, (int(torch.randint(1, max_len, (1,), generator=g)),),
+                                   generator=g).tolist() for i in range(n)}
+
+
+def test_cpu_engine_equals_plain_model_with_joins_chunks_and_preemption():
+    config = GrokConfig.preset("tiny").replace(sequence_len=64)
+    model = random_model(config, quantized=True)
+    # 14 blocks of 4 = 56 positions for up to 4 running requests of up to 36: forces preemption
+    engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=16, max_model_len=64,
+                    max_num_batched_tokens=12, record_logits=True)
+    prompts = random_prompts(6, config.vocab_size, 28, seed=0)
+    got = drive(engine, prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert all(len(t) == 8 for t in got.values())
+    assert engine.stats().num_preempted_total > 0
+    assert engine.stats().kv_blocks_used == 0
+    # CPU runs the twins in the same order of operations: identical up to batch-shape effects
+    check_against_plain_model(model, engine, prompts, got, tol=1e-2)
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
+    config = GrokConfig.preset("tiny")
+    model = random_model(config, quantized=False)
+    prompt = [5, 9, 17, 33]
+    runs = []
+    for _ in range(2):
+        llm = LLM(model, max_batch_size=4, max_model_len=64)
+        runs.append(llm.generate([prompt, prompt], [
+            SamplingParams(max_tokens=6, temperature=1.0, seed=123, ignore_eos=True),
+            SamplingParams(max_tokens=6, temperature=0.7, top_k=1, ignore_eos=True)]))
+    assert runs[0][0].token_ids == runs[1][0].token_ids
+    greedy = LLM(model, max_model_len=64).generate(
+        [prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert runs[0][1].token_ids == greedy[0].token_ids
+
+
+def test_stop_tokens_abort_logprobs_and_streaming():
+    config = GrokConfig.preset("tiny")
+    model = random_model(config, quantized=False)
+    llm = LLM(model, max_model_len=64)
+    free = llm.generate([[7, 8, 9]], SamplingParams(max_tokens=5, temperature=0.0,
+                                                    ignore_eos=True))[0]
+    stop = free.token_ids[2]
+    streamed = []
+    out = llm.generate([[7, 8, 9]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
+                                                   stop_token_ids=(stop,), logprobs=3),
+                       on_token=lambda rid, t: streamed.append(t))[0]
+    first_stop = free.token_ids.index(stop)
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first_stop]
+    assert streamed == out.token_ids
+    assert len(out.logprobs) == len(out.token_ids)
+    for lp, tok in zip(out.logprobs, out.token_ids):
+        assert lp.token_id == tok and len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1]
+        assert lp.top[0][0] == tok  # greedy: the chosen token is the most likely
+    engine = Engine(model, max_model_len=64)
+    engine.add_request("a", [3, 4, 5], SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    assert engine.stats().kv_blocks_used > 0
+    engine.abort_request("a")
+    assert engine.stats().kv_blocks_used == 0
+    outs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outs] == [("a", True, "abort")]
+    engine.abort_request("unknown")  # no-op
+    assert not engine.has_unfinished_requests()
+
+
+def test_add_request_rejects_bad_input_with_clear_messages():
+    model = random_model(GrokConfig.preset("tiny"), quantized=False)
+    engine = Engine(model, max_model_len=32)
+    p = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request("x", [], p)
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_request("x", [1, 256], p)
+    with pytest.raises(ValueError, match="exceeds max_model_len=32"):
+        engine.add_request("x", [1] * 30, p)
+    engine.add_request("x", [1, 2], p)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("x", [1, 2], p)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_with_kernels_and_graphs_matches_plain_model():
+    # F = 4096: each of the 8 down-projection scale groups holds whole 128-wide K tiles
+    config = GrokConfig.preset("debug").replace(emb_size=768, key_size=64, num_q_heads=12,
+                                                num_kv_heads=2, sequence_len=256)
+    model = random_model(config, quantized=True, std=0.2, device=DEV)
+    plain = random_model(config, quantized=True, std=0.2, device=DEV)  # twin, not swapped
+    engine = Engine(model, max_batch_size=8, block_size=16, num_blocks=40, max_model_len=256,
+                    max_num_batched_tokens=64, record_logits=True)
+    assert engine.runner.use_graphs
+    prompts = random_prompts(7, config.vocab_size, 90, seed=3)
+    got = drive(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert engine.runner._graphs, "decode steps should have replayed CUDA graphs"
+    # each fused MoE call is within 1.5e-2 of its twin (h rounded to bf16, scales applied to
+    # f32 sums; test_ops_moe) and attention within 1e-2; through 2 layers and the unembedding
+    # that noise compounds to ~3.5e-2 measured on an H100. 6e-2 still catches any indexing,
+    # cache or graph error, which gives O(1); greedy tokens must agree at clear margins.
+    check_against_plain_model(plain, engine, prompts, got, tol=6e-2)

@@ -1,0 +1,98 @@
+"""Fused MoE kernels vs the twin (model.moe_ref) on fresh random inputs; needs CUDA (or Triton's
+interpreter with TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+from _engine_helpers import quantized_linears
+
+from grok1.model import moe_ref, route
+from grok1.ops._triton import use_kernel
+from grok1.ops.moe import fused_moe, moe_align, moe_align_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(not use_kernel(torch.empty(0, device=DEV)),
+                                  reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
+pytestmark = [pytest.mark.gpu, needs_kernel]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("M,block_m,used", [(1, 16, 8), (37, 16, 8), (300, 64, 8), (9, 16, 3)])
+def test_align_kernel_equals_torch_twin(M, block_m, used):
+    g = torch.Generator().manual_seed(M)
+    ids = torch.stack([torch.randperm(used, generator=g)[:2] for _ in range(M)]).to(DEV)
+    ref, kern = moe_align_ref(ids, 8, block_m), moe_align(ids, 8, block_m)
+    assert torch.equal(ref[0], kern[0]) and torch.equal(ref[1], kern[1])
+    # every pair appears exactly once; unused experts own no block
+    got = ref[0][ref[0] < ids.numel()].sort().values
+    assert torch.equal(got.cpu(), torch.arange(ids.numel(), dtype=torch.int32))
+
+
+# bf16 noise budget: h is rounded to bf16 before the down projection (2^-9 relative per
+# element, averaged over F) where the twin keeps f32; the gate/up outputs round identically.
+# 1.5e-2 is ~4x the error measured; a wrong index or scale gives O(1).
+@pytest.mark.parametrize("quant", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 33, 200])
+def test_fused_moe_matches_moe_ref(quant, M):
+    E, D, F = 8, 256, 512
+    wg, wu, wd = quantized_linears(E, D, F, quant, seed=M, device=DEV)
+    g = torch.Generator().manual_seed(100 + M)
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    router = torch.randn(D, E, generator=g).to(DEV)
+    if M == 3:  # only experts 0 and 5 get tokens
+        router[:, [1, 2, 3, 4, 6, 7]] = -100.0
+    _, gates, ids = route(x, router, 2)
+    ref = moe_ref(x, gates, ids, wg, wu, wd)
+    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
+                    wd.weight, wd.scales)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1.5e-2
+
+
+@pytest.mark.parametrize("cfg", [
+    {"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3},
+    {"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 16, "W2": 4, "S2": 2, "SPLIT": 3, "LATE": 1},
+    {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1, "LATE": 1},
+    {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}])
+def test_fused_moe_other_tiles_and_odd_sizes(cfg):
+    E, D, F = 8, 192, 384  # not multiples of the 128-wide N tiles
+    wg, wu, wd = quantized_linears(E, D, F, True, seed=7, device=DEV)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(45, D, generator=g).to(torch.bfloat16).to(DEV)
+    _, gates, ids = route(x, torch.randn(D, E, generator=g).to(DEV), 2)
+    ref = moe_ref(x, gates, ids, wg, wu, wd)
+    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
+                    wd.weight, wd.scales, cfg)
+    assert rel_err(out, ref) < 1.5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")
+def test_fused_moe_under_cuda_graph_replay_tracks_new_inputs():
+    E, D, F, M = 8, 256, 512, 4
+    wg, wu, wd = quantized_linears(E, D, F, True, seed=3, device=DEV)
+    g = torch.Generator().manual_seed(9)
+    router = torch.randn(D, E, generator=g).to(DEV)
+    x_static = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+
+    def fn():
+        _, gates, ids = route(x_static, router, 2)
+        return fused_moe(x_static, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
+                         wd.weight, wd.scales)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for trial in range(3):
+        x_static.copy_(torch.randn(M, D, generator=g).to(torch.bfloat16))
+        graph.replay()
+        _, gates, ids = route(x_static, router, 2)
+        ref = moe_ref(x_static, gates, ids, wg, wu, wd)
+        assert rel_err(out, ref) < 1.5e-2
