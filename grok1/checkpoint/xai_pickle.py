@@ -22,6 +22,7 @@ import ctypes
 import io
 import itertools
 import math
+import mmap
 import pickletools
 import re
 import struct
@@ -386,6 +387,18 @@ def read_array(f: io.RawIOBase | io.BufferedReader, ref: ArrayRef, where: str) -
     return t
 
 
+def map_array(path: Path, ref: ArrayRef) -> torch.Tensor:
+    """The CPU tensor behind `ref` as a private memory map of the file: nothing is read until
+    used, so a slice of it reads only the pages it touches (per-rank sharded loading)."""
+    if ref.data is not None or ref.nbytes == 0:
+        with open(path, "rb", buffering=0) as f:
+            return read_array(f, ref, path.name)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: file untouched
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+    return flat.view(ref.dtype).view(ref.shape)
+
+
 # ---- the checkpoint: file set, expected shapes, streaming ----------------------------------------
 
 def resolve_ckpt0(path: str | Path) -> Path:
@@ -514,12 +527,14 @@ def load_xai_checkpoint(ckpt_dir: str | Path, config: GrokConfig, *,
     shard_fn(key, tensor) -> tensor, for sharded loading: called in a worker thread for each
     state-dict key of the model (`layers.3.attn.wo.weight`, `layers.3.attn.wo.scales`, `embed`,
     `layers.3.moe.router`, ...) with the full CPU tensor as stored in the file (int8 weight,
-    bf16 scales, f32 otherwise), before the dtype conversion and the move to `device`; it returns
-    this rank's piece, whose shape must equal the model's (the model was built with local
-    shapes). A quantized matrix's weight and scales are passed one after the other, weight first;
-    scales [(E,) G, out] have G = 1 or 8 groups along the input dim, so a slice of the input dim
-    must take the matching groups (or repeat a group when it splits one). It is not called for a
-    dense model's dequantized matrices before dequantization: it gets the bf16 matrix instead.
+    bf16 scales, f32 otherwise), memory-mapped so that slicing it reads only the slice's pages,
+    before the dtype conversion and the move to `device`; it returns this rank's piece (a view is
+    fine: it is copied out of the map), whose shape must equal the model's (the model was built
+    with local shapes). A quantized matrix's weight and scales are passed one after the other,
+    weight first; scales [(E,) G, out] have G = 1 or 8 groups along the input dim, so a slice of
+    the input dim must take the matching groups (or repeat a group when it splits one). It is
+    not called for a dense model's dequantized matrices before dequantization: it gets the bf16
+    matrix instead.
 
     Raises CheckpointError (missing, extra, truncated or mis-shaped files; a shard_fn shape that
     the model does not expect) and UnsafePickleError (a pickle asking for anything else).
@@ -535,8 +550,11 @@ def load_xai_checkpoint(ckpt_dir: str | Path, config: GrokConfig, *,
     def load_one(entry: XaiEntry, ref: ArrayRef | QuantRef) -> dict[str, torch.Tensor]:
         name = xai_file_name(entry.file_index)
         where = f"{ckpt_dir.name}/{name} ({entry.grok1_name})"
-        with open(ckpt_dir / name, "rb", buffering=0) as f:
-            raw = {key: read_array(f, array, where) for key, array in _refs(ref, entry)}
+        if shard_fn is not None:  # mapped: a rank's slice reads only its own pages
+            raw = {key: map_array(ckpt_dir / name, array) for key, array in _refs(ref, entry)}
+        else:
+            with open(ckpt_dir / name, "rb", buffering=0) as f:
+                raw = {key: read_array(f, array, where) for key, array in _refs(ref, entry)}
         dense_key = entry.grok1_name + ".weight"
         if isinstance(ref, QuantRef) and not model.get_submodule(entry.grok1_name).quantized:
             raw = {dense_key: dequantize(*raw.values())}  # a dense model: bf16 matrices
@@ -551,7 +569,10 @@ def load_xai_checkpoint(ckpt_dir: str | Path, config: GrokConfig, *,
                 how = " after shard_fn" if shard_fn is not None else ""
                 raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}{how}, the "
                                       f"model expects {tuple(target.shape)}")
-            out[key] = t.to(device=device, dtype=target.dtype)
+            moved = t.to(device=device, dtype=target.dtype)
+            if shard_fn is not None and moved.data_ptr() == t.data_ptr():
+                moved = moved.clone()  # never keep a file mapping in the model
+            out[key] = moved
         return out
 
     total = sum(_nbytes(ref) for _, ref in scanned)

@@ -1,0 +1,291 @@
+"""Decode and prefill of tensor-/expert-parallel Grok-1 across GPUs, on the engine's runner (paged
+KV cache, fused int8 kernels, one CUDA graph per decode batch bucket with the NCCL all-reduces
+captured inside), each figure beside its roofline: the step's bytes (or FLOPs) spread over all
+GPUs, / (num_gpus x copy bandwidth) measured in the same run (ANCHORS.md; grok1.engine.bench_cli).
+
+    torchrun --nproc-per-node 4 bench/parallel_decode.py --layers 4 --moe tp ep --verify --out DIR
+    torchrun --nproc-per-node 4 bench/parallel_decode.py --layers 64 --moe tp --out DIR  # 4 x H200
+
+Weights are random int8 built directly on each GPU, already sharded (no rank ever holds the whole
+model). `--verify` (reduced depth only) first builds the whole model on every GPU, runs prompts
+through the one-GPU runner, then shards that same model and checks the parallel runner's logits
+(prefill, then decode steps replayed from CUDA graphs) against it. Rank 0 prints one line per
+figure and appends JSON objects (the engine bench's fields plus num_gpus, tp, moe,
+decode_tok_per_s, memory per GPU) to DIR/parallel_decode.jsonl. Runs on CPU with gloo for
+--verify only (no timings there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grok1.config import GrokConfig
+from grok1.model import Grok1
+from grok1.parallel.launch import build_random, compare, init_random_, parse_config
+from grok1.parallel.mesh import Mesh, init_distributed, shutdown
+from grok1.parallel.tensor import Layout, local_config, parallelize, shard_model_
+
+GIB = 2**30
+REF_DECODE_MS = 40.1  # ANCHORS.md: the JAX reference, 4 full-width layers, batch 1, one H100
+
+
+def log(mesh: Mesh, text: str) -> None:
+    if mesh.is_first:
+        print(text, flush=True)
+
+
+def _gpus(mesh: Mesh) -> str:
+    return f"{mesh.world_size} x {torch.cuda.get_device_name(mesh.device)}"
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+def sharded_bytes(config: GrokConfig, layout: Layout) -> int:
+    """Bytes of one rank's weights (from a meta build; nothing allocated)."""
+    with torch.device("meta"):
+        model = shard_model_(Grok1(config, quantized=True), layout)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def kv_bytes(config: GrokConfig, layout: Layout, batch: int, tokens: int) -> int:
+    """One rank's paged KV cache for `batch` sequences of `tokens` (bf16 K and V)."""
+    kv_heads = local_config(config, layout).num_kv_heads
+    return config.num_layers * batch * (tokens + 32) * 2 * kv_heads * config.key_size * 2
+
+
+def build_sharded(config: GrokConfig, layout: Layout, mesh: Mesh, seed: int) -> Grok1:
+    """This rank's shard with random weights, made on its device (replicated tensors alike on
+    every rank: each tensor is seeded by its name)."""
+    with torch.device("meta"):
+        model = shard_model_(Grok1(config, quantized=True), layout)
+    model.to_empty(device=mesh.device)
+    return init_random_(model, seed).eval()
+
+
+# ---- engine-path verification -----------------------------------------------------------------
+
+def _runner(model: Grok1, batch: int, max_len: int):
+    from grok1.engine.runner import ModelRunner
+
+    block = 16
+    return ModelRunner(model, num_blocks=batch * -(-max_len // block) + 1, block_size=block,
+                       max_model_len=max_len, max_batch_size=batch, use_cuda_graphs=True)
+
+
+def run_prompts(model: Grok1, prompts: list[list[int]], decode: list[list[int]]) -> torch.Tensor:
+    """Logits [steps, B, V]: prefill of every prompt, then each row of `decode` fed one token a
+    step (the decode steps replay CUDA graphs on a GPU)."""
+    from grok1.engine.kv_cache import BlockPool
+    from grok1.engine.scheduler import ScheduledChunk, Sequence
+
+    B = len(prompts)
+    max_len = max(len(p) for p in prompts) + len(decode) + 1
+    runner = _runner(model, B, max_len)
+    pool = BlockPool(B * -(-max_len // runner.block_size), runner.block_size)
+    seqs = []
+    for b, prompt in enumerate(prompts):
+        seq = Sequence(f"r{b}", list(prompt), len(prompt))
+        seq.block_ids = pool.allocate(pool.blocks_for(max_len))
+        seqs.append(seq)
+    steps = [runner.execute([ScheduledChunk(s, 0, len(s.token_ids)) for s in seqs])]
+    for tokens in decode:
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+        steps.append(runner.execute([ScheduledChunk(s, len(s.token_ids) - 1, 1) for s in seqs]))
+    out = torch.stack(steps).float().cpu()
+    del runner  # frees its CUDA graphs (captured NCCL calls) before the group goes away
+    gc.collect()
+    return out
+
+
+def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1, list[dict]]:
+    """One-GPU runner vs the parallel runner on the same random model; returns the shard."""
+    full = build_random(config, args.seed, mesh.device, router_std=2.0)  # decisive routing
+    g = torch.Generator().manual_seed(args.seed + 7)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
+               for n in (args.verify_tokens, args.verify_tokens // 2 + 1, 5)]
+    decode = torch.randint(3, config.vocab_size, (args.verify_steps, len(prompts)),
+                           generator=g).tolist()
+    ref = run_prompts(copy.deepcopy(full), prompts, decode)  # the copy gets the 1-GPU kernels
+    model = parallelize(full, mesh.tp_group, layout)
+    out = run_prompts(model, prompts, decode)
+    results = []
+    for name, sl in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
+        c = compare(out[sl], ref[sl])
+        ok = c["rel_l2"] <= args.rtol and c["top1_close"] >= 0.95
+        results.append({"kind": "verify", "case": name, **c, "ok": ok})
+    return model, results
+
+
+# ---- timings ---------------------------------------------------------------------------------
+
+def allreduce_us(mesh: Mesh, numel: int, graph: bool) -> float:
+    """Latency of one f32 all-reduce of `numel` values (a decode step's partial sums)."""
+    from grok1.engine.bench_cli import time_ms
+
+    t = torch.randn(numel, device=mesh.device)
+    if not graph:
+        return 1e3 * time_ms(lambda: dist.all_reduce(t, group=mesh.tp_group), reps=100)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            dist.all_reduce(t, group=mesh.tp_group)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(10):
+            dist.all_reduce(t, group=mesh.tp_group)
+    us = 1e3 * time_ms(g.replay, reps=50) / 10
+    del g
+    return us
+
+
+def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
+    from grok1.engine.bench_cli import bench_decode, bench_prefill, environment, measure_ceilings
+
+    N = mesh.world_size
+    ceilings = measure_ceilings(str(mesh.device))
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(mesh.device)  # not the probe's buffers or --verify's model
+    log(mesh, f"ceilings (rank 0): copy {ceilings['copy_gbps']:.0f} GB/s, bf16 "
+              f"{ceilings['bf16_tflops']:.0f} TFLOP/s; x {N} GPUs")
+    results = []
+    if args.batch:
+        results += bench_decode(model, args.batch, args.context, ceilings)
+    gc.collect()  # the decode runner's graphs go before the next runner allocates
+    if args.prefill:
+        results += bench_prefill(model, args.prefill, ceilings)
+    gc.collect()
+    if N > 1:
+        D = model.config.emb_size
+        for tokens in (1, 64):
+            for graph in (False, True):
+                results.append({"kind": "allreduce_f32", "tokens": tokens, "graph": graph,
+                                "us": allreduce_us(mesh, tokens * D, graph)})
+    peak = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) / GIB], device=mesh.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    env = environment()
+    env.update(num_gpus=N, tp=N, moe=moe, layers=model.config.num_layers, ceilings=ceilings,
+               dtype="int8 weights, bf16 act", peak_memory_gib_per_gpu=float(peak))
+    for r in results:
+        r.update(env)
+        if "roofline_ms" in r:  # the one-GPU roofline spread over N GPUs
+            r["roofline_ms"] /= N
+            step = r.get("decode_step_ms", r.get("prefill_ms"))
+            r["pct_of_roofline"] = 100 * r["roofline_ms"] / step
+        if r["kind"] == "decode":
+            r["decode_tok_per_s"] = 1e3 * r["batch"] / r["decode_step_ms"]
+            r["roofline_tok_per_s"] = 1e3 * r["batch"] / r["roofline_ms"]
+    return results
+
+
+def describe(r: dict) -> str:
+    head = f"[{r.get('num_gpus', '?')} GPU, moe {r.get('moe')}, L={r.get('layers')}]"
+    if r["kind"] == "decode":
+        return (f"{head} decode b={r['batch']} ctx={r['context']}: {r['decode_step_ms']:.3f} ms "
+                f"= {r['decode_tok_per_s']:.1f} tok/s | roofline {r['roofline_ms']:.3f} ms = "
+                f"{r['roofline_tok_per_s']:.0f} tok/s ({r['pct_of_roofline']:.0f}%)"
+                + (f" | reference 1 GPU {REF_DECODE_MS} ms" if r["layers"] == 4 and
+                   r["batch"] == 1 else ""))
+    if r["kind"] == "prefill":
+        return (f"{head} prefill T={r['prefill_tokens']}: {r['prefill_ms']:.1f} ms | roofline "
+                f"{r['roofline_ms']:.1f} ms ({r['pct_of_roofline']:.0f}%)")
+    if r["kind"] == "allreduce_f32":
+        return f"{head} all-reduce f32 x{r['tokens']} tokens, graph={r['graph']}: {r['us']:.1f} us"
+    if r["kind"] == "verify":
+        return (f"{head} verify {r['case']} vs one GPU: rel L2 {r['rel_l2']:.2e}, max "
+                f"{r['max_abs_rel']:.2e}, argmax agree {r['argmax_agree']:.2f}, top-1 close "
+                f"{r['top1_close']:.2f}: "
+                f"{'ok' if r['ok'] else 'FAIL'}")
+    return f"{head} {json.dumps(r)}"
+
+
+def report(mesh: Mesh, results: list[dict], moe: str, config: GrokConfig,
+           out: Path | None) -> bool:
+    """Print one line per result (rank 0), append them to out/parallel_decode.jsonl; all ok?"""
+    for r in results:
+        r.setdefault("num_gpus", mesh.world_size)
+        r.setdefault("moe", moe)
+        r.setdefault("layers", config.num_layers)
+        log(mesh, describe(r))
+    if out and mesh.is_first and results:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "parallel_decode.jsonl", "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return all(r.get("ok", True) for r in results)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="grok-1", help="preset or JSON (full width by default)")
+    p.add_argument("--set", action="append", default=[], help="config override field=value")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--moe", nargs="+", default=["tp"], choices=["tp", "ep"])
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64, 128])
+    p.add_argument("--context", type=int, default=512, help="cached tokens per sequence (decode)")
+    p.add_argument("--prefill", type=int, nargs="*", default=[1024, 4096])
+    p.add_argument("--verify", action="store_true", help="check against the one-GPU runner first")
+    p.add_argument("--verify-tokens", type=int, default=24)
+    p.add_argument("--verify-steps", type=int, default=4)
+    p.add_argument("--rtol", type=float, default=2e-2, help="rel L2 bound of --verify")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="append JSON lines to DIR/...jsonl")
+    args = p.parse_args()
+    mesh = init_distributed()
+    config = parse_config(args.config, args.set).replace(num_layers=args.layers)
+    ok = True
+    try:
+        for moe in args.moe:
+            layout = Layout(mesh.tp_size, mesh.tp_rank, moe=moe)
+            need = sharded_bytes(config, layout)
+            if mesh.device.type == "cuda":
+                free_t = torch.tensor([torch.cuda.mem_get_info(mesh.device)[0]], device=mesh.device)
+                dist.all_reduce(free_t, op=dist.ReduceOp.MIN)  # every rank must decide alike
+                free = int(free_t)
+                full = sharded_bytes(config, Layout(1, 0)) if args.verify and layout.size > 1 else 0
+                work = kv_bytes(config, layout, max(args.batch or [1]), args.context) + 3 * GIB
+                if need + full + work > free:  # + KV cache, graphs and activations
+                    log(mesh, f"skip: {config.num_layers} layers need {need / GIB:.1f} GiB per "
+                              f"GPU (+{full / GIB:.1f} to verify, +{work / GIB:.1f} working) "
+                              f"of {free / GIB:.1f} free on {_gpus(mesh)}")
+                    continue
+            start = time.perf_counter()
+            results = []
+            if args.verify and mesh.world_size > 1:
+                model, results = verify(config, layout, mesh, args)
+            elif mesh.world_size > 1:
+                model = parallelize(build_sharded(config, layout, mesh, args.seed),
+                                    mesh.tp_group, layout)
+            else:  # one GPU: the engine's own path, the baseline of the scaling figures
+                model = build_random(config, args.seed, mesh.device)
+            log(mesh, f"built {config.num_layers}-layer model, moe {moe}: {need / GIB:.1f} GiB "
+                      f"of weights per rank, {time.perf_counter() - start:.0f} s")
+            ok &= report(mesh, results, moe, config, args.out)  # --verify's, before timing
+            if mesh.device.type == "cuda" and (args.batch or args.prefill):
+                ok &= report(mesh, bench(model, mesh, moe, args), moe, config, args.out)
+            del model
+            gc.collect()
+        flag = torch.tensor([int(ok)], device=mesh.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return 0 if int(flag) else 1
+    finally:
+        gc.collect()
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
