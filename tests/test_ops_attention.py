@@ -70,3 +70,27 @@ def test_paged_attention_graph_replay_follows_new_lengths():
         graph.replay()
         ref = paged_attention_ref(q, kc, vc, table, pos, plan, 0.3)
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens,splits", [
+    ([1, 1, 1], [5, 300, 17], None),     # decode
+    ([1, 1], [700, 33], 5),              # decode with key splits
+    ([37, 1, 20], [37, 90, 60], None),   # prefill chunks beside a decode
+])
+def test_paged_attention_hides_pad_keys_like_twin(q_lens, ctx_lens, splits):
+    N, K, H, page = 48, 8, 128, 16
+    q, kc, vc, table, pos, qs = make_case(N, K, H, page, q_lens, ctx_lens, seed=sum(ctx_lens))
+    g = torch.Generator().manual_seed(len(q_lens))
+    real = (torch.rand(kc.shape[0] * page, generator=g) > 0.3).to(torch.int8)
+    first = table[0, 0].item() * page
+    real[first:first + 3] = 0  # sequence 0 starts with 3 pad tokens: its first rows see no key
+    real = real.to(DEV)
+    plan = plan_attention(qs, K, N // K, DEV, splits=splits, max_kv_len=max(ctx_lens))
+    ref = paged_attention_ref(q, kc, vc, table, pos, plan, 0.3, real)
+    out = paged_attention(q, kc, vc, table, pos, plan, 0.3, real)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert torch.isfinite(out).all() and err < 1e-2
+    unmasked = paged_attention_ref(q, kc, vc, table, pos, plan, 0.3)
+    assert ((unmasked.float() - ref.float()).norm() / ref.float().norm()).item() > 0.1
+    if q_lens[0] > 3:  # rows at positions 0..2 of sequence 0 have no visible key: zero
+        assert out[:3].float().abs().max().item() == 0.0

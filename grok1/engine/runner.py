@@ -66,6 +66,10 @@ class ModelRunner:
         shape = (c.num_layers, num_blocks + 1, block_size, c.num_kv_heads, c.key_size)
         self.k_cache = torch.zeros(shape, dtype=BF16, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=BF16, device=self.device)
+        # 1 where the token written at a cache slot is real, 0 for the pad token: the reference
+        # masks pad keys (SPEC 2.2). One flag per slot serves every layer.
+        self.real_slots = torch.zeros((num_blocks + 1) * block_size, dtype=torch.int8,
+                                      device=self.device)
         kernels_ok = all(getattr(layer.moe, "_kernel_ok", False) for layer in model.layers)
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and kernels_ok
         self.graph_buckets = [b for b in GRAPH_BUCKETS if b <= max_batch_size]
@@ -107,6 +111,7 @@ class ModelRunner:
         cos, sin = rope_cos_sin(batch.positions_M[None], c.key_size)
         cos, sin = cos[0], sin[0]
         layers = model.layers
+        self.real_slots[batch.slots_M] = (batch.tokens_M != c.pad_token).to(torch.int8)
         x = rms_norm_op(h, layers[0].attn_norm.scale)
         for i, layer in enumerate(layers):
             attn = layer.attn
@@ -116,7 +121,8 @@ class ModelRunner:
             q = rope_and_cache(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i],
                                batch.slots_M)
             o = paged_attention(q, self.k_cache[i], self.v_cache[i], batch.block_table_BP,
-                                batch.positions_M, batch.plan, c.attn_output_multiplier)
+                                batch.positions_M, batch.plan, c.attn_output_multiplier,
+                                self.real_slots)
             h, x = add_rms_norm(h, attn.wo(o), layer.attn_out_norm.scale, layer.moe_norm.scale)
             y = layer.moe(x[None])[0]
             w_next = layers[i + 1].attn_norm.scale if i + 1 < len(layers) else model.norm.scale

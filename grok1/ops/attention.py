@@ -4,7 +4,12 @@ Twin: `grok1.model.attention_ref` on K/V gathered from the pages (`paged_attenti
 Layout: q [M, N, H] for the M new tokens of all sequences (flattened, sequence by sequence);
 K/V caches [P, PAGE, K, H] (one layer), a token at position s of sequence b lives in page
 block_table[b, s // PAGE], row s % PAGE. The new tokens' K/V must already be written. Query token
-i of sequence b sits at positions[i] and sees the keys 0..positions[i] (causal within chunks).
+i of sequence b sits at positions[i] and sees the keys 0..positions[i] (causal within chunks)
+whose token is not the pad token: `real_slots` holds one flag per cache slot (page * PAGE +
+row), nonzero where the token written there is real, as the reference's key mask
+`tokens > pad` (SPEC 2.2). A query with no visible key at all (a prompt that starts with pad
+tokens) gets a zero output: the reference averages v over its whole zero-padded cache there,
+which is ~0 and depends on the padding, so no engine can match it exactly.
 Scores: bf16 q.k, times the multiplier in f32, then 30*tanh(s/30), as the reference (SPEC 2.5).
 
 Shape letters: M new tokens, B sequences, N query heads, K kv heads, G = N // K, H head size,
@@ -61,8 +66,10 @@ def _g_pad(G: int) -> int:
 
 def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table_BP: torch.Tensor, positions_M: torch.Tensor,
-                        plan: AttentionPlan, multiplier: float) -> torch.Tensor:
-    """The twin: per sequence, gather its keys and call model.attention_ref. -> [M, N*H] bf16."""
+                        plan: AttentionPlan, multiplier: float,
+                        real_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The twin: per sequence, gather its keys and call model.attention_ref. -> [M, N*H] bf16.
+    `real_slots` [P * PAGE] (nonzero = real token) masks pad keys; None: every key is real."""
     M, N, H = q_MNH.shape
     page = k_cache.shape[1]
     K = k_cache.shape[2]
@@ -77,18 +84,22 @@ def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         s_S = torch.arange(S, device=q_MNH.device)
         slots = block_table_BP[b, s_S // page].long() * page + s_S % page
         mask_1TS = (s_S[None, :] <= pos_T[:, None])[None]
-        out[qs[b]:qs[b + 1]] = attention_ref(q_MNH[None, qs[b]:qs[b + 1]], k_flat[slots][None],
-                                             v_flat[slots][None], mask_1TS, multiplier)[0]
+        if real_slots is not None:
+            mask_1TS = mask_1TS & (real_slots.reshape(-1)[slots] != 0)[None, None]
+        o = attention_ref(q_MNH[None, qs[b]:qs[b + 1]], k_flat[slots][None],
+                          v_flat[slots][None], mask_1TS, multiplier)[0]
+        out[qs[b]:qs[b + 1]] = o * mask_1TS[0].any(-1, keepdim=True)  # no visible key: 0
     return out
 
 
 def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table_BP: torch.Tensor, positions_M: torch.Tensor,
-                    plan: AttentionPlan, multiplier: float) -> torch.Tensor:
+                    plan: AttentionPlan, multiplier: float,
+                    real_slots: torch.Tensor | None = None) -> torch.Tensor:
     """[M, N*H] bf16; the Triton kernel on CUDA, else the twin."""
     if not use_kernel(q_MNH):
         return paged_attention_ref(q_MNH, k_cache, v_cache, block_table_BP, positions_M, plan,
-                                   multiplier)
+                                   multiplier, real_slots)
     from grok1.ops.attention_triton import paged_attention_kernel
     M, N, H = q_MNH.shape
     _, page, K, _ = k_cache.shape
@@ -108,9 +119,11 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     grid = (plan.qblock_seq.numel(), K, splits)
     paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part, l_part, block_table_BP, positions_M,
+        real_slots if real_slots is not None else positions_M,
         plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
         float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
+        MASK_PAD=real_slots is not None,
         num_warps=4 if rows <= 32 else 8, num_stages=2)
     if splits > 1:
         l_sum = l_part.sum(0)

@@ -3,7 +3,8 @@
 One program serves one kv head for BLOCK_T query tokens of one sequence, all G query heads of
 that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. Scores are
 capped to [-30, 30], so exp(s - 30) never overflows: no running max and no rescaling, and the
-splits combine by plain sums of the numerator and the denominator.
+splits combine by plain sums of the numerator and the denominator. MASK_PAD: keys whose slot
+flag in real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 0.
 """
 
 import triton
@@ -19,12 +20,12 @@ def _dot(a, b, acc, F32: tl.constexpr):
 
 @triton.jit
 def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_table_ptr,
-                           positions_ptr, qblock_seq_ptr, qblock_tok0_ptr, query_end_ptr,
+                           positions_ptr, real_ptr, qblock_seq_ptr, qblock_tok0_ptr, query_end_ptr,
                            M, stride_bt, multiplier,
                            N: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr,
                            G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_S: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
-                           F32: tl.constexpr):
+                           F32: tl.constexpr, MASK_PAD: tl.constexpr):
     qb = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -59,6 +60,9 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_ta
         sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
         sc = 30.0 - 60.0 / (tl.exp(sc / 15.0) + 1.0)  # 30 * tanh(sc / 30)
         visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
+        if MASK_PAD:
+            real = tl.load(real_ptr + slot, mask=s_ok, other=0)
+            visible = visible & (real != 0)[None, :]
         p = tl.where(visible, tl.exp(sc - 30.0), 0.0)
         l_R += tl.sum(p, 1)
         v = tl.load(v_ptr + kv_off[:, None] + h[None, :],
