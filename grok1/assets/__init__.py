@@ -1,0 +1,12 @@
+"""The embedded default model: a 4M-parameter Grok-architecture model trained on Shakespeare
+(scripts/train_default_model.sh), shipped so `grok1 generate "ROMEO:"` works offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def default_model_dir() -> Path:
+    """The folder of the default model (grok1 native format: config.json, model.safetensors,
+    tokenizer.model)."""
+    return Path(__file__).resolve().parent / "default"

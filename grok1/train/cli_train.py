@@ -1,0 +1,185 @@
+"""Arguments and entry points of `grok1 train`, `grok1 tokenize`, `grok1 train-tokenizer` and
+`grok1 export`; grok1/cli.py wires them as subcommands (add_*_args, then run_*)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import logging
+from pathlib import Path
+
+
+def _train_defaults() -> dict:
+    """TrainConfig's defaults, so the flags and the dataclass never disagree."""
+    from grok1.train.train_config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING}
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d = _train_defaults()
+    p.add_argument("--data", required=True, help="token dataset folder from `grok1 tokenize`")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl; an "
+                   "existing run resumes from its newest complete checkpoint")
+    p.add_argument("--model", default=d["model"], help="preset (tiny, debug, grok-1) or config.json")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per rank "
+                   "per micro-step")
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"])
+    p.add_argument("--max-steps", type=int, default=d["max_steps"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--min-lr", type=float, default=d["min_lr"])
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--beta1", type=float, default=d["beta1"])
+    p.add_argument("--beta2", type=float, default=d["beta2"])
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 = off")
+    p.add_argument("--aux-loss-coef", type=float, default=d["aux_loss_coef"])
+    p.add_argument("--z-loss-coef", type=float, default=d["z_loss_coef"])
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--parallel", choices=("auto", "fsdp", "ddp", "none"), default=d["parallel"],
+                   help="auto: FSDP2 when launched on several ranks")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--save-every", type=int, default=d["save_every"])
+    p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
+    p.add_argument("--eval-every", type=int, default=d["eval_every"])
+    p.add_argument("--eval-batches", type=int, default=d["eval_batches"])
+    p.add_argument("--log-every", type=int, default=d["log_every"])
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-GPU peak for MFU (default: from the GPU name; bf16 dense)")
+    p.add_argument("--watchdog-s", type=float, default=d["watchdog_s"], help="0 = off")
+    p.add_argument("--max-bad-steps", type=int, default=d["max_bad_steps"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--export", type=Path, default=None,
+                   help="after training, export the model here (grok1 native folder)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer copied into --export (default: the dataset's)")
+    fault = p.add_argument_group("fault injection (tests)")
+    fault.add_argument("--inject-nan-steps", type=int, nargs="*", default=[])
+    fault.add_argument("--crash-at-step", type=int, default=None)
+    fault.add_argument("--crash-marker", default=None)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from grok1.train.train_config import TrainConfig
+
+    return TrainConfig(
+        data_dir=args.data, out_dir=args.out, model=args.model, seed=args.seed,
+        batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+        max_steps=args.max_steps, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, beta1=args.beta1,
+        beta2=args.beta2, grad_clip=args.grad_clip, aux_loss_coef=args.aux_loss_coef,
+        z_loss_coef=args.z_loss_coef, activation_checkpointing=args.activation_checkpointing,
+        parallel=args.parallel, device=args.device, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, log_every=args.log_every, peak_tflops=args.peak_tflops,
+        watchdog_s=args.watchdog_s, max_bad_steps=args.max_bad_steps,
+        progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        inject_nan_steps=tuple(args.inject_nan_steps), crash_at_step=args.crash_at_step,
+        crash_marker=args.crash_marker)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    import os
+
+    from grok1.train.data import load_meta
+    from grok1.train.trainer import train
+
+    logging.getLogger("grok1").setLevel(logging.INFO)
+    cfg = train_config_from_args(args)
+    train(cfg)
+    if args.export is not None and int(os.environ.get("RANK", "0")) == 0:
+        from grok1.train.export import export_run
+
+        tokenizer = args.tokenizer or load_meta(args.data)["tokenizer"]
+        out = export_run(args.out, args.export, tokenizer, overwrite=True)
+        print(f"exported {out}")
+
+
+def add_tokenize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="text files or glob patterns (one document each)")
+    p.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece model")
+    p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="tail of each document held out for validation")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26)
+
+
+def _expand(patterns: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern))
+        if matched:
+            paths.extend(Path(m) for m in matched)
+        else:
+            paths.append(Path(pattern))  # reported as missing by the callee
+    return paths
+
+
+def run_tokenize(args: argparse.Namespace) -> None:
+    from grok1.train.data import tokenize_files
+
+    meta = tokenize_files(_expand(args.inputs), args.tokenizer, args.out,
+                          val_fraction=args.val_fraction, shard_tokens=args.shard_tokens)
+    counts = {split: sum(s["tokens"] for s in shards) for split, shards in meta["shards"].items()}
+    print(f"{args.out}: {len(meta['documents'])} documents, {counts['train']} train and "
+          f"{counts['val']} val tokens ({meta['dtype']})")
+
+
+def add_train_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="text files or glob patterns")
+    p.add_argument("--out", required=True, type=Path, help="path of the .model file to write")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=1, help="trainer threads (1 = deterministic)")
+
+
+def run_train_tokenizer(args: argparse.Namespace) -> None:
+    from grok1.train.tokenizer_train import train_tokenizer
+
+    path = train_tokenizer(_expand(args.inputs), args.out, vocab_size=args.vocab_size,
+                           num_threads=args.threads)
+    print(f"wrote {path} (vocab {args.vocab_size})")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="training run folder (holds config.json, checkpoints/)")
+    p.add_argument("--out", required=True, type=Path, help="grok1 native folder to write")
+    p.add_argument("--tokenizer", type=Path, default=None, help="SentencePiece model to include")
+    p.add_argument("--step", type=int, default=None, help="default: the newest good checkpoint")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from grok1.train.export import export_run
+
+    out = export_run(args.run, args.out, args.tokenizer, step=args.step,
+                     dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    print(f"exported {out}")
+
+
+COMMANDS = {"train": (add_train_args, run_train), "tokenize": (add_tokenize_args, run_tokenize),
+            "train-tokenizer": (add_train_tokenizer_args, run_train_tokenizer),
+            "export": (add_export_args, run_export)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m grok1.train.cli_train CMD ...`: the same subcommands without grok1/cli.py
+    (what torchrun launches in the tests)."""
+    parser = argparse.ArgumentParser(prog="python -m grok1.train.cli_train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, run) in COMMANDS.items():
+        add(sub.add_parser(name))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    COMMANDS[args.command][1](args)
+
+
+if __name__ == "__main__":
+    main()
