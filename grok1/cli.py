@@ -56,31 +56,50 @@ def resolve_tokenizer(tokenizer: Path | None, model_dir: Path) -> Path:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
+    """(model, tokenizer, mesh): under torchrun (or --tp > 1) this rank's shard and its mesh,
+    with args.seed agreed across ranks; else the whole model and mesh None."""
     from grok1.checkpoint import load
+    from grok1.parallel.launch import agree_seed, load_for_args, wants_parallel
     from grok1.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.checkpoint)
     tokenizer = Tokenizer(resolve_tokenizer(args.tokenizer, model_dir))
-    model = load(model_dir, config=args.config, device=_device(args.device))
+    mesh = None
+    if wants_parallel(args):
+        model, mesh = load_for_args(args, model_dir)
+        args.seed = agree_seed(args.seed, mesh)
+    else:
+        model = load(model_dir, config=args.config, device=_device(args.device))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
                          f"the model's vocab_size is {model.config.vocab_size}; wrong --tokenizer?")
-    return model, tokenizer
+    return model, tokenizer, mesh
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer, mesh = load_model_and_tokenizer(args)
+    try:
+        _generate_and_print(model, tokenizer, args, quiet=mesh is not None and not mesh.is_first)
+    finally:
+        if mesh is not None:
+            from grok1.parallel.mesh import shutdown
+
+            shutdown()
+
+
+def _generate_and_print(model, tokenizer, args: argparse.Namespace, quiet: bool) -> None:
     import torch
 
     from grok1.generation import generate
     from grok1.sampling import SamplingParams
 
-    model, tokenizer = load_model_and_tokenizer(args)
+    out = (lambda text: None) if quiet else sys.stdout.write  # one rank prints
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     if len(prompts) == 1:  # stream: print each new piece of text as its token arrives
-        sys.stdout.write(args.prompt[0])
+        out(args.prompt[0])
         ids: list[int] = []
         printed = ""
 
@@ -89,17 +108,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
             ids.append(token)
             text = tokenizer.decode(ids)
             if not text.endswith("\ufffd"):  # hold back a partly decoded UTF-8 character
-                sys.stdout.write(text[len(printed):])
+                out(text[len(printed):])
                 sys.stdout.flush()
                 printed = text
 
         generate(model, prompts, params, on_token=on_token)
-        sys.stdout.write(tokenizer.decode(ids)[len(printed):] + "\n")
+        out(tokenizer.decode(ids)[len(printed):] + "\n")
         return
     with torch.inference_mode():
         results = generate(model, prompts, params)
     for prompt, result in zip(args.prompt, results):
-        print(f"--- {prompt!r} ({result.finish_reason})\n{prompt}{tokenizer.decode(result.token_ids)}")
+        out(f"--- {prompt!r} ({result.finish_reason})\n{prompt}{tokenizer.decode(result.token_ids)}\n")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -111,6 +130,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from grok1.parallel.launch import add_parallel_args
+
     parser = argparse.ArgumentParser(prog="grok1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -118,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
     _add_model_args(p)
     _add_sampling_args(p)
+    add_parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="parameter counts, weight and KV bytes, GPUs needed")
@@ -125,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="grok-1", help="a named config when --config is not given")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
     p.set_defaults(func=cmd_info)
+
+    # the other subcommands live in their layers: (add arguments, run) pairs
+    from grok1.engine.bench_cli import add_bench_args, run_bench
+    from grok1.server.cli_serve import add_serve_args, run_serve
+    from grok1.train.cli_train import COMMANDS as TRAIN_COMMANDS
+
+    layered = {"serve": (add_serve_args, run_serve, "OpenAI-compatible HTTP server"),
+               "bench": (add_bench_args, run_bench, "decode / prefill speed beside the roofline")}
+    train_help = {"train": "train a Grok-architecture model (torchrun for several GPUs)",
+                  "tokenize": "turn text files into memory-mapped token shards",
+                  "train-tokenizer": "train a small SentencePiece BPE tokenizer",
+                  "export": "export a training run to grok1's native format"}
+    layered |= {name: (add, run, train_help[name]) for name, (add, run) in TRAIN_COMMANDS.items()}
+    for name, (add, run, help_text) in layered.items():
+        p = sub.add_parser(name, help=help_text)
+        add(p)
+        p.set_defaults(func=run)
     return parser
 
 
@@ -134,10 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     from grok1.checkpoint import CheckpointError
     from grok1.config import ConfigError
     from grok1.tokenizer import TokenizerError
+    from grok1.train.checkpoints import CheckpointCorruptError
+    from grok1.train.trainer import TrainingDiverged
 
     try:
         args.func(args)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, CheckpointCorruptError,
+            TrainingDiverged, ValueError) as e:
         raise SystemExit(f"error: {type(e).__name__}: {e}") from None
 
 
