@@ -1,0 +1,235 @@
+"""OpenAI-compatible HTTP API over the grok1 engine: FastAPI, SSE streaming, Prometheus metrics.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (these three need
+`Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics.
+The chat prompt format and the request semantics are in serving.py's docstring.
+
+Errors are OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
+JSON, bad or out-of-range fields, empty prompts and prompts that do not fit the context; 401 for a
+missing or wrong API key; 404 for an unknown model (OpenAI's `model_not_found`) or route; 413 for
+an oversized body; 503 with Retry-After when the queue is full or the server is shutting down.
+A 5xx is a server bug and is logged with the request id (also sent as the X-Request-Id header).
+
+Cancellation: a streamed response closes its engine requests however it ends (client gone,
+task cancelled); a non-streamed one watches for the client's disconnect while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from grok1.engine.llm import Engine
+from grok1.server import protocol as P
+from grok1.server.bridge import EngineBridge, RequestGroup, ServerMetrics
+from grok1.server.detokenize import TokenizerLike
+from grok1.server.serving import Job, OpenAIServing, as_protocol_error
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def _error_response(e: P.ProtocolError, rid: str | None = None) -> JSONResponse:
+    headers = {"X-Request-Id": rid} if rid else {}
+    if e.retry_after_s is not None:
+        headers["Retry-After"] = str(e.retry_after_s)
+    return JSONResponse(P.error_body(e), status_code=e.status, headers=headers)
+
+
+def _check_auth(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                              api_key.encode()):
+        raise P.ProtocolError(f"{'wrong' if auth else 'missing'} API key: send the header "
+                              "'Authorization: Bearer KEY'", status=401, code="invalid_api_key")
+
+
+async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int) -> Any:
+    """The body as `schema`: 413 past max_body_bytes, 400 for bad JSON or fields."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        raise P.ProtocolError(f"request body of {length} bytes exceeds the limit of "
+                              f"{max_body_bytes}", status=413, code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise P.ProtocolError(f"request body exceeds the limit of {max_body_bytes} bytes",
+                                  status=413, code="body_too_large")
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise P.ProtocolError(f"malformed JSON body: {str(e)[:200]}",
+                              code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise P.ProtocolError(f"the JSON body must be an object, got {type(obj).__name__}",
+                              code="invalid_json")
+    try:
+        return schema.model_validate(obj)
+    except ValidationError as e:
+        raise P.error_from_validation(e) from None
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that closes its request group however the response ends (finished,
+    client gone, task cancelled), even if the body iterator never started."""
+
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup, rid: str):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                  "X-Request-Id": rid})
+        self.group = group
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.group.close()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a non-streaming request's work, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
+
+
+class _MetricsMiddleware:
+    """Counts answered requests by route and status (499: client left before an answer)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 499
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"] if scope["path"] in ROUTES else "other"
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(path, str(status)).inc()
+
+
+def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
+               api_key: str | None = None, *, max_pending: int = 256, max_n: int = 16,
+               max_choices: int = 64, max_body_bytes: int = 4 << 20,
+               shutdown_grace_s: float = 30.0) -> FastAPI:
+    """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
+    (`app.state.bridge`: the EngineBridge).
+
+    max_pending: engine requests admitted at once (running + waiting); more get 503.
+    max_n / max_choices: limits on n and on prompts x n per request (<= max_pending).
+    shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
+    """
+    metrics = ServerMetrics()
+    bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics)
+    serving = OpenAIServing(tokenizer, model_name, max_model_len=engine.max_model_len,
+                            vocab_size=engine.config.vocab_size, max_n=max_n,
+                            max_choices=min(max_choices, max_pending))
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await bridge.start()
+        yield
+        await bridge.shutdown(grace_s=shutdown_grace_s)
+
+    app = FastAPI(title="grok1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.bridge = bridge
+    app.state.metrics = metrics
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error_response(P.ProtocolError(str(e.detail), status=e.status_code, code=code))
+
+    def endpoint(prefix: str, handler: Callable[[Request, str], Awaitable[Response]]):
+        async def run(request: Request) -> Response:
+            rid = f"{prefix}-{uuid.uuid4().hex}"
+            try:
+                _check_auth(request, api_key)
+                return await handler(request, rid)
+            except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
+                return _error_response(as_protocol_error(e, rid), rid)
+        return run
+
+    async def serve(request: Request, job: Job) -> Response:
+        if job.req.stream:
+            group = await bridge.submit(job.subs)
+            return _SSEResponse(serving.stream(job, group), group, job.rid)
+
+        async def work() -> Response:
+            group = await bridge.submit(job.subs)
+            try:
+                result = await serving.collect(job, group)
+            finally:
+                group.close()
+            return JSONResponse(result.model_dump(), headers={"X-Request-Id": job.rid})
+
+        return await _unless_disconnected(request, work())
+
+    async def completions(request: Request, rid: str) -> Response:
+        req = await _parse(request, P.CompletionRequest, max_body_bytes)
+        return await serve(request, serving.plan_completion(rid, req))
+
+    async def chat_completions(request: Request, rid: str) -> Response:
+        req = await _parse(request, P.ChatCompletionRequest, max_body_bytes)
+        return await serve(request, serving.plan_chat(rid, req))
+
+    async def models(_request: Request, _rid: str) -> Response:
+        card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
+        return JSONResponse(P.ModelList(data=[card]).model_dump())
+
+    app.add_api_route("/v1/completions", endpoint("cmpl", completions), methods=["POST"])
+    app.add_api_route("/v1/chat/completions", endpoint("chatcmpl", chat_completions),
+                      methods=["POST"])
+    app.add_api_route("/v1/models", endpoint("models", models), methods=["GET"])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if bridge.healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,175 @@
+"""`grok1 serve`: load a model, start the engine and the OpenAI-compatible server under uvicorn.
+
+    grok1 serve                                   # the embedded default model, 127.0.0.1:8000
+    grok1 serve --checkpoint /data/grok-1 --host 0.0.0.0 --port 8000 --api-key $KEY \\
+        --max-batch-size 64 --device cuda
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "grok1-default", "prompt": "ROMEO:", "max_tokens": 32}'
+
+`python -m grok1.server.cli_serve [options]` is the same as `grok1 serve [options]`.
+`serve_in_thread` runs an app on a loopback port in a background thread (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "grok1-default"
+
+log = logging.getLogger("grok1.server")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The options of `grok1 serve` (model, engine, HTTP)."""
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="release checkpoint (a folder holding ckpt-0/) or a grok1 folder; "
+                        "default: the embedded default model (grok1/assets/default)")
+    p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="SentencePiece model (default: tokenizer.model in or beside the checkpoint)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dummy-layers", type=int, default=None, metavar="N",
+                   help="serve random full-width Grok-1 weights with N layers instead of a "
+                        "checkpoint (load tests on a GPU without the release files; needs "
+                        "--tokenizer)")
+    p.add_argument("--model-name", default=None,
+                   help=f"the `model` clients must send (default: {DEFAULT_MODEL_NAME} for the "
+                        "embedded model, else the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GROK1_API_KEY if "
+                        "set, else no key)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="engine requests per batch")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit in tokens, prompt + generated (default: the engine's)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV-cache blocks (default: the engine's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="engine requests waiting beyond the batch before new ones get 503")
+    p.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may finish after Ctrl-C/SIGTERM; then they "
+                        "are cancelled")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _tokenizer_path(tokenizer: Path | None, model_dir: Path) -> Path:
+    if tokenizer is not None:
+        return tokenizer
+    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"error: no tokenizer.model in {model_dir} or beside it; pass --tokenizer")
+
+
+def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
+               tokenizer: Path | None = None, device: str = "cpu",
+               dummy_layers: int | None = None):
+    """(model, tokenizer, served model name, where it came from) as `grok1 serve` loads them:
+    the checkpoint folder, random full-width weights, or the embedded default model."""
+    from grok1.checkpoint import load
+    from grok1.tokenizer import Tokenizer
+
+    if dummy_layers is not None:
+        from grok1.engine.dummy import dummy_model
+        if tokenizer is None or checkpoint is not None:
+            raise SystemExit("error: --dummy-layers needs --tokenizer and no --checkpoint")
+        return (dummy_model(dummy_layers, device=device), Tokenizer(tokenizer),
+                f"grok-1-dummy-{dummy_layers}l", "random weights")
+    if checkpoint is None:
+        from grok1.assets import default_model_dir
+        model_dir, name = Path(default_model_dir()), DEFAULT_MODEL_NAME
+    else:
+        model_dir, name = checkpoint, checkpoint.resolve().name
+    tok = Tokenizer(_tokenizer_path(tokenizer, model_dir))
+    model = load(model_dir, config=config, device=device, progress=False)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer {tok.path} has {tok.vocab_size} pieces but the "
+                         f"model's vocab_size is {model.config.vocab_size}; wrong --tokenizer?")
+    return model, tok, name, str(model_dir)
+
+
+def build_app(args: argparse.Namespace):
+    """Load model and tokenizer as `args` say and return the FastAPI app."""
+    import torch
+
+    from grok1.engine.llm import Engine
+    from grok1.server.app import create_app
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, name, source = load_model(args.checkpoint, config=args.config,
+                                                tokenizer=args.tokenizer, device=device,
+                                                dummy_layers=args.dummy_layers)
+    engine_kwargs = {"max_batch_size": args.max_batch_size, "block_size": args.block_size}
+    if args.num_blocks is not None:
+        engine_kwargs["num_blocks"] = args.num_blocks
+    if args.max_model_len is not None:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    engine = Engine(model, **engine_kwargs)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GROK1_API_KEY")
+    log.info("serving %s (%s) on %s: max_model_len %d, batch %d, %d KV blocks%s",
+             args.model_name or name, source, device, engine.max_model_len, args.max_batch_size,
+             engine.stats().kv_blocks_total, ", API key required" if api_key else "")
+    return create_app(engine, tokenizer, args.model_name or name, api_key,
+                      max_pending=args.max_batch_size + args.max_queue, max_n=args.max_n,
+                      shutdown_grace_s=args.shutdown_timeout)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """`grok1 serve`: blocks until Ctrl-C/SIGTERM, then shuts down gracefully."""
+    import uvicorn
+
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0,
+                    log_level: str = "warning") -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread; yields the base URL; stops on exit.
+    port 0 picks a free port."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"uvicorn did not start on {host}:{sock.getsockname()[1]}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="grok1 serve", description="OpenAI-compatible server")
+    add_serve_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_serve(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""OpenAI semantics over the engine: a validated request becomes engine requests (n per prompt),
+and their outputs become a response or a stream of SSE chunks. No HTTP here (app.py does that).
+
+Chat prompt format. Grok-1 is a base model with no chat template, so messages become a plain
+transcript, one line per message, ending with an open assistant turn:
+
+    System: You are terse.
+    User: Hi
+    Assistant: Hello.
+    User: What is 2+2?
+    Assistant:
+
+("developer" messages are written as "System"). Generation stops at "\\nUser:" or "\\nSystem:"
+(besides the request's own stop strings), and the reply's leading whitespace is dropped.
+
+Stop strings are matched on the detokenized text (detokenize.py); the matching engine request is
+aborted at once. Choice k of a seeded request samples with seed + k * 0x9E3779B97F4A7C15
+(mod 2^63), so choice 0 of `seed=s` is the same as a lone request with `seed=s`. Usage counts
+each prompt once and every generated token (stop tokens excluded, as the engine reports them).
+Logprobs are the engine's (the model's distribution before temperature); with `echo`, prompt
+tokens are listed with null logprobs, since the engine scores only the tokens it generates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+
+from grok1.engine.llm import RequestOutput, SamplingParams, TokenLogprob
+from grok1.server import protocol as P
+from grok1.server.bridge import (
+    EngineStepError,
+    EngineUnavailableError,
+    QueueFullError,
+    RequestGroup,
+    RequestRejectedError,
+    SubRequest,
+)
+from grok1.server.detokenize import StopTextStream, TokenizerLike, token_text
+
+log = logging.getLogger("grok1.server")
+
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOPS = ["\nUser:", "\nSystem:"]
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+DONE = "data: [DONE]\n\n"
+
+
+def chat_prompt(messages: list[P.ChatMessage]) -> str:
+    """The transcript a base model continues (format in the module docstring)."""
+    lines = [f"{CHAT_ROLES[m.role]}: {m.text()}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def derived_seed(seed: int | None, k: int) -> int | None:
+    return None if seed is None else (seed + k * _SEED_STRIDE) % 2**63
+
+
+def sse(obj: BaseModel | dict) -> str:
+    data = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+def as_protocol_error(e: BaseException, rid: str) -> P.ProtocolError:
+    """The error the client gets for an exception raised while serving `rid`; anything not a
+    client error or back-pressure is our bug: logged with the request id, answered 500."""
+    if isinstance(e, P.ProtocolError):
+        return e
+    if isinstance(e, QueueFullError):
+        return P.ProtocolError(str(e), status=503, code="queue_full", type="server_busy",
+                               retry_after_s=e.retry_after_s)
+    if isinstance(e, EngineUnavailableError):
+        return P.ProtocolError(str(e), status=503, code="unavailable", type="server_busy",
+                               retry_after_s=5)
+    if isinstance(e, RequestRejectedError):  # engine.add_request refused the input
+        return P.ProtocolError(f"invalid request: {e}", code="invalid_value")
+    log.error("request %s failed with a server error", rid, exc_info=e)
+    return P.ProtocolError(f"internal server error (request id {rid}): {type(e).__name__}: {e}",
+                           status=500, code="internal_error")
+
+
+@dataclasses.dataclass
+class Choice:
+    """One engine request's progress as one OpenAI choice."""
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    text: StopTextStream
+    strip_leading: bool  # chat: drop the whitespace after "Assistant:"
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    num_generated: int = 0
+    finish_reason: str | None = None
+    content: str = ""  # text released so far
+
+    def advance(self, out: RequestOutput, group: RequestGroup) -> tuple[str, list[TokenLogprob]]:
+        """Apply one engine output; return the newly released text and the new logprobs."""
+        self.token_ids += out.new_token_ids
+        new_lp = list(out.new_logprobs or [])
+        self.logprobs += new_lp
+        self.num_generated = out.num_generated_tokens
+        delta = self.text.push(out.new_token_ids, final=out.finished)
+        if self.strip_leading and not self.content:
+            delta = delta.lstrip()
+        self.content += delta
+        if self.text.stopped:
+            self.finish_reason = "stop"
+            if not out.finished:
+                group.finish(self.request_id)  # abort the engine request now
+        elif out.finished:
+            if out.finish_reason not in ("stop", "length"):
+                raise EngineStepError(f"engine ended {out.request_id} with finish_reason="
+                                      f"{out.finish_reason!r}")
+            self.finish_reason = out.finish_reason
+        return delta, new_lp
+
+
+@dataclasses.dataclass
+class Job:
+    """A validated request planned as engine requests."""
+    rid: str
+    req: P.CompletionRequest | P.ChatCompletionRequest
+    prompts: list[list[int]]
+    subs: list[SubRequest]
+    choices: dict[str, Choice]  # by engine request id, in choice order
+
+    @property
+    def chat(self) -> bool:
+        return isinstance(self.req, P.ChatCompletionRequest)
+
+    def usage(self) -> P.Usage:
+        n_prompt = sum(len(p) for p in self.prompts)
+        n_gen = sum(c.num_generated for c in self.choices.values())
+        return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                       total_tokens=n_prompt + n_gen)
+
+
+class OpenAIServing:
+    """Plans requests and formats results for one served model."""
+
+    def __init__(self, tokenizer: TokenizerLike, model_name: str, *, max_model_len: int,
+                 vocab_size: int, max_n: int, max_choices: int):
+        self.tokenizer, self.model_name = tokenizer, model_name
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.max_n, self.max_choices = max_n, max_choices
+
+    # ---- planning --------------------------------------------------------------------------
+    def plan_completion(self, rid: str, req: P.CompletionRequest) -> Job:
+        self._check_model_and_n(req)
+        prompts = [self._prompt_ids(p, "prompt") for p in req.prompts()]
+        max_tokens = [self._check_length(len(p), req.max_tokens or DEFAULT_COMPLETION_TOKENS,
+                                         "max_tokens") for p in prompts]
+        return self._plan(rid, req, prompts, max_tokens, req.stop, req.logprobs, chat=False)
+
+    def plan_chat(self, rid: str, req: P.ChatCompletionRequest) -> Job:
+        self._check_model_and_n(req)
+        ids = self._prompt_ids(chat_prompt(req.messages), "messages")
+        max_tokens = self._check_length(len(ids), req.max_new_tokens, "messages"
+                                        if req.max_new_tokens is None else "max_tokens")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return self._plan(rid, req, [ids], [max_tokens], CHAT_STOPS + req.stop, top, chat=True)
+
+    def _check_model_and_n(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> None:
+        if req.model != self.model_name:
+            raise P.ProtocolError(f"model {req.model!r} does not exist; this server serves "
+                                  f"{self.model_name!r}", status=404, param="model",
+                                  code="model_not_found")
+        if req.n > self.max_n:
+            raise P.ProtocolError(f"n={req.n}: at most {self.max_n}", param="n",
+                                  code="invalid_value")
+
+    def _prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if not ids:
+            raise P.ProtocolError(f"{param}: the prompt is empty", param=param,
+                                  code="empty_prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise P.ProtocolError(f"{param}: token id {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})", param=param, code="invalid_value")
+        return list(ids)
+
+    def _check_length(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        """max_tokens to use (None: fill the context); 400 if prompt + it exceed the context."""
+        if max_tokens is None:
+            if n_prompt >= self.max_model_len:
+                raise P.ProtocolError(
+                    f"{param}: the prompt has {n_prompt} tokens, which leaves no room in the "
+                    f"model's context of {self.max_model_len} tokens; shorten it",
+                    param=param, code="context_length_exceeded")
+            return self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise P.ProtocolError(
+                f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: "
+                f"{n_prompt + max_tokens} > the model's context of {self.max_model_len} tokens; "
+                "shorten the prompt or lower max_tokens", param=param,
+                code="context_length_exceeded")
+        return max_tokens
+
+    def _sampling(self, req: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
+                  k: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=req.temperature if req.temperature is not None else 1.0,
+                top_p=req.top_p if req.top_p is not None else 1.0,
+                top_k=max(req.top_k or 0, 0),  # -1 and 0 both mean off
+                seed=derived_seed(req.seed, k), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        except ValueError as e:  # SamplingParams' own checks (the schema's are stricter)
+            raise P.ProtocolError(f"invalid sampling parameters: {e}",
+                                  code="invalid_value") from None
+
+    def _plan(self, rid: str, req: P.CompletionRequest | P.ChatCompletionRequest,
+              prompts: list[list[int]], max_tokens: list[int], stops: list[str],
+              logprobs: int | None, chat: bool) -> Job:
+        """n engine requests per prompt; choice index = prompt index * n + i (OpenAI's order)."""
+        if len(prompts) * req.n > self.max_choices:
+            raise P.ProtocolError(f"{len(prompts)} prompt(s) x n={req.n} = "
+                                  f"{len(prompts) * req.n} choices: at most {self.max_choices}",
+                                  param="n", code="invalid_value")
+        subs, choices = [], {}
+        for j, ids in enumerate(prompts):
+            for i in range(req.n):
+                k = j * req.n + i
+                sub_id = f"{rid}-{k}"
+                subs.append(SubRequest(sub_id, ids, self._sampling(req, max_tokens[j], k,
+                                                                   logprobs)))
+                choices[sub_id] = Choice(k, sub_id, ids, StopTextStream(self.tokenizer, ids,
+                                                                         stops), chat)
+        return Job(rid, req, prompts, subs, choices)
+
+    # ---- results ---------------------------------------------------------------------------
+    async def collect(self, job: Job, group: RequestGroup) -> BaseModel:
+        """Run the job to the end and return its (non-streamed) response."""
+        async for out in group.outputs():
+            job.choices[out.request_id].advance(out, group)
+        if job.chat:
+            return P.ChatCompletionResponse(id=job.rid, model=self.model_name, usage=job.usage(),
+                                            choices=[self._chat_choice(c)
+                                                     for c in job.choices.values()])
+        return P.CompletionResponse(id=job.rid, model=self.model_name, usage=job.usage(),
+                                    choices=[self._completion_choice(job.req, c)
+                                             for c in job.choices.values()])
+
+    def _completion_choice(self, req: P.CompletionRequest, c: Choice) -> P.CompletionChoice:
+        prefix = self.tokenizer.decode(c.prompt_ids) if req.echo else ""
+        lp = None
+        if req.logprobs is not None:
+            lp = self._completion_logprobs(c, c.logprobs, 0, len(prefix))
+            if c.text.stopped:  # drop the tokens from the stop string on
+                keep = sum(1 for o in lp.text_offset if o < len(prefix) + len(c.text.text))
+                lp = _slice(lp, keep)
+            if req.echo:
+                pl = self._prompt_logprobs(c.prompt_ids)
+                lp = P.CompletionLogprobs(
+                    tokens=pl.tokens + lp.tokens,
+                    token_logprobs=pl.token_logprobs + lp.token_logprobs,
+                    top_logprobs=pl.top_logprobs + lp.top_logprobs,
+                    text_offset=pl.text_offset + lp.text_offset)
+        return P.CompletionChoice(index=c.index, text=prefix + c.content, logprobs=lp,
+                                  finish_reason=c.finish_reason)
+
+    def _chat_choice(self, c: Choice) -> P.ChatChoice:
+        lp = None
+        if c.logprobs:
+            lp = self._chat_logprobs(c, c.logprobs, 0)
+            if c.text.stopped:  # drop the tokens from the stop string on
+                offset, keep = 0, 0
+                while keep < len(lp.content) and offset < len(c.text.text):
+                    offset += len(lp.content[keep].token)
+                    keep += 1
+                lp.content = lp.content[:keep]
+        return P.ChatChoice(index=c.index, message=P.ChatResponseMessage(content=c.content),
+                            logprobs=lp, finish_reason=c.finish_reason)
+
+    async def stream(self, job: Job, group: RequestGroup) -> AsyncIterator[str]:
+        """The job as SSE events: chunks per engine step, a usage chunk if asked, [DONE].
+        A failure after the headers went out ends the stream with an error event."""
+        created = int(time.time())
+        chat = job.chat
+        offsets = {}  # completion logprobs: text offset per choice
+
+        def chunk(c: Choice, text: str | None, lp: BaseModel | None, role: bool = False) -> str:
+            if chat:
+                delta = P.DeltaMessage(role="assistant" if role else None, content=text)
+                return sse(P.ChatCompletionChunk(
+                    id=job.rid, created=created, model=self.model_name, choices=[
+                        P.ChatChunkChoice(index=c.index, delta=delta, logprobs=lp,
+                                          finish_reason=c.finish_reason)]))
+            return sse(P.CompletionResponse(
+                id=job.rid, created=created, model=self.model_name, choices=[
+                    P.CompletionChoice(index=c.index, text=text or "", logprobs=lp,
+                                       finish_reason=c.finish_reason)]))
+
+        for c in job.choices.values():
+            if chat:
+                yield chunk(c, "", None, role=True)
+            elif job.req.echo:
+                prefix = self.tokenizer.decode(c.prompt_ids)
+                offsets[c.index] = len(prefix)
+                yield chunk(c, prefix, self._prompt_logprobs(c.prompt_ids)
+                            if job.req.logprobs is not None else None)
+        try:
+            async for out in group.outputs():
+                c = job.choices[out.request_id]
+                start = len(c.token_ids)
+                delta, lps = c.advance(out, group)
+                lp = None
+                if chat and job.req.logprobs and lps:
+                    lp = self._chat_logprobs(c, lps, start)
+                elif not chat and job.req.logprobs is not None:
+                    lp = self._completion_logprobs(c, lps, start, offsets.get(c.index, 0))
+                    offsets[c.index] = offsets.get(c.index, 0) + sum(map(len, lp.tokens))
+                if delta or lps or c.finish_reason:
+                    yield chunk(c, delta or (None if chat else ""), lp)
+        except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
+            yield sse(P.error_body(as_protocol_error(e, job.rid))) + DONE
+            return
+        if job.req.include_usage:
+            usage_chunk = P.ChatCompletionChunk if chat else P.CompletionResponse
+            yield sse(usage_chunk(id=job.rid, created=created, model=self.model_name,
+                                  choices=[], usage=job.usage()))
+        yield DONE
+
+    # ---- logprobs --------------------------------------------------------------------------
+    def _completion_logprobs(self, c: Choice, lps: list[TokenLogprob], start: int,
+                             offset: int) -> P.CompletionLogprobs:
+        """Legacy logprobs of generated tokens start.. (text offsets from `offset`)."""
+        out = P.CompletionLogprobs()
+        ctx = c.prompt_ids + c.token_ids[:start]
+        for lp in lps:
+            s = token_text(self.tokenizer, ctx, lp.token_id)
+            out.tokens.append(s)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({token_text(self.tokenizer, ctx, t): v for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(s)
+            ctx.append(lp.token_id)
+        return out
+
+    def _prompt_logprobs(self, ids: list[int]) -> P.CompletionLogprobs:
+        """echo + logprobs: the prompt's tokens, with null logprobs."""
+        out = P.CompletionLogprobs()
+        offset = 0
+        for i, t in enumerate(ids):
+            s = token_text(self.tokenizer, ids[:i], t) if i else self.tokenizer.decode([t])
+            out.tokens.append(s)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(s)
+        return out
+
+    def _chat_logprobs(self, c: Choice, lps: list[TokenLogprob], start: int) -> P.ChatLogprobs:
+        entries = []
+        ctx = c.prompt_ids + c.token_ids[:start]
+        for lp in lps:
+            s = token_text(self.tokenizer, ctx, lp.token_id)
+            top = [P.TopLogprob(token=(a := token_text(self.tokenizer, ctx, t)), logprob=v,
+                                bytes=list(a.encode())) for t, v in lp.top]
+            entries.append(P.TokenLogprobEntry(token=s, logprob=lp.logprob,
+                                               bytes=list(s.encode()), top_logprobs=top))
+            ctx.append(lp.token_id)
+        return P.ChatLogprobs(content=entries)
+
+
+def _slice(lp: P.CompletionLogprobs, keep: int) -> P.CompletionLogprobs:
+    return P.CompletionLogprobs(tokens=lp.tokens[:keep], token_logprobs=lp.token_logprobs[:keep],
+                                top_logprobs=lp.top_logprobs[:keep],
+                                text_offset=lp.text_offset[:keep])
