@@ -1,5 +1,5 @@
 """Fused MoE alone at decode and prefill pair counts (full width, int8): time per launch config
-(a two-stage sweep: gate/up tiles, then down tiles),
+(a staged sweep: GEMV vs MMA at M=1, the int8 conversion, prefill tiles),
 beside its roofline (expert bytes / copy bandwidth, or FLOPs / bf16 rate). Writes the fastest
 config per pair count as JSON in the grok1/ops/configs/moe.json format (--tuned-out)."""
 
@@ -16,24 +16,22 @@ from grok1.engine.bench_cli import measure_ceilings, time_ms
 from grok1.ops._triton import CONFIG_DIR, device_name
 from grok1.ops.moe import fused_moe, moe_config
 
-# Two stages per pair count: the gate/up tiles with the down tiles fixed, then the down tiles
-# with the best gate/up. Gate/up keeps two f32 accumulators: BM * BN1 <= 128 * 128 per 256
-# threads, or they spill.
-DECODE_BASE = {"BM": 16, "BN1": 128, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128,
-               "W2": 4, "S2": 4, "SPLIT": 4, "LATE": 1}
-DECODE_GATE_UP = [{"BN1": a, "BK1": b, "W1": w, "S1": st} for a, b, w, st in [
-    (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 4), (128, 256, 8, 3), (64, 128, 4, 6),
-    (256, 128, 8, 3)]]
-DECODE_DOWN = [{"BN2": a, "BK2": b, "W2": w, "S2": st, "SPLIT": sp} for a, b, w, st, sp in [
-    (64, 128, 4, 4, 4), (64, 256, 8, 4, 8), (128, 128, 8, 4, 4), (64, 128, 4, 6, 8),
-    (32, 256, 4, 4, 4)]]
-PREFILL_BASE = {"BM": 128, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64,
-                "W2": 8, "S2": 3, "SPLIT": 1, "LATE": 1}
-PREFILL_GATE_UP = [{"BM": m, "BN1": a, "BK1": b, "W1": w, "S1": st} for m, a, b, w, st in [
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
-    (64, 128, 64, 8, 4)]]
-PREFILL_DOWN = [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
-    (128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 4)]]
+# Stages per pair count, each a list of changes to the best config so far (tuned JSON first):
+# one pair per expert (M=1): the GEMV kernels (grok1/ops/moe.py "GEMV") against the tuned MMA
+# tiles; other decode counts: the int8 -> f32 conversion (MAGIC); prefill: MAGIC, then tiles.
+# Gate/up keeps two f32 accumulators: BM * BN1 <= 128 * 128 per 256 threads, or they spill.
+GEMV_STAGE = [{"GEMV": 0}] + [
+    {"GEMV": 1 << 20, "GBN1": a, "GBK1": b, "GW1": w, "GBN2": c, "GBK2": d, "GW2": w2, "GSPLIT": sp,
+     "MAGIC": mg} for a, b, w, c, d, w2, sp, mg in [
+        (128, 32, 4, 128, 32, 4, 8, 1), (128, 32, 4, 128, 32, 4, 8, 0), (256, 16, 4, 256, 16, 4, 8, 1),
+        (64, 64, 4, 64, 64, 4, 8, 1), (128, 64, 8, 128, 64, 8, 8, 1), (256, 32, 8, 64, 32, 4, 8, 1)]]
+DECODE_STAGES = [[{"MAGIC": 0}, {"MAGIC": 1}]]
+PREFILL_STAGES = [
+    [{"MAGIC": 0}, {"MAGIC": 1}],
+    [{"BM": m, "BN1": a, "BK1": b, "W1": w, "S1": st} for m, a, b, w, st in [
+        (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3)]],
+    [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
+        (128, 128, 8, 3), (256, 64, 8, 3)]]]
 
 
 def main() -> None:
@@ -56,13 +54,15 @@ def main() -> None:
         experts = ids.unique().numel()
         nbytes = experts * 3 * D * F
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
-        decode = M * A <= 64
-        base = dict(DECODE_BASE if decode else PREFILL_BASE)
-        stages = [DECODE_GATE_UP, DECODE_DOWN] if decode else [PREFILL_GATE_UP, PREFILL_DOWN]
+        P = M * A
+        base = {k: v for k, v in moe_config(P, D, F, E, True, device_name(x)).items() if k != "GEMV"}
+        stages = [GEMV_STAGE] if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES
         best = None
         for stage in stages:
             for change in stage:
                 cfg = {**base, **change}
+                if cfg.get("GEMV"):
+                    cfg["GEMV"] = P
                 try:
                     ms = time_ms(lambda x=x, gates=gates, ids=ids, cfg=cfg: fused_moe(
                         x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg), reps=20)
@@ -76,8 +76,9 @@ def main() -> None:
             if best:
                 base = dict(best[1])
         if best:
-            tuned[str(M * A)] = best[1]
-    print("default decode config:", moe_config(2, D, F, E, True, "x"))
+            tuned[str(M * A)] = {k: v for k, v in best[1].items() if k != "GEMV" or v}
+    for P, cfg in tuned.items():
+        print(f"best P={P}: {cfg}")
     if args.tuned_out:
         key = f"D{D}_F{F}_E{E}_int8"
         table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept

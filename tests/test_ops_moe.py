@@ -96,3 +96,75 @@ def test_fused_moe_under_cuda_graph_replay_tracks_new_inputs():
         _, gates, ids = route(x_static, router, 2)
         ref = moe_ref(x_static, gates, ids, wg, wu, wd)
         assert rel_err(out, ref) < 1.5e-2
+
+
+GEMV = {"GEMV": 64, "GBN1": 64, "GBK1": 32, "GW1": 4, "GBN2": 64, "GBK2": 32, "GW2": 4,
+        "GSPLIT": 4, "MAGIC": 1}
+
+
+# the GEMV path (decode): exact int8 * bf16 products summed in f32 and scaled per group, where
+# the twin rounds bf16(w * s) first; plus h rounded to bf16: the same 1.5e-2 budget as above.
+@pytest.mark.parametrize("quant", [True, False])
+@pytest.mark.parametrize("M,D,F,magic", [(1, 256, 512, 1), (1, 192, 384, 0), (3, 192, 384, 1),
+                                         (5, 256, 512, 1)])
+def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic):
+    E = 8
+    wg, wu, wd = quantized_linears(E, D, F, quant, seed=11 + M, device=DEV)
+    g = torch.Generator().manual_seed(200 + M + D)
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    router = torch.randn(D, E, generator=g).to(DEV)
+    if M == 3:  # only experts 2 and 6 get tokens
+        router[:, [0, 1, 3, 4, 5, 7]] = -100.0
+    _, gates, ids = route(x, router, 2)
+    ref = moe_ref(x, gates, ids, wg, wu, wd)
+    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
+                    wd.weight, wd.scales, {**GEMV, "MAGIC": magic})
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1.5e-2
+
+
+def test_fused_moe_mma_path_with_magic_conversion_matches_moe_ref():
+    E, D, F = 8, 256, 512
+    wg, wu, wd = quantized_linears(E, D, F, True, seed=21, device=DEV)
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(70, D, generator=g).to(torch.bfloat16).to(DEV)
+    _, gates, ids = route(x, torch.randn(D, E, generator=g).to(DEV), 2)
+    ref = moe_ref(x, gates, ids, wg, wu, wd)
+    for late in (0, 1):
+        cfg = {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 64, "W2": 4,
+               "S2": 2, "SPLIT": 2, "LATE": late, "MAGIC": 1}
+        out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
+                        wd.weight, wd.scales, cfg)
+        assert rel_err(out, ref) < 1.5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")
+def test_fused_moe_gemv_under_cuda_graph_replay_tracks_new_inputs():
+    E, D, F, M = 8, 256, 512, 1
+    wg, wu, wd = quantized_linears(E, D, F, True, seed=31, device=DEV)
+    g = torch.Generator().manual_seed(32)
+    router = torch.randn(D, E, generator=g).to(DEV)
+    x_static = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+
+    def fn():
+        _, gates, ids = route(x_static, router, 2)
+        return fused_moe(x_static, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
+                         wd.weight, wd.scales, GEMV)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    seen = set()
+    for _ in range(4):
+        x_static.copy_(torch.randn(M, D, generator=g).to(torch.bfloat16))
+        graph.replay()
+        _, gates, ids = route(x_static, router, 2)
+        seen.add(tuple(ids.flatten().tolist()))
+        ref = moe_ref(x_static, gates, ids, wg, wu, wd)
+        assert rel_err(out, ref) < 1.5e-2

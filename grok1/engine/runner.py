@@ -21,7 +21,7 @@ from grok1.engine.kv_cache import slot_of
 from grok1.engine.scheduler import ScheduledChunk
 from grok1.model import BF16, Grok1, Linear, rope_cos_sin
 from grok1.ops.attention import AttentionPlan, paged_attention, plan_attention
-from grok1.ops.linear import Int8Linear
+from grok1.ops.linear import Int8Linear, project_many
 from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
 from grok1.ops.rope import rope_and_cache
@@ -115,9 +115,10 @@ class ModelRunner:
         x = rms_norm_op(h, layers[0].attn_norm.scale)
         for i, layer in enumerate(layers):
             attn = layer.attn
-            q = attn.wq(x).view(M, c.num_q_heads, c.key_size)
-            k = attn.wk(x).view(M, c.num_kv_heads, c.key_size)
-            v = attn.wv(x).view(M, c.num_kv_heads, c.key_size)
+            q, k, v = project_many(x, [attn.wq, attn.wk, attn.wv])  # one launch at one row
+            q = q.view(M, c.num_q_heads, c.key_size)
+            k = k.view(M, c.num_kv_heads, c.key_size)
+            v = v.view(M, c.num_kv_heads, c.key_size)
             q = rope_and_cache(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i],
                                batch.slots_M)
             o = paged_attention(q, self.k_cache[i], self.v_cache[i], batch.block_table_BP,

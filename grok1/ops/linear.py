@@ -43,6 +43,8 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
     M, K = x_MK.shape
     N = w_KN.shape[1]
     G = s_GN.shape[0]
+    if M == 1 and config is None and gemv_supported(K, G):
+        return int8_gemv(x_MK, [(w_KN, s_GN)], out_dtype)[0]
     cfg = dict(config or linear_config(M, K, N, device_name(x_MK)))
     bk = _tile_k(K, G, cfg["BK"])
     from grok1.ops.linear_triton import linear_kernel
@@ -64,6 +66,71 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
     if out.dtype == torch.bfloat16:
         return out
     return out.sum(0) if f32_out else out.sum(0).to(torch.bfloat16)
+
+
+# ---- one row: GEMV (decode at batch 1), several matrices sharing x in one launch ------------
+GEMV_CONFIG = {"BN": 128, "BK": 32, "W": 4, "PROGRAMS": 4 * NUM_SMS_GUESS, "MAGIC": 1}
+
+
+def gemv_supported(K: int, G: int) -> bool:
+    return K % G == 0
+
+
+def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
+              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None
+              ) -> list[torch.Tensor]:
+    """[x @ dequantize(w, s) for (w, s) in mats] for one row x [1, K], in one launch per three
+    matrices (all with the same K and number of scale groups G): each [1, N_i], bf16 (or the
+    f32 sums unrounded with `out_dtype=torch.float32`)."""
+    from grok1.ops.linear_triton import gemv3_kernel
+    cfg = {**GEMV_CONFIG, **(config or {})}
+    K = x_1K.shape[1]
+    G = mats[0][1].shape[0]
+    if any(w.shape[0] != K or s.shape[0] != G for w, s in mats):
+        raise ValueError(f"int8_gemv: matrices need K={K} rows and {G} scale groups, found "
+                         f"{[(tuple(w.shape), s.shape[0]) for w, s in mats]}")
+    if len(mats) > 3:
+        return int8_gemv(x_1K, mats[:3], out_dtype, config) + int8_gemv(x_1K, mats[3:], out_dtype, config)
+    BN, BK = cfg["BN"], cfg["BK"]
+    group_k = K // G
+    while BK > 1 and G > 1 and group_k % BK:
+        BK //= 2
+    Ns = [w.shape[1] for w, _ in mats] + [0] * (3 - len(mats))
+    tiles = [-(-n // BN) for n in Ns]
+    want = max(1, -(-cfg["PROGRAMS"] // sum(tiles)))
+    want = 1 << (want.bit_length() - 1)  # a power of two: splits that divide K evenly
+    if G > 1:  # whole scale groups per split
+        per = -(-G // min(want, G))
+        k_per_split, chunk = per * group_k, group_k
+    else:
+        k_per_split = -(-K // (want * BK)) * BK  # whole BK tiles per split
+        chunk = k_per_split
+    split = -(-K // k_per_split)
+    N_total = sum(Ns)
+    out = torch.empty(split, N_total, dtype=torch.float32, device=x_1K.device)
+    w = [m[0] for m in mats] + [mats[0][0]] * (3 - len(mats))
+    s = [m[1] for m in mats] + [mats[0][1]] * (3 - len(mats))
+    gemv3_kernel[(sum(tiles), split)](
+        x_1K.contiguous(), w[0], s[0], w[1], s[1], w[2], s[2], out, K, Ns[0], Ns[1], Ns[2],
+        tiles[0], tiles[1], N_total, group_k, chunk, k_per_split, BN=BN, BK=BK,
+        EVEN_K=split * k_per_split == K and chunk % BK == 0,
+        MAGIC=bool(cfg["MAGIC"]), num_warps=cfg["W"])
+    total = out.sum(0, keepdim=True) if split > 1 else out
+    if out_dtype != torch.float32:
+        total = total.to(out_dtype)
+    return list(total.split(Ns[:len(mats)], dim=1))
+
+
+def project_many(x: torch.Tensor, linears: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears]; for one row and int8 kernel-backed Linears sharing K and the
+    scale grouping (q/k/v), one launch reads all the weights."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if (x2.shape[0] == 1 and use_kernel(x2) and all(isinstance(m, Int8Linear) for m in linears)
+            and len({(m.weight.shape[0], m.scales.shape[0]) for m in linears}) == 1
+            and gemv_supported(linears[0].weight.shape[0], linears[0].scales.shape[0])):
+        outs = int8_gemv(x2, [(m.weight, m.scales) for m in linears])
+        return [o.view(*x.shape[:-1], -1) for o in outs]
+    return [m(x) for m in linears]
 
 
 def kernel_supported(K: int, G: int) -> bool:

@@ -113,6 +113,9 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     P = M * A
     quant = sg_EGF is not None
     cfg = dict(config or moe_config(P, D, F, E, quant, device_name(x_MD)))
+    if P <= cfg.get("GEMV", 0):
+        return _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
+                               sd_EGD, cfg, out_dtype)
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
     bk1 = _largest_tile(D // G1, G1, D, cfg["BK1"])
@@ -145,7 +148,68 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
         h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
         P, D, F, F // G2, G2, k_per_split,
         QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
-        EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late, num_warps=cfg["W2"], num_stages=cfg["S2"])
+        EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late,
+        MAGIC=quant and bool(cfg.get("MAGIC", 0)), num_warps=cfg["W2"], num_stages=cfg["S2"])
+    return out.view(split, M, A, D).sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
+
+
+# GEMV path (decode, a pair or two per expert): one program row per (token, slot) pair, each
+# streaming its expert's weight; no align, no padding rows. Pairs that share an expert read it
+# once each, so it only pays while P is about the number of distinct experts (config "GEMV":
+# the largest P it serves). Keys: GBN1/GBK1/GW1 (gate/up), GBN2/GBK2/GW2/GSPLIT (down), MAGIC.
+GEMV_DEFAULTS = {"GBN1": 128, "GBK1": 32, "GW1": 4, "GBN2": 128, "GBK2": 32, "GW2": 4,
+                 "GSPLIT": 8, "MAGIC": 1}
+
+
+def _gemv_tile(group_k: int, want: int) -> int:
+    """Largest power of two <= want dividing the scale group (>= 1)."""
+    bk = want
+    while bk > 1 and group_k % bk:
+        bk //= 2
+    return bk
+
+
+def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
+                    cfg: dict, out_dtype) -> torch.Tensor:
+    from grok1.ops.moe_triton import moe_gemv_down_kernel, moe_gemv_gate_up_kernel
+    cfg = {**GEMV_DEFAULTS, **cfg}
+    M, D = x_MD.shape
+    A = ids_MA.shape[1]
+    F = wg_EDF.shape[2]
+    P = M * A
+    quant = sg_EGF is not None
+    G1 = sg_EGF.shape[1] if quant else 1
+    G2 = sd_EGD.shape[1] if quant else 1
+    magic = quant and bool(cfg["MAGIC"])
+    x_MD = x_MD.contiguous()
+    ids = ids_MA.reshape(P).to(torch.int32)
+    gk1 = D // G1 if quant else D
+    bk1 = _gemv_tile(gk1, cfg["GBK1"]) if quant else cfg["GBK1"]
+    h_PF = torch.empty(P, F, dtype=torch.bfloat16, device=x_MD.device)
+    BN1 = cfg["GBN1"]
+    moe_gemv_gate_up_kernel[(P, triton_cdiv(F, BN1))](
+        x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
+        D, F, gk1, G1, A=A, QUANT=quant, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0,
+        MAGIC=magic, num_warps=cfg["GW1"])
+    # down: K split into whole scale groups (bf16: into whole BK tiles)
+    if quant:
+        gk2 = F // G2
+        per = triton_cdiv(G2, max(1, min(cfg["GSPLIT"], G2)))
+        k_per_split = per * gk2
+        bk2 = _gemv_tile(gk2, cfg["GBK2"])
+    else:
+        bk2 = cfg["GBK2"]
+        k_per_split = triton_cdiv(triton_cdiv(F, max(1, cfg["GSPLIT"])), bk2) * bk2
+        gk2 = k_per_split
+    split = triton_cdiv(F, k_per_split)
+    out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
+    gates_P = gates_MA.to(torch.bfloat16).float().reshape(P)  # the reference rounds gates to bf16
+    BN2 = cfg["GBN2"]
+    moe_gemv_down_kernel[(P, triton_cdiv(D, BN2), split)](
+        h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, gk2, G2,
+        k_per_split, QUANT=quant, BN=BN2, BK=bk2,
+        EVEN_K=split * k_per_split == F and gk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
+        MAGIC=magic, num_warps=cfg["GW2"])
     return out.view(split, M, A, D).sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
 
 

@@ -62,7 +62,7 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NU
 
 @triton.jit
 def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexpr, BK: tl.constexpr,
-              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, MAGIC: tl.constexpr = False):
     """W^T tile [BN, BK] in bf16: W[k0:k0+BK, n] (row-major [K, N]); int8 tiles are scaled by
     their group's bf16 scales, rounded once to bf16 (= quant.dequantize, exactly)."""
     kk = k0 + tl.arange(0, BK)
@@ -78,7 +78,9 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
             s = tl.load(s_ptr + grp * N + n)
         else:
             s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
-        w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+        w = (_i8_to_f32(w, MAGIC) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+    elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
+        w = _i8_to_f32(w, True).to(tl.bfloat16)
     else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact
         w = w.to(tl.float32).to(tl.bfloat16)
     return w
@@ -89,7 +91,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
                        block_expert_ptr, P, D, F, GROUP_K, NUM_GROUPS,
                        A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                       F32: tl.constexpr, LATE: tl.constexpr):
+                       F32: tl.constexpr, LATE: tl.constexpr, MAGIC: tl.constexpr = False):
     """h[pair, n] = bf16(gelu(bf16(x @ Wg)) * bf16(x @ Wu)) for the pairs of one block, one
     expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] bf16."""
     pid_m = tl.program_id(0)
@@ -118,10 +120,10 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
             x_t = tl.load(x_ptr + tok[None, :].to(tl.int64) * D + kk[:, None],
                           mask=valid[None, :] & (kk[:, None] < D), other=0.0)
             wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
-                           BK, EVEN_K, EVEN_N)
+                           BK, EVEN_K, EVEN_N, MAGIC)
             part_g = _dot(wg, x_t, part_g, F32)
             wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
-                           BK, EVEN_K, EVEN_N)
+                           BK, EVEN_K, EVEN_N, MAGIC)
             part_u = _dot(wu, x_t, part_u, F32)
         if LATE:  # int8 values exact in bf16; the group's scale applied to the f32 sum
             acc_g += part_g * tl.load(sg_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
@@ -142,7 +144,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                     P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
                     QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
-                    LATE: tl.constexpr):
+                    LATE: tl.constexpr, MAGIC: tl.constexpr = False):
     """out[split, pair, n] = gate[pair] * (h[pair, ks] @ Wd[e, ks, n]) over this split's ks;
     h [P, F] bf16, Wd [E, F, D], gates [P] f32, out [SPLIT, P, D] f32."""
     pid_m = tl.program_id(0)
@@ -172,7 +174,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
             h_t = tl.load(h_ptr + safe[None, :] * F + kk[:, None],
                           mask=valid[None, :] & (kk[:, None] < F), other=0.0)
             w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, QUANT and not LATE,
-                          BK, EVEN_K, EVEN_N)
+                          BK, EVEN_K, EVEN_N, MAGIC)
             part = _dot(w, h_t, part, F32)
         if LATE:
             acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
@@ -182,3 +184,119 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
     acc = acc * gate[None, :]
     ptrs = out_ptr + pid_k.to(tl.int64) * P * D + safe[None, :] * D + n[:, None]
     tl.store(ptrs, acc, mask=valid[None, :] & (n[:, None] < D))
+
+
+# ---- decode: GEMV kernels (one program row per (token, slot) pair, no tensor cores) ---------
+# At a pair or two per expert the MMA tiles are mostly padding and the int8 -> bf16 conversion
+# for the tensor cores costs more than the FMAs: these stream each selected expert's weight with
+# 16-byte loads into an f32 [BK, BN] accumulator of exact products (int8 * bf16 fits f32's
+# mantissa), reduced over BK once per scale group and scaled there (as LATE above).
+
+
+@triton.jit
+def _i8_to_f32(w, MAGIC: tl.constexpr):
+    """int8 -> f32, exact. MAGIC: through the float bit pattern 2^23 + (w + 128) (integer
+    and FADD work) instead of the int -> float conversion unit (a quarter-rate instruction)."""
+    if MAGIC:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+        return u.to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
+
+
+@triton.jit
+def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, D, F,
+                            GROUP_K, NUM_GROUPS, A: tl.constexpr, QUANT: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                            EVEN_N: tl.constexpr, MAGIC: tl.constexpr):
+    """h[p, n] = bf16(gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e])), e = ids[p];
+    grid (P, cdiv(F, BN)). BK divides GROUP_K."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e64 = tl.load(ids_ptr + p).to(tl.int64)
+    tok = p // A
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < F
+    wg_ptr += e64 * D * F
+    wu_ptr += e64 * D * F
+    sg_ptr += e64 * NUM_GROUPS * F
+    su_ptr += e64 * NUM_GROUPS * F
+    x_ptr += tok.to(tl.int64) * D
+    acc_g = tl.zeros([BN], dtype=tl.float32)
+    acc_u = tl.zeros([BN], dtype=tl.float32)
+    for grp in range(NUM_GROUPS):
+        part_g = tl.zeros([BK, BN], dtype=tl.float32)
+        part_u = tl.zeros([BK, BN], dtype=tl.float32)
+        for c0 in range(0, GROUP_K, BK):
+            kk = grp * GROUP_K + c0 + tl.arange(0, BK)
+            offs = kk[:, None] * F + n[None, :]
+            if EVEN_K and EVEN_N:
+                xk = tl.load(x_ptr + kk).to(tl.float32)
+                wg = tl.load(wg_ptr + offs)
+                wu = tl.load(wu_ptr + offs)
+            else:
+                k_ok = kk < D
+                xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if QUANT:
+                part_g += _i8_to_f32(wg, MAGIC) * xk[:, None]
+                part_u += _i8_to_f32(wu, MAGIC) * xk[:, None]
+            else:
+                part_g += wg.to(tl.float32) * xk[:, None]
+                part_u += wu.to(tl.float32) * xk[:, None]
+        if QUANT:
+            acc_g += tl.sum(part_g, 0) * tl.load(sg_ptr + grp * F + n, mask=n_ok, other=0.0).to(tl.float32)
+            acc_u += tl.sum(part_u, 0) * tl.load(su_ptr + grp * F + n, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            acc_g += tl.sum(part_g, 0)
+            acc_u += tl.sum(part_u, 0)
+    g = acc_g.to(tl.bfloat16).to(tl.float32)  # the reference's projections are bf16
+    u = acc_u.to(tl.bfloat16).to(tl.float32)
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    h = 0.5 * g * (1.0 + _tanh(inner)) * u
+    tl.store(h_ptr + p.to(tl.int64) * F + n, h.to(tl.bfloat16), mask=n_ok)
+
+
+@triton.jit
+def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
+                         NUM_GROUPS, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                         MAGIC: tl.constexpr):
+    """out[split, p, n] = gate[p] * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p];
+    grid (P, cdiv(D, BN), SPLIT). GROUP_K (the scale group; for bf16 any chunk) divides
+    K_PER_SPLIT, BK divides GROUP_K."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e64 = tl.load(ids_ptr + p).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < D
+    wd_ptr += e64 * F * D
+    sd_ptr += e64 * NUM_GROUPS * D
+    h_ptr += p.to(tl.int64) * F
+    acc = tl.zeros([BN], dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for c1 in range(0, K_PER_SPLIT, GROUP_K):  # the last split may run past F: masked
+        k1 = k_lo + c1
+        part = tl.zeros([BK, BN], dtype=tl.float32)
+        for c0 in range(0, GROUP_K, BK):
+            kk = k1 + c0 + tl.arange(0, BK)
+            offs = kk[:, None] * D + n[None, :]
+            if EVEN_K and EVEN_N:
+                hk = tl.load(h_ptr + kk).to(tl.float32)
+                w = tl.load(wd_ptr + offs)
+            else:
+                k_ok = kk < F
+                hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if QUANT:
+                part += _i8_to_f32(w, MAGIC) * hk[:, None]
+            else:
+                part += w.to(tl.float32) * hk[:, None]
+        if QUANT:
+            grp = k1 // GROUP_K
+            acc += tl.sum(part, 0) * tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
+        else:
+            acc += tl.sum(part, 0)
+    acc = acc * tl.load(gates_ptr + p)
+    tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, acc, mask=n_ok)
