@@ -82,7 +82,7 @@ def main() -> None:
     if args.tuned_out:
         key = f"D{D}_F{F}_E{E}_int8"
         table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept
-        table.setdefault(device_name(x), {}).setdefault(key, {}).update(tuned)
+        table.setdefault(device_name(x).split("|")[0], {}).setdefault(key, {}).update(tuned)
         args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
 
 

@@ -1,6 +1,12 @@
 #!/bin/bash
 # One device call: GPU tests, then the MoE sweep, then `grok1 bench` (decode + prefill).
-# Logs and JSON go to $OUT (or /tmp/grok1_out). Usage: bash bench/run_device.sh [tests|moe|bench]...
+# Logs and JSON go to $OUT (or /tmp/grok1_out). Usage: bash bench/run_device.sh [STEP]...
+# Steps: tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep), bench,
+# profile, reference (xAI's JAX code on the same GPU, from a git-ignored .ref/ holding its
+# model.py, runners.py, checkpoint.py, tokenizer.model, ref_jax_bench.py and the dm-haiku, jmp
+# and tabulate wheels; carry .ref), serve (grok1 serve on 4 random full-width layers under
+# bench/serve_load.py; carry .whl with fastapi, uvicorn, pydantic and their needs, and the Grok-1
+# tokenizer as .ref/tokenizer.model or $GROK_TOKENIZER).
 set -o pipefail
 OUT=${OUT:-/tmp/grok1_out}
 mkdir -p "$OUT"
@@ -12,6 +18,24 @@ for s in $steps; do
     tests) timeout 170 python3 -m pytest -q -m gpu tests/test_ops_moe.py tests/test_ops_attention.py \
              tests/test_ops_small.py tests/test_engine_llm.py tests/test_engine_golden.py 2>&1 \
              | tail -40 | tee "$OUT/tests.log" ;;
+    gputests) timeout 240 python3 -m pytest -q -m gpu tests 2>&1 | tail -40 | tee "$OUT/gputests.log" ;;
+    reference) python3 -m pip install -q --no-index --no-deps --target /tmp/refsite .ref/*.whl
+           REF_DIR=$PWD/.ref TOKENIZER=$PWD/.ref/tokenizer.model XLA_PYTHON_CLIENT_PREALLOCATE=false \
+             PYTHONPATH=/tmp/refsite:$PYTHONPATH timeout 240 python3 .ref/ref_jax_bench.py 4 1 1024 24 8192 \
+             2>&1 | tail -5 | tee "$OUT/reference.log" ;;
+    serve) python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+           PYTHONPATH=/tmp/site:$PYTHONPATH setsid python3 -m grok1 serve --dummy-layers 4 \
+             --tokenizer "${GROK_TOKENIZER:-.ref/tokenizer.model}" --device cuda --max-batch-size 64 \
+             --port 8000 --log-level warning > "$OUT/serve.log" 2>&1 &
+           python3 -c "import time,urllib.request as u
+for _ in range(180):
+    try: u.urlopen('http://127.0.0.1:8000/health', timeout=2); break
+    except Exception: time.sleep(1)"
+           PYTHONPATH=/tmp/site:$PYTHONPATH timeout 150 python3 bench/serve_load.py \
+             --url http://127.0.0.1:8000 --requests 500 --concurrency 32 --max-tokens 64 \
+             --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), 4 random full-width layers, int8" \
+             --out "$OUT/serve_load.json" 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+           pkill -f "grok1 serve" ;;
     moe) timeout 170 python3 bench/moe.py --tuned-out "$OUT/moe_tuned.json" 2>&1 | tee "$OUT/moe.log" ;;
     profile) timeout 60 python3 bench/profile_step.py 2>&1 | tee "$OUT/profile.log" ;;
     bench) [ -s "$OUT/moe_tuned.json" ] && cp "$OUT/moe_tuned.json" grok1/ops/configs/moe.json

@@ -45,34 +45,22 @@ def resolve_model_dir(checkpoint: Path | None) -> Path:
     return default_model_dir()
 
 
-def resolve_tokenizer(tokenizer: Path | None, model_dir: Path) -> Path:
-    """The tokenizer the user named, else tokenizer.model in the checkpoint folder or beside it."""
-    if tokenizer is not None:
-        return tokenizer
-    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise SystemExit(f"error: no tokenizer.model in {model_dir} or beside it; pass --tokenizer PATH")
-
-
 def load_model_and_tokenizer(args: argparse.Namespace):
     """(model, tokenizer, mesh): under torchrun (or --tp > 1) this rank's shard and its mesh,
     with args.seed agreed across ranks; else the whole model and mesh None."""
     from grok1.checkpoint import load
     from grok1.parallel.launch import agree_seed, load_for_args, wants_parallel
-    from grok1.tokenizer import Tokenizer
+    from grok1.tokenizer import Tokenizer, find_tokenizer
 
     model_dir = resolve_model_dir(args.checkpoint)
-    tokenizer = Tokenizer(resolve_tokenizer(args.tokenizer, model_dir))
+    tokenizer = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
     mesh = None
     if wants_parallel(args):
         model, mesh = load_for_args(args, model_dir)
         args.seed = agree_seed(args.seed, mesh)
     else:
         model = load(model_dir, config=args.config, device=_device(args.device))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
-                         f"the model's vocab_size is {model.config.vocab_size}; wrong --tokenizer?")
+    tokenizer.require_vocab(model.config.vocab_size)
     return model, tokenizer, mesh
 
 

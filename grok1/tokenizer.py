@@ -43,3 +43,21 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(token_id)
+
+    def require_vocab(self, vocab_size: int) -> None:
+        """Refuse a model whose vocabulary differs from ours: prompt ids beyond the model's
+        table, or generated ids without a piece, would fail mid-request."""
+        if self.vocab_size != vocab_size:
+            raise TokenizerError(f"tokenizer {self.path} has {self.vocab_size} pieces but the "
+                                 f"model's vocab_size is {vocab_size}; wrong --tokenizer?")
+
+
+def find_tokenizer(tokenizer: str | Path | None, model_dir: Path) -> Path:
+    """The tokenizer the user named, else tokenizer.model in the checkpoint folder or beside it
+    (the reference keeps ./tokenizer.model next to ./checkpoints)."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise TokenizerError(f"no tokenizer.model in {model_dir} or beside it; pass --tokenizer PATH")

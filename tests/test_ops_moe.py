@@ -168,3 +168,4 @@ def test_fused_moe_gemv_under_cuda_graph_replay_tracks_new_inputs():
         seen.add(tuple(ids.flatten().tolist()))
         ref = moe_ref(x_static, gates, ids, wg, wu, wd)
         assert rel_err(out, ref) < 1.5e-2
+

@@ -88,6 +88,9 @@ def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> dict
     tuned = nearest_m(load_tuned("moe", device).get(f"D{D}_F{F}_E{E}_{'int8' if quant else 'bf16'}", {}), P)
     if tuned:
         return dict(tuned)
+    if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
+        return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
+                "S2": 4, "SPLIT": 4, "LATE": 1, "GEMV": 2, **GEMV_DEFAULTS}
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
         return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4, "S2": 4, "SPLIT": 4}
     if P <= 512:

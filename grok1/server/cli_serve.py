@@ -63,39 +63,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def _tokenizer_path(tokenizer: Path | None, model_dir: Path) -> Path:
-    if tokenizer is not None:
-        return tokenizer
-    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise SystemExit(f"error: no tokenizer.model in {model_dir} or beside it; pass --tokenizer")
-
-
 def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
                tokenizer: Path | None = None, device: str = "cpu",
                dummy_layers: int | None = None):
     """(model, tokenizer, served model name, where it came from) as `grok1 serve` loads them:
     the checkpoint folder, random full-width weights, or the embedded default model."""
     from grok1.checkpoint import load
-    from grok1.tokenizer import Tokenizer
+    from grok1.tokenizer import Tokenizer, find_tokenizer
 
     if dummy_layers is not None:
         from grok1.engine.dummy import dummy_model
         if tokenizer is None or checkpoint is not None:
             raise SystemExit("error: --dummy-layers needs --tokenizer and no --checkpoint")
-        return (dummy_model(dummy_layers, device=device), Tokenizer(tokenizer),
-                f"grok-1-dummy-{dummy_layers}l", "random weights")
+        model, tok = dummy_model(dummy_layers, device=device), Tokenizer(tokenizer)
+        tok.require_vocab(model.config.vocab_size)
+        return model, tok, f"grok-1-dummy-{dummy_layers}l", "random weights"
     if checkpoint is None:
         from grok1.assets import default_model_dir
         model_dir, name = Path(default_model_dir()), DEFAULT_MODEL_NAME
     else:
         model_dir, name = checkpoint, checkpoint.resolve().name
-    tok = Tokenizer(_tokenizer_path(tokenizer, model_dir))
+    tok = Tokenizer(find_tokenizer(tokenizer, model_dir))
     model = load(model_dir, config=config, device=device, progress=False)
-    if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer {tok.path} has {tok.vocab_size} pieces but the "
-                         f"model's vocab_size is {model.config.vocab_size}; wrong --tokenizer?")
+    tok.require_vocab(model.config.vocab_size)
     return model, tok, name, str(model_dir)
 
 
