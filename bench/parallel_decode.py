@@ -192,6 +192,33 @@ def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
     return results
 
 
+def profile_decode(model: Grok1, mesh: Mesh, context: int, out: Path | None) -> None:
+    """Where one batch-1 decode step spends GPU time on rank 0: torch.profiler's kernel table
+    over 10 CUDA-graph replays (every rank replays: the step holds collectives)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from grok1.engine.bench_cli import _sequences
+
+    runner = _runner(model, 1, context + 64)
+    chunks = _sequences(1, context, runner.block_size, model.config.vocab_size,
+                        torch.Generator().manual_seed(0))
+    for _ in range(3):
+        runner.execute(chunks)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            runner.execute(chunks)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
+                                      max_name_column_width=70)
+    if mesh.is_first:
+        print(f"== profile: decode b=1, 10 steps, {mesh.world_size} GPU(s)\n{table}", flush=True)
+        if out is not None:
+            (out / f"profile_decode_{mesh.world_size}gpu.txt").write_text(table)
+    del runner
+    gc.collect()
+
+
 def describe(r: dict) -> str:
     head = f"[{r.get('num_gpus', '?')} GPU, moe {r.get('moe')}, L={r.get('layers')}]"
     if r["kind"] == "decode":
@@ -244,6 +271,7 @@ def main() -> int:
     p.add_argument("--rtol", type=float, default=2e-2, help="rel L2 bound of --verify")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="append JSON lines to DIR/...jsonl")
+    p.add_argument("--profile", action="store_true", help="kernel table of a b=1 decode step")
     args = p.parse_args()
     mesh = init_distributed()
     config = parse_config(args.config, args.set).replace(num_layers=args.layers)
@@ -277,6 +305,8 @@ def main() -> int:
             ok &= report(mesh, results, moe, config, args.out)  # --verify's, before timing
             if mesh.device.type == "cuda" and (args.batch or args.prefill):
                 ok &= report(mesh, bench(model, mesh, moe, args), moe, config, args.out)
+            if mesh.device.type == "cuda" and args.profile:
+                profile_decode(model, mesh, args.context, args.out)
             del model
             gc.collect()
         flag = torch.tensor([int(ok)], device=mesh.device)
