@@ -7,7 +7,7 @@ Importing this package is cheap: `load` and `GrokConfig` are what most code need
 from grok1.config import ConfigError, GrokConfig
 from grok1.sampling import SamplingParams
 
-__all__ = ["ConfigError", "GrokConfig", "LLM", "SamplingParams", "load"]
+__all__ = ["LLM", "ConfigError", "GrokConfig", "SamplingParams", "load"]
 
 
 def load(checkpoint_dir, config=None, device="cpu"):

@@ -73,7 +73,7 @@ class GrokConfig:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "GrokConfig":
+    def preset(cls, name: str) -> GrokConfig:
         """A named config: grok-1 (run.py), tiny (tests), debug (a few layers at small width)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
@@ -81,7 +81,7 @@ class GrokConfig:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any], *, source: str = "config",
-                  ignore: tuple[str, ...] = ()) -> "GrokConfig":
+                  ignore: tuple[str, ...] = ()) -> GrokConfig:
         """Strict: every field must be present and known (names in `ignore` are skipped)."""
         known = {f.name for f in dataclasses.fields(cls)}
         given = {k: v for k, v in fields.items() if k not in ignore}
@@ -98,7 +98,7 @@ class GrokConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "GrokConfig":
+    def from_json(cls, path: str | Path) -> GrokConfig:
         """Load a JSON file with the reference's field names (extra `seed`/`parameter_order`
         keys of golden/config.json are descriptions of the file, not of the model)."""
         path = Path(path)
@@ -118,7 +118,7 @@ class GrokConfig:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
-    def replace(self, **changes: Any) -> "GrokConfig":
+    def replace(self, **changes: Any) -> GrokConfig:
         return dataclasses.replace(self, **changes)
 
 

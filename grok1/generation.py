@@ -21,7 +21,7 @@ class Generation:
 
 @torch.no_grad()
 def generate(model: Grok1, prompts: Sequence[Sequence[int]],
-             params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
     """Generate for a batch of token-id prompts of any lengths; `on_token(row, token_id)` is
     called for every generated token as it comes (streaming).
@@ -32,6 +32,7 @@ def generate(model: Grok1, prompts: Sequence[Sequence[int]],
     config = model.config
     device = model.embed.device
     B = len(prompts)
+    params = params or SamplingParams()
     params = list(params) if isinstance(params, Sequence) else [params] * B
     if B == 0 or len(params) != B:
         raise ValueError(f"{B} prompts but {len(params)} sampling params")

@@ -54,22 +54,23 @@ def model_size(c: GrokConfig) -> ModelSize:
 
 def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
     s = model_size(c)
-    gb = lambda n: f"{n:,} B ({n / 1e9:.2f} GB, {n / 2**30:.1f} GiB)"  # noqa: E731
+    gb = lambda n: f"{n:,} B ({n / 1e9:.2f} GB, {n / 2**30:.1f} GiB)"
     gpu_bytes = int(gpu_gib * 2**30)
     lines = [
-        f"layers {c.num_layers}, d_model {c.emb_size}, heads {c.num_q_heads} q / {c.num_kv_heads} kv "
-        f"of {c.key_size}, experts {c.num_experts} (top {c.num_selected_experts}) of width "
-        f"{c.ffn_size}, vocab {c.vocab_size}, context {c.sequence_len}",
+        (f"layers {c.num_layers}, d_model {c.emb_size}, heads {c.num_q_heads} q / "
+         f"{c.num_kv_heads} kv of {c.key_size}, experts {c.num_experts} (top "
+         f"{c.num_selected_experts}) of width {c.ffn_size}, vocab {c.vocab_size}, "
+         f"context {c.sequence_len}"),
         f"parameters, total:          {s.total_params:,}",
         f"parameters, non-embedding:  {s.non_embedding_params:,}",
-        f"parameters, active/token:   {s.active_params:,} "
-        f"({s.active_params + c.vocab_size * c.emb_size:,} counting the tied embedding twice)",
+        (f"parameters, active/token:   {s.active_params:,} "
+         f"({s.active_params + c.vocab_size * c.emb_size:,} counting the tied embedding twice)"),
         f"weights, bf16:              {gb(s.bytes_bf16)}",
         f"weights, as released:       {gb(s.bytes_released)}",
         f"weights, int8 (in memory):  {gb(s.bytes_int8)}",
         f"weights, int4:              {gb(s.bytes_int4)}",
-        f"KV cache per token:         {s.kv_bytes_per_token:,} B; per {c.sequence_len}-token "
-        f"sequence {s.kv_bytes_per_token * c.sequence_len / 2**30:.2f} GiB",
+        (f"KV cache per token:         {s.kv_bytes_per_token:,} B; per {c.sequence_len}-token "
+         f"sequence {s.kv_bytes_per_token * c.sequence_len / 2**30:.2f} GiB"),
     ]
     for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("bf16", s.bytes_bf16)):
         lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): "

@@ -102,7 +102,7 @@ def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int) -> tuple[torc
 
 
 def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
-            w_gate: "Linear", w_up: "Linear", w_down: "Linear", *,
+            w_gate: Linear, w_up: Linear, w_down: Linear, *,
             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sparse top-k dispatch, expert by expert; equal to the reference's all-experts one-hot
     einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32.
@@ -176,7 +176,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: GrokConfig, batch: int, max_len: int,
-                 device: torch.device | str = "cpu") -> "KVCache":
+                 device: torch.device | str = "cpu") -> KVCache:
         if max_len > config.sequence_len:
             raise ValueError(f"cache length {max_len} exceeds sequence_len={config.sequence_len}")
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.key_size)

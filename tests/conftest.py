@@ -54,6 +54,7 @@ def random_model(config: GrokConfig, *, quantized: bool = True, seed: int = 0):
             elif name.endswith("scale"):
                 t.copy_(1 + 0.1 * torch.randn(t.shape, generator=gen))
             else:
-                t.copy_(torch.randn(t.shape, generator=gen) / t.shape[-2] ** 0.5
-                        if t.dim() > 1 and not name == "embed" else torch.randn(t.shape, generator=gen) * 0.5)
+                dense_matrix = t.dim() > 1 and name != "embed"
+                scale = 1 / t.shape[-2] ** 0.5 if dense_matrix else 0.5
+                t.copy_(torch.randn(t.shape, generator=gen) * scale)
     return model.eval()

@@ -1,10 +1,9 @@
 import pytest
 import torch
-
 from conftest import random_model
+
 from grok1.config import GrokConfig
 from grok1.generation import generate
-from grok1.model import KVCache
 from grok1.sampling import SamplingParams
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from grok1.config import GrokConfig
 from grok1.model import KVCache, apply_rope, moe_ref, rope_cos_sin, route
 from grok1.quant import dequantize, quantize

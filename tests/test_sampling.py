@@ -31,7 +31,7 @@ def test_same_seed_same_tokens_and_distribution_is_followed():
     torch.manual_seed(2)
     logits = torch.randn(1, 6) * 2
     params = [SamplingParams(temperature=1.0, seed=7)]
-    draws = lambda: [int(sample(logits, params, [g])[0]) for g in [make_generator(7, "cpu")] for _ in range(300)]  # noqa: E731
+    draws = lambda: [int(sample(logits, params, [g])[0]) for g in [make_generator(7, "cpu")] for _ in range(300)]
     assert draws() == draws()
     gen = make_generator(11, "cpu")
     counts = torch.bincount(torch.stack([sample(logits, params, [gen])[0] for _ in range(4000)]), minlength=6)
