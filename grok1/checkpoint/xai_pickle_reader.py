@@ -1,0 +1,376 @@
+"""A pickle reader for the release's tensor files that never runs code (SPEC section 4).
+
+Each file is one pickle (protocol 4, numpy 1.26) of a numpy array or a
+`__main__.QuantizedWeight8bit`. `_PickleReader` understands only the opcodes these files use, and
+the only globals it resolves are inert stand-ins for numpy's array reconstruction, numpy dtypes
+(incl. ml_dtypes.bfloat16) and QuantizedWeight8bit; anything else raises UnsafePickleError. The
+big byte strings are not read while interpreting: the reader notes where they sit (`ArrayRef`),
+so a file is checked before its data is read, and each tensor's bytes are read exactly once.
+(pickle.Unpickler with an allow-list find_class would be as safe, but it reads each payload into
+a bytes object first: a second copy of up to 3.2 GB per file, and no check before reading.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import math
+import mmap
+import pickletools
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grok1.checkpoint.names import CheckpointError
+
+_ALLOWED = "numpy arrays, ml_dtypes.bfloat16, __main__.QuantizedWeight8bit"
+
+
+class UnsafePickleError(CheckpointError):
+    """A checkpoint pickle asking for more than numpy arrays and QuantizedWeight8bit."""
+
+
+# ---- what a file holds, once interpreted --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """One array in a file: shape, dtype, and where its bytes are (or the bytes, if small)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int | None  # byte offset of the raw data in the file, or None when `data` holds it
+    data: bytes | None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class QuantRef:
+    weight: ArrayRef
+    scales: ArrayRef
+
+
+# ---- the pickle interpreter ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Payload:
+    """A byte string left in the file: BINBYTES longer than _INLINE_MAX is skipped, not read."""
+    offset: int
+    nbytes: int
+
+
+_INLINE_MAX = 4096
+
+
+class _Allowed:
+    """An inert stand-in for one allowed global; only _PickleReader gives it meaning."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_RECONSTRUCT = _Allowed("numpy.core.multiarray._reconstruct")
+_NDARRAY = _Allowed("numpy.ndarray")
+_DTYPE = _Allowed("numpy.dtype")
+_BFLOAT16 = _Allowed("ml_dtypes.bfloat16")
+_QUANTIZED = _Allowed("__main__.QuantizedWeight8bit")
+_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # what numpy >= 2 writes
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DTYPE,
+    ("ml_dtypes", "bfloat16"): _BFLOAT16,
+    ("__main__", "QuantizedWeight8bit"): _QUANTIZED,
+}
+_NUMPY_DTYPES = {
+    "f2": torch.float16, "f4": torch.float32, "f8": torch.float64, "b1": torch.bool,
+    "i1": torch.int8, "i2": torch.int16, "i4": torch.int32, "i8": torch.int64, "u1": torch.uint8,
+}
+
+
+class _DtypeStub:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.built = False
+
+
+class _ArrayStub:
+    def __init__(self) -> None:
+        self.ref: ArrayRef | None = None
+
+
+class _QuantStub:
+    def __init__(self) -> None:
+        self.ref: QuantRef | None = None
+
+
+_OPNAMES = {op.code.encode("latin-1"): op.name for op in pickletools.opcodes}
+
+
+class _PickleReader:
+    """Interprets the pickle opcodes numpy writes for arrays; everything else is refused.
+
+    `where` names the file in messages. Byte strings longer than _INLINE_MAX are skipped over
+    (recorded as _Payload) and checked to lie within the file.
+    """
+
+    def __init__(self, f: io.BufferedReader, size: int, where: str):
+        self.f, self.size, self.where = f, size, where
+        self.stack: list = []
+        self.marks: list[int] = []
+        self.memo: dict[int, object] = {}
+
+    # -- reading
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise CheckpointError(f"{self.where}: truncated: the pickle stops at byte {self.size} "
+                                  f"before its end; fetch the file again")
+        return b
+
+    def unpack(self, fmt: str) -> int:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def read_bytes(self, n: int) -> bytes | _Payload:
+        if n <= _INLINE_MAX:
+            return self.read(n)
+        offset = self.f.tell()
+        if offset + n > self.size:
+            raise CheckpointError(f"{self.where}: truncated: {_fmt_bytes(self.size - offset)} of "
+                                  f"{_fmt_bytes(n)} of tensor data present; fetch the file again")
+        self.f.seek(n, io.SEEK_CUR)
+        return _Payload(offset, n)
+
+    def pop_mark(self) -> list:
+        k = self.marks.pop()
+        items, self.stack[k:] = self.stack[k:], []
+        return items
+
+    def refuse(self, what: str) -> UnsafePickleError:
+        return UnsafePickleError(f"{self.where} {what}; allowed: {_ALLOWED}")
+
+    # -- interpreting
+    def run(self) -> ArrayRef | QuantRef:
+        stack, memo = self.stack, self.memo
+        while True:
+            pos = self.f.tell()
+            op = self.read(1)
+            if op == b"\x80":  # PROTO
+                if self.read(1)[0] > 5:
+                    raise CheckpointError(f"{self.where}: not a pickle of protocol <= 5")
+            elif op == b"\x95":  # FRAME: a buffering hint; the data is contiguous anyway
+                self.read(8)
+            elif op == b".":  # STOP
+                return self.result(stack)
+            elif op == b"(":
+                self.marks.append(len(stack))
+            elif op == b"\x94":  # MEMOIZE
+                memo[len(memo)] = stack[-1]
+            elif op in (b"q", b"r"):  # BINPUT, LONG_BINPUT
+                memo[self.unpack("<B" if op == b"q" else "<I")] = stack[-1]
+            elif op in (b"h", b"j"):  # BINGET, LONG_BINGET
+                key = self.unpack("<B" if op == b"h" else "<I")
+                if key not in memo:
+                    raise CheckpointError(f"{self.where}: corrupt pickle (memo {key}, byte {pos})")
+                stack.append(memo[key])
+            elif op == b"N":
+                stack.append(None)
+            elif op in (b"\x88", b"\x89"):  # NEWTRUE, NEWFALSE
+                stack.append(op == b"\x88")
+            elif op in (b"J", b"K", b"M"):  # BININT, BININT1, BININT2
+                stack.append(self.unpack({b"J": "<i", b"K": "<B", b"M": "<H"}[op]))
+            elif op == b"\x8a":  # LONG1
+                stack.append(int.from_bytes(self.read(self.unpack("<B")), "little", signed=True))
+            elif op in (b"\x8c", b"X", b"\x8d"):  # SHORT_BINUNICODE, BINUNICODE, BINUNICODE8
+                n = self.unpack({b"\x8c": "<B", b"X": "<I", b"\x8d": "<Q"}[op])
+                if n > _INLINE_MAX:
+                    raise CheckpointError(f"{self.where}: {n}-byte string; not a numpy pickle")
+                stack.append(self.read(n).decode("utf-8"))
+            elif op in (b"C", b"B", b"\x8e"):  # SHORT_BINBYTES, BINBYTES, BINBYTES8
+                n = self.unpack({b"C": "<B", b"B": "<I", b"\x8e": "<Q"}[op])
+                stack.append(self.read_bytes(n))
+            elif op == b")":
+                stack.append(())
+            elif op in (b"\x85", b"\x86", b"\x87"):  # TUPLE1..3
+                n = op[0] - 0x84
+                if len(stack) < n:
+                    raise IndexError(f"TUPLE{n} on a stack of {len(stack)}")
+                stack[-n:] = [tuple(stack[-n:])]
+            elif op == b"t":
+                stack.append(tuple(self.pop_mark()))
+            elif op == b"}":
+                stack.append({})
+            elif op in (b"s", b"u"):  # SETITEM, SETITEMS
+                items = self.pop_mark() if op == b"u" else [stack.pop(-2), stack.pop()]
+                target = stack[-1]
+                if not isinstance(target, dict) or len(items) % 2:
+                    raise CheckpointError(f"{self.where}: corrupt pickle (SETITEM at byte {pos})")
+                for k, v in zip(items[::2], items[1::2], strict=True):
+                    if not isinstance(k, str):
+                        raise CheckpointError(f"{self.where}: dict key {k!r}; expected str")
+                    target[k] = v
+            elif op == b"c":  # GLOBAL "module\nname\n" (protocols 0-3)
+                module = self.f.readline(256).decode("utf-8", "replace").rstrip("\n")
+                name = self.f.readline(256).decode("utf-8", "replace").rstrip("\n")
+                stack.append(self.find_global(module, name))
+            elif op == b"\x93":  # STACK_GLOBAL
+                name, module = stack.pop(), stack.pop()
+                stack.append(self.find_global(module, name))
+            elif op == b"R":  # REDUCE
+                args = stack.pop()
+                stack[-1] = self.call(stack[-1], args)
+            elif op == b"\x81":  # NEWOBJ
+                args, cls = stack.pop(), stack.pop()
+                if cls is not _QUANTIZED or args != ():
+                    raise self.refuse(f"creates {cls!r} with {_short(args)}")
+                stack.append(_QuantStub())
+            elif op == b"b":  # BUILD
+                state = stack.pop()
+                self.build(stack[-1], state)
+            else:
+                name = _OPNAMES.get(op, f"0x{op.hex()}")
+                raise self.refuse(f"uses pickle opcode {name} at byte {pos}, which release "
+                                  f"checkpoints never do")
+
+    def find_global(self, module: object, name: object) -> _Allowed:
+        found = _GLOBALS.get((module, name)) if isinstance(module, str) and isinstance(name, str) \
+            else None
+        if found is None:
+            raise self.refuse(f"asks for {module}.{name}")
+        return found
+
+    def call(self, func: object, args: object) -> object:
+        """REDUCE: only numpy's own two calls, with exactly the arguments numpy writes."""
+        if func is _RECONSTRUCT and args == (_NDARRAY, (0,), b"b"):
+            return _ArrayStub()
+        numpy_dtype_args = isinstance(args, tuple) and len(args) == 3 and args[1:] == (False, True)
+        if func is _DTYPE and numpy_dtype_args:
+            code = args[0]
+            if code is _BFLOAT16:
+                return _DtypeStub(torch.bfloat16)
+            if isinstance(code, str) and code in _NUMPY_DTYPES:
+                return _DtypeStub(_NUMPY_DTYPES[code])
+            raise CheckpointError(f"{self.where}: numpy dtype {code!r} is not supported")
+        raise self.refuse(f"calls {func!r} with {_short(args)}")
+
+    def build(self, obj: object, state: object) -> None:
+        """BUILD: set the state of a dtype, an array or a QuantizedWeight8bit stand-in, once."""
+        if isinstance(obj, _DtypeStub) and not obj.built:
+            # (version 3, byte order, subarray, names, fields, elsize, alignment, flags)
+            if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+                    and state[2:5] == (None, None, None)):
+                raise CheckpointError(f"{self.where}: unexpected numpy dtype state {_short(state)}")
+            if state[1] == ">":
+                raise CheckpointError(f"{self.where}: big-endian arrays are not supported")
+            obj.built = True
+        elif isinstance(obj, _ArrayStub) and obj.ref is None:
+            obj.ref = self.array(state)
+        elif isinstance(obj, _QuantStub) and obj.ref is None:
+            if not (isinstance(state, dict) and state.keys() == {"weight", "scales"}
+                    and all(isinstance(v, _ArrayStub) and v.ref for v in state.values())):
+                raise CheckpointError(f"{self.where}: QuantizedWeight8bit state {_short(state)}; "
+                                      f"expected {{'weight': array, 'scales': array}}")
+            obj.ref = QuantRef(state["weight"].ref, state["scales"].ref)
+        else:
+            raise self.refuse(f"sets the state of {type(obj).__name__}")
+
+    def array(self, state: object) -> ArrayRef:
+        # ndarray.__setstate__((version 1, shape, dtype, fortran_order, raw bytes))
+        ok = (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
+              and isinstance(state[1], tuple)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in state[1])
+              and isinstance(state[2], _DtypeStub) and state[2].built
+              and isinstance(state[3], bool) and isinstance(state[4], (bytes, _Payload)))
+        if not ok:
+            raise CheckpointError(f"{self.where}: unexpected numpy array state {_short(state)}")
+        _, shape, dtype, fortran_order, data = state
+        if fortran_order and len(shape) > 1:
+            raise CheckpointError(f"{self.where}: Fortran-ordered arrays are not supported")
+        nbytes = data.nbytes if isinstance(data, _Payload) else len(data)
+        ref = ArrayRef(shape, dtype.dtype, data.offset if isinstance(data, _Payload) else None,
+                       data if isinstance(data, bytes) else None)
+        if nbytes != ref.nbytes:
+            raise CheckpointError(f"{self.where}: array {shape} {dtype_name(ref.dtype)} needs "
+                                  f"{ref.nbytes} bytes, the file has {nbytes}")
+        return ref
+
+    def result(self, stack: list) -> ArrayRef | QuantRef:
+        if len(stack) != 1 or self.marks:
+            raise CheckpointError(f"{self.where}: corrupt pickle (stack of {len(stack)} at STOP)")
+        obj = stack[0]
+        if isinstance(obj, (_ArrayStub, _QuantStub)) and obj.ref is not None:
+            return obj.ref
+        raise CheckpointError(f"{self.where}: holds {_short(obj)}, not a numpy array or "
+                              f"QuantizedWeight8bit")
+
+
+def _short(obj: object) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def scan_xai_file(path: str | Path, where: str | None = None) -> ArrayRef | QuantRef:
+    """What one release file holds (shapes, dtypes, data offsets), reading only its small parts.
+
+    Raises UnsafePickleError for anything but numpy arrays / QuantizedWeight8bit, and
+    CheckpointError for a truncated or malformed file. `where` names the file in messages.
+    """
+    path = Path(path)
+    where = where or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            return _PickleReader(f, size, where).run()
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} missing") from None
+    except (IndexError, TypeError, ValueError) as e:  # stack underflow, bad key, bad utf-8
+        raise CheckpointError(f"{where}: corrupt pickle ({type(e).__name__}: {e})") from e
+
+
+def read_array(f: io.RawIOBase | io.BufferedReader, ref: ArrayRef, where: str) -> torch.Tensor:
+    """The CPU tensor behind `ref`, its bytes read from `f` straight into the tensor's memory."""
+    t = torch.empty(ref.shape, dtype=ref.dtype)
+    if ref.nbytes == 0:
+        return t
+    view = memoryview((ctypes.c_char * ref.nbytes).from_address(t.data_ptr())).cast("B")
+    if ref.data is not None:
+        view[:] = ref.data
+        return t
+    f.seek(ref.offset)
+    done = 0
+    while done < ref.nbytes:  # a read may return less than asked (and caps at 2 GB on Linux)
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{where}: truncated: {_fmt_bytes(ref.offset + done)} present, "
+                                  f"{_fmt_bytes(ref.offset + ref.nbytes)} needed; fetch it again")
+        done += n
+    return t
+
+
+def map_array(path: Path, ref: ArrayRef) -> torch.Tensor:
+    """The CPU tensor behind `ref` as a private memory map of the file: nothing is read until
+    used, so a slice of it reads only the pages it touches (per-rank sharded loading)."""
+    if ref.data is not None or ref.nbytes == 0:
+        with open(path, "rb", buffering=0) as f:
+            return read_array(f, ref, path.name)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: file untouched
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+    return flat.view(ref.dtype).view(ref.shape)
