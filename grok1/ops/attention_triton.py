@@ -10,12 +10,7 @@ flag in real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, F32: tl.constexpr):
-    if F32:  # Triton's CPU interpreter multiplies bf16 raw bits: upcast there only
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
+from grok1.ops.dot_triton import dot
 
 
 @triton.jit
@@ -56,7 +51,7 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_ta
         kv_off = slot * (KV * H) + kh * H
         k_t = tl.load(k_ptr + kv_off[None, :] + h[:, None],
                       mask=s_ok[None, :] & (h[:, None] < H), other=0.0)
-        sc = _dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
+        sc = dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
         sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
         sc = 30.0 - 60.0 / (tl.exp(sc / 15.0) + 1.0)  # 30 * tanh(sc / 30)
         visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
@@ -67,7 +62,7 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_ta
         l_R += tl.sum(p, 1)
         v = tl.load(v_ptr + kv_off[:, None] + h[None, :],
                     mask=s_ok[:, None] & (h[None, :] < H), other=0.0)
-        acc = _dot(p.to(tl.bfloat16), v, acc, F32)
+        acc = dot(p.to(tl.bfloat16), v, acc, F32)
     out_off = (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :]
     out_mask = row_ok[:, None] & (h[None, :] < H)
     if SPLITS == 1:

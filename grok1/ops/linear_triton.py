@@ -6,12 +6,7 @@ W^T x^T so the dequantized tile is the left operand and a small M is the narrow 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, F32: tl.constexpr):
-    if F32:  # Triton's CPU interpreter multiplies bf16 raw bits: upcast there only
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
+from grok1.ops.dot_triton import dot
 
 
 @triton.jit
@@ -43,7 +38,7 @@ def linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, GROUP_K, NUM_GROUPS, K_
             grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)
             s = tl.load(s_ptr + grp * N + n, mask=n_ok, other=0.0)
             w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
-        acc = _dot(w, x_t, acc, F32)
+        acc = dot(w, x_t, acc, F32)
     ptrs = m[None, :].to(tl.int64) * N + n[:, None]
     mask = m_ok[None, :] & n_ok[:, None]
     if SPLIT == 1:

@@ -9,19 +9,12 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
+from grok1.ops.dot_triton import dot
+
 
 @triton.jit
 def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _dot(a, b, acc, F32: tl.constexpr):
-    """acc + a @ b; F32 upcasts the operands (only for Triton's CPU interpreter, whose bf16 dot
-    multiplies raw bits)."""
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -121,10 +114,10 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
                           mask=valid[None, :] & (kk[:, None] < D), other=0.0)
             wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
                            BK, EVEN_K, EVEN_N, MAGIC)
-            part_g = _dot(wg, x_t, part_g, F32)
+            part_g = dot(wg, x_t, part_g, F32)
             wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
                            BK, EVEN_K, EVEN_N, MAGIC)
-            part_u = _dot(wu, x_t, part_u, F32)
+            part_u = dot(wu, x_t, part_u, F32)
         if LATE:  # int8 values exact in bf16; the group's scale applied to the f32 sum
             acc_g += part_g * tl.load(sg_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
             acc_u += part_u * tl.load(su_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
@@ -175,7 +168,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                           mask=valid[None, :] & (kk[:, None] < F), other=0.0)
             w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, QUANT and not LATE,
                           BK, EVEN_K, EVEN_N, MAGIC)
-            part = _dot(w, h_t, part, F32)
+            part = dot(w, h_t, part, F32)
         if LATE:
             acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
         else:
