@@ -35,6 +35,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens regardless")
+    p.add_argument("--engine", choices=["auto", "on", "off"], default="auto",
+                   help="the fast engine (fused kernels, paged cache, CUDA graphs) or the plain "
+                        "reference path; auto = the engine on one GPU, plain otherwise")
 
 
 def resolve_model_dir(checkpoint: Path | None) -> Path:
@@ -86,6 +89,18 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, quiet: bool)
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     prompts = [tokenizer.encode(p) for p in args.prompt]
+    use_engine = args.engine == "on" or (args.engine == "auto" and quiet is False
+                                         and model.embed.is_cuda and not hasattr(model, "local_config"))
+
+    def run(on_token=None) -> list[list[int]]:
+        if use_engine:
+            from grok1.engine.llm import LLM
+
+            outs = LLM(model).generate(prompts, params, on_token=on_token and
+                                       (lambda _rid, token: on_token(0, token)))
+            return [o.token_ids for o in outs]
+        return [r.token_ids for r in generate(model, prompts, params, on_token=on_token)]
+
     if len(prompts) == 1:  # stream: print each new piece of text as its token arrives
         out(args.prompt[0])
         ids: list[int] = []
@@ -100,13 +115,13 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, quiet: bool)
                 sys.stdout.flush()
                 printed = text
 
-        generate(model, prompts, params, on_token=on_token)
+        run(on_token)
         out(tokenizer.decode(ids)[len(printed):] + "\n")
         return
     with torch.inference_mode():
-        results = generate(model, prompts, params)
-    for prompt, result in zip(args.prompt, results):
-        out(f"--- {prompt!r} ({result.finish_reason})\n{prompt}{tokenizer.decode(result.token_ids)}\n")
+        results = run()
+    for prompt, token_ids in zip(args.prompt, results):
+        out(f"--- {prompt!r}\n{prompt}{tokenizer.decode(token_ids)}\n")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
