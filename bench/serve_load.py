@@ -184,7 +184,8 @@ def _server_metrics(url: str) -> dict[str, float]:
     keep = ("grok1_generation_tokens_total", "grok1_prompt_tokens_total", "grok1_kv_cache_",
             "grok1_num_requests_", "grok1_num_preempted", "grok1_http_requests_total",
             "grok1_time_to_first_token_seconds_sum", "grok1_time_to_first_token_seconds_count",
-            "grok1_inter_token_latency_seconds_sum", "grok1_inter_token_latency_seconds_count")
+            "grok1_inter_token_latency_seconds_sum", "grok1_inter_token_latency_seconds_count",
+            "grok1_engine_warmup_seconds")
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -195,6 +196,21 @@ def _server_metrics(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+async def _sample_running(url: str, out: list[float], period_s: float = 0.25) -> None:
+    """Append the server's grok1_num_requests_running to `out` every period_s until cancelled
+    (the first sample after the load's first request is admitted)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                text = (await client.get("/metrics")).text
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("grok1_num_requests_running "):
+                    out.append(float(line.rpartition(" ")[2]))
 
 
 def _git_sha() -> str | None:
@@ -222,12 +238,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
 
-    records, wall_s = asyncio.run(run_load(
-        args.url, requests=args.requests, concurrency=args.concurrency,
-        max_tokens=args.max_tokens, model=args.model, prompt_words=args.prompt_words,
-        disconnect_fraction=args.disconnect_fraction, chat_fraction=args.chat_fraction,
-        temperature=args.temperature, seed=args.seed, api_key=args.api_key))
+    async def load_and_sample() -> tuple[list[RequestRecord], float, list[float]]:
+        running: list[float] = []
+        sampler = asyncio.ensure_future(_sample_running(args.url, running))
+        try:
+            records, wall_s = await run_load(
+                args.url, requests=args.requests, concurrency=args.concurrency,
+                max_tokens=args.max_tokens, model=args.model, prompt_words=args.prompt_words,
+                disconnect_fraction=args.disconnect_fraction, chat_fraction=args.chat_fraction,
+                temperature=args.temperature, seed=args.seed, api_key=args.api_key)
+        finally:
+            sampler.cancel()
+        return records, wall_s, running
+
+    records, wall_s, running = asyncio.run(load_and_sample())
     s = summarize(records, wall_s)
+    if running:  # the engine's batch over the run, as /metrics showed it every 0.25 s
+        s["running"] = {"mean": statistics.fmean(running), "max": max(running),
+                        "n": len(running)}
     result = {"benchmark": "serve_load", "label": args.label, "url": args.url,
               "requests": args.requests, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
@@ -237,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"serve c={args.concurrency} n={args.requests} max_tokens={args.max_tokens}: "
           f"{s['output_tok_s']:.1f} output tok/s, {s['requests_per_s']:.2f} req/s, "
           f"statuses {s['statuses']}, errors {s['errors']}")
+    if "running" in s:
+        print(f"  engine batch (requests running, sampled): mean {s['running']['mean']:.1f}, "
+              f"max {s['running']['max']:.0f}")
     for name in ("ttft_ms", "itl_ms", "e2e_ms"):
         q = s[name]
         if q:

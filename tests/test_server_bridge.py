@@ -13,7 +13,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from grok1.engine.llm import EngineStats, RequestOutput, SamplingParams, TokenLogprob
+from grok1.engine.llm import (
+    EngineStats,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+    WarmupReport,
+)
 from grok1.server.bridge import (
     EngineBridge,
     EngineStepError,
@@ -26,14 +32,24 @@ from grok1.server.bridge import (
 
 class FakeEngine:
     """The Engine contract over a toy model: greedy picks a letter from the sequence's sum,
-    sampling draws letters from a per-request seeded RNG. Blocks are counted like a paged cache."""
+    sampling draws letters from a per-request seeded RNG. Blocks are counted like a paged cache.
+
+    `compile_s` models the GPU engine's lazy first use of a shape (a Triton compile or a CUDA
+    graph capture per decode batch bucket): the first step at each bucket takes that much
+    longer, unless `warmup()` paid for all of them before serving. `batch_sizes` logs the
+    number of requests in each step."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)  # grok1.engine.runner.GRAPH_BUCKETS
 
     def __init__(self, *, vocab_size=256, max_batch_size=4, block_size=4, num_blocks=64,
-                 max_model_len=128, step_delay_s=0.0):
+                 max_model_len=128, step_delay_s=0.0, compile_s=0.0):
         self.config = types.SimpleNamespace(vocab_size=vocab_size, eos_token=2)
         self.max_model_len = max_model_len
         self.max_batch_size, self.block_size, self.num_blocks = max_batch_size, block_size, num_blocks
         self.step_delay_s = step_delay_s
+        self.compile_s = compile_s
+        self.compiled: set[int] = set()
+        self.batch_sizes: list[int] = []
         self.fail_next_step = False
         self.fail_aborts = False
         self.thread_ids: set[int] = set()
@@ -69,15 +85,27 @@ class FakeEngine:
     def _blocks_used(self):
         return sum(r["blocks"] for r in self.reqs.values())
 
+    def warmup(self):
+        self._touch()
+        time.sleep(self.compile_s)  # every bucket at once: the cost moves to start-up
+        self.compiled.update(self.BUCKETS)
+        return WarmupReport(forwards=0, graphs=len(self.BUCKETS), seconds=self.compile_s)
+
     def step(self):
         self._touch()
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected step failure")
-        time.sleep(self.step_delay_s)
         while self.waiting and len(self.running) < self.max_batch_size:
             rid = self.waiting.popleft()
             self.running[rid] = True
+        bucket = next((b for b in self.BUCKETS if b >= len(self.running)), len(self.running))
+        if self.running and bucket not in self.compiled:
+            self.compiled.add(bucket)
+            time.sleep(self.compile_s)
+        time.sleep(self.step_delay_s)
+        if self.running:
+            self.batch_sizes.append(len(self.running))
         outputs = []
         for rid in list(self.running):
             r = self.reqs[rid]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from grok1.engine.kv_cache import BlockPool
 from grok1.engine.runner import ModelRunner
 from grok1.engine.sampler import sample_rows, top_logprobs
-from grok1.engine.scheduler import Scheduler, Sequence
+from grok1.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from grok1.model import Grok1
 from grok1.sampling import SamplingParams, make_generator
 from grok1.tokenizer import Tokenizer
@@ -30,6 +31,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "TokenLogprob",
+    "WarmupReport",
 ]
 
 
@@ -59,6 +61,35 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preempted_total: int
+
+
+@dataclasses.dataclass
+class WarmupReport:
+    forwards: int  # eager forwards run (each compiles what its shape needs on first use)
+    graphs: int    # CUDA graphs captured
+    seconds: float
+
+
+def warmup_sizes(max_tokens: int) -> list[int]:
+    """Token counts whose forwards reach every kernel specialization a step of up to
+    `max_tokens` tokens can need: per power of two (the tuned tile configs change by token
+    count), one count divisible by 16 and one not (Triton specializes integer arguments on it)."""
+    sizes, p = {1, 2, 3, max_tokens}, 4
+    while p <= max_tokens:
+        sizes.update((p, min(p + 1, max_tokens)))
+        p *= 2
+    return sorted(sizes)
+
+
+def _warmup_batches(m: int, max_len: int, max_batch: int) -> list[list[int]]:
+    """Prompt lengths of the warm-up batches of m tokens: one sequence (split at max_len),
+    and for m > 2 a mixed batch like a step that admits a prompt beside decoding rows."""
+    def split(n: int) -> list[int]:
+        return [max_len] * (n // max_len) + ([n % max_len] if n % max_len else [])
+    if m < 3:
+        return [split(m)]
+    rows = min(m // 2, max_batch - 1)
+    return [split(m), [1] * rows + split(m - rows)]
 
 
 @dataclasses.dataclass
@@ -159,6 +190,60 @@ class Engine:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), self.pool.num_used,
                            self.pool.num_blocks, s.num_preempted_total)
+
+    # ---- before serving ------------------------------------------------------------------
+    @torch.no_grad()
+    def warmup(self, prefill_sizes: list[int] | None = None) -> WarmupReport:
+        """Do up front what the first steps of each shape would otherwise do in the middle of
+        serving: on CUDA, Triton compiles a kernel per new launch specialization (tile config
+        chosen by token count; integer arguments specialized on divisibility by 16) and the
+        runner captures a CUDA graph per decode batch bucket, each stalling every request in
+        flight for up to seconds. Captures every decode bucket, then runs eager forwards of
+        each size in `prefill_sizes` tokens, as a lone sequence and as a mixed batch (default:
+        `warmup_sizes(max_num_batched_tokens)` on CUDA; none on CPU, where nothing compiles).
+        Needs an idle engine; leaves the cache as it found it (the forwards use blocks they
+        free again)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("Engine.warmup: requests are in flight; warm up before serving")
+        t0 = time.perf_counter()
+        if prefill_sizes is None:
+            prefill_sizes = (warmup_sizes(self.scheduler.max_num_batched_tokens)
+                             if self.device.type == "cuda" else [])
+        graphs = 0
+        if self.runner.use_graphs:  # first, largest bucket first: the graphs share one pool
+            before = len(self.runner._graphs)
+            self.runner.capture_all()
+            graphs = len(self.runner._graphs) - before
+        gen = torch.Generator().manual_seed(0)
+        forwards = 0
+        budget = self.scheduler.max_num_batched_tokens
+        for m in prefill_sizes:
+            if not 1 <= m <= budget:
+                raise ValueError(f"Engine.warmup: prefill size {m} outside [1, "
+                                 f"max_num_batched_tokens={budget}]")
+            for lengths in _warmup_batches(m, self.max_model_len,
+                                           self.scheduler.max_batch_size):
+                self._warmup_forward(lengths, gen)
+                forwards += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return WarmupReport(forwards, graphs, time.perf_counter() - t0)
+
+    def _warmup_forward(self, lengths: list[int], gen: torch.Generator) -> None:
+        """One eager forward of sequences of these prompt lengths, on blocks freed afterwards."""
+        V = self.config.vocab_size
+        chunks, blocks = [], []
+        try:
+            for i, n in enumerate(lengths):
+                ids = torch.randint(3, V, (n,), generator=gen).tolist()
+                seq = Sequence(f"warmup-{i}", ids, n)
+                seq.block_ids = self.pool.allocate(self.pool.blocks_for(n))
+                blocks.append(seq.block_ids)
+                chunks.append(ScheduledChunk(seq, 0, n))
+            self.runner.execute(chunks)
+        finally:
+            for ids in blocks:
+                self.pool.free(ids)
 
     # ---- one iteration -------------------------------------------------------------------
     @torch.no_grad()

@@ -2,6 +2,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (these three need
 `Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics.
+The server listens only once the engine is warmed up (bridge.py: kernel compiles and CUDA graphs
+happen at start-up, not under the first requests), so a reachable /health means ready.
 The chat prompt format and the request semantics are in serving.py's docstring.
 
 Errors are OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for malformed

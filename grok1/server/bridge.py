@@ -7,6 +7,10 @@ it drains between steps. Closing a group aborts whatever of it is unfinished, wh
 cache blocks at the engine's next command drain (within one step): handlers close their group in
 `finally`, so a client that disconnects mid-stream cancels its requests.
 
+Start-up warms the engine before admitting anything (`Engine.warmup`): on a GPU the first step of
+each new shape would otherwise compile Triton kernels or capture a CUDA graph while every request
+in flight waits, which under load showed as multi-second time-to-first-token tails.
+
 Back-pressure: at most `max_pending` engine requests are admitted (running + waiting); past that
 `submit` raises `QueueFullError` (the server answers 503 with Retry-After) instead of queueing
 without bound. Shutdown stops admissions, lets in-flight requests finish for a grace period, then
@@ -94,6 +98,9 @@ class ServerMetrics:
                                registry=r)
         self.rejected = Counter("grok1_requests_rejected_queue_full", "Requests answered 503 "
                                 "because the queue was full", registry=r)
+        self.warmup_seconds = Gauge("grok1_engine_warmup_seconds", "Time the engine's warm-up "
+                                    "(kernel compiles, CUDA graphs) took before serving",
+                                    registry=r)
 
     def observe_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -183,10 +190,22 @@ class EngineBridge:
 
     # ---- event-loop side -------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the engine thread and warm the engine up on it (`Engine.warmup`: on a GPU,
+        Triton compiles and CUDA-graph captures that would otherwise stall the first requests
+        of each shape for seconds); returns once it is ready to serve. A failed warm-up raises
+        here, so the server never reports healthy."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="grok1-engine", daemon=True)
-        self._accepting = True
         self._thread.start()
+        try:
+            report = await self.call(lambda engine: engine.warmup())
+        except BaseException:
+            self._send("stop", None, None)
+            raise
+        self.metrics.warmup_seconds.set(report.seconds)
+        log.info("engine warm-up: %d eager forwards, %d CUDA graphs in %.1f s",
+                 report.forwards, report.graphs, report.seconds)
+        self._accepting = True
 
     @property
     def healthy(self) -> bool:

@@ -125,27 +125,29 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0,
-                    log_level: str = "warning") -> Iterator[str]:
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                    start_timeout_s: float = 600.0) -> Iterator[str]:
     """Serve `app` with uvicorn in a background thread; yields the base URL; stops on exit.
-    port 0 picks a free port."""
+    port 0 picks a free port. Start-up includes the engine's warm-up (minutes for a big model on
+    a cold GPU); RuntimeError if it fails or takes longer than start_timeout_s."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    port = sock.getsockname()[1]  # uvicorn closes the socket if start-up fails
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
                               daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + start_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             sock.close()
-            raise RuntimeError(f"uvicorn did not start on {host}:{sock.getsockname()[1]}")
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
