@@ -181,3 +181,23 @@ def test_nccl_ranks_on_two_gpus_equal_one_gpu_through_the_same_kernels():
         for variant, r in by_variant(results, case).items():
             assert r["device"] == "cuda"
             assert r["rel_l2"] <= 1e-2 and r["top1_close"] == 1.0, (case, variant, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_grok1_bench_under_torchrun_times_the_sharded_model_and_rank_0_reports(tmp_path):
+    # grok1.engine.bench_cli.run_bench_ranks: one full-width layer, random int8 weights
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "grok1", "bench", "decode", "--tp", "2", "--moe", "ep", "--layers", "1",
+           "--batch", "1", "8", "--context", "64", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[2 GPUs, moe ep]")]
+    assert len(lines) == 2, proc.stdout  # printed once, by rank 0
+    (path,) = tmp_path.glob("bench_*.json")
+    results = json.loads(path.read_text())
+    assert [r["batch"] for r in results] == [1, 8]
+    for r in results:
+        assert r["num_gpus"] == 2 and r["moe"] == "ep" and r["decode_tok_per_s"] > 0
+        assert 0 < r["pct_of_roofline"] <= 100 and r["peak_memory_gib_per_gpu"] > 0

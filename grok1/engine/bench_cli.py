@@ -208,12 +208,18 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="cached tokens per sequence in decode")
     p.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--out", type=Path, default=None, help="default bench/results/<gpu>/")
+    from grok1.parallel.launch import add_parallel_args
+
+    add_parallel_args(p)  # torchrun --nproc-per-node N -m grok1 bench --tp N: sharded weights
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
     from grok1.engine.dummy import dummy_model
+    from grok1.parallel.launch import wants_parallel
     if not torch.cuda.is_available():
         raise SystemExit("grok1 bench needs a CUDA GPU")
+    if wants_parallel(args):
+        return run_bench_ranks(args)
     env = environment()
     ceilings = measure_ceilings()
     print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} "
@@ -239,3 +245,60 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     out = args.out or Path("bench/results") / env["gpu"].replace(" ", "_")
     print(f"wrote {write_results(results, out)}")
     return results
+
+
+def run_bench_ranks(args: argparse.Namespace) -> list[dict]:
+    """`torchrun --nproc-per-node N -m grok1 bench --tp N [--moe tp|ep]`: the same decode and
+    prefill measurements on each rank's shard of random int8 weights (made sharded on its GPU:
+    no rank holds the whole model), every rank timing the same steps; each roofline is the
+    one-GPU one spread over N GPUs. Rank 0 prints and writes the JSON, with num_gpus, tp, moe,
+    decode_tok_per_s and the peak memory per GPU added (bench/parallel_decode.py's fields)."""
+    import gc
+
+    from grok1.model import Grok1
+    from grok1.parallel.launch import init_random_
+    from grok1.parallel.mesh import all_gather_last, init_distributed, shutdown
+    from grok1.parallel.tensor import Layout, parallelize, shard_model_
+
+    mesh = init_distributed(args.tp)
+    N = mesh.world_size
+    try:
+        layout = Layout(N, mesh.tp_rank, moe=args.moe, unembed=args.unembed)
+        config = GrokConfig.preset("grok-1").replace(num_layers=args.layers)
+        with torch.device("meta"):
+            model = shard_model_(Grok1(config, quantized=True), layout)
+        model.to_empty(device=mesh.device)
+        model = parallelize(init_random_(model, seed=0), mesh.tp_group, layout).eval()
+        env = environment()
+        ceilings = measure_ceilings(str(mesh.device))
+        torch.cuda.reset_peak_memory_stats(mesh.device)
+        if mesh.is_first:
+            print(f"ceilings (rank 0): copy {ceilings['copy_gbps']:.0f} GB/s, bf16 "
+                  f"{ceilings['bf16_tflops']:.0f} TFLOP/s ({env['gpu']}) x {N} GPUs", flush=True)
+        results = []
+        if args.what in ("all", "decode"):
+            results += bench_decode(model, args.batch, args.context, ceilings)
+        gc.collect()  # the decode runner's graphs (captured NCCL calls) go before the next step
+        if args.what in ("all", "prefill"):
+            results += bench_prefill(model, args.prefill, ceilings)
+        gc.collect()
+        peak = all_gather_last(torch.tensor([torch.cuda.max_memory_allocated(mesh.device)
+                                             / 2**30], device=mesh.device), mesh.tp_group).max()
+        env.update(num_gpus=N, tp=N, moe=args.moe, unembed=args.unembed)
+        for r in results:
+            r.update(env, layers=args.layers, ceilings=ceilings, dtype="int8 weights, bf16 act",
+                     peak_memory_gib_per_gpu=float(peak))
+            r["roofline_ms"] /= N  # the step's bytes (or FLOPs) spread over N GPUs
+            step = r["decode_step_ms"] if r["kind"] == "decode" else r["prefill_ms"]
+            r["pct_of_roofline"] = 100 * r["roofline_ms"] / step
+            if r["kind"] == "decode":
+                r["decode_tok_per_s"] = 1e3 * r["batch"] / r["decode_step_ms"]
+            if mesh.is_first:
+                print(f"[{N} GPUs, moe {args.moe}] " + describe(r), flush=True)
+        if mesh.is_first:
+            out = args.out or Path("bench/results") / env["gpu"].replace(" ", "_")
+            print(f"wrote {write_results(results, out)}")
+        return results
+    finally:
+        gc.collect()
+        shutdown()

@@ -100,9 +100,12 @@ class _Request:
     stops: frozenset[int]
 
 
-def _default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
-                        max_batch_size: int, device: torch.device) -> int:
-    c = model.config
+def default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
+                       max_batch_size: int, device: torch.device) -> int:
+    """KV-cache blocks for max_batch_size full-length sequences, as many as fit 70 % of the
+    GPU's free memory less 2 GiB (CPU: at most 4096). Under torchrun the ranks must agree on
+    one number (grok1 serve takes the least of theirs)."""
+    c = getattr(model, "local_config", model.config)  # a tensor-parallel rank's kv heads
     per_seq = -(-max_model_len // block_size)
     want = per_seq * max_batch_size
     if device.type != "cuda":
@@ -131,8 +134,8 @@ class Engine:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"sequence_len={self.config.sequence_len}")
         if num_blocks is None:
-            num_blocks = _default_num_blocks(model, block_size, self.max_model_len,
-                                             max_batch_size, self.device)
+            num_blocks = default_num_blocks(model, block_size, self.max_model_len,
+                                            max_batch_size, self.device)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(f"num_blocks={num_blocks} x block_size={block_size} holds fewer "
                              f"tokens than max_model_len={self.max_model_len}")

@@ -165,6 +165,12 @@ class ModelRunner:
         self._graph_pool = graph.pool()
         self._graphs[bucket] = (graph, static, out)
 
+    def free_graphs(self) -> None:
+        """Drop the captured graphs (before destroy_process_group: graphs holding captured NCCL
+        calls hang it); later decode steps capture again."""
+        self._graphs.clear()
+        self._graph_pool = None
+
     def capture_all(self) -> None:
         for bucket in sorted(self.graph_buckets, reverse=True):  # largest first: shared pool
             if bucket not in self._graphs:

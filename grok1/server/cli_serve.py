@@ -1,12 +1,16 @@
 """`grok1 serve`: load a model, start the engine and the OpenAI-compatible server under uvicorn.
 
     grok1 serve                                   # the embedded default model, 127.0.0.1:8000
+    torchrun --nproc-per-node 4 -m grok1 serve --checkpoint /data/grok-1 --tp 4 --moe tp
     grok1 serve --checkpoint /data/grok-1 --host 0.0.0.0 --port 8000 --api-key $KEY \\
         --max-batch-size 64 --device cuda
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "grok1-default", "prompt": "ROMEO:", "max_tokens": 32}'
 
 `python -m grok1.server.cli_serve [options]` is the same as `grok1 serve [options]`.
+Under torchrun (`--tp N`), every rank loads its shard and builds the same engine; rank 0 alone
+serves HTTP and drives the others' engines step by step (grok1.parallel.control), so they run the
+same forwards and collectives; Ctrl-C/SIGTERM on rank 0 (or torchrun) stops every rank cleanly.
 `serve_in_thread` runs an app on a loopback port in a background thread (tests, benchmarks).
 """
 
@@ -28,7 +32,9 @@ log = logging.getLogger("grok1.server")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The options of `grok1 serve` (model, engine, HTTP)."""
+    """The options of `grok1 serve` (model, engine, HTTP, ranks)."""
+    from grok1.parallel.launch import add_parallel_args
+
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="release checkpoint (a folder holding ckpt-0/) or a grok1 folder; "
                         "default: the embedded default model (grok1/assets/default)")
@@ -61,6 +67,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM; then they "
                         "are cancelled")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_parallel_args(p)  # --tp/--moe/--unembed: under torchrun, rank 0 serves the others' shards
 
 
 def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
@@ -89,23 +96,19 @@ def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
     return model, tok, name, str(model_dir)
 
 
-def build_app(args: argparse.Namespace):
-    """Load model and tokenizer as `args` say and return the FastAPI app."""
-    import torch
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {"max_batch_size": args.max_batch_size, "block_size": args.block_size}
+    if args.num_blocks is not None:
+        kwargs["num_blocks"] = args.num_blocks
+    if args.max_model_len is not None:
+        kwargs["max_model_len"] = args.max_model_len
+    return kwargs
 
-    from grok1.engine.llm import Engine
+
+def _create_app(args: argparse.Namespace, engine, tokenizer, name: str, source: str,
+                device: str):
     from grok1.server.app import create_app
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, name, source = load_model(args.checkpoint, config=args.config,
-                                                tokenizer=args.tokenizer, device=device,
-                                                dummy_layers=args.dummy_layers)
-    engine_kwargs = {"max_batch_size": args.max_batch_size, "block_size": args.block_size}
-    if args.num_blocks is not None:
-        engine_kwargs["num_blocks"] = args.num_blocks
-    if args.max_model_len is not None:
-        engine_kwargs["max_model_len"] = args.max_model_len
-    engine = Engine(model, **engine_kwargs)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GROK1_API_KEY")
     log.info("serving %s (%s) on %s: max_model_len %d, batch %d, %d KV blocks%s",
              args.model_name or name, source, device, engine.max_model_len, args.max_batch_size,
@@ -115,13 +118,122 @@ def build_app(args: argparse.Namespace):
                       shutdown_grace_s=args.shutdown_timeout)
 
 
+def build_app(args: argparse.Namespace):
+    """Load model and tokenizer as `args` say and return the FastAPI app."""
+    import torch
+
+    from grok1.engine.llm import Engine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, name, source = load_model(args.checkpoint, config=args.config,
+                                                tokenizer=args.tokenizer, device=device,
+                                                dummy_layers=args.dummy_layers)
+    engine = Engine(model, **_engine_kwargs(args))
+    return _create_app(args, engine, tokenizer, name, source, device)
+
+
 def run_serve(args: argparse.Namespace) -> None:
-    """`grok1 serve`: blocks until Ctrl-C/SIGTERM, then shuts down gracefully."""
+    """`grok1 serve`: blocks until Ctrl-C/SIGTERM, then shuts down gracefully. Under torchrun
+    (or --tp > 1) every rank serves its shard, rank 0 alone over HTTP (`run_serve_ranks`)."""
+    from grok1.parallel.launch import wants_parallel
+
+    if wants_parallel(args):
+        run_serve_ranks(args)
+        return
     import uvicorn
 
     app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout + 5)
+
+
+def load_shard(args: argparse.Namespace, mesh):
+    """(this rank's shard with its collectives, tokenizer, served name, where it came from):
+    the checkpoint folder (each rank reads its slices), random full-width weights made already
+    sharded (--dummy-layers), or the embedded default model."""
+    import torch
+
+    from grok1.config import GrokConfig
+    from grok1.model import Grok1
+    from grok1.parallel.launch import init_random_, load_parallel_model
+    from grok1.parallel.tensor import Layout, parallelize, shard_model_
+    from grok1.tokenizer import Tokenizer, find_tokenizer
+
+    if args.dummy_layers is not None:
+        if args.tokenizer is None or args.checkpoint is not None:
+            raise SystemExit("error: --dummy-layers needs --tokenizer and no --checkpoint")
+        layout = Layout(mesh.tp_size, mesh.tp_rank, moe=args.moe, unembed=args.unembed)
+        config = GrokConfig.preset("grok-1").replace(num_layers=args.dummy_layers)
+        with torch.device("meta"):
+            model = shard_model_(Grok1(config, quantized=True), layout)
+        model.to_empty(device=mesh.device)
+        model = parallelize(init_random_(model, seed=0), mesh.tp_group, layout).eval()
+        tok = Tokenizer(args.tokenizer)
+        name, source = f"grok-1-dummy-{args.dummy_layers}l", "random weights"
+    else:
+        if args.checkpoint is None:
+            from grok1.assets import default_model_dir
+            model_dir, name = Path(default_model_dir()), DEFAULT_MODEL_NAME
+        else:
+            model_dir, name = args.checkpoint, args.checkpoint.resolve().name
+        tok = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
+        model = load_parallel_model(model_dir, args.config, mesh, moe=args.moe,
+                                    unembed=args.unembed)
+        source = str(model_dir)
+    tok.require_vocab(model.config.vocab_size)
+    return model, tok, name, source
+
+
+def run_serve_ranks(args: argparse.Namespace) -> None:
+    """`torchrun --nproc-per-node N -m grok1 serve --tp N ...` on every rank: load this rank's
+    shard, build the engine (KV blocks: the fewest that fit any rank), then rank 0 serves HTTP
+    through a LeaderEngine while the others follow it step by step; when rank 0 stops (Ctrl-C,
+    SIGTERM, or a failed start-up) it releases them and every rank leaves the process group."""
+    import gc
+    import signal
+
+    import uvicorn
+
+    from grok1.engine.llm import Engine, default_num_blocks
+    from grok1.parallel.control import ControlChannel, LeaderEngine, follow
+    from grok1.parallel.mesh import init_distributed, shutdown
+
+    mesh = init_distributed(args.tp, backend="gloo" if args.device == "cpu" else None)
+    channel = ControlChannel()
+    model, tokenizer, name, source = load_shard(args, mesh)
+    kwargs = _engine_kwargs(args)
+    if args.num_blocks is None:  # sized by each rank's free memory: every rank takes the least
+        max_len = args.max_model_len or model.config.sequence_len
+        kwargs["num_blocks"] = channel.agree_min(default_num_blocks(
+            model, args.block_size, max_len, args.max_batch_size, mesh.device))
+    engine = Engine(model, **kwargs)
+    steps = None
+    # torchrun passes Ctrl-C/SIGTERM to every rank: followers ignore it and wait for rank 0's
+    # stop; rank 0's uvicorn takes it while serving and raises it again when done, which then
+    # must not kill rank 0 before it has released the followers
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if mesh.is_first:
+            leader = LeaderEngine(engine, channel)
+            app = _create_app(args, leader, tokenizer, name, f"{source}, {mesh.world_size} "
+                              f"ranks, moe {args.moe}", str(mesh.device))
+            try:
+                uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+            finally:
+                leader.stop()  # the engine thread is done: uvicorn ran the lifespan's shutdown
+        else:
+            steps = follow(engine, channel)  # on an error here rank 0 is still serving: no
+    finally:                                 # barrier, exit, and torchrun stops the job
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if mesh.is_first or steps is not None:  # everyone has been released: leave together
+            engine.runner.free_graphs()  # graphs holding captured NCCL calls hang the teardown
+            del engine
+            gc.collect()
+            shutdown()
+            log.info("rank %d of %d left the process group%s", mesh.rank, mesh.world_size,
+                     "" if steps is None else f" after following {steps} steps")
 
 
 @contextlib.contextmanager
