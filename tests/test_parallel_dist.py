@@ -13,13 +13,13 @@ accumulation order alone moves it 0.3 to 5 %), so there we bound the difference 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,14 +146,9 @@ def test_engine_runner_on_two_ranks_equals_the_one_process_runner():
     assert len(lines) == 4 and all(line.endswith(": ok") for line in lines), proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_nodes_on_one_host_meet_through_the_c10d_rendezvous(golden_dir):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
            "-m", "grok1.parallel.launch", "check", "--backend", "gloo",

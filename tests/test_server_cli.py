@@ -4,10 +4,8 @@ the request in flight finish before exiting cleanly."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,8 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+from _processes import free_port, wait_until_healthy
+
 from grok1.checkpoint import save_native
 from grok1.config import GrokConfig
 from grok1.model import Grok1
@@ -23,11 +23,6 @@ from grok1.server.cli_serve import DEFAULT_MODEL_NAME, add_serve_args
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def test_serve_args_default_to_loopback_and_no_key():
 
 
 def test_serve_process_answers_then_finishes_in_flight_stream_on_sigterm(checkpoint):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("GROK1_API_KEY", None)
@@ -59,16 +54,7 @@ def test_serve_process_answers_then_finishes_in_flight_stream_on_sigterm(checkpo
          "--port", str(port), "--device", "cpu", "--max-batch-size", "4", "--log-level",
          "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc)
         models = httpx.get(url + "/v1/models").json()
         assert models["data"][0]["id"] == "tiny-grok"  # the checkpoint folder's name
         body = {"model": "tiny-grok", "prompt": "ROMEO:", "max_tokens": 40, "stream": True,

@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
+
+from _processes import free_port, wait_until_healthy
 
 from grok1.parallel.control import LeaderEngine, RankDivergenceError, follow
 from grok1.sampling import SamplingParams
@@ -111,11 +112,6 @@ def test_a_follower_whose_tokens_differ_from_rank_0s_raises():
 
 # ---- the real thing: torchrun, 2 CPU ranks --------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _complete(url: str, **body) -> dict:
     r = httpx.post(url + "/v1/completions", json={"model": "grok1-default", **body}, timeout=60)
@@ -140,7 +136,7 @@ def _reference_texts(prompts: list[str], max_tokens: int) -> list[str]:
 
 @needs_default
 def test_torchrun_serve_on_two_cpu_ranks_answers_like_one_process_and_stops_cleanly():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("GROK1_API_KEY", None)
@@ -152,16 +148,7 @@ def test_torchrun_serve_on_two_cpu_ranks_answers_like_one_process_and_stops_clea
     try:
         prompts = ["ROMEO:", "To be, or not to be"]
         want = _reference_texts(prompts, 16)  # while the ranks start
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "torchrun exited before serving"
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, show_output=False)  # ranks may hold the pipe
 
         got = _complete(url, prompt=prompts, max_tokens=16, temperature=0)
         assert [c["text"] for c in sorted(got["choices"], key=lambda c: c["index"])] == want
