@@ -40,22 +40,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "reference path; auto = the engine on one GPU, plain otherwise")
 
 
-def resolve_model_dir(checkpoint: Path | None) -> Path:
-    if checkpoint is not None:
-        return checkpoint
-    from grok1.assets import default_model_dir
-
-    return default_model_dir()
-
-
 def load_model_and_tokenizer(args: argparse.Namespace):
     """(model, tokenizer, mesh): under torchrun (or --tp > 1) this rank's shard and its mesh,
     with args.seed agreed across ranks; else the whole model and mesh None."""
+    from grok1.assets import model_dir_or_default
     from grok1.checkpoint import load
     from grok1.parallel.launch import agree_seed, load_for_args, wants_parallel
     from grok1.tokenizer import Tokenizer, find_tokenizer
 
-    model_dir = resolve_model_dir(args.checkpoint)
+    model_dir = model_dir_or_default(args.checkpoint)
     tokenizer = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
     mesh = None
     if wants_parallel(args):

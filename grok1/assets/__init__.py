@@ -10,3 +10,8 @@ def default_model_dir() -> Path:
     """The folder of the default model (grok1 native format: config.json, model.safetensors,
     tokenizer.model)."""
     return Path(__file__).resolve().parent / "default"
+
+
+def model_dir_or_default(checkpoint: str | Path | None) -> Path:
+    """The checkpoint folder the user named, else the default model's."""
+    return Path(checkpoint) if checkpoint is not None else default_model_dir()

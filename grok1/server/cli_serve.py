@@ -70,6 +70,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_parallel_args(p)  # --tp/--moe/--unembed: under torchrun, rank 0 serves the others' shards
 
 
+def _check_dummy_args(tokenizer: Path | None, checkpoint: Path | None) -> None:
+    if tokenizer is None or checkpoint is not None:
+        raise SystemExit("error: --dummy-layers needs --tokenizer and no --checkpoint")
+
+
+def _model_dir_and_name(checkpoint: Path | None) -> tuple[Path, str]:
+    """The folder to load and the name it is served under (the embedded model's by default)."""
+    from grok1.assets import model_dir_or_default
+
+    name = DEFAULT_MODEL_NAME if checkpoint is None else Path(checkpoint).resolve().name
+    return model_dir_or_default(checkpoint), name
+
+
 def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
                tokenizer: Path | None = None, device: str = "cpu",
                dummy_layers: int | None = None):
@@ -80,16 +93,11 @@ def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
 
     if dummy_layers is not None:
         from grok1.engine.dummy import dummy_model
-        if tokenizer is None or checkpoint is not None:
-            raise SystemExit("error: --dummy-layers needs --tokenizer and no --checkpoint")
+        _check_dummy_args(tokenizer, checkpoint)
         model, tok = dummy_model(dummy_layers, device=device), Tokenizer(tokenizer)
         tok.require_vocab(model.config.vocab_size)
         return model, tok, f"grok-1-dummy-{dummy_layers}l", "random weights"
-    if checkpoint is None:
-        from grok1.assets import default_model_dir
-        model_dir, name = Path(default_model_dir()), DEFAULT_MODEL_NAME
-    else:
-        model_dir, name = checkpoint, checkpoint.resolve().name
+    model_dir, name = _model_dir_and_name(checkpoint)
     tok = Tokenizer(find_tokenizer(tokenizer, model_dir))
     model = load(model_dir, config=config, device=device, progress=False)
     tok.require_vocab(model.config.vocab_size)
@@ -160,8 +168,7 @@ def load_shard(args: argparse.Namespace, mesh):
     from grok1.tokenizer import Tokenizer, find_tokenizer
 
     if args.dummy_layers is not None:
-        if args.tokenizer is None or args.checkpoint is not None:
-            raise SystemExit("error: --dummy-layers needs --tokenizer and no --checkpoint")
+        _check_dummy_args(args.tokenizer, args.checkpoint)
         layout = Layout(mesh.tp_size, mesh.tp_rank, moe=args.moe, unembed=args.unembed)
         config = GrokConfig.preset("grok-1").replace(num_layers=args.dummy_layers)
         with torch.device("meta"):
@@ -171,11 +178,7 @@ def load_shard(args: argparse.Namespace, mesh):
         tok = Tokenizer(args.tokenizer)
         name, source = f"grok-1-dummy-{args.dummy_layers}l", "random weights"
     else:
-        if args.checkpoint is None:
-            from grok1.assets import default_model_dir
-            model_dir, name = Path(default_model_dir()), DEFAULT_MODEL_NAME
-        else:
-            model_dir, name = args.checkpoint, args.checkpoint.resolve().name
+        model_dir, name = _model_dir_and_name(args.checkpoint)
         tok = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
         model = load_parallel_model(model_dir, args.config, mesh, moe=args.moe,
                                     unembed=args.unembed)
