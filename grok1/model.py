@@ -295,12 +295,13 @@ class Grok1(nn.Module):
         else:
             start_B = cache.lengths_B
             positions_BT = start_B[:, None] + t_T
-            if int(positions_BT.max()) >= cache.max_len:
+            last = int(positions_BT.max())  # one host sync for the check and the key count
+            if last >= cache.max_len:
                 raise ValueError(f"KV cache of {cache.max_len} positions is full "
-                                 f"(a row would reach position {int(positions_BT.max())})")
+                                 f"(a row would reach position {last})")
             rows_B1 = torch.arange(B, device=device)[:, None]
             cache.real_BS[rows_B1, positions_BT] = real_BT
-            S = int(positions_BT.max()) + 1
+            S = last + 1
             s_S = torch.arange(S, device=device)
             # query t of row b sits at position p = start_b + t and sees the keys 0..p that are
             # not padding; keys past p belong to later tokens (or are stale) and stay hidden.
