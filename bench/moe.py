@@ -12,19 +12,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from grok1.engine.bench_cli import measure_ceilings, time_ms
+from grok1.engine.bench_cli import measure_ceilings, time_graph_ms, time_ms
 from grok1.ops._triton import CONFIG_DIR, device_name
 from grok1.ops.moe import fused_moe, moe_config
 
 # Stages per pair count, each a list of changes to the best config so far (tuned JSON first):
 # one pair per expert (M=1): the GEMV kernels (grok1/ops/moe.py "GEMV") against the tuned MMA
-# tiles; other decode counts: the int8 -> f32 conversion (MAGIC); prefill: MAGIC, then tiles.
+# tiles, then how many ways the gate/up and down K ranges split (a tensor-parallel shard's
+# narrow F needs the split to fill the SMs); other decode counts: the int8 -> f32 conversion
+# (MAGIC); prefill: MAGIC, then tiles.
 # Gate/up keeps two f32 accumulators: BM * BN1 <= 128 * 128 per 256 threads, or they spill.
-GEMV_STAGE = [{"GEMV": 0}] + [
-    {"GEMV": 1 << 20, "GBN1": a, "GBK1": b, "GW1": w, "GBN2": c, "GBK2": d, "GW2": w2, "GSPLIT": sp,
-     "MAGIC": mg} for a, b, w, c, d, w2, sp, mg in [
-        (128, 32, 4, 128, 32, 4, 8, 1), (128, 32, 4, 128, 32, 4, 8, 0), (256, 16, 4, 256, 16, 4, 8, 1),
-        (64, 64, 4, 64, 64, 4, 8, 1), (128, 64, 8, 128, 64, 8, 8, 1), (256, 32, 8, 64, 32, 4, 8, 1)]]
+GEMV_STAGES = [
+    [{"GEMV": 0}] + [
+        {"GEMV": 1 << 20, "GBN1": a, "GBK1": b, "GW1": w, "GBN2": c, "GBK2": d, "GW2": w2,
+         "MAGIC": 1} for a, b, w, c, d, w2 in [
+            (128, 32, 4, 128, 32, 4), (256, 16, 4, 256, 16, 4), (64, 64, 4, 64, 64, 4),
+            (128, 64, 8, 128, 64, 8), (256, 32, 8, 64, 32, 4), (64, 32, 2, 64, 32, 2)]],
+    [{"GSPLIT1": s} for s in (1, 2, 4, 8)],
+    [{"GSPLIT": s} for s in (2, 4, 8)]]
 DECODE_STAGES = [[{"MAGIC": 0}, {"MAGIC": 1}]]
 PREFILL_STAGES = [
     [{"MAGIC": 0}, {"MAGIC": 1}],
@@ -37,17 +42,28 @@ PREFILL_STAGES = [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 1024])
+    p.add_argument("--widths", type=int, nargs="+", default=[32768],
+                   help="expert width F per rank: 32768 whole, 16384/8192/4096 the MoE's "
+                        "tensor-parallel shards on 2/4/8 GPUs")
     p.add_argument("--tuned-out", type=Path, default=None)
     args = p.parse_args()
     ceil = measure_ceilings()
-    D, F, E, A = 6144, 32768, 8, 2
+    table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept
+    for F in args.widths:
+        sweep_width(args.tokens, F, ceil, table)
+    if args.tuned_out:
+        args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
+
+
+def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict) -> None:
+    D, E, A = 6144, 8, 2
     g = torch.Generator(device="cuda").manual_seed(0)
     w = [torch.randint(-127, 128, s, dtype=torch.int8, device="cuda", generator=g)
          for s in [(E, D, F), (E, D, F), (E, F, D)]]
     s = [torch.rand(sh, device="cuda", generator=g).to(torch.bfloat16) * 1e-4
          for sh in [(E, 1, F), (E, 1, F), (E, 8, D)]]
     tuned = {}
-    for M in args.tokens:
+    for M in tokens:
         x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
         logits = torch.randn(M, E, device="cuda", generator=g)
         gates, ids = torch.softmax(logits, -1).topk(A, -1)
@@ -56,7 +72,8 @@ def main() -> None:
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         P = M * A
         base = {k: v for k, v in moe_config(P, D, F, E, True, device_name(x)).items() if k != "GEMV"}
-        stages = [GEMV_STAGE] if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES
+        stages = GEMV_STAGES if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES
+        fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
         best = None
         for stage in stages:
             for change in stage:
@@ -64,12 +81,12 @@ def main() -> None:
                 if cfg.get("GEMV"):
                     cfg["GEMV"] = P
                 try:
-                    ms = time_ms(lambda x=x, gates=gates, ids=ids, cfg=cfg: fused_moe(
-                        x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg), reps=20)
+                    ms = fn_timer(lambda x=x, gates=gates, ids=ids, cfg=cfg: fused_moe(
+                        x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg))
                 except Exception as e:  # noqa: BLE001 (a config that does not fit is skipped)
                     print(f"M={M} {cfg}: failed ({type(e).__name__})")
                     continue
-                print(f"moe M={M} experts={experts} {cfg}: {ms:.3f} ms | roofline "
+                print(f"moe F={F} M={M} experts={experts} {cfg}: {ms:.3f} ms | roofline "
                       f"{roof:.3f} ms ({100 * roof / ms:.0f}%)", flush=True)
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
@@ -78,12 +95,9 @@ def main() -> None:
         if best:
             tuned[str(M * A)] = {k: v for k, v in best[1].items() if k != "GEMV" or v}
     for P, cfg in tuned.items():
-        print(f"best P={P}: {cfg}")
-    if args.tuned_out:
-        key = f"D{D}_F{F}_E{E}_int8"
-        table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept
-        table.setdefault(device_name(x).split("|")[0], {}).setdefault(key, {}).update(tuned)
-        args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"best F={F} P={P}: {cfg}")
+    key = f"D{D}_F{F}_E{E}_int8"
+    table.setdefault(device_name(x).split("|")[1], {}).setdefault(key, {}).update(tuned)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: GPU tests, then the MoE sweep, then `grok1 bench` (decode + prefill).
 # Logs and JSON go to $OUT (or /tmp/grok1_out). Usage: bash bench/run_device.sh [STEP]...
-# Steps: tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep), bench,
+# Steps: tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep; MOE_ARGS
+# e.g. "--tokens 1 --widths 32768 8192"), linear (the attention GEMV sweep), bench,
 # profile, reference (xAI's JAX code on the same GPU, from a git-ignored .ref/ holding its
 # model.py, runners.py, checkpoint.py, tokenizer.model, ref_jax_bench.py and the dm-haiku, jmp
 # and tabulate wheels; carry .ref), serve (grok1 serve on 4 random full-width layers under
@@ -36,9 +37,13 @@ for _ in range(180):
              --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), 4 random full-width layers, int8" \
              --out "$OUT/serve_load.json" 2>&1 | tail -20 | tee "$OUT/serve_load.log"
            pkill -f "grok1 serve" ;;
-    moe) timeout 170 python3 bench/moe.py --tuned-out "$OUT/moe_tuned.json" 2>&1 | tee "$OUT/moe.log" ;;
+    moe) timeout 170 python3 bench/moe.py ${MOE_ARGS:-} --tuned-out "$OUT/moe_tuned.json" 2>&1 \
+           | tee "$OUT/moe.log" ;;
+    linear) timeout 200 python3 bench/linear.py --tuned-out "$OUT/linear_tuned.json" \
+              --out "$OUT/linear_sweep.json" 2>&1 | tee "$OUT/linear.log" ;;
     profile) timeout 60 python3 bench/profile_step.py 2>&1 | tee "$OUT/profile.log" ;;
     bench) [ -s "$OUT/moe_tuned.json" ] && cp "$OUT/moe_tuned.json" grok1/ops/configs/moe.json
+           [ -s "$OUT/linear_tuned.json" ] && cp "$OUT/linear_tuned.json" grok1/ops/configs/linear.json
            timeout 120 python3 bench/decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.log"
            timeout 80 python3 bench/prefill.py --out "$OUT" 2>&1 | tee "$OUT/prefill.log" ;;
   esac

@@ -70,3 +70,64 @@ def test_int8_gemv_several_matrices_match_dequantized_matmuls(K, Ns, G, magic):
         ref = (x.float() @ dequantize(q, s).float()).to(torch.bfloat16)
         assert out.shape == ref.shape and out.dtype == torch.bfloat16
         assert rel_err(out.cpu(), ref) < 4e-3
+    # the unsummed K splits (reduce=False) sum to the same values
+    parts = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], reduce=False)
+    for part, out in zip(parts, outs):
+        assert part.dtype == torch.float32 and part.shape[1:] == out.shape
+        assert rel_err(part.sum(0).to(torch.bfloat16).cpu(), out.cpu()) < 4e-3
+
+
+# partial sums [S, M, A, D] (a GEMV's K splits, the MoE's slots) are summed in f32 and rounded
+# to bf16 inside the fused residual norm, as the twin sums them first
+@pytest.mark.parametrize("S,A", [(1, 1), (3, 1), (4, 2)])
+def test_add_rms_norm_sums_partials_like_twin(S, A):
+    from grok1.ops.rmsnorm import summed
+    g = torch.Generator().manual_seed(S * 10 + A)
+    M, D = 3, 6144
+    h = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    parts = torch.randn(S, M, A, D, generator=g).to(DEV)
+    w1, w2 = (torch.rand(D, generator=g).add(0.5).to(DEV) for _ in range(2))
+    got = add_rms_norm(h, parts, w1, w2)
+    ref = add_rms_norm_ref(h, parts, w1, w2)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 4e-3
+    # and the twin's sum is the plain one (a wrong axis would differ at O(1))
+    assert rel_err(summed(parts), parts.sum(dim=(0, 2)).to(torch.bfloat16)) < 4e-3
+    f32 = parts.sum(dim=(0, 2))  # an all-reduced f32 sum: rounded in the kernel
+    for a, b in zip(add_rms_norm(h, f32, w1, w2), add_rms_norm_ref(h, f32, w1, w2)):
+        assert rel_err(a, b) < 4e-3
+
+
+def test_rope_and_cache_take_partial_sums():
+    g = torch.Generator().manual_seed(5)
+    S, M, N, K, H = 3, 1, 48, 8, 128
+    parts = torch.randn(S, M, (N + 2 * K) * H, generator=g).to(DEV)
+    q, k, v = (t.view(S, M, -1, H) for t in parts.split([N * H, K * H, K * H], dim=2))
+    pos = torch.randint(0, 8000, (1, M), generator=g).to(DEV)
+    cos, sin = (t[0] for t in rope_cos_sin(pos, H))
+    caches = [torch.zeros(6, 16, K, H, dtype=torch.bfloat16, device=DEV) for _ in range(4)]
+    slots = torch.tensor([37], device=DEV)
+    summed = [t.sum(0).to(torch.bfloat16) for t in (q, k, v)]
+    ref = rope_and_cache_ref(*summed, cos, sin, caches[0], caches[1], slots)
+    out = rope_and_cache(q, k, v, cos, sin, caches[2], caches[3], slots)
+    assert rel_err(out, ref) < 4e-3
+    assert rel_err(caches[2], caches[0]) < 4e-3 and rel_err(caches[3], caches[1]) < 4e-3
+    assert caches[3].abs().sum() > 0
+
+
+# the router kernels vs model.route: same logits up to f32 summation order, same choices and
+# gates (random logits have no near-ties at this scale)
+@pytest.mark.parametrize("M,D,E,A", [(1, 6144, 8, 2), (5, 6144, 8, 2), (3, 256, 8, 2),
+                                     (2, 320, 6, 3)])
+def test_router_kernel_matches_route(M, D, E, A):
+    from grok1.model import route
+    from grok1.ops.router import route_op
+    g = torch.Generator().manual_seed(M + D + E)
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    router = (torch.randn(D, E, generator=g) / D ** 0.5).to(DEV)
+    logits, gates, ids = route_op(x, router, A)
+    ref_logits, ref_gates, ref_ids = route(x, router, A)
+    assert ids.dtype == ref_ids.dtype and gates.shape == ref_gates.shape
+    assert rel_err(logits, ref_logits) < 1e-5
+    assert torch.equal(ids, ref_ids)
+    assert rel_err(gates, ref_gates) < 1e-5

@@ -69,6 +69,22 @@ def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Milliseconds per fn() with `calls` of them captured in one CUDA graph (median of `reps`
+    replays): a kernel's own time, as the engine's graph replay sees it, without the Python
+    launch cost that per-call events would include for kernels of a few microseconds."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and autotune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay, reps=reps) / calls
+
+
 # ---- rooflines -----------------------------------------------------------------------------
 
 def layer_bytes(c: GrokConfig, experts: float) -> float:

@@ -41,6 +41,13 @@ def apply_kernels(model: Grok1) -> Grok1:
     return model
 
 
+def partial_sums(module: torch.nn.Module, x_MD: torch.Tensor) -> torch.Tensor:
+    """module(x) in a form grok1.ops.rmsnorm.add_rms_norm takes: f32 partial sums where the
+    kernel-backed module offers them (saves the launches that sum and round), else bf16."""
+    fn = getattr(module, "partial_sums", None)
+    return fn(x_MD) if fn is not None else module(x_MD)
+
+
 @dataclasses.dataclass
 class Batch:
     tokens_M: torch.Tensor
@@ -115,17 +122,20 @@ class ModelRunner:
         x = rms_norm_op(h, layers[0].attn_norm.scale)
         for i, layer in enumerate(layers):
             attn = layer.attn
-            q, k, v = project_many(x, [attn.wq, attn.wk, attn.wv])  # one launch at one row
-            q = q.view(M, c.num_q_heads, c.key_size)
-            k = k.view(M, c.num_kv_heads, c.key_size)
-            v = v.view(M, c.num_kv_heads, c.key_size)
+            # q/k/v in one launch at one row, as K-split partial sums that the rope sums
+            q, k, v = project_many(x, [attn.wq, attn.wk, attn.wv])
+            q = q.view(-1, M, c.num_q_heads, c.key_size)
+            k = k.view(-1, M, c.num_kv_heads, c.key_size)
+            v = v.view(-1, M, c.num_kv_heads, c.key_size)
             q = rope_and_cache(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i],
                                batch.slots_M)
             o = paged_attention(q, self.k_cache[i], self.v_cache[i], batch.block_table_BP,
                                 batch.positions_M, batch.plan, c.attn_output_multiplier,
                                 self.real_slots)
-            h, x = add_rms_norm(h, attn.wo(o), layer.attn_out_norm.scale, layer.moe_norm.scale)
-            y = layer.moe(x[None])[0]
+            # the projections' outputs go to the fused residual norm unsummed (it sums them)
+            h, x = add_rms_norm(h, partial_sums(attn.wo, o), layer.attn_out_norm.scale,
+                                layer.moe_norm.scale)
+            y = partial_sums(layer.moe, x)
             w_next = layers[i + 1].attn_norm.scale if i + 1 < len(layers) else model.norm.scale
             h, x = add_rms_norm(h, y, layer.moe_out_norm.scale, w_next)
         return model.unembed(x[batch.logit_rows_R]).float()

@@ -125,7 +125,10 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
         MASK_PAD=real_slots is not None,
         num_warps=4 if rows <= 32 else 8, num_stages=2)
-    if splits > 1:
-        l_sum = l_part.sum(0)
-        out = (part.sum(0) / torch.where(l_sum > 0, l_sum, 1.0)[..., None]).to(q.dtype)
+    if splits > 1:  # one launch instead of the five of torch's sums, where and division
+        from grok1.ops.attention_triton import attention_combine_kernel
+        rows_total, block_r = M * N, 16
+        attention_combine_kernel[(-(-rows_total // block_r),)](
+            part, l_part, out, rows_total, SPLITS=splits, H=H, H_PAD=h_pad, BLOCK_R=block_r,
+            num_warps=4)
     return out.view(M, N * H)

@@ -71,3 +71,23 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_ta
     else:
         tl.store(part_ptr + sp.to(tl.int64) * M * N * H + out_off, acc, mask=out_mask)
         tl.store(l_ptr + sp.to(tl.int64) * M * N + tok.to(tl.int64) * N + head, l_R, mask=row_ok)
+
+
+@triton.jit
+def attention_combine_kernel(part_ptr, l_ptr, o_ptr, ROWS, SPLITS: tl.constexpr,
+                             H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """o[row] = bf16(sum_s part[s, row] / sum_s l[s, row]) (0 where nothing was visible) for
+    BLOCK_R (token, head) rows per program: the key splits' numerators [SPLITS, ROWS, H] and
+    denominators [SPLITS, ROWS] (no running max to reconcile: the scores are capped)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = tl.arange(0, H_PAD)
+    r_ok = r < ROWS
+    ok = r_ok[:, None] & (h[None, :] < H)
+    off = r.to(tl.int64)[:, None] * H + h[None, :]
+    acc = tl.zeros([BLOCK_R, H_PAD], dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part_ptr + s * ROWS * H + off, mask=ok, other=0.0)
+        l_sum += tl.load(l_ptr + s * ROWS + r, mask=r_ok, other=0.0)
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(o_ptr + off, o.to(tl.bfloat16), mask=ok)

@@ -69,7 +69,19 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
 
 
 # ---- one row: GEMV (decode at batch 1), several matrices sharing x in one launch ------------
+# PROGRAMS: about how many (column tile, K split) programs to launch; the K split follows.
 GEMV_CONFIG = {"BN": 128, "BK": 32, "W": 4, "PROGRAMS": 4 * NUM_SMS_GUESS, "MAGIC": 1}
+
+
+def gemv_key(K: int, Ns: list[int]) -> str:
+    """configs/linear.json key of a GEMV launch: "gemv_K6144_N6144_1024_1024" (q/k/v)."""
+    return f"gemv_K{K}_N{'_'.join(map(str, Ns))}"
+
+
+def gemv_config(K: int, Ns: list[int], device: str) -> dict:
+    """GEMV_CONFIG overridden by the tuned entry for these shapes (bench/linear.py), if any."""
+    tuned = load_tuned("linear", device).get(gemv_key(K, Ns), {})
+    return {**GEMV_CONFIG, **tuned}
 
 
 def gemv_supported(K: int, G: int) -> bool:
@@ -77,20 +89,23 @@ def gemv_supported(K: int, G: int) -> bool:
 
 
 def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
-              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None
-              ) -> list[torch.Tensor]:
+              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+              reduce: bool = True) -> list[torch.Tensor]:
     """[x @ dequantize(w, s) for (w, s) in mats] for one row x [1, K], in one launch per three
     matrices (all with the same K and number of scale groups G): each [1, N_i], bf16 (or the
-    f32 sums unrounded with `out_dtype=torch.float32`)."""
+    f32 sums unrounded with `out_dtype=torch.float32`). `reduce=False`: each the f32 partial
+    sums of the K splits, [S, 1, N_i], for a consumer that sums them itself (saves two
+    launches: the sum and the rounding)."""
     from grok1.ops.linear_triton import gemv3_kernel
-    cfg = {**GEMV_CONFIG, **(config or {})}
     K = x_1K.shape[1]
+    cfg = {**gemv_config(K, [w.shape[1] for w, _ in mats], device_name(x_1K)), **(config or {})}
     G = mats[0][1].shape[0]
     if any(w.shape[0] != K or s.shape[0] != G for w, s in mats):
         raise ValueError(f"int8_gemv: matrices need K={K} rows and {G} scale groups, found "
                          f"{[(tuple(w.shape), s.shape[0]) for w, s in mats]}")
     if len(mats) > 3:
-        return int8_gemv(x_1K, mats[:3], out_dtype, config) + int8_gemv(x_1K, mats[3:], out_dtype, config)
+        return (int8_gemv(x_1K, mats[:3], out_dtype, config, reduce)
+                + int8_gemv(x_1K, mats[3:], out_dtype, config, reduce))
     BN, BK = cfg["BN"], cfg["BK"]
     group_k = K // G
     while BK > 1 and G > 1 and group_k % BK:
@@ -115,22 +130,23 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
         tiles[0], tiles[1], N_total, group_k, chunk, k_per_split, BN=BN, BK=BK,
         EVEN_K=split * k_per_split == K and chunk % BK == 0,
         MAGIC=bool(cfg["MAGIC"]), num_warps=cfg["W"])
+    if not reduce:
+        return [part[:, None] for part in out.split(Ns[:len(mats)], dim=1)]
     total = out.sum(0, keepdim=True) if split > 1 else out
     if out_dtype != torch.float32:
         total = total.to(out_dtype)
     return list(total.split(Ns[:len(mats)], dim=1))
 
 
-def project_many(x: torch.Tensor, linears: list[torch.nn.Module]) -> list[torch.Tensor]:
-    """[lin(x) for lin in linears]; for one row and int8 kernel-backed Linears sharing K and the
-    scale grouping (q/k/v), one launch reads all the weights."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if (x2.shape[0] == 1 and use_kernel(x2) and all(isinstance(m, Int8Linear) for m in linears)
+def project_many(x_MK: torch.Tensor, linears: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears] as f32 partial sums [S, M, N_i] (bf16 when S = 1), for
+    consumers that sum them (grok1.ops.rope); for one row and int8 kernel-backed Linears
+    sharing K and the scale grouping (q/k/v), one launch reads all the weights."""
+    if (x_MK.shape[0] == 1 and use_kernel(x_MK) and all(isinstance(m, Int8Linear) for m in linears)
             and len({(m.weight.shape[0], m.scales.shape[0]) for m in linears}) == 1
             and gemv_supported(linears[0].weight.shape[0], linears[0].scales.shape[0])):
-        outs = int8_gemv(x2, [(m.weight, m.scales) for m in linears])
-        return [o.view(*x.shape[:-1], -1) for o in outs]
-    return [m(x) for m in linears]
+        return int8_gemv(x_MK, [(m.weight, m.scales) for m in linears], reduce=False)
+    return [m(x_MK)[None] for m in linears]
 
 
 def kernel_supported(K: int, G: int) -> bool:
@@ -158,3 +174,11 @@ class Int8Linear(torch.nn.Module):
             return x @ self.dense()  # the twin: model.Linear.forward
         lead = x.shape[:-1]
         return int8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.scales).view(*lead, -1)
+
+    def partial_sums(self, x_MK: torch.Tensor) -> torch.Tensor:
+        """self(x) as f32 partial sums [S, M, 1, N] (grok1.ops.rmsnorm.add_rms_norm sums them),
+        or [M, N] bf16 where the kernel does not split K (M > 1)."""
+        if x_MK.shape[0] == 1 and self._kernel_ok and use_kernel(x_MK) and \
+                gemv_supported(self.weight.shape[0], self.scales.shape[0]):
+            return int8_gemv(x_MK, [(self.weight, self.scales)], reduce=False)[0][:, :, None]
+        return self(x_MK)

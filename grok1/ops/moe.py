@@ -59,7 +59,7 @@ def moe_align(ids_MA: torch.Tensor, num_experts: int, block_m: int
     num_slots = _num_slots(P, num_experts, block_m)
     sorted_ids = torch.empty(num_slots, dtype=torch.int32, device=ids_MA.device)
     block_expert = torch.empty(num_slots // block_m, dtype=torch.int32, device=ids_MA.device)
-    ids = ids_MA.reshape(-1).to(torch.int32)
+    ids = ids_MA.reshape(-1).contiguous()  # int32 or int64: the kernel loads either
     moe_align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_slots, num_slots // block_m,
                            E=num_experts, E_PAD=max(2, triton_next_pow2(num_experts)),
                            BM=block_m, CHUNK=1024, num_warps=4)
@@ -84,10 +84,16 @@ def _largest_tile(group_k: int, num_groups: int, k: int, want: int) -> int:
 
 
 def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> dict:
-    """Launch config for P pairs: tuned JSON (configs/moe.json) by nearest P, else defaults."""
-    tuned = nearest_m(load_tuned("moe", device).get(f"D{D}_F{F}_E{E}_{'int8' if quant else 'bf16'}", {}), P)
-    if tuned:
-        return dict(tuned)
+    """Launch config for P pairs: tuned JSON (configs/moe.json) by nearest P, else defaults.
+    Tables are keyed by shape; one tuned at another expert count E (an expert-parallel rank
+    holds E/ranks whole experts) serves when this E has none."""
+    tables = load_tuned("moe", device)
+    dtype = "int8" if quant else "bf16"
+    table = tables.get(f"D{D}_F{F}_E{E}_{dtype}") or next(
+        (t for k, t in tables.items() if k.startswith(f"D{D}_F{F}_E") and k.endswith(dtype)), {})
+    tuned = nearest_m(table, P)
+    if tuned and min(max(int(k), P) / min(int(k), P) for k in table) <= 4:
+        return dict(tuned)  # (a table tuned only at decode sizes says nothing of prefill's)
     if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
         return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
                 "S2": 4, "SPLIT": 4, "LATE": 1, "GEMV": 2, **GEMV_DEFAULTS}
@@ -104,9 +110,12 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
               wg_EDF: torch.Tensor, sg_EGF: torch.Tensor | None,
               wu_EDF: torch.Tensor, su_EGF: torch.Tensor | None,
               wd_EFD: torch.Tensor, sd_EGD: torch.Tensor | None,
-              config: dict | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+              config: dict | None = None, out_dtype: torch.dtype | None = None,
+              reduce: bool = True) -> torch.Tensor:
     """bf16 [M, D]: sum over slots a of gates[m, a] * expert ids[m, a] (x[m]) (Triton kernels).
-    `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks).
+    `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks);
+    `reduce=False` returns the f32 terms [S, M, A, D] (K splits x slots) unsummed, for a
+    consumer that sums them (grok1.ops.rmsnorm.add_rms_norm).
 
     Weights int8 with bf16 scales (all three) or bf16 (scales None).
     """
@@ -117,8 +126,24 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     quant = sg_EGF is not None
     cfg = dict(config or moe_config(P, D, F, E, quant, device_name(x_MD)))
     if P <= cfg.get("GEMV", 0):
-        return _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
-                               sd_EGD, cfg, out_dtype)
+        out = _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
+                              sd_EGD, cfg)
+    else:
+        out = _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
+                             sd_EGD, cfg)
+    if not reduce:
+        return out
+    return out.sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
+
+
+def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
+                   cfg: dict) -> torch.Tensor:
+    """The grouped-GEMM path: f32 terms [S, M, A, D]."""
+    M, D = x_MD.shape
+    A = ids_MA.shape[1]
+    E, _, F = wg_EDF.shape
+    P = M * A
+    quant = sg_EGF is not None
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
     bk1 = _largest_tile(D // G1, G1, D, cfg["BK1"])
@@ -145,7 +170,7 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     k_per_split = triton_cdiv(triton_cdiv(F, split), bk2) * bk2
     split = triton_cdiv(F, k_per_split)
     out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
-    gates_P = gates_MA.to(torch.bfloat16).float().reshape(P)  # the reference rounds gates to bf16
+    gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
     BN2 = cfg["BN2"]
     moe_down_kernel[(num_blocks, triton_cdiv(D, BN2), split)](
         h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
@@ -153,15 +178,17 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
         QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
         EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late,
         MAGIC=quant and bool(cfg.get("MAGIC", 0)), num_warps=cfg["W2"], num_stages=cfg["S2"])
-    return out.view(split, M, A, D).sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
+    return out.view(split, M, A, D)
 
 
 # GEMV path (decode, a pair or two per expert): one program row per (token, slot) pair, each
 # streaming its expert's weight; no align, no padding rows. Pairs that share an expert read it
 # once each, so it only pays while P is about the number of distinct experts (config "GEMV":
-# the largest P it serves). Keys: GBN1/GBK1/GW1 (gate/up), GBN2/GBK2/GW2/GSPLIT (down), MAGIC.
-GEMV_DEFAULTS = {"GBN1": 128, "GBK1": 32, "GW1": 4, "GBN2": 128, "GBK2": 32, "GW2": 4,
-                 "GSPLIT": 8, "MAGIC": 1}
+# the largest P it serves). Keys: GBN1/GBK1/GW1/GSPLIT1 (gate/up), GBN2/GBK2/GW2/GSPLIT (down),
+# MAGIC. GSPLIT1 > 1 splits the gate/up K range too (f32 partials, then one combine kernel):
+# at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
+GEMV_DEFAULTS = {"GBN1": 128, "GBK1": 32, "GW1": 4, "GSPLIT1": 1, "GBN2": 128, "GBK2": 32,
+                 "GW2": 4, "GSPLIT": 8, "MAGIC": 1}
 
 
 def _gemv_tile(group_k: int, want: int) -> int:
@@ -172,9 +199,30 @@ def _gemv_tile(group_k: int, want: int) -> int:
     return bk
 
 
+def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, int, int, int]:
+    """(split, k_per_split, chunk, bk) for a GEMV over K rows in G scale groups: with G > 1
+    whole groups per split, reduced and scaled per group (chunk = group); with one group (or
+    bf16) whole BK tiles per split, reduced once (chunk = k_per_split)."""
+    if G > 1:
+        group_k = K // G
+        bk = _gemv_tile(group_k, want_bk)
+        k_per_split = triton_cdiv(G, max(1, min(want_split, G))) * group_k
+        chunk = group_k
+    else:
+        bk = want_bk
+        k_per_split = triton_cdiv(triton_cdiv(K, max(1, want_split)), bk) * bk
+        chunk = k_per_split
+    return triton_cdiv(K, k_per_split), k_per_split, chunk, bk
+
+
 def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                    cfg: dict, out_dtype) -> torch.Tensor:
-    from grok1.ops.moe_triton import moe_gemv_down_kernel, moe_gemv_gate_up_kernel
+                    cfg: dict) -> torch.Tensor:
+    """The GEMV path: f32 terms [S, M, A, D]."""
+    from grok1.ops.moe_triton import (
+        moe_gelu_combine_kernel,
+        moe_gemv_down_kernel,
+        moe_gemv_gate_up_kernel,
+    )
     cfg = {**GEMV_DEFAULTS, **cfg}
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -185,35 +233,30 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     G2 = sd_EGD.shape[1] if quant else 1
     magic = quant and bool(cfg["MAGIC"])
     x_MD = x_MD.contiguous()
-    ids = ids_MA.reshape(P).to(torch.int32)
-    gk1 = D // G1 if quant else D
-    bk1 = _gemv_tile(gk1, cfg["GBK1"]) if quant else cfg["GBK1"]
-    h_PF = torch.empty(P, F, dtype=torch.bfloat16, device=x_MD.device)
+    ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
+    dev = x_MD.device
+    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg["GSPLIT1"], cfg["GBK1"])
+    h_PF = torch.empty(P, F, dtype=torch.bfloat16, device=dev)
+    parts = h_PF if split1 == 1 else torch.empty(split1, P, 2, F, dtype=torch.float32, device=dev)
     BN1 = cfg["GBN1"]
-    moe_gemv_gate_up_kernel[(P, triton_cdiv(F, BN1))](
-        x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
-        D, F, gk1, G1, A=A, QUANT=quant, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0,
+    moe_gemv_gate_up_kernel[(P, triton_cdiv(F, BN1), split1)](
+        x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
+        P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
+        EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
         MAGIC=magic, num_warps=cfg["GW1"])
-    # down: K split into whole scale groups (bf16: into whole BK tiles)
-    if quant:
-        gk2 = F // G2
-        per = triton_cdiv(G2, max(1, min(cfg["GSPLIT"], G2)))
-        k_per_split = per * gk2
-        bk2 = _gemv_tile(gk2, cfg["GBK2"])
-    else:
-        bk2 = cfg["GBK2"]
-        k_per_split = triton_cdiv(triton_cdiv(F, max(1, cfg["GSPLIT"])), bk2) * bk2
-        gk2 = k_per_split
-    split = triton_cdiv(F, k_per_split)
-    out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
-    gates_P = gates_MA.to(torch.bfloat16).float().reshape(P)  # the reference rounds gates to bf16
+    if split1 > 1:
+        moe_gelu_combine_kernel[(P, triton_cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
+                                                           BN=1024, num_warps=4)
+    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg["GSPLIT"], cfg["GBK2"])
+    out = torch.empty(split, P, D, dtype=torch.float32, device=dev)
+    gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
     BN2 = cfg["GBN2"]
     moe_gemv_down_kernel[(P, triton_cdiv(D, BN2), split)](
-        h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, gk2, G2,
-        k_per_split, QUANT=quant, BN=BN2, BK=bk2,
-        EVEN_K=split * k_per_split == F and gk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
+        h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
+        chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
+        EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
         MAGIC=magic, num_warps=cfg["GW2"])
-    return out.view(split, M, A, D).sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
+    return out.view(split, M, A, D)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -246,13 +289,17 @@ class FusedMoE(torch.nn.Module):
         return cls(moe)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        from grok1.model import route
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
-        _, gates, ids = route(x, self.router, self.top_k)
-        if self._kernel_ok and use_kernel(x):
-            out = fused_moe(x, gates, ids, self.w_gate.weight, self.w_gate.scales,
-                            self.w_up.weight, self.w_up.scales,
-                            self.w_down.weight, self.w_down.scales)
-        else:
-            out = moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down)
-        return out.view_as(x_BTD)
+        out = self.partial_sums(x)
+        return (out if out.dim() == 2 else out.sum(dim=(0, 2)).to(x.dtype)).view_as(x_BTD)
+
+    def partial_sums(self, x_MD: torch.Tensor) -> torch.Tensor:
+        """The output as f32 terms [S, M, A, D] for grok1.ops.rmsnorm.add_rms_norm to sum
+        (the kernels), or bf16 [M, D] (the twin)."""
+        from grok1.ops.router import route_op
+        _, gates, ids = route_op(x_MD, self.router, self.top_k)
+        if self._kernel_ok and use_kernel(x_MD):
+            return fused_moe(x_MD, gates, ids, self.w_gate.weight, self.w_gate.scales,
+                             self.w_up.weight, self.w_up.scales,
+                             self.w_down.weight, self.w_down.scales, reduce=False)
+        return moe_ref(x_MD, gates, ids, self.w_gate, self.w_up, self.w_down)

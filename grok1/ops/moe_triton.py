@@ -18,6 +18,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _gelu_glu(acc_g, acc_u):
+    """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16."""
+    g = acc_g.to(tl.bfloat16).to(tl.float32)
+    u = acc_u.to(tl.bfloat16).to(tl.float32)
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return 0.5 * g * (1.0 + _tanh(inner)) * u
+
+
+@triton.jit
 def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NUM_BLOCKS,
                      E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr):
     """One program: pairs sorted by expert, each expert's run padded to BM with the sentinel P;
@@ -124,10 +133,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
         else:
             acc_g += part_g
             acc_u += part_u
-    g = acc_g.to(tl.bfloat16).to(tl.float32)  # the reference's projections are bf16
-    u = acc_u.to(tl.bfloat16).to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    h = 0.5 * g * (1.0 + _tanh(inner)) * u
+    h = _gelu_glu(acc_g, acc_u)
     ptrs = h_ptr + pair[None, :].to(tl.int64) * F + n[:, None]
     tl.store(ptrs, h.to(tl.bfloat16), mask=valid[None, :] & (n[:, None] < F))
 
@@ -138,8 +144,9 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                     QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
                     LATE: tl.constexpr, MAGIC: tl.constexpr = False):
-    """out[split, pair, n] = gate[pair] * (h[pair, ks] @ Wd[e, ks, n]) over this split's ks;
-    h [P, F] bf16, Wd [E, F, D], gates [P] f32, out [SPLIT, P, D] f32."""
+    """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
+    ks (the reference rounds the gate to bf16); h [P, F] bf16, Wd [E, F, D], gates [P] f32,
+    out [SPLIT, P, D] f32."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -173,7 +180,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
             acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
         else:
             acc += part
-    gate = tl.load(gates_ptr + safe, mask=valid, other=0.0)
+    gate = tl.load(gates_ptr + safe, mask=valid, other=0.0).to(tl.bfloat16).to(tl.float32)
     acc = acc * gate[None, :]
     ptrs = out_ptr + pid_k.to(tl.int64) * P * D + safe[None, :] * D + n[:, None]
     tl.store(ptrs, acc, mask=valid[None, :] & (n[:, None] < D))
@@ -197,14 +204,21 @@ def _i8_to_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, D, F,
-                            GROUP_K, NUM_GROUPS, A: tl.constexpr, QUANT: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                            EVEN_N: tl.constexpr, MAGIC: tl.constexpr):
-    """h[p, n] = bf16(gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e])), e = ids[p];
-    grid (P, cdiv(F, BN)). BK divides GROUP_K."""
+def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
+                            GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
+                            QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                            MAGIC: tl.constexpr):
+    """SPLIT == 1: h[p, n] = bf16(gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e])),
+    e = ids[p], h [P, F] bf16. SPLIT > 1: the f32 partial sums of this split's K range,
+    h [SPLIT, P, 2, F] (gate then up), finished by moe_gelu_combine_kernel: at a narrow
+    (tensor-parallel shard) F the column tiles alone leave most SMs idle.
+    Grid (P, cdiv(F, BN), SPLIT). Exact products accumulate in an f32 [BK, BN] tile, reduced
+    and scaled every CHUNK rows (CHUNK divides GROUP_K, or is K_PER_SPLIT when NUM_GROUPS is 1;
+    BK divides CHUNK; CHUNK divides K_PER_SPLIT)."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     e64 = tl.load(ids_ptr + p).to(tl.int64)
     tok = p // A
     n = pid_n * BN + tl.arange(0, BN)
@@ -216,11 +230,13 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
     x_ptr += tok.to(tl.int64) * D
     acc_g = tl.zeros([BN], dtype=tl.float32)
     acc_u = tl.zeros([BN], dtype=tl.float32)
-    for grp in range(NUM_GROUPS):
+    k_lo = pid_k * K_PER_SPLIT
+    for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
+        k1 = k_lo + c1
         part_g = tl.zeros([BK, BN], dtype=tl.float32)
         part_u = tl.zeros([BK, BN], dtype=tl.float32)
-        for c0 in range(0, GROUP_K, BK):
-            kk = grp * GROUP_K + c0 + tl.arange(0, BK)
+        for c0 in range(0, CHUNK, BK):
+            kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * F + n[None, :]
             if EVEN_K and EVEN_N:
                 xk = tl.load(x_ptr + kk).to(tl.float32)
@@ -238,26 +254,44 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                 part_g += wg.to(tl.float32) * xk[:, None]
                 part_u += wu.to(tl.float32) * xk[:, None]
         if QUANT:
-            acc_g += tl.sum(part_g, 0) * tl.load(sg_ptr + grp * F + n, mask=n_ok, other=0.0).to(tl.float32)
-            acc_u += tl.sum(part_u, 0) * tl.load(su_ptr + grp * F + n, mask=n_ok, other=0.0).to(tl.float32)
+            grp = k1 // GROUP_K
+            s_ok = n_ok & (k1 < D)
+            acc_g += tl.sum(part_g, 0) * tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+            acc_u += tl.sum(part_u, 0) * tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         else:
             acc_g += tl.sum(part_g, 0)
             acc_u += tl.sum(part_u, 0)
-    g = acc_g.to(tl.bfloat16).to(tl.float32)  # the reference's projections are bf16
-    u = acc_u.to(tl.bfloat16).to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    h = 0.5 * g * (1.0 + _tanh(inner)) * u
-    tl.store(h_ptr + p.to(tl.int64) * F + n, h.to(tl.bfloat16), mask=n_ok)
+    if SPLIT == 1:
+        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(acc_g, acc_u).to(tl.bfloat16), mask=n_ok)
+    else:
+        row = h_ptr + ((pid_k * P + p) * 2).to(tl.int64) * F
+        tl.store(row + n, acc_g, mask=n_ok)
+        tl.store(row + F + n, acc_u, mask=n_ok)
+
+
+@triton.jit
+def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.constexpr):
+    """h[p, n] = bf16(gelu(bf16(sum_s g)) * bf16(sum_s u)) from the split-K partials
+    part [SPLIT, P, 2, F] f32 of moe_gemv_gate_up_kernel; grid (P, cdiv(F, BN))."""
+    p = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = n < F
+    g = tl.zeros([BN], dtype=tl.float32)
+    u = tl.zeros([BN], dtype=tl.float32)
+    for s in range(SPLIT):
+        row = part_ptr + ((s * P + p) * 2).to(tl.int64) * F
+        g += tl.load(row + n, mask=n_ok, other=0.0)
+        u += tl.load(row + F + n, mask=n_ok, other=0.0)
+    tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u).to(tl.bfloat16), mask=n_ok)
 
 
 @triton.jit
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
-                         NUM_GROUPS, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
+                         NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                          MAGIC: tl.constexpr):
-    """out[split, p, n] = gate[p] * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p];
-    grid (P, cdiv(D, BN), SPLIT). GROUP_K (the scale group; for bf16 any chunk) divides
-    K_PER_SPLIT, BK divides GROUP_K."""
+    """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p];
+    grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -269,10 +303,10 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
     h_ptr += p.to(tl.int64) * F
     acc = tl.zeros([BN], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
-    for c1 in range(0, K_PER_SPLIT, GROUP_K):  # the last split may run past F: masked
+    for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
         part = tl.zeros([BK, BN], dtype=tl.float32)
-        for c0 in range(0, GROUP_K, BK):
+        for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * D + n[None, :]
             if EVEN_K and EVEN_N:
@@ -291,5 +325,5 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
             acc += tl.sum(part, 0) * tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         else:
             acc += tl.sum(part, 0)
-    acc = acc * tl.load(gates_ptr + p)
+    acc = acc * tl.load(gates_ptr + p).to(tl.bfloat16).to(tl.float32)
     tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, acc, mask=n_ok)

@@ -14,9 +14,17 @@ from grok1.model import RMS_EPS, rms_norm
 from grok1.ops._triton import use_kernel
 
 
-def add_rms_norm_ref(h_MD: torch.Tensor, a_MD: torch.Tensor, w_a_D: torch.Tensor,
+def summed(a: torch.Tensor) -> torch.Tensor:
+    """The bf16 [M, D] value of `a`: itself, or partial sums [S, M, A, D] (e.g. the K splits
+    of a GEMV, the MoE's slots) summed in f32 and rounded once, as one matmul rounds."""
+    if a.dim() == 4:
+        a = a.float().sum(dim=(0, 2))
+    return a.to(torch.bfloat16)
+
+
+def add_rms_norm_ref(h_MD: torch.Tensor, a: torch.Tensor, w_a_D: torch.Tensor,
                      w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = h_MD + rms_norm(a_MD, w_a_D)
+    h = h_MD + rms_norm(summed(a), w_a_D)
     return h, rms_norm(h, w_next_D)
 
 
@@ -27,22 +35,24 @@ def rms_norm_op(x_MD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
     x = x_MD.contiguous()
     M, D = x.shape
     out = torch.empty_like(x)
-    rmsnorm_kernel[(M,)](x, x, w_D, w_D, out, out, D, RMS_EPS, FUSED=False,
+    rmsnorm_kernel[(M,)](x, x, w_D, w_D, out, out, M, D, RMS_EPS, FUSED=False,
                          BLOCK=triton_block(D), num_warps=8)
     return out
 
 
-def add_rms_norm(h_MD: torch.Tensor, a_MD: torch.Tensor, w_a_D: torch.Tensor,
+def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor, w_a_D: torch.Tensor,
                  w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + rms_norm(a, w_a), rms_norm of that with w_next), both bf16 [M, D]."""
+    """(h + rms_norm(summed(a), w_a), rms_norm of that with w_next), both bf16 [M, D]; `a` is
+    [M, D] (bf16, or f32 rounded here) or partial sums [S, M, A, D], summed in the kernel."""
     if not use_kernel(h_MD):
-        return add_rms_norm_ref(h_MD, a_MD, w_a_D, w_next_D)
+        return add_rms_norm_ref(h_MD, a, w_a_D, w_next_D)
     from grok1.ops.rmsnorm_triton import rmsnorm_kernel
-    h, a = h_MD.contiguous(), a_MD.contiguous()
+    h, a = h_MD.contiguous(), a.contiguous()
     M, D = h.shape
+    S, _, A, _ = a.shape if a.dim() == 4 else (1, M, 1, D)
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
-    rmsnorm_kernel[(M,)](a, h, w_a_D, w_next_D, h_out, x_out, D, RMS_EPS, FUSED=True,
-                         BLOCK=triton_block(D), num_warps=8)
+    rmsnorm_kernel[(M,)](a, h, w_a_D, w_next_D, h_out, x_out, M, D, RMS_EPS, FUSED=True,
+                         BLOCK=triton_block(D), S=S, A=A, num_warps=8)
     return h_out, x_out
 
 

@@ -14,9 +14,16 @@ from grok1.model import apply_rope
 from grok1.ops._triton import use_kernel
 
 
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    """[M, heads, H] bf16 from itself or from f32 partial sums [S, M, heads, H] (K splits of
+    the projection), summed in f32 and rounded once."""
+    return t.float().sum(0).to(torch.bfloat16) if t.dim() == 4 else t
+
+
 def rope_and_cache_ref(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Tensor,
                        cos_MH: torch.Tensor, sin_MH: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slots_M: torch.Tensor) -> torch.Tensor:
+    q_MNH, k_MKH, v_MKH = _summed(q_MNH), _summed(k_MKH), _summed(v_MKH)
     k = apply_rope(k_MKH[None], cos_MH[None], sin_MH[None])[0]  # k first, as the reference
     q = apply_rope(q_MNH[None], cos_MH[None], sin_MH[None])[0]
     K, H = k.shape[1:]
@@ -28,16 +35,23 @@ def rope_and_cache_ref(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Te
 def rope_and_cache(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Tensor,
                    cos_MH: torch.Tensor, sin_MH: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slots_M: torch.Tensor) -> torch.Tensor:
-    """Rotated q [M, N, H]; rotated k and v written to the caches [P, PAGE, K, H]."""
+    """Rotated q [M, N, H] bf16; rotated k and v written to the caches [P, PAGE, K, H].
+    q/k/v are [M, heads, H] bf16, or f32 partial sums [S, M, heads, H] of a split-K
+    projection (grok1.ops.linear.project_many), summed and rounded to bf16 here first."""
     if not use_kernel(q_MNH):
         return rope_and_cache_ref(q_MNH, k_MKH, v_MKH, cos_MH, sin_MH, k_cache, v_cache, slots_M)
     from grok1.ops.rope_triton import rope_cache_kernel
-    M, N, H = q_MNH.shape
-    K = k_MKH.shape[1]
-    q_out = torch.empty(M, N, H, dtype=q_MNH.dtype, device=q_MNH.device)
+    q4, k4, v4 = (t if t.dim() == 4 else t[None] for t in (q_MNH, k_MKH, v_MKH))
+    if not (q4.shape[0] == k4.shape[0] == v4.shape[0]) or \
+            any(t.stride(-1) != 1 for t in (q4, k4, v4)):
+        raise ValueError("rope_and_cache: q, k, v need the same number of partial sums and "
+                         "contiguous heads")
+    S, M, N, H = q4.shape
+    K = k4.shape[2]
+    q_out = torch.empty(M, N, H, dtype=torch.bfloat16, device=q4.device)
     hp = max(16, 1 << (H - 1).bit_length())
     rope_cache_kernel[(M, N + K)](
-        q_MNH, k_MKH, v_MKH, cos_MH.contiguous(), sin_MH.contiguous(), q_out, k_cache, v_cache,
-        slots_M, q_MNH.stride(0), q_MNH.stride(1), k_MKH.stride(0), k_MKH.stride(1),
-        v_MKH.stride(0), v_MKH.stride(1), N=N, K=K, H=H, H_PAD=hp, num_warps=1)
+        q4, k4, v4, cos_MH.contiguous(), sin_MH.contiguous(), q_out, k_cache, v_cache,
+        slots_M, *q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], N=N, K=K, H=H,
+        H_PAD=hp, S=S, num_warps=1)
     return q_out

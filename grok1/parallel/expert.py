@@ -67,15 +67,21 @@ class ParallelMoE(MoE):
     _kernel_ok: bool
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        from grok1.ops._triton import use_kernel
-
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
-        logits, gates, ids = route(x, self.router, self.top_k)
+        return self.partial_sums(x).to(x.dtype).view_as(x_BTD)
+
+    def partial_sums(self, x_MD: torch.Tensor) -> torch.Tensor:
+        """The f32 sum over ranks [M, D], before its one rounding to bf16 (the engine's fused
+        residual norm rounds it)."""
+        from grok1.ops._triton import use_kernel
+        from grok1.ops.router import route_op
+
+        # the kernels' router at inference; the twin while training (its logits feed losses)
+        logits, gates, ids = (route if self.training else route_op)(x_MD, self.router, self.top_k)
         if self.training:
             self.last_router_logits, self.last_expert_ids = logits, ids
-        partial = kernel_partial if self._kernel_ok and use_kernel(x) else expert_partial
-        out = all_reduce_(partial(x, gates, ids, self, self.experts), self.moe_group)
-        return out.to(x.dtype).view_as(x_BTD)
+        partial = kernel_partial if self._kernel_ok and use_kernel(x_MD) else expert_partial
+        return all_reduce_(partial(x_MD, gates, ids, self, self.experts), self.moe_group)
 
 
 def install_moe_reduce(moe: MoE, experts: range, group: dist.ProcessGroup | None) -> None:

@@ -254,17 +254,24 @@ class RowParallelLinear(Linear):
     _kernel_ok: bool
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        if expert is not None:
+            return all_reduce_(matmul_f32(x, self.dense(expert)), self.group).to(x.dtype)
+        return self.partial_sums(x).to(x.dtype)
+
+    def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """The f32 sum over ranks, before its one rounding to bf16 (the engine's fused residual
+        norm rounds it)."""
         from grok1.ops._triton import use_kernel
 
-        if expert is None and self._kernel_ok and use_kernel(x):
+        if self._kernel_ok and use_kernel(x):
             from grok1.ops.linear import int8_linear
 
             x_MK = x.reshape(-1, x.shape[-1])
             partial = int8_linear(x_MK, self.weight, self.scales, out_dtype=torch.float32)
             partial = partial.view(*x.shape[:-1], -1)
         else:
-            partial = matmul_f32(x, self.dense(expert))
-        return all_reduce_(partial, self.group).to(x.dtype)
+            partial = matmul_f32(x, self.dense())
+        return all_reduce_(partial, self.group)
 
 
 def _row_parallel(lin: Linear, group: dist.ProcessGroup | None) -> None:

@@ -1,0 +1,95 @@
+"""The attention projections' GEMV (decode at batch 1: q/k/v in one launch, then o) at the
+shapes of 1, 2, 4 and 8 tensor-parallel ranks: time per launch config, beside its roofline
+(weight bytes / copy bandwidth measured in the same run). Times are per call inside a CUDA graph
+(as the engine replays them), cycling through copies of the weights larger than L2 so every call
+reads HBM. Writes the fastest config per shape in the grok1/ops/configs/linear.json format
+(--tuned-out) and every measurement as JSON (--out)."""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from grok1.engine.bench_cli import measure_ceilings, time_graph_ms
+from grok1.ops._triton import CONFIG_DIR, device_name
+from grok1.ops.linear import GEMV_CONFIG, gemv_key, int8_gemv
+
+D, Q, KV, O_GROUPS = 6144, 6144, 1024, 8  # Grok-1: q heads 48 x 128, kv heads 8 x 128
+TILES = [{"BN": bn, "BK": bk, "W": w} for bn, bk, w in [
+    (128, 32, 4), (64, 32, 2), (64, 64, 4), (128, 16, 2), (128, 64, 8), (256, 16, 4),
+    (256, 32, 8), (64, 16, 1), (128, 32, 2)]]
+PROGRAMS = [132, 264, 528, 1056, 2112]
+L2_BYTES = 256 << 20  # rotate through at least this much weight (H100 L2: 50 MB)
+
+
+def shapes(tp: int) -> list[tuple[int, list[int], int]]:
+    """(K, Ns, G) of the q/k/v launch and the o launch on one of `tp` ranks (KV heads are
+    replicated past 8 ranks, so a rank keeps at least one)."""
+    kv = max(KV // tp, 128)
+    return [(D, [Q // tp, kv, kv], 1), (Q // tp, [D], max(1, O_GROUPS // tp))]
+
+
+def time_rotating(x: torch.Tensor, mats: list, cfg: dict) -> float:
+    """ms per int8_gemv call, one call per weight copy captured in one CUDA graph."""
+    copies = itertools.cycle(mats)
+    return time_graph_ms(lambda: int8_gemv(x, next(copies), config=cfg), calls=len(mats))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--tuned-out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON list of every measurement")
+    args = p.parse_args()
+    ceil = measure_ceilings()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tuned, rows = {}, []
+    for tp in args.tp:
+        for K, Ns, G in shapes(tp):
+            nbytes = sum(K * n + 2 * G * n for n in Ns)
+            copies = max(1, -(-L2_BYTES // nbytes))
+            mats = [[(torch.randint(-127, 128, (K, n), dtype=torch.int8, device="cuda", generator=g),
+                      (torch.rand(G, n, device="cuda", generator=g) * 1e-2).to(torch.bfloat16))
+                     for n in Ns] for _ in range(copies)]
+            x = torch.randn(1, K, device="cuda", generator=g).to(torch.bfloat16)
+            roof_ms = nbytes / ceil["copy_gbps"] / 1e6
+            key = gemv_key(K, Ns)
+
+            best = None
+            for stage in (TILES, [{"PROGRAMS": n} for n in PROGRAMS]):
+                base = dict(best[1]) if best else dict(GEMV_CONFIG)
+                for change in stage:
+                    cfg = {**base, **change}
+                    try:
+                        ms = time_rotating(x, mats, cfg)
+                    except Exception as e:  # noqa: BLE001 (a config that does not fit is skipped)
+                        print(f"{key} {cfg}: failed ({type(e).__name__}: {e})")
+                        continue
+                    pct = 100 * roof_ms / ms
+                    print(f"tp={tp} {key} {cfg}: {1e3 * ms:.1f} us | roofline {1e3 * roof_ms:.1f} us "
+                          f"({pct:.0f}%)", flush=True)
+                    rows.append({"gpu": torch.cuda.get_device_name(), "tp": tp, "key": key,
+                                 "config": cfg, "us": 1e3 * ms, "roofline_us": 1e3 * roof_ms,
+                                 "pct_of_roofline": pct, "copy_gbps": ceil["copy_gbps"]})
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+            if best:
+                tuned[key] = {k: v for k, v in best[1].items() if GEMV_CONFIG.get(k) != v}
+                print(f"best {key}: {1e3 * best[0]:.1f} us = {100 * roof_ms / best[0]:.0f}% of "
+                      f"roofline, {tuned[key]}")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.tuned_out:
+        path = CONFIG_DIR / "linear.json"
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table.setdefault(device_name(x).split("|")[1], {}).update(tuned)
+        args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
