@@ -29,7 +29,8 @@ GEMV_STAGES = [
             (128, 32, 4, 128, 32, 4), (256, 16, 4, 256, 16, 4), (64, 64, 4, 64, 64, 4),
             (128, 64, 8, 128, 64, 8), (256, 32, 8, 64, 32, 4), (64, 32, 2, 64, 32, 2)]],
     [{"GSPLIT1": s} for s in (1, 2, 4, 8)],
-    [{"GSPLIT": s} for s in (2, 4, 8)]]
+    [{"GSPLIT": s} for s in (2, 4, 8)],
+    [{"GS1": s, "GS2": s} for s in (1, 2, 4)]]
 DECODE_STAGES = [[{"MAGIC": 0}, {"MAGIC": 1}]]
 PREFILL_STAGES = [
     [{"MAGIC": 0}, {"MAGIC": 1}],
@@ -46,16 +47,19 @@ def main() -> None:
                    help="expert width F per rank: 32768 whole, 16384/8192/4096 the MoE's "
                         "tensor-parallel shards on 2/4/8 GPUs")
     p.add_argument("--tuned-out", type=Path, default=None)
+    p.add_argument("--key", choices=["arch", "exact"], default="arch",
+                   help="file the configs under the architecture (sm_90: every Hopper card "
+                        "falls back to them) or this card's exact name (overrides it)")
     args = p.parse_args()
     ceil = measure_ceilings()
     table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept
     for F in args.widths:
-        sweep_width(args.tokens, F, ceil, table)
+        sweep_width(args.tokens, F, ceil, table, 1 if args.key == "arch" else 0)
     if args.tuned_out:
         args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
 
 
-def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict) -> None:
+def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: int) -> None:
     D, E, A = 6144, 8, 2
     g = torch.Generator(device="cuda").manual_seed(0)
     w = [torch.randint(-127, 128, s, dtype=torch.int8, device="cuda", generator=g)
@@ -97,7 +101,7 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict) -> None:
     for P, cfg in tuned.items():
         print(f"best F={F} P={P}: {cfg}")
     key = f"D{D}_F{F}_E{E}_int8"
-    table.setdefault(device_name(x).split("|")[1], {}).setdefault(key, {}).update(tuned)
+    table.setdefault(device_name(x).split("|")[key_part], {}).setdefault(key, {}).update(tuned)
 
 
 if __name__ == "__main__":

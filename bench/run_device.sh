@@ -3,7 +3,8 @@
 # Logs and JSON go to $OUT (or /tmp/grok1_out). Usage: bash bench/run_device.sh [STEP]...
 # Steps: tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep; MOE_ARGS
 # e.g. "--tokens 1 --widths 32768 8192"), linear (the attention GEMV sweep), bench,
-# profile, reference (xAI's JAX code on the same GPU, from a git-ignored .ref/ holding its
+# profile, parallel (bench/parallel_decode.py on every GPU: LAYERS, MOE), ptests (multi-GPU
+# tests), serve_tp (serve under torchrun on every GPU, as serve), reference (xAI's JAX code on the same GPU, from a git-ignored .ref/ holding its
 # model.py, runners.py, checkpoint.py, tokenizer.model, ref_jax_bench.py and the dm-haiku, jmp
 # and tabulate wheels; carry .ref), serve (grok1 serve on 4 random full-width layers under
 # bench/serve_load.py; carry .whl with fastapi, uvicorn, pydantic and their needs, and the Grok-1
@@ -37,11 +38,32 @@ for _ in range(180):
              --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), 4 random full-width layers, int8" \
              --out "$OUT/serve_load.json" 2>&1 | tail -20 | tee "$OUT/serve_load.log"
            pkill -f "grok1 serve" ;;
+    serve_tp) python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+           n=$(nvidia-smi -L | wc -l)
+           PYTHONPATH=/tmp/site:$PYTHONPATH NCCL_NVLS_ENABLE=0 setsid torchrun --standalone \
+             --nproc-per-node "$n" -m grok1 serve --tp "$n" --dummy-layers 4 \
+             --tokenizer "${GROK_TOKENIZER:-.ref/tokenizer.model}" --max-batch-size 64 \
+             --port 8001 --log-level warning > "$OUT/serve_tp.log" 2>&1 &
+           python3 -c "import time,urllib.request as u
+for _ in range(240):
+    try: u.urlopen('http://127.0.0.1:8001/health', timeout=2); break
+    except Exception: time.sleep(1)"
+           PYTHONPATH=/tmp/site:$PYTHONPATH timeout 150 python3 bench/serve_load.py \
+             --url http://127.0.0.1:8001 --requests 300 --concurrency 32 --max-tokens 64 \
+             --label "$n x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), torchrun --tp $n, 4 random full-width layers, int8" \
+             --out "$OUT/serve_load_tp$n.json" 2>&1 | tail -20 | tee "$OUT/serve_load_tp.log"
+           pkill -INT -f "grok1 serve"; sleep 15; tail -5 "$OUT/serve_tp.log" ;;
     moe) timeout 170 python3 bench/moe.py ${MOE_ARGS:-} --tuned-out "$OUT/moe_tuned.json" 2>&1 \
            | tee "$OUT/moe.log" ;;
     linear) timeout 200 python3 bench/linear.py --tuned-out "$OUT/linear_tuned.json" \
               --out "$OUT/linear_sweep.json" 2>&1 | tee "$OUT/linear.log" ;;
     profile) timeout 60 python3 bench/profile_step.py 2>&1 | tee "$OUT/profile.log" ;;
+    parallel) NCCL_NVLS_ENABLE=0 timeout 330 torchrun --standalone --nproc-per-node "$(nvidia-smi -L | wc -l)" \
+                bench/parallel_decode.py --layers "${LAYERS:-64}" --moe ${MOE:-tp ep} --profile \
+                ${PARALLEL_ARGS:-} --out "$OUT" > "$OUT/parallel_decode.log" 2>&1
+              grep -E "^\[|built|skip" "$OUT/parallel_decode.log" ;;
+    ptests) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_parallel_dist.py \
+              tests/test_server_ranks.py 2>&1 | tail -15 | tee "$OUT/ptests.log" ;;
     bench) [ -s "$OUT/moe_tuned.json" ] && cp "$OUT/moe_tuned.json" grok1/ops/configs/moe.json
            [ -s "$OUT/linear_tuned.json" ] && cp "$OUT/linear_tuned.json" grok1/ops/configs/linear.json
            timeout 120 python3 bench/decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.log"
