@@ -15,6 +15,27 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH
 steps=${*:-tests moe bench}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+
+# load_test PORT REQUESTS LABEL NAME CMD...: start `CMD --port PORT ...` (a grok1 serve) with the
+# Grok-1 tokenizer, wait for /health (warm-up included), drive it with bench/serve_load.py at 32
+# concurrent, then stop it with SIGINT (a graceful shutdown; torchrun passes it to every rank).
+load_test() {
+  local port=$1 requests=$2 label=$3 name=$4; shift 4
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=/tmp/site:$PYTHONPATH NCCL_NVLS_ENABLE=0 setsid "$@" \
+    --tokenizer "${GROK_TOKENIZER:-.ref/tokenizer.model}" --max-batch-size 64 --port "$port" \
+    --log-level warning > "$OUT/$name.server.log" 2>&1 &
+  python3 -c "import time,urllib.request as u
+for _ in range(240):
+    try: u.urlopen('http://127.0.0.1:$port/health', timeout=2); break
+    except Exception: time.sleep(1)"
+  PYTHONPATH=/tmp/site:$PYTHONPATH timeout 150 python3 bench/serve_load.py \
+    --url "http://127.0.0.1:$port" --requests "$requests" --concurrency 32 --max-tokens 64 \
+    --label "$label" --out "$OUT/$name.json" 2>&1 | tail -20 | tee "$OUT/$name.log"
+  pkill -INT -f "grok1 serve"; sleep 15; tail -3 "$OUT/$name.server.log"
+}
+
 for s in $steps; do
   case $s in
     tests) timeout 170 python3 -m pytest -q -m gpu tests/test_ops_moe.py tests/test_ops_attention.py \
@@ -25,34 +46,12 @@ for s in $steps; do
            REF_DIR=$PWD/.ref TOKENIZER=$PWD/.ref/tokenizer.model XLA_PYTHON_CLIENT_PREALLOCATE=false \
              PYTHONPATH=/tmp/refsite:$PYTHONPATH timeout 240 python3 .ref/ref_jax_bench.py 4 1 1024 24 8192 \
              2>&1 | tail -5 | tee "$OUT/reference.log" ;;
-    serve) python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-           PYTHONPATH=/tmp/site:$PYTHONPATH setsid python3 -m grok1 serve --dummy-layers 4 \
-             --tokenizer "${GROK_TOKENIZER:-.ref/tokenizer.model}" --device cuda --max-batch-size 64 \
-             --port 8000 --log-level warning > "$OUT/serve.log" 2>&1 &
-           python3 -c "import time,urllib.request as u
-for _ in range(180):
-    try: u.urlopen('http://127.0.0.1:8000/health', timeout=2); break
-    except Exception: time.sleep(1)"
-           PYTHONPATH=/tmp/site:$PYTHONPATH timeout 150 python3 bench/serve_load.py \
-             --url http://127.0.0.1:8000 --requests 500 --concurrency 32 --max-tokens 64 \
-             --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), 4 random full-width layers, int8" \
-             --out "$OUT/serve_load.json" 2>&1 | tail -20 | tee "$OUT/serve_load.log"
-           pkill -f "grok1 serve" ;;
-    serve_tp) python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-           n=$(nvidia-smi -L | wc -l)
-           PYTHONPATH=/tmp/site:$PYTHONPATH NCCL_NVLS_ENABLE=0 setsid torchrun --standalone \
-             --nproc-per-node "$n" -m grok1 serve --tp "$n" --dummy-layers 4 \
-             --tokenizer "${GROK_TOKENIZER:-.ref/tokenizer.model}" --max-batch-size 64 \
-             --port 8001 --log-level warning > "$OUT/serve_tp.log" 2>&1 &
-           python3 -c "import time,urllib.request as u
-for _ in range(240):
-    try: u.urlopen('http://127.0.0.1:8001/health', timeout=2); break
-    except Exception: time.sleep(1)"
-           PYTHONPATH=/tmp/site:$PYTHONPATH timeout 150 python3 bench/serve_load.py \
-             --url http://127.0.0.1:8001 --requests 300 --concurrency 32 --max-tokens 64 \
-             --label "$n x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), torchrun --tp $n, 4 random full-width layers, int8" \
-             --out "$OUT/serve_load_tp$n.json" 2>&1 | tail -20 | tee "$OUT/serve_load_tp.log"
-           pkill -INT -f "grok1 serve"; sleep 15; tail -5 "$OUT/serve_tp.log" ;;
+    serve) load_test 8000 500 "$GPU, 4 random full-width layers, int8" serve_load \
+             python3 -m grok1 serve --dummy-layers 4 --device cuda ;;
+    serve_tp) n=$(nvidia-smi -L | wc -l)
+           load_test 8001 300 "$n x $GPU, torchrun --tp $n, 4 random full-width layers, int8" \
+             "serve_load_tp$n" torchrun --standalone --nproc-per-node "$n" -m grok1 serve --tp "$n" \
+             --dummy-layers 4 ;;
     moe) timeout 170 python3 bench/moe.py ${MOE_ARGS:-} --tuned-out "$OUT/moe_tuned.json" 2>&1 \
            | tee "$OUT/moe.log" ;;
     linear) timeout 200 python3 bench/linear.py --tuned-out "$OUT/linear_tuned.json" \
