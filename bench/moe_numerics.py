@@ -1,0 +1,89 @@
+"""What faithfulness to the reference's int8 rounding costs in the fused MoE: each path timed
+(inside a CUDA graph for decode sizes) and its distance from the twin (model.moe_ref, the
+reference's bf16(w * s) weights), with the reference's rounding (ROUND=1 for the GEMV, LATE=0
+for the grouped GEMM) and with exact int8 products scaled afterwards (ROUND=0, LATE=1), on the
+tuned configs otherwise. Full width and the 4-GPU shard's width; random int8 weights. Prints
+one line per case beside its roofline and writes them as JSON (--out)."""
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from grok1.engine.bench_cli import measure_ceilings, time_graph_ms, time_ms
+from grok1.model import Linear, moe_ref
+from grok1.ops._triton import device_name
+from grok1.ops.moe import fused_moe, moe_config
+
+D, E, A = 6144, 8, 2
+
+
+def expert_linears(F: int, g: torch.Generator) -> list[Linear]:
+    """gate, up [E, D, F] (one scale group) and down [E, F, D] (8 groups), random int8."""
+    out = []
+    for d_in, d_out, groups in [(D, F, 1), (D, F, 1), (F, D, 8)]:
+        with torch.device("cuda"):
+            lin = Linear(d_in, d_out, experts=E, quant_groups=groups)
+        lin.weight.copy_(torch.randint(-127, 128, lin.weight.shape, generator=g, device="cuda",
+                                       dtype=torch.int8))
+        lin.scales.copy_(torch.rand(lin.scales.shape, generator=g, device="cuda") * 1e-3 + 1e-4)
+        out.append(lin)
+    return out
+
+
+def run_case(x, gates, ids, lins: list[Linear], cfg: dict) -> torch.Tensor:
+    wg, wu, wd = lins
+    return fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
+                     wd.scales, cfg, out_dtype=torch.float32)
+
+
+def sweep_width(F: int, tokens: list[int], ceil: dict, g: torch.Generator) -> list[dict]:
+    lins = expert_linears(F, g)
+    rows = []
+    for M in tokens:
+        x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
+        gates, ids = torch.softmax(torch.randn(M, E, device="cuda", generator=g), -1).topk(A, -1)
+        ref = moe_ref(x, gates, ids, *lins, out_dtype=torch.float32)
+        base = moe_config(M * A, D, F, E, True, device_name(x))
+        gemv = M * A <= base.get("GEMV", 0)
+        key = "ROUND" if gemv else "LATE"
+        nbytes = ids.unique().numel() * 3 * D * F
+        roof = max(nbytes / ceil["copy_gbps"] / 1e6,
+                   2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
+        for faithful in (True, False):
+            value = int(faithful) if gemv else int(not faithful)
+            call = functools.partial(run_case, x, gates, ids, lins, {**base, key: value})
+            err = float((call() - ref).norm() / ref.norm())
+            ms = time_graph_ms(call, calls=10) if M <= 64 else time_ms(call, reps=10)
+            row = {"gpu": torch.cuda.get_device_name(), "F": F, "tokens": M,
+                   "path": "gemv" if gemv else "grouped_gemm", key: value,
+                   "reference_rounding": faithful, "ms": ms, "roofline_ms": roof,
+                   "pct_of_roofline": 100 * roof / ms, "rel_err_vs_twin": err}
+            rows.append(row)
+            print(f"F={F} M={M} {row['path']} {key}={value} "
+                  f"({'reference rounding' if faithful else 'exact products'}): {ms:.3f} ms | "
+                  f"roofline {roof:.3f} ms ({row['pct_of_roofline']:.0f}%) | vs twin {err:.2e}",
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--widths", type=int, nargs="+", default=[32768, 8192])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    ceil = measure_ceilings()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = [r for F in args.widths for r in sweep_width(F, args.tokens, ceil, g)]
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
