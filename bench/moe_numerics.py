@@ -1,9 +1,10 @@
 """What faithfulness to the reference's int8 rounding costs in the fused MoE: each path timed
-(inside a CUDA graph for decode sizes) and its distance from the twin (model.moe_ref, the
-reference's bf16(w * s) weights), with the reference's rounding (ROUND=1 for the GEMV, LATE=0
-for the grouped GEMM) and with exact int8 products scaled afterwards (ROUND=0, LATE=1), on the
-tuned configs otherwise. Full width and the 4-GPU shard's width; random int8 weights. Prints
-one line per case beside its roofline and writes them as JSON (--out)."""
+(inside a CUDA graph for decode sizes) beside its distance from the twin (model.moe_ref, the
+reference's bf16(w * s) weights). The grouped GEMM either dequantizes tiles as the reference does
+(LATE=0) or scales exact int8 products afterwards (LATE=1); the decode GEMV only does the
+latter, so at its sizes the faithful alternative is the grouped GEMM with LATE=0. Full width and
+the 4-GPU shard's width; random int8 weights; tuned configs otherwise. Prints one line per case
+beside its roofline and writes them as JSON (--out)."""
 
 import argparse
 import functools
@@ -50,25 +51,25 @@ def sweep_width(F: int, tokens: list[int], ceil: dict, g: torch.Generator) -> li
         gates, ids = torch.softmax(torch.randn(M, E, device="cuda", generator=g), -1).topk(A, -1)
         ref = moe_ref(x, gates, ids, *lins, out_dtype=torch.float32)
         base = moe_config(M * A, D, F, E, True, device_name(x))
-        gemv = M * A <= base.get("GEMV", 0)
-        key = "ROUND" if gemv else "LATE"
+        if M * A <= base.get("GEMV", 0):
+            variants = [("gemv", False, base), ("grouped_gemm", True, {**base, "GEMV": 0, "LATE": 0})]
+        else:
+            variants = [("grouped_gemm", True, {**base, "LATE": 0}),
+                        ("grouped_gemm", False, {**base, "LATE": 1})]
         nbytes = ids.unique().numel() * 3 * D * F
         roof = max(nbytes / ceil["copy_gbps"] / 1e6,
                    2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
-        for faithful in (True, False):
-            value = int(faithful) if gemv else int(not faithful)
-            call = functools.partial(run_case, x, gates, ids, lins, {**base, key: value})
+        for path, faithful, cfg in variants:
+            call = functools.partial(run_case, x, gates, ids, lins, cfg)
             err = float((call() - ref).norm() / ref.norm())
             ms = time_graph_ms(call, calls=10) if M <= 64 else time_ms(call, reps=10)
-            row = {"gpu": torch.cuda.get_device_name(), "F": F, "tokens": M,
-                   "path": "gemv" if gemv else "grouped_gemm", key: value,
-                   "reference_rounding": faithful, "ms": ms, "roofline_ms": roof,
+            row = {"gpu": torch.cuda.get_device_name(), "F": F, "tokens": M, "path": path,
+                   "reference_rounding": faithful, "config": cfg, "ms": ms, "roofline_ms": roof,
                    "pct_of_roofline": 100 * roof / ms, "rel_err_vs_twin": err}
             rows.append(row)
-            print(f"F={F} M={M} {row['path']} {key}={value} "
-                  f"({'reference rounding' if faithful else 'exact products'}): {ms:.3f} ms | "
-                  f"roofline {roof:.3f} ms ({row['pct_of_roofline']:.0f}%) | vs twin {err:.2e}",
-                  flush=True)
+            print(f"F={F} M={M} {path} ({'reference rounding' if faithful else 'exact products'})"
+                  f": {ms:.3f} ms | roofline {roof:.3f} ms ({row['pct_of_roofline']:.0f}%) | vs "
+                  f"twin {err:.2e}", flush=True)
     return rows
 
 

@@ -204,25 +204,11 @@ def _i8_to_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _gemv_terms(w, s_row, xk, QUANT: tl.constexpr, ROUND: tl.constexpr, MAGIC: tl.constexpr):
-    """One [BK, BN] tile's f32 products with x: int8 weights exact (the chunk's sum is scaled
-    afterwards), or with ROUND dequantized first as the reference does, bf16(w * s) (then the
-    sum needs no scale); bf16 weights as they are."""
-    if QUANT:
-        wf = _i8_to_f32(w, MAGIC)
-        if ROUND:
-            wf = (wf * s_row[None, :]).to(tl.bfloat16).to(tl.float32)
-    else:
-        wf = w.to(tl.float32)
-    return wf * xk[:, None]
-
-
-@triton.jit
 def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
                             QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                            MAGIC: tl.constexpr, ROUND: tl.constexpr = False):
+                            MAGIC: tl.constexpr):
     """SPLIT == 1: h[p, n] = bf16(gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e])),
     e = ids[p], h [P, F] bf16. SPLIT > 1: the f32 partial sums of this split's K range,
     h [SPLIT, P, 2, F] (gate then up), finished by moe_gelu_combine_kernel: at a narrow
@@ -249,13 +235,6 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
         k1 = k_lo + c1
         part_g = tl.zeros([BK, BN], dtype=tl.float32)
         part_u = tl.zeros([BK, BN], dtype=tl.float32)
-        s_g = tl.zeros([BN], dtype=tl.float32)
-        s_u = tl.zeros([BN], dtype=tl.float32)
-        if QUANT:  # the chunk's scale row (a chunk lies inside one group)
-            grp = k1 // GROUP_K
-            s_ok = n_ok & (k1 < D)
-            s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
-            s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * F + n[None, :]
@@ -268,11 +247,17 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                 xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
                 wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            part_g += _gemv_terms(wg, s_g, xk, QUANT, ROUND, MAGIC)
-            part_u += _gemv_terms(wu, s_u, xk, QUANT, ROUND, MAGIC)
-        if QUANT and not ROUND:
-            acc_g += tl.sum(part_g, 0) * s_g
-            acc_u += tl.sum(part_u, 0) * s_u
+            if QUANT:
+                part_g += _i8_to_f32(wg, MAGIC) * xk[:, None]
+                part_u += _i8_to_f32(wu, MAGIC) * xk[:, None]
+            else:
+                part_g += wg.to(tl.float32) * xk[:, None]
+                part_u += wu.to(tl.float32) * xk[:, None]
+        if QUANT:
+            grp = k1 // GROUP_K
+            s_ok = n_ok & (k1 < D)
+            acc_g += tl.sum(part_g, 0) * tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+            acc_u += tl.sum(part_u, 0) * tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         else:
             acc_g += tl.sum(part_g, 0)
             acc_u += tl.sum(part_u, 0)
@@ -304,7 +289,7 @@ def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.c
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
                          NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                         MAGIC: tl.constexpr, ROUND: tl.constexpr = False):
+                         MAGIC: tl.constexpr):
     """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p];
     grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
     p = tl.program_id(0)
@@ -321,10 +306,6 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
         part = tl.zeros([BK, BN], dtype=tl.float32)
-        s_row = tl.zeros([BN], dtype=tl.float32)
-        if QUANT:  # the chunk's scale row (a chunk lies inside one group)
-            grp = k1 // GROUP_K
-            s_row = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * D + n[None, :]
@@ -335,9 +316,13 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
                 k_ok = kk < F
                 hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            part += _gemv_terms(w, s_row, hk, QUANT, ROUND, MAGIC)
-        if QUANT and not ROUND:
-            acc += tl.sum(part, 0) * s_row
+            if QUANT:
+                part += _i8_to_f32(w, MAGIC) * hk[:, None]
+            else:
+                part += w.to(tl.float32) * hk[:, None]
+        if QUANT:
+            grp = k1 // GROUP_K
+            acc += tl.sum(part, 0) * tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         else:
             acc += tl.sum(part, 0)
     acc = acc * tl.load(gates_ptr + p).to(tl.bfloat16).to(tl.float32)
