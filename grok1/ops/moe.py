@@ -97,11 +97,18 @@ def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> dict
     if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
         return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
                 "S2": 4, "SPLIT": 4, "LATE": 1, "GEMV": 2, **GEMV_DEFAULTS}
+    # LATE=1 as every tuned entry: exact int8 products scaled per group. Faster than
+    # dequantizing tiles (LATE=0: -8 % at F=8192 prefill, -37 % at 64 tokens; bench/
+    # moe_numerics.py), and one set of numerics across widths, so a tensor-parallel shard's
+    # untuned width rounds as the one-GPU model's tuned one does.
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
-        return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4, "S2": 4, "SPLIT": 4}
+        return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
+                "S2": 4, "SPLIT": 4, "LATE": 1}
     if P <= 512:
-        return {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4, "S2": 4, "SPLIT": 2}
-    return {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 4, "BN2": 128, "BK2": 64, "W2": 8, "S2": 4, "SPLIT": 1}
+        return {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128,
+                "W2": 4, "S2": 4, "SPLIT": 2, "LATE": 1}
+    return {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 4, "BN2": 128, "BK2": 64, "W2": 8,
+            "S2": 4, "SPLIT": 1, "LATE": 1}
 
 
 # ---- the op ------------------------------------------------------------------------------
