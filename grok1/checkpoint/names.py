@@ -51,6 +51,8 @@ QUANTIZED_NAMES = frozenset({"attn.wq", "attn.wk", "attn.wv", "attn.wo",
 
 _FROM_XAI = dict(LAYER_NAMES)
 _TO_XAI = {ours: ref for ref, ours in LAYER_NAMES}
+_TOP_FROM_XAI = dict(TOP_NAMES)
+_TOP_TO_XAI = {ours: ref for ref, ours in TOP_NAMES}
 _XAI_LAYER = re.compile(r"transformer/decoder_layer_(\d+)/(.+)")
 _GROK1_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -87,24 +89,26 @@ def xai_parameter_order(num_layers: int) -> list[XaiEntry]:
 
 def from_xai_name(xai_name: str) -> str:
     """`transformer/decoder_layer_3/multi_head_attention/query/w` -> `layers.3.attn.wq`."""
-    for ref, ours in TOP_NAMES:
-        if xai_name == ref:
-            return ours
-    m = _XAI_LAYER.fullmatch(xai_name)
-    if m is None or m.group(2) not in _FROM_XAI:
-        raise KeyError(f"{xai_name!r} is not a Grok-1 reference parameter name")
-    return LAYER_PREFIX.format(i=int(m.group(1))) + _FROM_XAI[m.group(2)]
+    return _translate(xai_name, _TOP_FROM_XAI, _XAI_LAYER, _FROM_XAI, LAYER_PREFIX,
+                      "a Grok-1 reference parameter name")
 
 
 def to_xai_name(grok1_name: str) -> str:
     """`layers.3.attn.wq` -> `transformer/decoder_layer_3/multi_head_attention/query/w`."""
-    for ref, ours in TOP_NAMES:
-        if grok1_name == ours:
-            return ref
-    m = _GROK1_LAYER.fullmatch(grok1_name)
-    if m is None or m.group(2) not in _TO_XAI:
-        raise KeyError(f"{grok1_name!r} is not a grok1 parameter name")
-    return LAYER_PREFIX_XAI.format(i=int(m.group(1))) + _TO_XAI[m.group(2)]
+    return _translate(grok1_name, _TOP_TO_XAI, _GROK1_LAYER, _TO_XAI, LAYER_PREFIX_XAI,
+                      "a grok1 parameter name")
+
+
+def _translate(name: str, top: dict[str, str], layer_re: re.Pattern, layer_names: dict[str, str],
+               prefix_out: str, what: str) -> str:
+    """One direction of the name table: model-level names by `top`, per-layer ones by their
+    layer index and `layer_names`, re-prefixed with `prefix_out`."""
+    if name in top:
+        return top[name]
+    m = layer_re.fullmatch(name)
+    if m is None or m.group(2) not in layer_names:
+        raise KeyError(f"{name!r} is not {what}")
+    return prefix_out.format(i=int(m.group(1))) + layer_names[m.group(2)]
 
 
 def is_quantized_name(grok1_name: str) -> bool:
