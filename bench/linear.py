@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from grok1.engine.bench_cli import measure_ceilings, time_graph_ms
+from grok1.engine.bench_cli import measure_ceilings, staged_sweep, time_graph_ms
 from grok1.ops._triton import CONFIG_DIR, device_name
 from grok1.ops.linear import GEMV_CONFIG, gemv_key, int8_gemv
 
@@ -60,24 +60,17 @@ def main() -> None:
             roof_ms = nbytes / ceil["copy_gbps"] / 1e6
             key = gemv_key(K, Ns)
 
-            best = None
-            for stage in (TILES, [{"PROGRAMS": n} for n in PROGRAMS]):
-                base = dict(best[1]) if best else dict(GEMV_CONFIG)
-                for change in stage:
-                    cfg = {**base, **change}
-                    try:
-                        ms = time_rotating(x, mats, cfg)
-                    except Exception as e:  # noqa: BLE001 (a config that does not fit is skipped)
-                        print(f"{key} {cfg}: failed ({type(e).__name__}: {e})")
-                        continue
-                    pct = 100 * roof_ms / ms
-                    print(f"tp={tp} {key} {cfg}: {1e3 * ms:.1f} us | roofline {1e3 * roof_ms:.1f} us "
-                          f"({pct:.0f}%)", flush=True)
-                    rows.append({"gpu": torch.cuda.get_device_name(), "tp": tp, "key": key,
-                                 "config": cfg, "us": 1e3 * ms, "roofline_us": 1e3 * roof_ms,
-                                 "pct_of_roofline": pct, "copy_gbps": ceil["copy_gbps"]})
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
+            def measure(cfg, x=x, mats=mats, tp=tp, key=key, roof_ms=roof_ms):
+                ms = time_rotating(x, mats, cfg)
+                pct = 100 * roof_ms / ms
+                print(f"tp={tp} {key} {cfg}: {1e3 * ms:.1f} us | roofline {1e3 * roof_ms:.1f} us "
+                      f"({pct:.0f}%)", flush=True)
+                rows.append({"gpu": torch.cuda.get_device_name(), "tp": tp, "key": key,
+                             "config": cfg, "us": 1e3 * ms, "roofline_us": 1e3 * roof_ms,
+                             "pct_of_roofline": pct, "copy_gbps": ceil["copy_gbps"]})
+                return ms
+            best = staged_sweep(dict(GEMV_CONFIG), [TILES, [{"PROGRAMS": n} for n in PROGRAMS]],
+                                measure)
             if best:
                 tuned[key] = {k: v for k, v in best[1].items() if GEMV_CONFIG.get(k) != v}
                 print(f"best {key}: {1e3 * best[0]:.1f} us = {100 * roof_ms / best[0]:.0f}% of "

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from grok1.engine.bench_cli import measure_ceilings, time_graph_ms, time_ms
+from grok1.engine.bench_cli import measure_ceilings, staged_sweep, time_graph_ms, time_ms
 from grok1.ops._triton import CONFIG_DIR, device_name
 from grok1.ops.moe import fused_moe, moe_config
 
@@ -76,26 +76,18 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         P = M * A
         base = {k: v for k, v in moe_config(P, D, F, E, True, device_name(x)).items() if k != "GEMV"}
-        stages = GEMV_STAGES if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES
         fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
-        best = None
-        for stage in stages:
-            for change in stage:
-                cfg = {**base, **change}
-                if cfg.get("GEMV"):
-                    cfg["GEMV"] = P
-                try:
-                    ms = fn_timer(lambda x=x, gates=gates, ids=ids, cfg=cfg: fused_moe(
-                        x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg))
-                except Exception as e:  # noqa: BLE001 (a config that does not fit is skipped)
-                    print(f"M={M} {cfg}: failed ({type(e).__name__})")
-                    continue
-                print(f"moe F={F} M={M} experts={experts} {cfg}: {ms:.3f} ms | roofline "
-                      f"{roof:.3f} ms ({100 * roof / ms:.0f}%)", flush=True)
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            if best:
-                base = dict(best[1])
+        # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)
+        stages = [[{**c, "GEMV": P} if c.get("GEMV") else c for c in st]
+                  for st in (GEMV_STAGES if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES)]
+
+        def measure(cfg, x=x, gates=gates, ids=ids, timer=fn_timer, M=M, experts=experts,
+                    roof=roof):
+            ms = timer(lambda: fused_moe(x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg))
+            print(f"moe F={F} M={M} experts={experts} {cfg}: {ms:.3f} ms | roofline "
+                  f"{roof:.3f} ms ({100 * roof / ms:.0f}%)", flush=True)
+            return ms
+        best = staged_sweep(base, stages, measure)
         if best:
             tuned[str(M * A)] = {k: v for k, v in best[1].items() if k != "GEMV" or v}
     for P, cfg in tuned.items():

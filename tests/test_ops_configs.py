@@ -13,3 +13,23 @@ def test_tuned_moe_configs_fall_back_to_the_architecture_then_to_gemv_defaults()
     # a tensor-parallel shard's width is not tuned: batch-1 decode still takes the GEMV
     assert moe_config(2, 6144, 8192, 8, True, "NVIDIA_H200|sm_90").get("GEMV") == 2
     assert "GEMV" not in moe_config(64, 6144, 8192, 8, True, "NVIDIA_H200|sm_90")
+
+
+def test_staged_sweep_builds_each_stage_on_the_best_before_it_and_skips_failures():
+    from grok1.engine.bench_cli import staged_sweep
+
+    times = {(1, 1): 5.0, (2, 1): 3.0, (2, 2): 4.0, (2, 3): 2.0}
+    tried = []
+
+    def measure(cfg):
+        tried.append((cfg["a"], cfg["b"]))
+        if cfg["a"] == 3:
+            raise RuntimeError("does not fit")
+        return times[cfg["a"], cfg["b"]]
+
+    best = staged_sweep({"a": 1, "b": 1, "c": 0}, [[{}, {"a": 2}, {"a": 3}],
+                                                   [{"b": 2}, {"b": 3}]], measure)
+    # stage 2 starts from stage 1's winner (a=2), not from the base or from a failed config
+    assert tried == [(1, 1), (2, 1), (3, 1), (2, 2), (2, 3)]
+    assert best == (2.0, {"a": 2, "b": 3, "c": 0})
+    assert staged_sweep({"a": 3, "b": 1}, [[{}]], measure) is None

@@ -85,6 +85,26 @@ def time_graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
     return time_ms(graph.replay, reps=reps) / calls
 
 
+def staged_sweep(base: dict, stages: list[list[dict]], measure) -> tuple[float, dict] | None:
+    """Coordinate search over launch configs (bench/moe.py, bench/linear.py): each stage tries
+    its changes on the fastest config of the stages before it (`base` at first); measure(cfg)
+    -> ms; a config that fails to compile or launch is reported and skipped. Returns
+    (ms, config) of the fastest, or None if none ran."""
+    best = None
+    for stage in stages:
+        start = dict(best[1]) if best else base
+        for change in stage:
+            cfg = {**start, **change}
+            try:
+                ms = measure(cfg)
+            except Exception as e:  # noqa: BLE001 (a config that does not fit is skipped)
+                print(f"{cfg}: failed ({type(e).__name__}: {e})", flush=True)
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+    return best
+
+
 # ---- rooflines -----------------------------------------------------------------------------
 
 def layer_bytes(c: GrokConfig, experts: float) -> float:
