@@ -19,6 +19,26 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def moe_case(M, D, F, quant, seeds, *, only=None, out_dtype=None, E=8):
+    """A fresh random case: expert Linears (seeded seeds[0]), x [M, D] and a router (seeds[1];
+    `only`: the experts that get tokens, the others' logits pushed down), the top-2 routing and
+    the twin's output. -> (x, gates, ids, linears, ref)."""
+    lins = quantized_linears(E, D, F, quant, seed=seeds[0], device=DEV)
+    g = torch.Generator().manual_seed(seeds[1])
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    router = torch.randn(D, E, generator=g).to(DEV)
+    if only is not None:
+        router[:, [e for e in range(E) if e not in only]] = -100.0
+    _, gates, ids = route(x, router, 2)
+    return x, gates, ids, lins, moe_ref(x, gates, ids, *lins, out_dtype=out_dtype)
+
+
+def run_fused(x, gates, ids, lins, config=None, **kwargs):
+    wg, wu, wd = lins
+    return fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
+                     wd.scales, config, **kwargs)
+
+
 @pytest.mark.parametrize("M,block_m,used", [(1, 16, 8), (37, 16, 8), (300, 64, 8), (9, 16, 3)])
 def test_align_kernel_equals_torch_twin(M, block_m, used):
     g = torch.Generator().manual_seed(M)
@@ -36,17 +56,9 @@ def test_align_kernel_equals_torch_twin(M, block_m, used):
 @pytest.mark.parametrize("quant", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 33, 200])
 def test_fused_moe_matches_moe_ref(quant, M):
-    E, D, F = 8, 256, 512
-    wg, wu, wd = quantized_linears(E, D, F, quant, seed=M, device=DEV)
-    g = torch.Generator().manual_seed(100 + M)
-    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
-    router = torch.randn(D, E, generator=g).to(DEV)
-    if M == 3:  # only experts 0 and 5 get tokens
-        router[:, [1, 2, 3, 4, 6, 7]] = -100.0
-    _, gates, ids = route(x, router, 2)
-    ref = moe_ref(x, gates, ids, wg, wu, wd)
-    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
-                    wd.weight, wd.scales)
+    x, gates, ids, lins, ref = moe_case(M, 256, 512, quant, (M, 100 + M),
+                                        only=[0, 5] if M == 3 else None)
+    out = run_fused(x, gates, ids, lins)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1.5e-2
@@ -58,14 +70,9 @@ def test_fused_moe_matches_moe_ref(quant, M):
     {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1, "LATE": 1},
     {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}])
 def test_fused_moe_other_tiles_and_odd_sizes(cfg):
-    E, D, F = 8, 192, 384  # not multiples of the 128-wide N tiles
-    wg, wu, wd = quantized_linears(E, D, F, True, seed=7, device=DEV)
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(45, D, generator=g).to(torch.bfloat16).to(DEV)
-    _, gates, ids = route(x, torch.randn(D, E, generator=g).to(DEV), 2)
-    ref = moe_ref(x, gates, ids, wg, wu, wd)
-    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
-                    wd.weight, wd.scales, cfg)
+    # D, F not multiples of the 128-wide N tiles
+    x, gates, ids, lins, ref = moe_case(45, 192, 384, True, (7, 8))
+    out = run_fused(x, gates, ids, lins, cfg)
     assert rel_err(out, ref) < 1.5e-2
 
 
@@ -82,34 +89,20 @@ GEMV = {"GEMV": 64, "GBN1": 64, "GBK1": 32, "GW1": 4, "GBN2": 64, "GBK2": 32, "G
                                                  (3, 192, 384, 1, 1), (5, 256, 512, 1, 3),
                                                  (1, 256, 512, 1, 4)])
 def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic, gsplit1):
-    E = 8
-    wg, wu, wd = quantized_linears(E, D, F, quant, seed=11 + M, device=DEV)
-    g = torch.Generator().manual_seed(200 + M + D)
-    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
-    router = torch.randn(D, E, generator=g).to(DEV)
-    if M == 3:  # only experts 2 and 6 get tokens
-        router[:, [0, 1, 3, 4, 5, 7]] = -100.0
-    _, gates, ids = route(x, router, 2)
-    ref = moe_ref(x, gates, ids, wg, wu, wd)
-    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
-                    wd.weight, wd.scales, {**GEMV, "MAGIC": magic, "GSPLIT1": gsplit1})
+    x, gates, ids, lins, ref = moe_case(M, D, F, quant, (11 + M, 200 + M + D),
+                                        only=[2, 6] if M == 3 else None)
+    out = run_fused(x, gates, ids, lins, {**GEMV, "MAGIC": magic, "GSPLIT1": gsplit1})
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1.5e-2
 
 
 def test_fused_moe_mma_path_with_magic_conversion_matches_moe_ref():
-    E, D, F = 8, 256, 512
-    wg, wu, wd = quantized_linears(E, D, F, True, seed=21, device=DEV)
-    g = torch.Generator().manual_seed(22)
-    x = torch.randn(70, D, generator=g).to(torch.bfloat16).to(DEV)
-    _, gates, ids = route(x, torch.randn(D, E, generator=g).to(DEV), 2)
-    ref = moe_ref(x, gates, ids, wg, wu, wd)
+    x, gates, ids, lins, ref = moe_case(70, 256, 512, True, (21, 22))
     for late in (0, 1):
         cfg = {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 64, "W2": 4,
                "S2": 2, "SPLIT": 2, "LATE": late, "MAGIC": 1}
-        out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
-                        wd.weight, wd.scales, cfg)
+        out = run_fused(x, gates, ids, lins, cfg)
         assert rel_err(out, ref) < 1.5e-2
 
 
@@ -118,15 +111,14 @@ def test_fused_moe_mma_path_with_magic_conversion_matches_moe_ref():
                          ids=["grouped_gemm", "gemv"])
 def test_fused_moe_under_cuda_graph_replay_tracks_new_inputs(M, config, seeds, trials):
     E, D, F = 8, 256, 512
-    wg, wu, wd = quantized_linears(E, D, F, True, seed=seeds[0], device=DEV)
+    lins = quantized_linears(E, D, F, True, seed=seeds[0], device=DEV)
     g = torch.Generator().manual_seed(seeds[1])
     router = torch.randn(D, E, generator=g).to(DEV)
     x_static = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
 
     def fn():
         _, gates, ids = route(x_static, router, 2)
-        return fused_moe(x_static, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales,
-                         wd.weight, wd.scales, config)
+        return run_fused(x_static, gates, ids, lins, config)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -142,7 +134,7 @@ def test_fused_moe_under_cuda_graph_replay_tracks_new_inputs(M, config, seeds, t
         graph.replay()
         _, gates, ids = route(x_static, router, 2)
         seen.add(tuple(ids.flatten().tolist()))
-        ref = moe_ref(x_static, gates, ids, wg, wu, wd)
+        ref = moe_ref(x_static, gates, ids, *lins)
         assert rel_err(out, ref) < 1.5e-2
     assert len(seen) > 1  # the replays saw other experts chosen, not one frozen routing
 
@@ -160,12 +152,6 @@ def test_fused_moe_under_cuda_graph_replay_tracks_new_inputs(M, config, seeds, t
 def test_int8_paths_stay_close_to_the_twin_at_full_width(M, cfg, bound):
     if DEV != "cuda":
         pytest.skip("full width: CUDA only")
-    E, D, F = 8, 6144, 8192
-    wg, wu, wd = quantized_linears(E, D, F, True, seed=3, device=DEV)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
-    _, gates, ids = route(x, torch.randn(D, E, generator=g).to(DEV), 2)
-    ref = moe_ref(x, gates, ids, wg, wu, wd, out_dtype=torch.float32)
-    out = fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
-                    wd.scales, cfg, out_dtype=torch.float32)
+    x, gates, ids, lins, ref = moe_case(M, 6144, 8192, True, (3, 4), out_dtype=torch.float32)
+    out = run_fused(x, gates, ids, lins, cfg, out_dtype=torch.float32)
     assert rel_err(out, ref) < bound
