@@ -194,11 +194,13 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
 # streaming its expert's weight; no align, no padding rows. Pairs that share an expert read it
 # once each, so it only pays while P is about the number of distinct experts (config "GEMV":
 # the largest P it serves). Keys: GBN1/GBK1/GW1/GSPLIT1/GS1 (gate/up),
-# GBN2/GBK2/GW2/GSPLIT/GS2 (down; GS = Triton's num_stages), MAGIC. GSPLIT1 > 1 splits the
+# GBN2/GBK2/GW2/GSPLIT/GS2 (down; GS = Triton's num_stages), DEQUANT (which instructions
+# compute the reference's bf16(w * s): ops/dot_triton.dequant_f32; the same values whichever),
+# MAGIC (the grouped GEMM's int8 conversion). GSPLIT1 > 1 splits the
 # gate/up K range too (f32 partials, then one combine kernel):
 # at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
 GEMV_DEFAULTS = {"GBN1": 128, "GBK1": 32, "GW1": 4, "GSPLIT1": 1, "GS1": 3, "GBN2": 128,
-                 "GBK2": 32, "GW2": 4, "GSPLIT": 8, "GS2": 3, "MAGIC": 1}
+                 "GBK2": 32, "GW2": 4, "GSPLIT": 8, "GS2": 3, "MAGIC": 1, "DEQUANT": 2}
 
 
 def _gemv_tile(group_k: int, want: int) -> int:
@@ -241,7 +243,7 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     quant = sg_EGF is not None
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
-    magic = quant and bool(cfg["MAGIC"])
+    dequant = cfg["DEQUANT"]
     x_MD = x_MD.contiguous()
     ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
     dev = x_MD.device
@@ -253,7 +255,7 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
         x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
         P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
         EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
-        MAGIC=magic, num_warps=cfg["GW1"], num_stages=cfg["GS1"])
+        DEQUANT=dequant, num_warps=cfg["GW1"], num_stages=cfg["GS1"])
     if split1 > 1:
         moe_gelu_combine_kernel[(P, triton_cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
                                                            BN=1024, num_warps=4)
@@ -265,7 +267,7 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
         h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
         chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
         EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
-        MAGIC=magic, num_warps=cfg["GW2"], num_stages=cfg["GS2"])
+        DEQUANT=dequant, num_warps=cfg["GW2"], num_stages=cfg["GS2"])
     return out.view(split, M, A, D)
 
 

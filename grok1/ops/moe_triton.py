@@ -9,7 +9,7 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dot
+from grok1.ops.dot_triton import dequant_f32, dot, i8_to_f32
 
 
 @triton.jit
@@ -80,9 +80,9 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
             s = tl.load(s_ptr + grp * N + n)
         else:
             s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
-        w = (_i8_to_f32(w, MAGIC) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+        w = (i8_to_f32(w, MAGIC) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
     elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
-        w = _i8_to_f32(w, True).to(tl.bfloat16)
+        w = i8_to_f32(w, True).to(tl.bfloat16)
     else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact
         w = w.to(tl.float32).to(tl.bfloat16)
     return w
@@ -198,21 +198,11 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
 
 
 @triton.jit
-def _i8_to_f32(w, MAGIC: tl.constexpr):
-    """int8 -> f32, exact. MAGIC: through the float bit pattern 2^23 + (w + 128) (integer
-    and FADD work) instead of the int -> float conversion unit (a quarter-rate instruction)."""
-    if MAGIC:
-        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-        return u.to(tl.float32, bitcast=True) - 8388736.0
-    return w.to(tl.float32)
-
-
-@triton.jit
 def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
                             QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                            MAGIC: tl.constexpr):
+                            DEQUANT: tl.constexpr):
     """SPLIT == 1: h[p, n] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]) in f32,
     e = ids[p], h [P, F] f32. SPLIT > 1: the f32 partial sums of this split's K range,
     h [SPLIT, P, 2, F] (gate then up), finished by moe_gelu_combine_kernel: at a narrow
@@ -257,10 +247,11 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                 wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
                 wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
             if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
-                wg = (_i8_to_f32(wg, MAGIC) * s_g[None, :]).to(tl.bfloat16)
-                wu = (_i8_to_f32(wu, MAGIC) * s_u[None, :]).to(tl.bfloat16)
-            part_g += wg.to(tl.float32) * xk[:, None]
-            part_u += wu.to(tl.float32) * xk[:, None]
+                part_g += dequant_f32(wg, s_g, DEQUANT) * xk[:, None]
+                part_u += dequant_f32(wu, s_u, DEQUANT) * xk[:, None]
+            else:
+                part_g += wg.to(tl.float32) * xk[:, None]
+                part_u += wu.to(tl.float32) * xk[:, None]
         acc_g += tl.sum(part_g, 0)
         acc_u += tl.sum(part_u, 0)
     if SPLIT == 1:
@@ -291,7 +282,7 @@ def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.c
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
                          NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                         MAGIC: tl.constexpr):
+                         DEQUANT: tl.constexpr):
     """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p],
     h f32; grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
     p = tl.program_id(0)
@@ -322,8 +313,9 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
                 hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0)
                 w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
             if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
-                w = (_i8_to_f32(w, MAGIC) * s_d[None, :]).to(tl.bfloat16)
-            part += w.to(tl.float32) * hk[:, None]
+                part += dequant_f32(w, s_d, DEQUANT) * hk[:, None]
+            else:
+                part += w.to(tl.float32) * hk[:, None]
         acc += tl.sum(part, 0)
     acc = acc * tl.load(gates_ptr + p).to(tl.bfloat16).to(tl.float32)
     tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, acc, mask=n_ok)
