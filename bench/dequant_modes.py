@@ -1,5 +1,5 @@
 """Which instructions compute the reference's int8 dequantization bf16(w * s) fastest in the
-decode GEMVs (ops/dot_triton.dequant_f32 MODE 0, 1, 2: the same values, asserted bit for bit):
+decode GEMVs (ops/dot_triton.dequant_f32 MODE 0 to 3: the same values, asserted bit for bit):
 the MoE GEMV at full width and at a 4-GPU shard's width, and the q/k/v GEMV, one row, timed
 inside CUDA graphs over weights larger than L2, beside the copy-bandwidth roofline.
 
@@ -23,7 +23,7 @@ from grok1.ops.linear import int8_gemv
 from grok1.ops.moe import fused_moe, moe_config
 from moe_numerics import A, D, E, expert_linears
 
-MODES = (0, 1, 2)
+MODES = (0, 1, 2, 3)
 
 
 def moe_rows(F: int, ceil: dict, g: torch.Generator) -> list[dict]:

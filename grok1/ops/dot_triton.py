@@ -39,10 +39,14 @@ def dequant_f32(w, s, MODE: tl.constexpr):
     to nearest even once): 0 int -> float unit, f32 product, round to bf16 and back through the
     conversion unit; 1 the MAGIC int8 -> f32, f32 product, rounding on the bits; 2 the MAGIC
     bit pattern and the scale in one FMA (2^23 + 128 + w) * s - (2^23 + 128) * s, which is
-    exact: both terms and the result fit f32's 24 bits), rounding on the bits."""
+    exact: both terms and the result fit f32's 24 bits), rounding on the bits; 3 that FMA,
+    then the conversion unit's rounding to bf16 and back."""
     if MODE == 0:
         return (w.to(tl.float32) * s[None, :]).to(tl.bfloat16).to(tl.float32)
     if MODE == 1:
         return round_bf16_bits(i8_to_f32(w, True) * s[None, :])
     u = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
-    return round_bf16_bits(tl.fma(u, s[None, :], (-8388736.0 * s)[None, :]))
+    ws = tl.fma(u, s[None, :], (-8388736.0 * s)[None, :])
+    if MODE == 2:
+        return round_bf16_bits(ws)
+    return ws.to(tl.bfloat16).to(tl.float32)
