@@ -1,18 +1,17 @@
 """Triton kernel of paged GQA attention with the 30*tanh soft-cap (see grok1.ops.attention).
 
 One program serves one kv head for BLOCK_T query tokens of one sequence, all G query heads of
-that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. Scores are
-capped to [-30, 30], so exp(s - 30) never overflows: no running max and no rescaling. As the
-reference, p = softmax(s) is rounded to bf16 *after* normalising, so each program first sums
-the denominator over all of the row's keys (a second, cheap pass over K), then multiplies
-bf16(p) by V; the splits' f32 sums combine by a plain sum. MASK_PAD: keys whose slot flag in
+that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. As the
+reference, p = softmax(s) = exp(s - max) / sum is rounded to bf16 *after* normalising, so each
+program first finds the row's maximum and denominator over all of its keys (a first, cheap
+pass over K), then multiplies bf16(p) by V; the splits' f32 sums combine by a plain sum. MASK_PAD: keys whose slot flag in
 real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 0.
 """
 
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dot
+from grok1.ops.dot_triton import div, dot, exp, tanh
 
 
 @triton.jit
@@ -43,24 +42,31 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
     per = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_S) * BLOCK_S
     lo = sp * per
     hi = tl.minimum(lo + per, kv_len)
-    # Pass 1: the softmax's denominator over every visible key (all splits: each program needs
-    # the whole sum to normalise p before its bf16 rounding, as the reference rounds softmax(s)).
+    # Pass 1: the row's maximum and softmax denominator over every visible key (all splits:
+    # each program needs both to form p = exp(s - max) / sum before its bf16 rounding, as
+    # torch's and the reference's softmax do). Scores are >= -30: -30 starts the maximum.
+    m_R = tl.full([R], -30.0, dtype=tl.float32)
     l_R = tl.zeros([R], dtype=tl.float32)
     for s0 in range(0, kv_len, BLOCK_S):
-        p, slot, kv_off, s_ok = _probs(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h,
-                                       pos, s0, kv_len, multiplier, R, KV, H, BLOCK_S, PAGE, F32,
-                                       MASK_PAD)
-        l_R += tl.sum(p, 1)
-    inv_l = 1.0 / tl.where(l_R > 0, l_R, 1.0)
-    # Pass 2: this split's keys, p = bf16(e / l) times v, accumulated in f32
+        sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
+                                                  stride_bt, kh, h, pos, s0, kv_len, multiplier,
+                                                  R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD)
+        m_new = tl.maximum(m_R, tl.max(tl.where(visible, sc, -30.0), 1))
+        e = tl.where(visible, exp(sc - m_new[:, None]), 0.0)
+        l_R = l_R * exp(m_R - m_new) + tl.sum(e, 1)
+        m_R = m_new
+    l_R = tl.where(l_R > 0, l_R, 1.0)  # a row with no visible key: p = 0, output 0
+    # Pass 2: this split's keys, p = bf16(exp(s - max) / sum) times v, accumulated in f32
     acc = tl.zeros([R, H_PAD], dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_S):
-        p, slot, kv_off, s_ok = _probs(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h,
-                                       pos, s0, hi, multiplier, R, KV, H, BLOCK_S, PAGE, F32,
-                                       MASK_PAD)
+        sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
+                                                  stride_bt, kh, h, pos, s0, hi, multiplier,
+                                                  R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD)
+        e = tl.where(visible, exp(sc - m_R[:, None]), 0.0)
+        p = div(e, l_R[:, None])
         v = tl.load(v_ptr + kv_off[:, None] + h[None, :],
                     mask=s_ok[:, None] & (h[None, :] < H), other=0.0)
-        acc = dot((p * inv_l[:, None]).to(tl.bfloat16), v, acc, F32)
+        acc = dot(p.to(tl.bfloat16), v, acc, F32)
     out_off = (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :]
     out_mask = row_ok[:, None] & (h[None, :] < H)
     if SPLITS == 1:
@@ -70,12 +76,12 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
 
 
 @triton.jit
-def _probs(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, s0, end, multiplier,
-           R: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
-           F32: tl.constexpr, MASK_PAD: tl.constexpr):
-    """exp(s - 30) [R, BLOCK_S] for keys s0.. (< end), 0 where hidden: s = 30 * tanh(bf16(q.k)
-    * multiplier / 30) in f32 (SPEC 2.5); capped, so 30 is the row maximum's bound and exp never
-    overflows. Also the keys' slots, cache offsets and validity."""
+def _scores(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, s0, end, multiplier,
+            R: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, BLOCK_S: tl.constexpr,
+            PAGE: tl.constexpr, F32: tl.constexpr, MASK_PAD: tl.constexpr):
+    """Scores [R, BLOCK_S] for keys s0.. (< end): 30 * tanh(bf16(q.k) * multiplier / 30) in f32
+    as the reference and torch compute it (SPEC 2.5: correctly rounded division, libdevice's
+    tanh), and which are visible; also the keys' cache offsets and validity."""
     s = s0 + tl.arange(0, BLOCK_S)
     s_ok = s < end
     page = tl.load(block_table_ptr + b * stride_bt + s // PAGE, mask=s_ok, other=0)
@@ -85,12 +91,12 @@ def _probs(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, s0, en
                   other=0.0)
     sc = dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
     sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
-    sc = 30.0 - 60.0 / (tl.exp(sc / 15.0) + 1.0)  # 30 * tanh(sc / 30)
+    sc = 30.0 * tanh(div(sc, 30.0))
     visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
     if MASK_PAD:
         real = tl.load(real_ptr + slot, mask=s_ok, other=0)
         visible = visible & (real != 0)[None, :]
-    return tl.where(visible, tl.exp(sc - 30.0), 0.0), slot, kv_off, s_ok
+    return sc, visible, slot, kv_off, s_ok
 
 
 @triton.jit

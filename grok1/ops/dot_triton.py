@@ -1,7 +1,37 @@
 """Triton helpers shared by the kernels (imported only by the *_triton.py files)."""
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1, for tests) has no libdevice
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def tanh(x):
+    """f32 tanh as torch's CUDA kernels compute it (libdevice's tanhf)."""
+    if INTERPRETED:
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return libdevice.tanh(x)
+
+
+@triton.jit
+def exp(x):
+    """f32 exp as torch's CUDA kernels compute it (libdevice's expf, not the fast ex2 path)."""
+    if INTERPRETED:
+        return tl.exp(x)
+    return libdevice.exp(x)
+
+
+@triton.jit
+def div(a, b):
+    """a / b correctly rounded, as CUDA's default division (Triton's `/` is approximate)."""
+    if INTERPRETED:
+        return a / b
+    return tl.math.div_rn(a, b)
 
 
 @triton.jit

@@ -9,12 +9,9 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dequant_f32, dot, i8_to_f32
+from grok1.ops.dot_triton import dequant_f32, dot, i8_to_f32, tanh
 
 
-@triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -22,8 +19,8 @@ def _gelu_glu(acc_g, acc_u):
     """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16."""
     g = acc_g.to(tl.bfloat16).to(tl.float32)
     u = acc_u.to(tl.bfloat16).to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    return 0.5 * g * (1.0 + _tanh(inner)) * u
+    inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))  # torch's order (GeluCUDAKernel)
+    return 0.5 * g * (1.0 + tanh(inner)) * u
 
 
 @triton.jit
