@@ -50,7 +50,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"the `model` clients must send (default: {DEFAULT_MODEL_NAME} for the "
                         "embedded model, else the checkpoint folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GROK1_API_KEY if "
                         "set, else no key)")
