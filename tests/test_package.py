@@ -1,7 +1,11 @@
 """`import grok1`: light to import, every public name reachable from the package."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import grok1
 
@@ -24,3 +28,14 @@ def test_public_names_resolve_to_their_modules():
     assert set(grok1.__all__) <= set(dir(grok1))
     assert all(getattr(grok1, name) is not None for name in grok1.__all__)
 
+
+
+@pytest.mark.slow  # two 64-token completions through the engine on the CPU
+def test_the_readme_python_snippet_runs_as_written(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    names: dict = {}
+    exec(compile(snippet, "README.md", "exec"), names)
+    assert names["logits"].shape == (1, len(names["tokens"][0]), 2048)  # the embedded vocabulary
+    first, second = names["outs"]
+    assert first.text and second.text and capsys.readouterr().out == first.text + "\n"
