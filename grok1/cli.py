@@ -218,7 +218,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    from grok1.parallel.launch import add_parallel_args
+    from grok1.parallel.options import add_parallel_args
 
     p.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
     _add_model_args(p)

@@ -37,7 +37,7 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(golden_dir, tokenizer_path
     assert "131072 pieces but the model's vocab_size is 1024" in out.stderr
 
 
-# ---- start-up: `grok1 --help` and `grok1 info` import neither torch nor the server stack ------
+# ---- start-up: help and `grok1 info` import neither torch nor the server stack -----------------
 
 def modules_after(*args: str) -> set[str]:
     """The modules a fresh interpreter holds after running `grok1 ARGS` (help exits early)."""
@@ -49,7 +49,7 @@ def modules_after(*args: str) -> set[str]:
 
 
 def test_help_and_info_do_not_import_torch_or_the_server():
-    for args in (("--help",), ("info",)):
+    for args in (("--help",), ("info",), ("generate", "--help"), ("serve", "--help")):
         heavy = modules_after(*args) & {"torch", "fastapi", "uvicorn", "sentencepiece"}
         assert not heavy, f"grok1 {' '.join(args)} imported {sorted(heavy)}"
 

@@ -31,10 +31,11 @@ from torch import nn
 from grok1.config import ConfigError, GrokConfig
 from grok1.model import BF16, Grok1, Linear, wide_dtype
 from grok1.parallel.mesh import all_gather_last, all_reduce_, group_size
+from grok1.parallel.options import MOE_SPLITS, UNEMBED_SPLITS
 
 ATTN_MODES = ("tp", "none")
-MOE_MODES = ("tp", "ep", "none")
-UNEMBED_MODES = ("vocab", "dim", "none")
+MOE_MODES = (*MOE_SPLITS, "none")  # "none": unsplit (the options offer the splits alone)
+UNEMBED_MODES = (*UNEMBED_SPLITS, "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ log = logging.getLogger("grok1.server")
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The options of `grok1 serve` (model, engine, HTTP, ranks)."""
-    from grok1.parallel.launch import add_parallel_args
+    from grok1.parallel.options import add_parallel_args
 
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="release checkpoint (a folder holding ckpt-0/) or a grok1 folder; "
