@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -31,30 +30,12 @@ from grok1.config import ConfigError, GrokConfig
 from grok1.model import Grok1, KVCache
 from grok1.golden import golden_metrics, golden_pass
 from grok1.parallel.mesh import Mesh, init_distributed, shutdown
-from grok1.parallel.tensor import (
-    MOE_MODES,
-    UNEMBED_MODES,
-    Layout,
-    parallelize,
-    shard_model_,
-)
+# re-exported: bench and serve import them from here
+from grok1.parallel.options import add_parallel_args as add_parallel_args
+from grok1.parallel.options import wants_parallel as wants_parallel
+from grok1.parallel.tensor import Layout, parallelize, shard_model_
 
-# ---- helpers for the grok1 subcommands -----------------------------------------------------------
-
-
-def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    """--tp / --moe / --unembed for generate, serve and bench."""
-    p.add_argument("--tp", type=int, default=None,
-                   help="tensor-parallel ranks (= torchrun's processes; default: WORLD_SIZE or 1)")
-    p.add_argument("--moe", choices=MOE_MODES[:2], default="tp",
-                   help="MoE split: tp = each expert's width over ranks, ep = whole experts")
-    p.add_argument("--unembed", choices=UNEMBED_MODES[:2], default="vocab",
-                   help="unembedding split: vocab rows (logits gathered) or D (all-reduced)")
-
-
-def wants_parallel(args: argparse.Namespace) -> bool:
-    """Whether this process is one of several ranks (under torchrun, or asked for --tp > 1)."""
-    return (getattr(args, "tp", None) or 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+# ---- helpers for the grok1 subcommands (their options: grok1/parallel/options.py) -----------------
 
 
 def load_shard(checkpoint_dir: str | Path, config: GrokConfig | None, layout: Layout,

@@ -31,10 +31,11 @@ from torch import nn
 from grok1.config import ConfigError, GrokConfig
 from grok1.model import BF16, Grok1, Linear, wide_dtype
 from grok1.parallel.mesh import all_gather_last, all_reduce_, group_size
+from grok1.parallel.options import MOE_SPLITS, UNEMBED_SPLITS
 
 ATTN_MODES = ("tp", "none")
-MOE_MODES = ("tp", "ep", "none")
-UNEMBED_MODES = ("vocab", "dim", "none")
+MOE_MODES = (*MOE_SPLITS, "none")  # "none": unsplit (the options offer the splits alone)
+UNEMBED_MODES = (*UNEMBED_SPLITS, "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +100,7 @@ def local_shapes(config: GrokConfig, layout: Layout) -> LocalShapes:
     R, K, G = layout.size, config.num_kv_heads, config.q_per_kv
     q_heads, kv_heads = range(config.num_q_heads), range(K)
     if layout.attn == "tp":
-        fits = [r for r in range(1, config.num_q_heads + 1) if config.num_q_heads % r == 0
-                and (K % r == 0 or r % K == 0)]
+        fits = config.attention_tp_sizes
         if R not in fits:
             raise ConfigError(f"--tp {R} must divide num_kv_heads={K}, or be a multiple of it "
                               f"dividing num_q_heads={config.num_q_heads} (try {_one_of(fits)})")
