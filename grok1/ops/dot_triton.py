@@ -63,20 +63,29 @@ def round_bf16_bits(x):
 
 
 @triton.jit
+def scaled_int8(w, s, c):
+    """w * s for int8 w, exactly, in f32: the MAGIC bit pattern 2^23 + 128 + w (no int -> float
+    conversion) times s plus c = -(2^23 + 128) * s in one FMA; both terms and the result fit
+    f32's 24 bits, so nothing rounds. s and c are f32, broadcastable to w's shape."""
+    if INTERPRETED:  # the interpreter's fma rounds the product first
+        return w.to(tl.float32) * s
+    u = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
+    return tl.fma(u, s, c)
+
+
+@triton.jit
 def dequant_f32(w, s, MODE: tl.constexpr):
     """The reference's weight bf16(w * s) (SPEC 3), as f32: int8 w [BK, BN], f32 copies of the
     bf16 scales s [BN]. MODE picks the instructions, never the value (all exact, then rounded
     to nearest even once): 0 int -> float unit, f32 product, round to bf16 and back through the
-    conversion unit; 1 the MAGIC int8 -> f32, f32 product, rounding on the bits; 2 the MAGIC
-    bit pattern and the scale in one FMA (2^23 + 128 + w) * s - (2^23 + 128) * s, which is
-    exact: both terms and the result fit f32's 24 bits), rounding on the bits; 3 that FMA,
-    then the conversion unit's rounding to bf16 and back."""
+    conversion unit; 1 the MAGIC int8 -> f32, f32 product, rounding on the bits; 2
+    `scaled_int8`, rounding on the bits; 3 `scaled_int8`, then the conversion unit's rounding
+    to bf16 and back."""
     if MODE == 0:
         return (w.to(tl.float32) * s[None, :]).to(tl.bfloat16).to(tl.float32)
     if MODE == 1:
         return round_bf16_bits(i8_to_f32(w, True) * s[None, :])
-    u = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
-    ws = tl.fma(u, s[None, :], (-8388736.0 * s)[None, :])
+    ws = scaled_int8(w, s[None, :], (-8388736.0 * s)[None, :])
     if MODE == 2:
         return round_bf16_bits(ws)
     return ws.to(tl.bfloat16).to(tl.float32)
