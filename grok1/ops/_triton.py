@@ -21,6 +21,16 @@ def triton_available() -> bool:
     return True
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids and splits."""
+    return -(-a // b)
+
+
+def next_pow2(n: int, at_least: int = 1) -> int:
+    """The smallest power of two >= n (and >= at_least): Triton's block sizes."""
+    return max(at_least, 1 << (n - 1).bit_length())
+
+
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"

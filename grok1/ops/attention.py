@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from grok1.model import attention_ref
-from grok1.ops._triton import interpreting, use_kernel
+from grok1.ops._triton import cdiv, interpreting, next_pow2, use_kernel
 
 NUM_SMS_GUESS = 132  # H100; only sets how many key splits decode uses
 
@@ -46,22 +46,22 @@ def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
     """Plan for sequences whose new tokens are query_start[b]:query_start[b+1]."""
     q_lens = [e - s for s, e in itertools.pairwise(query_start_B1)]
     decode = max(q_lens) == 1
-    block_t = max(2 if decode else 16, -(-16 // _g_pad(q_per_kv)))
+    block_t = max(2 if decode else 16, cdiv(16, _g_pad(q_per_kv)))
     seq, tok0 = [], []
     for b, (s, n) in enumerate(zip(query_start_B1[:-1], q_lens)):
         for t in range(0, n, block_t):
             seq.append(b)
             tok0.append(s + t)
     if splits is None:
-        want = -(-NUM_SMS_GUESS // (len(seq) * num_kv_heads))
-        splits = max(1, min(16, want, -(-max_kv_len // 256))) if decode else 1
+        want = cdiv(NUM_SMS_GUESS, len(seq) * num_kv_heads)
+        splits = max(1, min(16, want, cdiv(max_kv_len, 256))) if decode else 1
     as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
     return AttentionPlan(list(query_start_B1), as_i32(seq), as_i32(tok0),
                          as_i32(query_start_B1[1:]), block_t, splits)
 
 
 def _g_pad(G: int) -> int:
-    return max(2, 1 << (G - 1).bit_length())
+    return next_pow2(G, at_least=2)
 
 
 def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -106,7 +106,7 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     G = N // K
     g_pad = _g_pad(G)
     block_t = plan.block_t
-    h_pad = max(16, 1 << (H - 1).bit_length())
+    h_pad = next_pow2(H, at_least=16)
     q = q_MNH.contiguous()
     out = torch.empty(M, N, H, dtype=q.dtype, device=q.device)
     splits = plan.splits
@@ -127,7 +127,7 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if splits > 1:  # one launch instead of the five of torch's sums, where and division
         from grok1.ops.attention_triton import attention_combine_kernel
         rows_total, block_r = M * N, 16
-        attention_combine_kernel[(-(-rows_total // block_r),)](
+        attention_combine_kernel[(cdiv(rows_total, block_r),)](
             part, out, rows_total, SPLITS=splits, H=H, H_PAD=h_pad, BLOCK_R=block_r,
             num_warps=4)
     return out.view(M, N * H)

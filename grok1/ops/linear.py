@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from grok1.ops._triton import device_name, interpreting, load_tuned, nearest_m, use_kernel
+from grok1.ops._triton import cdiv, device_name, interpreting, load_tuned, nearest_m, use_kernel
 from grok1.quant import dequantize
 
 NUM_SMS_GUESS = 132
@@ -21,8 +21,8 @@ def linear_config(M: int, K: int, N: int, device: str) -> dict:
     if tuned:
         return dict(tuned)
     if M <= 64:  # memory-bound: split K until the grid covers the GPU about twice
-        tiles = -(-N // 64)
-        split = max(1, min(8, -(-2 * NUM_SMS_GUESS // tiles)))
+        tiles = cdiv(N, 64)
+        split = max(1, min(8, cdiv(2 * NUM_SMS_GUESS, tiles)))
         return {"BM": 16 if M <= 16 else 64, "BN": 64, "BK": 128, "SPLIT": split, "W": 4, "S": 4}
     return {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 1, "W": 8, "S": 4}
 
@@ -49,15 +49,15 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
     bk = _tile_k(K, G, cfg["BK"])
     from grok1.ops.linear_triton import linear_kernel
     split = cfg["SPLIT"]
-    k_per_split = -(-K // (split * bk)) * bk  # whole K tiles per split
-    split = -(-K // k_per_split)
+    k_per_split = cdiv(K, split * bk) * bk  # whole K tiles per split
+    split = cdiv(K, k_per_split)
     f32_out = out_dtype == torch.float32
     if split == 1 and not f32_out:
         out = torch.empty(M, N, dtype=torch.bfloat16, device=x_MK.device)
     else:
         out = torch.empty(split, M, N, dtype=torch.float32, device=x_MK.device)
     x = x_MK.contiguous()
-    grid = (-(-M // cfg["BM"]), -(-N // cfg["BN"]), split)
+    grid = (cdiv(M, cfg["BM"]), cdiv(N, cfg["BN"]), split)
     linear_kernel[grid](x, w_KN, s_GN, out, M, N, K, K // G, G, k_per_split, QUANT=True,
                         SPLIT=max(split, 2) if f32_out else split,  # SPLIT > 1 stores f32
                         BM=cfg["BM"], BN=cfg["BN"], BK=bk,
@@ -112,16 +112,16 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
     while BK > 1 and G > 1 and group_k % BK:
         BK //= 2
     Ns = [w.shape[1] for w, _ in mats] + [0] * (3 - len(mats))
-    tiles = [-(-n // BN) for n in Ns]
-    want = max(1, -(-cfg["PROGRAMS"] // sum(tiles)))
+    tiles = [cdiv(n, BN) for n in Ns]
+    want = max(1, cdiv(cfg["PROGRAMS"], sum(tiles)))
     want = 1 << (want.bit_length() - 1)  # a power of two: splits that divide K evenly
     if G > 1:  # whole scale groups per split
-        per = -(-G // min(want, G))
+        per = cdiv(G, min(want, G))
         k_per_split, chunk = per * group_k, group_k
     else:
-        k_per_split = -(-K // (want * BK)) * BK  # whole BK tiles per split
+        k_per_split = cdiv(K, want * BK) * BK  # whole BK tiles per split
         chunk = k_per_split
-    split = -(-K // k_per_split)
+    split = cdiv(K, k_per_split)
     N_total = sum(Ns)
     out = torch.empty(split, N_total, dtype=torch.float32, device=x_1K.device)
     w = [m[0] for m in mats] + [mats[0][0]] * (3 - len(mats))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from grok1.model import moe_ref
-from grok1.ops._triton import device_name, interpreting, load_tuned, nearest_m, use_kernel
+from grok1.ops._triton import cdiv, device_name, interpreting, load_tuned, nearest_m, next_pow2, use_kernel
 
 DEFAULT_BM_DECODE = 16
 NUMERICS_KEYS = ("LATE",)  # chose numerics in older tuning tables; ignored: tables hold tiles
@@ -49,7 +49,7 @@ def moe_align_ref(ids_MA: torch.Tensor, num_experts: int, block_m: int
 
 
 def _num_slots(P: int, E: int, block_m: int) -> int:
-    return -(-(P + E * (block_m - 1)) // block_m) * block_m
+    return cdiv(P + E * (block_m - 1), block_m) * block_m
 
 
 def moe_align(ids_MA: torch.Tensor, num_experts: int, block_m: int
@@ -63,13 +63,9 @@ def moe_align(ids_MA: torch.Tensor, num_experts: int, block_m: int
     block_expert = torch.empty(num_slots // block_m, dtype=torch.int32, device=ids_MA.device)
     ids = ids_MA.reshape(-1).contiguous()  # int32 or int64: the kernel loads either
     moe_align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_slots, num_slots // block_m,
-                           E=num_experts, E_PAD=max(2, triton_next_pow2(num_experts)),
+                           E=num_experts, E_PAD=next_pow2(num_experts, at_least=2),
                            BM=block_m, CHUNK=1024, num_warps=4)
     return sorted_ids, block_expert
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 # ---- launch configs ----------------------------------------------------------------------
@@ -170,18 +166,18 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     num_blocks = block_expert.numel()
     h_PF = torch.empty(P, F, dtype=torch.float32, device=x_MD.device)  # f32, as the reference
     BN1 = cfg["BN1"]
-    moe_gate_up_kernel[(num_blocks, triton_cdiv(F, BN1))](
+    moe_gate_up_kernel[(num_blocks, cdiv(F, BN1))](
         x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
         sorted_ids, block_expert, P, D, F, D // G1, G1,
         A=A, QUANT=quant, BM=BM, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0, F32=interpreting(), LATE=late,
         num_warps=cfg["W1"], num_stages=cfg["S1"])
     split = max(1, cfg["SPLIT"])
-    k_per_split = triton_cdiv(triton_cdiv(F, split), bk2) * bk2
-    split = triton_cdiv(F, k_per_split)
+    k_per_split = cdiv(cdiv(F, split), bk2) * bk2
+    split = cdiv(F, k_per_split)
     out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
     BN2 = cfg["BN2"]
-    moe_down_kernel[(num_blocks, triton_cdiv(D, BN2), split)](
+    moe_down_kernel[(num_blocks, cdiv(D, BN2), split)](
         h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
         P, D, F, F // G2, G2, k_per_split,
         QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
@@ -218,13 +214,13 @@ def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, i
     if G > 1:
         group_k = K // G
         bk = _gemv_tile(group_k, want_bk)
-        k_per_split = triton_cdiv(G, max(1, min(want_split, G))) * group_k
+        k_per_split = cdiv(G, max(1, min(want_split, G))) * group_k
         chunk = group_k
     else:
         bk = want_bk
-        k_per_split = triton_cdiv(triton_cdiv(K, max(1, want_split)), bk) * bk
+        k_per_split = cdiv(cdiv(K, max(1, want_split)), bk) * bk
         chunk = k_per_split
-    return triton_cdiv(K, k_per_split), k_per_split, chunk, bk
+    return cdiv(K, k_per_split), k_per_split, chunk, bk
 
 
 def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
@@ -251,28 +247,24 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     h_PF = torch.empty(P, F, dtype=torch.float32, device=dev)  # f32, as the reference
     parts = h_PF if split1 == 1 else torch.empty(split1, P, 2, F, dtype=torch.float32, device=dev)
     BN1 = cfg["GBN1"]
-    moe_gemv_gate_up_kernel[(P, triton_cdiv(F, BN1), split1)](
+    moe_gemv_gate_up_kernel[(P, cdiv(F, BN1), split1)](
         x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
         P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
         EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
         DEQUANT=dequant, num_warps=cfg["GW1"], num_stages=cfg["GS1"])
     if split1 > 1:
-        moe_gelu_combine_kernel[(P, triton_cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
+        moe_gelu_combine_kernel[(P, cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
                                                            BN=1024, num_warps=4)
     split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg["GSPLIT"], cfg["GBK2"])
     out = torch.empty(split, P, D, dtype=torch.float32, device=dev)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
     BN2 = cfg["GBN2"]
-    moe_gemv_down_kernel[(P, triton_cdiv(D, BN2), split)](
+    moe_gemv_down_kernel[(P, cdiv(D, BN2), split)](
         h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
         chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
         EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
         DEQUANT=dequant, num_warps=cfg["GW2"], num_stages=cfg["GS2"])
     return out.view(split, M, A, D)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def kernel_supported(D: int, F: int, groups_in: int, groups_down: int) -> bool:

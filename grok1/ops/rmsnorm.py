@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from grok1.model import RMS_EPS, rms_norm
-from grok1.ops._triton import use_kernel
+from grok1.ops._triton import next_pow2, use_kernel
 
 
 def summed(a: torch.Tensor) -> torch.Tensor:
@@ -57,4 +57,4 @@ def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor, w_a_D: torch.Tensor,
 
 
 def triton_block(D: int) -> int:
-    return max(16, 1 << (D - 1).bit_length())
+    return next_pow2(D, at_least=16)

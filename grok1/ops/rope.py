@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from grok1.model import apply_rope
-from grok1.ops._triton import use_kernel
+from grok1.ops._triton import next_pow2, use_kernel
 
 
 def _summed(t: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def rope_and_cache(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Tensor
     S, M, N, H = q4.shape
     K = k4.shape[2]
     q_out = torch.empty(M, N, H, dtype=torch.bfloat16, device=q4.device)
-    hp = max(16, 1 << (H - 1).bit_length())
+    hp = next_pow2(H, at_least=16)
     rope_cache_kernel[(M, N + K)](
         q4, k4, v4, cos_MH.contiguous(), sin_MH.contiguous(), q_out, k_cache, v_cache,
         slots_M, *q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], N=N, K=K, H=H,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from grok1.model import route
-from grok1.ops._triton import use_kernel
+from grok1.ops._triton import cdiv, next_pow2, use_kernel
 
 MAX_KERNEL_ROWS = 64  # past this the GEMM of the twin (cuBLAS) is the faster router
 SPLIT_K = 48          # programs per row: the router's D x E f32 matrix read by many SMs at once
@@ -27,9 +27,9 @@ def route_op(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int
             x_MD.requires_grad or router_DE.requires_grad):
         return route(x_MD, router_DE, top_k)
     from grok1.ops.router_triton import router_logits_kernel, router_topk_kernel
-    e_pad = max(2, 1 << (E - 1).bit_length())
+    e_pad = next_pow2(E, at_least=2)
     split = max(1, min(SPLIT_K, D // 64))
-    k_per_split = -(-D // split)
+    k_per_split = cdiv(D, split)
     part = torch.empty(split, M, e_pad, dtype=torch.float32, device=x_MD.device)
     router_logits_kernel[(M, split)](x_MD.contiguous(), router_DE.contiguous(), part, M, D, E,
                                      k_per_split, E_PAD=e_pad, BK=64, num_warps=2)
