@@ -150,16 +150,20 @@ class _MetricsMiddleware:
 def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                api_key: str | None = None, *, max_pending: int = 256, max_n: int = 16,
                max_choices: int = 64, max_body_bytes: int = 4 << 20,
-               shutdown_grace_s: float = 30.0) -> FastAPI:
+               shutdown_grace_s: float = 30.0,
+               on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
 
     max_pending: engine requests admitted at once (running + waiting); more get 503.
     max_n / max_choices: limits on n and on prompts x n per request (<= max_pending).
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
+    on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
+    answers 503 with the reason. `grok1 serve` stops and exits non-zero.
     """
     metrics = ServerMetrics()
-    bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics)
+    bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics,
+                          on_fatal=on_engine_failure)
     serving = OpenAIServing(tokenizer, model_name, max_model_len=engine.max_model_len,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
                             max_choices=min(max_choices, max_pending))
@@ -228,7 +232,10 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     async def health() -> JSONResponse:
         if bridge.healthy:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        if bridge.dead_reason is not None:  # broken for good: the process is about to exit
+            return JSONResponse({"status": "failed", "reason": bridge.dead_reason},
+                                status_code=503)
+        return JSONResponse({"status": "unavailable"}, status_code=503)  # starting or stopping
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -11,6 +11,14 @@ Start-up warms the engine before admitting anything (`Engine.warmup`): on a GPU 
 each new shape would otherwise compile Triton kernels or capture a CUDA graph while every request
 in flight waits, which under load showed as multi-second time-to-first-token tails.
 
+A step that raises: the engine fails by itself the requests whose own sampling broke
+(finish_reason "error", `RequestFailedError` here); any other exception out of `step()` cancels
+every request in flight (the engine cannot say whose data it was), after which the bridge checks
+that the engine still works (drain the aborts, one one-token forward). If it does not, or the
+thread fails otherwise, the engine is broken: the bridge reports unhealthy with the reason
+(`dead_reason`, shown by /health) and calls `on_fatal`, through which `grok1 serve` exits
+non-zero so that a supervisor restarts it. Nothing else can fix a broken engine in-process.
+
 Back-pressure: at most `max_pending` engine requests are admitted (running + waiting); past that
 `submit` raises `QueueFullError` (the server answers 503 with Retry-After) instead of queueing
 without bound. Shutdown stops admissions, lets in-flight requests finish for a grace period, then
@@ -59,6 +67,10 @@ class EngineStepError(RuntimeError):
     """engine.step() raised; the requests in flight at that moment were cancelled."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone (finish_reason "error"); the others went on."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SubRequest:
     request_id: str
@@ -94,6 +106,9 @@ class ServerMetrics:
         self.kv_total = Gauge("grok1_kv_cache_blocks_total", "KV-cache blocks", registry=r)
         self.kv_usage = Gauge("grok1_kv_cache_usage_ratio", "KV-cache blocks used / total",
                               registry=r)
+        self.step_failures = Counter("grok1_engine_step_failures", "Engine steps that raised "
+                                     "(the requests in flight were cancelled; the engine was "
+                                     "checked and served on)", registry=r)
         self.preempted = Gauge("grok1_num_preempted", "Engine preemptions since start",
                                registry=r)
         self.rejected = Counter("grok1_requests_rejected_queue_full", "Requests answered 503 "
@@ -124,8 +139,9 @@ class RequestGroup:
         self._closed = False
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of this group's unfinished requests, in arrival order; raises the
-        bridge's error if the engine failed or the server shut down meanwhile."""
+        """Engine outputs of this group's unfinished requests, in arrival order; raises
+        RequestFailedError if the engine failed one of them, or the bridge's error if the
+        engine failed or the server shut down meanwhile."""
         while self._unfinished:
             item = await self._queue.get()
             if isinstance(item, BaseException):
@@ -134,6 +150,8 @@ class RequestGroup:
                 continue  # stopped early by the server (stop string); the engine had one more
             if item.finished:
                 self._unfinished.discard(item.request_id)
+            if item.finish_reason == "error":  # this request alone failed; the others go on
+                raise RequestFailedError(f"engine failed {item.request_id}: {item.error}")
             yield item
 
     def finish(self, request_id: str) -> None:
@@ -171,7 +189,9 @@ class RequestGroup:
 class EngineBridge:
     """Owns the engine thread. Create, `await start()` on the serving loop, `await shutdown()`."""
 
-    def __init__(self, engine: Engine, *, max_pending: int, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Engine, *, max_pending: int, metrics: ServerMetrics | None = None,
+                 on_fatal: Callable[[str], None] | None = None):
+        """on_fatal(reason) is called on the event loop once the engine is broken."""
         if max_pending < 1:
             raise ValueError(f"max_pending={max_pending}: must be >= 1")
         self.engine = engine
@@ -186,6 +206,7 @@ class EngineBridge:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._dead_reason: str | None = None
+        self.on_fatal = on_fatal
         self.last_stats: EngineStats | None = None
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -211,6 +232,11 @@ class EngineBridge:
     def healthy(self) -> bool:
         return (self._accepting and self._dead_reason is None and self._thread is not None
                 and self._thread.is_alive())
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is broken (None while it is not)."""
+        return self._dead_reason
 
     @property
     def num_pending(self) -> int:
@@ -309,11 +335,16 @@ class EngineBridge:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish_stats()
-        except Exception as e:  # a bug in the engine or here: fail everything, report unhealthy
+        except Exception as e:  # the engine is broken (or this loop has a bug): nothing to save
             log.exception("engine thread died")
             self._dead_reason = f"engine thread died: {type(e).__name__}: {e}"
-            self._loop.call_soon_threadsafe(self._fail, sorted(self._live),
-                                            EngineUnavailableError(self._dead_reason))
+            self._loop.call_soon_threadsafe(self._die, sorted(self._live))
+
+    def _die(self, request_ids: list[str]) -> None:
+        """Event loop: fail what was in flight, then tell the owner (grok1 serve exits)."""
+        self._fail(request_ids, EngineUnavailableError(self._dead_reason))
+        if self.on_fatal is not None:
+            self.on_fatal(self._dead_reason)
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); False once told to stop."""
@@ -347,6 +378,8 @@ class EngineBridge:
                 for rid in sorted(self._live):
                     self.engine.abort_request(rid)
                 self._live.clear()
+                if self.engine.has_unfinished_requests():
+                    self.engine.step()  # reports the aborts: the engine is left empty
                 self._publish_stats()
                 return False
         return True
@@ -372,19 +405,8 @@ class EngineBridge:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
-            # Our bug, not the client's: log it, cancel what was in flight, keep serving if the
-            # engine can still abort them all (else the thread dies and /health says so).
-            victims = sorted(self._live)
-            log.exception("engine.step() failed; cancelling requests %s", victims)
-            for rid in victims:
-                self.engine.abort_request(rid)
-            self._live.clear()
-            self._loop.call_soon_threadsafe(
-                self._fail, victims, EngineStepError(f"engine step failed: {type(e).__name__}: "
-                                                     f"{e}"))
-            if self.engine.has_unfinished_requests():
-                raise
+        except Exception as e:  # noqa: BLE001 - cancel what was in flight, keep serving if we can
+            self._recover(e)
             return
         t = time.monotonic()
         for out in outputs:
@@ -394,6 +416,30 @@ class EngineBridge:
                 self.metrics.finished.labels(out.finish_reason or "unknown").inc()
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs, t)
+
+    def _recover(self, error: Exception) -> None:
+        """After engine.step() raised: cancel every request in flight, then check the engine:
+        one step reports the aborts (and must leave nothing unfinished), one one-token forward
+        (`warmup`) must run. If either fails the engine is broken: raise, ending the thread."""
+        victims = sorted(self._live)
+        what = f"{type(error).__name__}: {error}"
+        log.error("engine.step() failed; cancelling requests %s", victims, exc_info=error)
+        self.metrics.step_failures.inc()
+        for rid in victims:
+            self.engine.abort_request(rid)
+        try:
+            self.engine.step()
+            if self.engine.has_unfinished_requests():
+                raise RuntimeError("requests still unfinished after aborting them all")
+            self.engine.warmup(prefill_sizes=[1])
+        except Exception as probe_error:
+            raise RuntimeError(f"engine step failed ({what}) and the engine no longer works: "
+                               f"{type(probe_error).__name__}: {probe_error}") from error
+        self._live.clear()
+        for _ in victims:
+            self.metrics.finished.labels("abort").inc()
+        self._loop.call_soon_threadsafe(self._fail, victims, EngineStepError(
+            f"engine step failed and cancelled this request: {what}"))
 
     def _publish_stats(self) -> None:
         self.last_stats = self.engine.stats()

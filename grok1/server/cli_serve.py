@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "grok1-default"
+FATAL_LINGER_S = 1.0  # /health reports a broken engine this long before the process exits
 
 log = logging.getLogger("grok1.server")
 
@@ -148,11 +149,31 @@ def run_serve(args: argparse.Namespace) -> None:
     if wants_parallel(args):
         run_serve_ranks(args)
         return
+    serve_until_stopped(build_app(args), args)
+
+
+def serve_until_stopped(app, args: argparse.Namespace) -> None:
+    """uvicorn.run(app), except that a broken engine (bridge.py) stops the server: /health
+    answers 503 with the reason for FATAL_LINGER_S, then SystemExit(1), so a supervisor
+    restarts the process instead of keeping one that answers every request 503."""
+    import asyncio
+
     import uvicorn
 
-    app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout + 5))
+
+    def stop_broken(reason: str) -> None:
+        log.critical("the engine is broken (%s); stopping the server in %.0f s", reason,
+                     FATAL_LINGER_S)
+        asyncio.get_running_loop().call_later(FATAL_LINGER_S, setattr, server, "should_exit",
+                                              True)
+
+    app.state.bridge.on_fatal = stop_broken
+    server.run()
+    if app.state.bridge.dead_reason is not None:
+        raise SystemExit(f"grok1 serve: exiting with status 1, {app.state.bridge.dead_reason}")
 
 
 def load_shard(args: argparse.Namespace, mesh):
@@ -195,8 +216,6 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
     import gc
     import signal
 
-    import uvicorn
-
     from grok1.engine.llm import Engine, default_num_blocks
     from grok1.parallel.control import ControlChannel, LeaderEngine, follow
     from grok1.parallel.mesh import init_distributed, shutdown
@@ -221,8 +240,7 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
             app = _create_app(args, leader, tokenizer, name, f"{source}, {mesh.world_size} "
                               f"ranks, moe {args.moe}", str(mesh.device))
             try:
-                uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+                serve_until_stopped(app, args)
             finally:
                 leader.stop()  # the engine thread is done: uvicorn ran the lifespan's shutdown
         else:
