@@ -60,8 +60,13 @@ def _check_auth(request: Request, api_key: str | None) -> None:
                               "'Authorization: Bearer KEY'", status=401, code="invalid_api_key")
 
 
-async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int) -> Any:
-    """The body as `schema`: 413 past max_body_bytes, 400 for bad JSON or fields."""
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body: 415 unless it is declared JSON, 413 past max_body_bytes."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise P.ProtocolError(f"Content-Type {content_type or '(none)'!r}: the body must be JSON "
+                              "sent as 'Content-Type: application/json'", status=415,
+                              code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
         raise P.ProtocolError(f"request body of {length} bytes exceeds the limit of "
@@ -72,8 +77,17 @@ async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int)
         if len(body) > max_body_bytes:
             raise P.ProtocolError(f"request body exceeds the limit of {max_body_bytes} bytes",
                                   status=413, code="body_too_large")
+    return bytes(body)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _parse(body: bytes, schema: type[BaseModel]) -> Any:
+    """The body as `schema`: 400 for bad JSON (invalid UTF-8 and NaN included) or fields."""
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise P.ProtocolError(f"malformed JSON body: {str(e)[:200]}",
                               code="invalid_json") from None
@@ -150,13 +164,17 @@ class _MetricsMiddleware:
 def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                api_key: str | None = None, *, max_pending: int = 256, max_n: int = 16,
                max_choices: int = 64, max_body_bytes: int = 4 << 20,
-               shutdown_grace_s: float = 30.0,
+               shutdown_grace_s: float = 30.0, max_prompt_chars: int | None = None,
+               worker_threads: int = 4,
                on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
 
     max_pending: engine requests admitted at once (running + waiting); more get 503.
     max_n / max_choices: limits on n and on prompts x n per request (<= max_pending).
+    max_prompt_chars: longest text prompt (chat: transcript) tokenized; longer ones get 400
+    (default serving.MAX_CHARS_PER_TOKEN per token of context).
+    worker_threads: the pool that parses, tokenizes and detokenizes off the event loop.
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
     on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
     answers 503 with the reason. `grok1 serve` stops and exits non-zero.
@@ -166,7 +184,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                           on_fatal=on_engine_failure)
     serving = OpenAIServing(tokenizer, model_name, max_model_len=engine.max_model_len,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
-                            max_choices=min(max_choices, max_pending))
+                            max_choices=min(max_choices, max_pending),
+                            max_prompt_chars=max_prompt_chars, worker_threads=worker_threads)
     created = int(time.time())
 
     @asynccontextmanager
@@ -184,7 +203,10 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error_response(P.ProtocolError(str(e.detail), status=e.status_code, code=code))
+        response = _error_response(P.ProtocolError(str(e.detail), status=e.status_code,
+                                                   code=code))
+        response.headers.update(e.headers or {})  # 405: Allow, as RFC 9110 requires
+        return response
 
     def endpoint(prefix: str, handler: Callable[[Request, str], Awaitable[Response]]):
         async def run(request: Request) -> Response:
@@ -211,13 +233,17 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
 
         return await _unless_disconnected(request, work())
 
+    # JSON parsing, validation and tokenizing run in the worker pool (serving.offload): a big
+    # body must not stall the event loop, which serves every other request and stream
     async def completions(request: Request, rid: str) -> Response:
-        req = await _parse(request, P.CompletionRequest, max_body_bytes)
-        return await serve(request, serving.plan_completion(rid, req))
+        body = await _read_body(request, max_body_bytes)
+        return await serve(request, await serving.offload(
+            lambda: serving.plan_completion(rid, _parse(body, P.CompletionRequest))))
 
     async def chat_completions(request: Request, rid: str) -> Response:
-        req = await _parse(request, P.ChatCompletionRequest, max_body_bytes)
-        return await serve(request, serving.plan_chat(rid, req))
+        body = await _read_body(request, max_body_bytes)
+        return await serve(request, await serving.offload(
+            lambda: serving.plan_chat(rid, _parse(body, P.ChatCompletionRequest))))
 
     async def models(_request: Request, _rid: str) -> Response:
         card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
