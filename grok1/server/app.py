@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,8 @@ from grok1.server import protocol as P
 from grok1.server.bridge import EngineBridge, RequestGroup, ServerMetrics
 from grok1.server.detokenize import TokenizerLike
 from grok1.server.serving import Job, OpenAIServing, as_protocol_error
+
+log = logging.getLogger("grok1.server")
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -100,25 +103,46 @@ def _parse(body: bytes, schema: type[BaseModel]) -> Any:
         raise P.error_from_validation(e) from None
 
 
+class _WriteTimeout(Exception):
+    """A chunk of a stream could not be sent within the write timeout."""
+
+
 class _SSEResponse(StreamingResponse):
     """A StreamingResponse that closes its request group however the response ends (finished,
-    client gone, task cancelled), even if the body iterator never started."""
+    client gone, task cancelled, client not reading), even if the body iterator never started.
+    A chunk the client does not take within write_timeout_s ends the response: its engine
+    requests are aborted, and uvicorn closes the connection of the unfinished response."""
 
-    def __init__(self, content: AsyncIterator[str], group: RequestGroup, rid: str):
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup, rid: str,
+                 write_timeout_s: float, metrics: ServerMetrics):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                   "X-Request-Id": rid})
-        self.group = group
+        self.group, self.rid = group, rid
+        self.write_timeout_s, self.metrics = write_timeout_s, metrics
 
     async def __call__(self, scope, receive, send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    await send(message)  # waits while the socket's buffers are full
+            except TimeoutError:
+                raise _WriteTimeout from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except _WriteTimeout:
+            log.warning("request %s: the client took nothing for %.0f s; aborted", self.rid,
+                        self.write_timeout_s)
+            self.metrics.client_aborts.labels("write_timeout").inc()
         finally:
             self.group.close()
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """Run a non-streaming request's work, cancelling it if the client disconnects first."""
+async def _unless_disconnected(request: Request, work: Awaitable[Response],
+                               metrics: ServerMetrics) -> Response:
+    """Run a non-streaming request's work, cancelling it if the client disconnects first
+    (answered 499 and counted as a client abort)."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -132,7 +156,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # a cancelled task is done only once it has unwound
     if task.cancelled():
+        metrics.client_aborts.labels("disconnected").inc()
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     return task.result()
 
@@ -165,7 +191,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                api_key: str | None = None, *, max_pending: int = 256, max_n: int = 16,
                max_choices: int = 64, max_body_bytes: int = 4 << 20,
                shutdown_grace_s: float = 30.0, max_prompt_chars: int | None = None,
-               worker_threads: int = 4,
+               worker_threads: int = 4, write_timeout_s: float = 30.0,
+               max_buffered_outputs: int = 1024,
                on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
@@ -175,13 +202,16 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     max_prompt_chars: longest text prompt (chat: transcript) tokenized; longer ones get 400
     (default serving.MAX_CHARS_PER_TOKEN per token of context).
     worker_threads: the pool that parses, tokenizes and detokenizes off the event loop.
+    write_timeout_s: a stream chunk the client does not take within this ends the stream.
+    max_buffered_outputs: engine outputs a request may have waiting to be sent (a client that
+    stopped reading) before it is aborted and its slots are freed.
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
     on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
     answers 503 with the reason. `grok1 serve` stops and exits non-zero.
     """
     metrics = ServerMetrics()
     bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics,
-                          on_fatal=on_engine_failure)
+                          on_fatal=on_engine_failure, max_buffered_outputs=max_buffered_outputs)
     serving = OpenAIServing(tokenizer, model_name, max_model_len=engine.max_model_len,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
                             max_choices=min(max_choices, max_pending),
@@ -221,7 +251,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     async def serve(request: Request, job: Job) -> Response:
         if job.req.stream:
             group = await bridge.submit(job.subs)
-            return _SSEResponse(serving.stream(job, group), group, job.rid)
+            return _SSEResponse(serving.stream(job, group), group, job.rid, write_timeout_s,
+                                metrics)
 
         async def work() -> Response:
             group = await bridge.submit(job.subs)
@@ -231,7 +262,7 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                 group.close()
             return JSONResponse(result.model_dump(), headers={"X-Request-Id": job.rid})
 
-        return await _unless_disconnected(request, work())
+        return await _unless_disconnected(request, work(), metrics)
 
     # JSON parsing, validation and tokenizing run in the worker pool (serving.offload): a big
     # body must not stall the event loop, which serves every other request and stream

@@ -21,7 +21,9 @@ non-zero so that a supervisor restarts it. Nothing else can fix a broken engine 
 
 Back-pressure: at most `max_pending` engine requests are admitted (running + waiting); past that
 `submit` raises `QueueFullError` (the server answers 503 with Retry-After) instead of queueing
-without bound. Shutdown stops admissions, lets in-flight requests finish for a grace period, then
+without bound. A group whose reader falls behind by more than `max_buffered_outputs` engine
+outputs (a client that stops reading its stream) is aborted and its slots freed at once
+(`ClientTooSlowError`), rather than when its socket finally closes. Shutdown stops admissions, lets in-flight requests finish for a grace period, then
 cancels the rest and stops the thread.
 """
 
@@ -53,6 +55,10 @@ class QueueFullError(RuntimeError):
     def __init__(self, message: str, retry_after_s: int = 1):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ClientTooSlowError(RuntimeError):
+    """The client read its stream too slowly; its engine requests were aborted."""
 
 
 class RequestRejectedError(ValueError):
@@ -106,6 +112,9 @@ class ServerMetrics:
         self.kv_total = Gauge("grok1_kv_cache_blocks_total", "KV-cache blocks", registry=r)
         self.kv_usage = Gauge("grok1_kv_cache_usage_ratio", "KV-cache blocks used / total",
                               registry=r)
+        self.client_aborts = Counter("grok1_client_aborts", "Requests ended because the client "
+                                     "left (disconnected) or read too slowly (write_timeout, "
+                                     "buffer_full)", ["reason"], registry=r)
         self.step_failures = Counter("grok1_engine_step_failures", "Engine steps that raised "
                                      "(the requests in flight were cancelled; the engine was "
                                      "checked and served on)", registry=r)
@@ -137,6 +146,7 @@ class RequestGroup:
         self._t_submit = time.monotonic()
         self._t_last: dict[str, float] = {}
         self._closed = False
+        self._failure: BaseException | None = None  # why the group was closed for its reader
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Engine outputs of this group's unfinished requests, in arrival order; raises
@@ -153,6 +163,8 @@ class RequestGroup:
             if item.finish_reason == "error":  # this request alone failed; the others go on
                 raise RequestFailedError(f"engine failed {item.request_id}: {item.error}")
             yield item
+        if self._failure is not None:
+            raise self._failure
 
     def finish(self, request_id: str) -> None:
         """Stop one request early (a stop string matched): abort it in the engine."""
@@ -184,18 +196,29 @@ class RequestGroup:
             if out.finished:
                 m.e2e.observe(t - self._t_submit)
         self._queue.put_nowait(out)
+        limit = self._bridge.max_buffered_outputs
+        if self._queue.qsize() > limit and not self._closed:
+            self._failure = ClientTooSlowError(
+                f"the client read too slowly: more than {limit} engine outputs were waiting to "
+                "be sent; request aborted")
+            m.client_aborts.labels("buffer_full").inc()
+            self.close()
 
 
 class EngineBridge:
     """Owns the engine thread. Create, `await start()` on the serving loop, `await shutdown()`."""
 
     def __init__(self, engine: Engine, *, max_pending: int, metrics: ServerMetrics | None = None,
-                 on_fatal: Callable[[str], None] | None = None):
-        """on_fatal(reason) is called on the event loop once the engine is broken."""
+                 on_fatal: Callable[[str], None] | None = None, max_buffered_outputs: int = 1024):
+        """on_fatal(reason) is called on the event loop once the engine is broken.
+        max_buffered_outputs: engine outputs a group may hold unread before it is aborted."""
         if max_pending < 1:
             raise ValueError(f"max_pending={max_pending}: must be >= 1")
+        if max_buffered_outputs < 1:
+            raise ValueError(f"max_buffered_outputs={max_buffered_outputs}: must be >= 1")
         self.engine = engine
         self.max_pending = max_pending
+        self.max_buffered_outputs = max_buffered_outputs
         self.metrics = metrics or ServerMetrics()
         self._commands: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = \
             queue.SimpleQueue()
@@ -206,6 +229,7 @@ class EngineBridge:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._dead_reason: str | None = None
+        self._shutting_down: asyncio.Future | None = None
         self.on_fatal = on_fatal
         self.last_stats: EngineStats | None = None
 
@@ -288,7 +312,14 @@ class EngineBridge:
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish for up to grace_s, cancel the rest
-        (their handlers get EngineUnavailableError), and stop the engine thread."""
+        (their handlers get EngineUnavailableError), and stop the engine thread. Later calls
+        wait for the first one's shutdown (grok1 serve starts it as uvicorn begins to drain,
+        and the app's lifespan calls it again)."""
+        if self._shutting_down is None:
+            self._shutting_down = asyncio.ensure_future(self._shut_down(grace_s))
+        await asyncio.shield(self._shutting_down)
+
+    async def _shut_down(self, grace_s: float) -> None:
         self._accepting = False
         deadline = time.monotonic() + grace_s
         while self._num_pending and time.monotonic() < deadline:

@@ -41,6 +41,7 @@ from pydantic import BaseModel
 from grok1.engine.llm import RequestOutput, SamplingParams, TokenLogprob
 from grok1.server import protocol as P
 from grok1.server.bridge import (
+    ClientTooSlowError,
     EngineStepError,
     EngineUnavailableError,
     QueueFullError,
@@ -90,6 +91,8 @@ def as_protocol_error(e: BaseException, rid: str) -> P.ProtocolError:
                                retry_after_s=5)
     if isinstance(e, RequestRejectedError):  # engine.add_request refused the input
         return P.ProtocolError(f"invalid request: {e}", code="invalid_value")
+    if isinstance(e, ClientTooSlowError):  # the client's doing; it will hardly read this
+        return P.ProtocolError(str(e), status=408, code="client_too_slow")
     log.error("request %s failed with a server error", rid, exc_info=e)
     return P.ProtocolError(f"internal server error (request id {rid}): {type(e).__name__}: {e}",
                            status=500, code="internal_error")
