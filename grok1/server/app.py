@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API over the grok1 engine: FastAPI, SSE streaming, Prometheus metrics.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (these three need
-`Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics.
+`Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics, and
+GET /openapi.json (the request schemas of protocol.py, for clients and fuzzers).
 The server listens only once the engine is warmed up (bridge.py: kernel compiles and CUDA graphs
 happen at start-up, not under the first requests), so a reachable /health means ready.
 The chat prompt format and the request semantics are in serving.py's docstring.
@@ -29,9 +30,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grok1.engine.llm import Engine
@@ -42,7 +45,25 @@ from grok1.server.serving import Job, OpenAIServing, as_protocol_error
 
 log = logging.getLogger("grok1.server")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+          "/openapi.json")
+_REQUEST_SCHEMAS = {"/v1/completions": P.CompletionRequest,
+                    "/v1/chat/completions": P.ChatCompletionRequest}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the JSON request bodies, which the handlers read themselves
+    (size limit, Content-Type, strict parsing in the worker pool) and FastAPI cannot see."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in _REQUEST_SCHEMAS.values()],
+                                     ref_template="#/components/schemas/{model}")
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        for path, model in _REQUEST_SCHEMAS.items():
+            doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def _error_response(e: P.ProtocolError, rid: str | None = None) -> JSONResponse:
@@ -224,8 +245,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
         yield
         await bridge.shutdown(grace_s=shutdown_grace_s)
 
-    app = FastAPI(title="grok1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="grok1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi = lambda: _openapi(app)
     app.state.bridge = bridge
     app.state.metrics = metrics
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
@@ -280,10 +301,11 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
         card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
 
-    app.add_api_route("/v1/completions", endpoint("cmpl", completions), methods=["POST"])
+    app.add_api_route("/v1/completions", endpoint("cmpl", completions), methods=["POST"],
+                      name="completions")
     app.add_api_route("/v1/chat/completions", endpoint("chatcmpl", chat_completions),
-                      methods=["POST"])
-    app.add_api_route("/v1/models", endpoint("models", models), methods=["GET"])
+                      methods=["POST"], name="chat_completions")
+    app.add_api_route("/v1/models", endpoint("models", models), methods=["GET"], name="models")
 
     @app.get("/health")
     async def health() -> JSONResponse:

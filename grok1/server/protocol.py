@@ -35,6 +35,7 @@ MAX_STOP_STRINGS = 16
 MAX_INT32 = 2**31 - 1  # counts (max_tokens, n, top_k, token ids): the engine keeps them in int32
 MAX_NAME_CHARS = 256  # model, user, a stop string
 MAX_PROMPTS = 1024  # prompts in one completion request (the server's max_choices is lower)
+MAX_TOKEN_IDS = 1 << 20  # token ids in one prompt (beyond any context; checked against it later)
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 1024
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -77,8 +78,9 @@ def _one_of(forms: str, empty_list: str) -> Discriminator:
 Prompt = Annotated[Union[
     Annotated[Text, Tag("str")],
     Annotated[list[Text], Field(max_length=MAX_PROMPTS), Tag("list[str]")],
-    Annotated[list[TokenId], Field(max_length=MAX_INT32), Tag("list[int]")],
-    Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS), Tag("list[list[int]]")],
+    Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS), Tag("list[int]")],
+    Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS)]],
+              Field(max_length=MAX_PROMPTS), Tag("list[list[int]]")],
 ], _one_of("a string, a list of strings, a list of token ids or a list of token-id lists",
            empty_list="list[int]")]  # [] is an empty prompt, refused as such later
 
