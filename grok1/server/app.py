@@ -9,12 +9,14 @@ The chat prompt format and the request semantics are in serving.py's docstring.
 
 Errors are OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
 JSON, bad or out-of-range fields, empty prompts and prompts that do not fit the context; 401 for a
-missing or wrong API key; 404 for an unknown model (OpenAI's `model_not_found`) or route; 413 for
-an oversized body; 503 with Retry-After when the queue is full or the server is shutting down.
-A 5xx is a server bug and is logged with the request id (also sent as the X-Request-Id header).
+missing or wrong API key; 404 for an unknown model (OpenAI's `model_not_found`) or route; 405 with
+Allow for a wrong method; 413 for an oversized body; 415 for a body not declared JSON; 503 with
+Retry-After when the queue is full or the server is shutting down or broken. A 5xx is a server
+bug and is logged with the request id (also sent as the X-Request-Id header).
 
 Cancellation: a streamed response closes its engine requests however it ends (client gone,
-task cancelled); a non-streamed one watches for the client's disconnect while it waits.
+task cancelled, client not reading for write_timeout_s); a non-streamed one watches for the
+client's disconnect while it waits (then 499, counted in grok1_client_aborts).
 """
 
 from __future__ import annotations
