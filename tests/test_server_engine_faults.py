@@ -3,7 +3,6 @@ fails alone, a failed forward cancels what was in flight and the engine serves o
 engine makes /health say why and `grok1 serve` exit non-zero."""
 
 import asyncio
-import collections
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from _processes import free_port, wait_until_healthy
+from test_server_bridge import _collect, _run
 
 import grok1.engine.llm as llm
 from grok1.config import GrokConfig
@@ -45,20 +45,6 @@ def _sub(rid: str, n_tokens: int, seed: int = 1) -> SubRequest:
                                                             seed=seed, ignore_eos=True))
 
 
-async def _tokens(group) -> dict[str, list[int]]:
-    out = collections.defaultdict(list)
-    try:
-        async for o in group.outputs():
-            out[o.request_id] += o.new_token_ids
-    finally:
-        group.close()
-    return dict(out)
-
-
-def _run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=60))
-
-
 def test_a_request_whose_sampling_fails_fails_alone_and_the_batch_goes_on(monkeypatch):
     real_sample_rows = llm.sample_rows
 
@@ -74,12 +60,12 @@ def test_a_request_whose_sampling_fails_fails_alone_and_the_batch_goes_on(monkey
         await bridge.start()
         good = await bridge.submit([_sub("good", 12)])
         bad = await bridge.submit([_sub("bad", 12, seed=POISON_SEED)])
-        good_tokens = asyncio.ensure_future(_tokens(good))
+        good_tokens = asyncio.ensure_future(_collect(good))
         with pytest.raises(RequestFailedError, match="bad: sampling failed: OverflowError: "
                                                      "injected"):
-            await _tokens(bad)
+            await _collect(bad)
         got = await good_tokens
-        after = await _tokens(await bridge.submit([_sub("after", 3)]))
+        after = await _collect(await bridge.submit([_sub("after", 3)]))
         healthy, failures = bridge.healthy, bridge.metrics.step_failures._value.get()
         stats = await bridge.call(lambda e: e.stats())
         await bridge.shutdown(grace_s=1)
@@ -109,8 +95,8 @@ def test_a_failing_forward_cancels_the_requests_in_flight_and_the_engine_serves_
         await bridge.start()
         a = await bridge.submit([_sub("a", 20), _sub("b", 20, seed=2)])
         with pytest.raises(EngineStepError, match="injected: one forward fails"):
-            await _tokens(a)
-        after = await _tokens(await bridge.submit([_sub("after", 4)]))
+            await _collect(a)
+        after = await _collect(await bridge.submit([_sub("after", 4)]))
         healthy, failures = bridge.healthy, bridge.metrics.step_failures._value.get()
         stats = await bridge.call(lambda e: e.stats())
         await bridge.shutdown(grace_s=1)
@@ -135,7 +121,7 @@ def test_a_broken_engine_fails_its_requests_reports_why_and_calls_on_fatal():
         await bridge.start()
         group = await bridge.submit([_sub("a", 5)])
         with pytest.raises(EngineUnavailableError, match="no longer works"):
-            await _tokens(group)
+            await _collect(group)
         await asyncio.sleep(0.05)  # on_fatal runs on the loop right after the failure
         with pytest.raises(EngineUnavailableError, match="the device is gone"):
             await bridge.submit([_sub("b", 2)])
