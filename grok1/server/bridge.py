@@ -23,8 +23,10 @@ Back-pressure: at most `max_pending` engine requests are admitted (running + wai
 `submit` raises `QueueFullError` (the server answers 503 with Retry-After) instead of queueing
 without bound. A group whose reader falls behind by more than `max_buffered_outputs` engine
 outputs (a client that stops reading its stream) is aborted and its slots freed at once
-(`ClientTooSlowError`), rather than when its socket finally closes. Shutdown stops admissions, lets in-flight requests finish for a grace period, then
-cancels the rest and stops the thread.
+(`ClientTooSlowError`), rather than when its socket finally closes.
+
+Shutdown stops admissions, lets in-flight requests finish for a grace period, then cancels the
+rest (streams end with an error event) and stops the thread.
 """
 
 from __future__ import annotations

@@ -370,6 +370,7 @@ def error_from_validation(e: ValidationError) -> ProtocolError:
         msg = "unknown parameter (not part of this API)"
     elif err["type"] == "missing":
         msg = "required parameter is missing"
-    value = f" (got {_abbreviated.repr(err.get('input'))})" if param and err["type"] != "missing" else ""
+    shown = param and err["type"] != "missing"
+    value = f" (got {_abbreviated.repr(err.get('input'))})" if shown else ""
     return ProtocolError(f"{param + ': ' if param else ''}{msg}{value}", param=param,
                          code="invalid_value")
