@@ -469,8 +469,7 @@ class EngineBridge:
             raise RuntimeError(f"engine step failed ({what}) and the engine no longer works: "
                                f"{type(probe_error).__name__}: {probe_error}") from error
         self._live.clear()
-        for _ in victims:
-            self.metrics.finished.labels("abort").inc()
+        self.metrics.finished.labels("abort").inc(len(victims))
         self._loop.call_soon_threadsafe(self._fail, victims, EngineStepError(
             f"engine step failed and cancelled this request: {what}"))
 
