@@ -155,7 +155,9 @@ class _SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send_in_time)
         except _WriteTimeout:
-            log.warning("request %s: the client took nothing for %.0f s; aborted", self.rid,
+            # uvicorn then closes the connection, logging "ASGI callable returned without
+            # completing response": the final chunk could not be sent either
+            log.warning("request %s: the client took nothing for %g s; aborted", self.rid,
                         self.write_timeout_s)
             self.metrics.client_aborts.labels("write_timeout").inc()
         finally:
