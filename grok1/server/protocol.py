@@ -4,18 +4,18 @@ Requests are strict: an unknown field, a value out of range or of the wrong type
 the field (`ValidationError` -> `error_from_validation`). Types are pydantic's strict ones, as
 OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
 refused, as are NaN and infinities. Every field is bounded (numbers, string lengths, list
-lengths); text must be valid Unicode (a lone UTF-16 surrogate such as "\ud800" is refused).
-Limits that depend on the served model (context, vocabulary, prompt characters) are checked by
-serving.py before any tokenizing. Fields OpenAI defines but grok1 does not
+lengths; prompt and message text by the body limit here and by serving.py's max_prompt_chars
+before any tokenizing, as are the context and the vocabulary); text must be valid Unicode (a lone
+UTF-16 surrogate such as "\ud800" is refused). Fields OpenAI defines but grok1 does not
 implement (penalties, logit_bias, best_of, suffix, tools, ...) are accepted only at their neutral
 value. `top_k` is an extension (vLLM's: 0 or -1 = off).
 """
 
 from __future__ import annotations
 
-import time
 import re
 import reprlib
+import time
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
