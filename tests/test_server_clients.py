@@ -110,7 +110,7 @@ def test_shutdown_timeout_ends_in_flight_streams_with_an_error_event_and_done_wi
         assert first_chunk.wait(10)
         t_stop = time.monotonic()  # leaving the block stops the server, as SIGTERM does
     reader.join(10)
-    assert ended and ended[0] - t_stop < shutdown_timeout_s + 0.5
+    assert ended and ended[0] - t_stop < shutdown_timeout_s + 1.0  # before: the 5 s stream ran out
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "unavailable" and "shut down" in error["message"]

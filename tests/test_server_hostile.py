@@ -141,4 +141,4 @@ def test_tokenizing_runs_off_the_event_loop_so_health_and_streams_go_on():
         assert httpx.get(url + "/health", timeout=5).status_code == 200
         health_s = time.monotonic() - t0
         slow.join()
-    assert health_s < 0.3  # on the loop it would wait out the 1 s encode
+    assert health_s < 0.5  # on the loop it would wait out the 1 s encode
