@@ -11,13 +11,18 @@ import dataclasses
 
 import torch
 
+# Below this temperature sampling is greedy. Logits / T overflow float32 long before T reaches
+# float32's smallest normal (1.2e-38, below which T itself rounds to 0), and already at T = 1e-5
+# a logit gap of 0.001 makes the top token e^100 times likelier: the draw is the argmax anyway.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (anything below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off; k >= the vocabulary keeps every token
     seed: int | None = None  # same seed, same tokens
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # when False the model's eos_token ends the request
@@ -38,7 +43,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
+
+
+def temperatures(params: list[SamplingParams], device: torch.device | str) -> torch.Tensor:
+    """Each row's temperature [B] as float32, 0 for greedy rows (see MIN_TEMPERATURE)."""
+    return torch.tensor([0.0 if p.greedy else p.temperature for p in params], device=device)
 
 
 def filter_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
@@ -61,11 +71,12 @@ def filter_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B:
 
 def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row [B]: argmax where temperature is 0, else a draw from the filtered
+    """One token per row [B]: argmax for greedy rows, else a draw from the filtered
     softmax using that row's generator (exponential race: argmax p / Exp(1))."""
     device = logits_BV.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    top_k = torch.tensor([p.top_k for p in params], device=device)
+    temperature = temperatures(params, device)
+    vocab = logits_BV.shape[-1]  # a larger k keeps every token, and must fit an int64 tensor
+    top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
     x = filter_logits(logits_BV, temperature, top_k, top_p)
     probs = torch.softmax(x, dim=-1)

@@ -61,3 +61,32 @@ def test_logprobs_are_log_softmax():
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 9e-6])
+def test_temperature_below_the_threshold_is_greedy_not_token_zero(temperature):
+    from grok1.engine.sampler import sample_rows
+    from grok1.sampling import MIN_TEMPERATURE
+
+    torch.manual_seed(5)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=temperature)] * 3
+    assert temperature < MIN_TEMPERATURE and params[0].greedy
+    want = logits.argmax(-1)
+    assert int(want.min()) > 0  # so a row of pad (id 0) cannot pass by chance
+    gens = [make_generator(s, "cpu") for s in range(3)]
+    assert torch.equal(sample(logits, params, gens), want)
+    # the engine's batch sampler, alone and beside a sampled row (its two fast paths)
+    assert torch.equal(sample_rows(logits, params, gens), want)
+    mixed = params[:2] + [SamplingParams(temperature=1.0, seed=1)]
+    assert torch.equal(sample_rows(logits, mixed, gens)[:2], want[:2])
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token_instead_of_overflowing():
+    torch.manual_seed(6)
+    logits = torch.randn(2, 30)
+    huge = [SamplingParams(temperature=1.0, top_k=10**20, top_p=0.9)] * 2
+    off = [SamplingParams(temperature=1.0, top_k=0, top_p=0.9)] * 2
+    a = sample(logits, huge, [make_generator(s, "cpu") for s in (1, 2)])
+    b = sample(logits, off, [make_generator(s, "cpu") for s in (1, 2)])
+    assert torch.equal(a, b)

@@ -78,7 +78,9 @@ def _engine_idle(app, timeout_s=10.0):
 
 
 def _post(url, path, body, key=KEY, timeout=30.0):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     return httpx.post(url + path, content=body if isinstance(body, (bytes, str)) else
                       json.dumps(body), headers=headers, timeout=timeout)
 

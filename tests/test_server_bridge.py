@@ -56,6 +56,7 @@ class FakeEngine:
         self.waiting: collections.deque = collections.deque()
         self.running: dict = {}
         self.reqs: dict = {}
+        self.aborted: list = []  # reported by the next step, as the real engine does
 
     def _touch(self):
         self.thread_ids.add(threading.get_ident())
@@ -80,12 +81,14 @@ class FakeEngine:
         if request_id in self.reqs:
             self.waiting = collections.deque(r for r in self.waiting if r != request_id)
             self.running.pop(request_id, None)
-            del self.reqs[request_id]
+            r = self.reqs.pop(request_id)
+            self.aborted.append(RequestOutput(request_id, [], None, True, "abort", r["n_prompt"],
+                                              len(r["ids"]) - r["n_prompt"]))
 
     def _blocks_used(self):
         return sum(r["blocks"] for r in self.reqs.values())
 
-    def warmup(self):
+    def warmup(self, prefill_sizes=None):
         self._touch()
         time.sleep(self.compile_s)  # every bucket at once: the cost moves to start-up
         self.compiled.update(self.BUCKETS)
@@ -96,6 +99,7 @@ class FakeEngine:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected step failure")
+        outputs, self.aborted = self.aborted, []
         while self.waiting and len(self.running) < self.max_batch_size:
             rid = self.waiting.popleft()
             self.running[rid] = True
@@ -106,7 +110,6 @@ class FakeEngine:
         time.sleep(self.step_delay_s)
         if self.running:
             self.batch_sizes.append(len(self.running))
-        outputs = []
         for rid in list(self.running):
             r = self.reqs[rid]
             p = r["params"]
@@ -128,7 +131,7 @@ class FakeEngine:
         return outputs
 
     def has_unfinished_requests(self):
-        return bool(self.reqs)
+        return bool(self.reqs) or bool(self.aborted)
 
     def stats(self):
         return EngineStats(num_running=len(self.running), num_waiting=len(self.waiting),

@@ -36,6 +36,7 @@ from grok1.checkpoint.xai_pickle_reader import (  # UnsafePickleError: re-export
     UnsafePickleError,
     dtype_name,
     map_array,
+    open_regular,
     read_array,
     scan_xai_file,
 )
@@ -156,9 +157,10 @@ def iter_xai_tensors(ckpt_dir: str | Path,
     ckpt_dir = resolve_ckpt0(ckpt_dir)
     for entry, ref in scan_xai_checkpoint(ckpt_dir, config):
         name = xai_file_name(entry.file_index)
-        with open(ckpt_dir / name, "rb", buffering=0) as f:
+        where = f"{ckpt_dir.name}/{name} ({entry.grok1_name})"
+        with open_regular(ckpt_dir / name, where, buffering=0) as f:
             for key, array in _refs(ref, entry):
-                yield key, read_array(f, array, f"{ckpt_dir.name}/{name} ({entry.grok1_name})")
+                yield key, read_array(f, array, where)
 
 
 def load_xai_checkpoint(ckpt_dir: str | Path, config: GrokConfig, *,
@@ -207,7 +209,7 @@ def load_xai_checkpoint(ckpt_dir: str | Path, config: GrokConfig, *,
         if shard_fn is not None:  # mapped: a rank's slice reads only its own pages
             raw = {key: map_array(ckpt_dir / name, array) for key, array in _refs(ref, entry)}
         else:
-            with open(ckpt_dir / name, "rb", buffering=0) as f:
+            with open_regular(ckpt_dir / name, where, buffering=0) as f:
                 raw = {key: read_array(f, array, where) for key, array in _refs(ref, entry)}
         dense_key = entry.grok1_name + ".weight"
         if isinstance(ref, QuantRef) and not model.get_submodule(entry.grok1_name).quantized:

@@ -8,15 +8,26 @@ big byte strings are not read while interpreting: the reader notes where they si
 so a file is checked before its data is read, and each tensor's bytes are read exactly once.
 (pickle.Unpickler with an allow-list find_class would be as safe, but it reads each payload into
 a bytes object first: a second copy of up to 3.2 GB per file, and no check before reading.)
+
+Bounded work on any input: at most MAX_OPCODES opcodes, MAX_MEMO memo entries, MAX_ITEMS items
+per container, MAX_DEPTH levels of nesting and MAX_INLINE_TOTAL bytes read while interpreting
+(a release file needs 131, 40, 8, 4 and a few kB); values in messages are abbreviated by
+reprlib, which never walks more of a structure than it shows (a tuple built from itself 40
+times has 2^40 leaves). Only regular files are opened (a FIFO would block open() forever), and
+every error names the file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import math
 import mmap
+import os
 import pickletools
+import reprlib
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +74,11 @@ class _Payload:
 
 
 _INLINE_MAX = 4096
+MAX_OPCODES = 1024
+MAX_MEMO = 256
+MAX_ITEMS = 64
+MAX_DEPTH = 16
+MAX_INLINE_TOTAL = 1 << 20
 
 
 class _Allowed:
@@ -125,6 +141,35 @@ class _PickleReader:
         self.stack: list = []
         self.marks: list[int] = []
         self.memo: dict[int, object] = {}
+        # nesting depth of each container built here, by id; the container is kept alive
+        # beside its depth so that its id cannot be reused by another object meanwhile
+        self.depths: dict[int, tuple[int, object]] = {}
+        self.inline_bytes = 0
+
+    def limit(self, what: str, value: int, most: int) -> None:
+        if value > most:
+            raise CheckpointError(f"{self.where}: {what} {value} exceeds {most}; release "
+                                  f"checkpoint pickles are far smaller: not one of them")
+
+    def container(self, items: list | tuple, kind: type = tuple) -> tuple | dict:
+        """A new tuple of `items` (or an empty dict), its nesting depth recorded and bounded."""
+        self.limit("container of", len(items), MAX_ITEMS)
+        obj = kind(items)
+        self.nest(obj, items)
+        return obj
+
+    def nest(self, obj: tuple | dict, items) -> None:
+        """Record obj's depth: one more than its deepest item's (at least what it had)."""
+        depth = 1 + max((self.depths.get(id(x), (0,))[0] for x in items), default=0)
+        depth = max(depth, self.depths.get(id(obj), (0,))[0])
+        self.limit("nesting depth", depth, MAX_DEPTH)
+        self.depths[id(obj)] = (depth, obj)
+
+    def read_inline(self, n: int) -> bytes:
+        """n bytes read while interpreting (a string, small array data), counted and bounded."""
+        self.inline_bytes += n
+        self.limit("bytes read while interpreting", self.inline_bytes, MAX_INLINE_TOTAL)
+        return self.read(n)
 
     # -- reading
     def read(self, n: int) -> bytes:
@@ -139,7 +184,7 @@ class _PickleReader:
 
     def read_bytes(self, n: int) -> bytes | _Payload:
         if n <= _INLINE_MAX:
-            return self.read(n)
+            return self.read_inline(n)
         offset = self.f.tell()
         if offset + n > self.size:
             raise CheckpointError(f"{self.where}: truncated: {_fmt_bytes(self.size - offset)} of "
@@ -158,7 +203,8 @@ class _PickleReader:
     # -- interpreting
     def run(self) -> ArrayRef | QuantRef:
         stack, memo = self.stack, self.memo
-        while True:
+        for count in itertools.count(1):
+            self.limit("opcode count", count, MAX_OPCODES)
             pos = self.f.tell()
             op = self.read(1)
             if op == b"\x80":  # PROTO
@@ -172,8 +218,10 @@ class _PickleReader:
                 self.marks.append(len(stack))
             elif op == b"\x94":  # MEMOIZE
                 memo[len(memo)] = stack[-1]
+                self.limit("memo size", len(memo), MAX_MEMO)
             elif op in (b"q", b"r"):  # BINPUT, LONG_BINPUT
                 memo[self.unpack("<B" if op == b"q" else "<I")] = stack[-1]
+                self.limit("memo size", len(memo), MAX_MEMO)
             elif op in (b"h", b"j"):  # BINGET, LONG_BINGET
                 key = self.unpack("<B" if op == b"h" else "<I")
                 if key not in memo:
@@ -191,7 +239,7 @@ class _PickleReader:
                 n = self.unpack({b"\x8c": "<B", b"X": "<I", b"\x8d": "<Q"}[op])
                 if n > _INLINE_MAX:
                     raise CheckpointError(f"{self.where}: {n}-byte string; not a numpy pickle")
-                stack.append(self.read(n).decode("utf-8"))
+                stack.append(self.read_inline(n).decode("utf-8"))
             elif op in (b"C", b"B", b"\x8e"):  # SHORT_BINBYTES, BINBYTES, BINBYTES8
                 n = self.unpack({b"C": "<B", b"B": "<I", b"\x8e": "<Q"}[op])
                 stack.append(self.read_bytes(n))
@@ -201,11 +249,11 @@ class _PickleReader:
                 n = op[0] - 0x84
                 if len(stack) < n:
                     raise IndexError(f"TUPLE{n} on a stack of {len(stack)}")
-                stack[-n:] = [tuple(stack[-n:])]
+                stack[-n:] = [self.container(stack[-n:])]
             elif op == b"t":
-                stack.append(tuple(self.pop_mark()))
+                stack.append(self.container(self.pop_mark()))
             elif op == b"}":
-                stack.append({})
+                stack.append(self.container([], dict))
             elif op in (b"s", b"u"):  # SETITEM, SETITEMS
                 items = self.pop_mark() if op == b"u" else [stack.pop(-2), stack.pop()]
                 target = stack[-1]
@@ -213,8 +261,11 @@ class _PickleReader:
                     raise CheckpointError(f"{self.where}: corrupt pickle (SETITEM at byte {pos})")
                 for k, v in zip(items[::2], items[1::2], strict=True):
                     if not isinstance(k, str):
-                        raise CheckpointError(f"{self.where}: dict key {k!r}; expected str")
+                        raise CheckpointError(f"{self.where}: dict key {_short(k)}; "
+                                              f"expected str")
                     target[k] = v
+                self.limit("container of", len(target), MAX_ITEMS)
+                self.nest(target, items[1::2])
             elif op == b"c":  # GLOBAL "module\nname\n" (protocols 0-3)
                 module = self.f.readline(256).decode("utf-8", "replace").rstrip("\n")
                 name = self.f.readline(256).decode("utf-8", "replace").rstrip("\n")
@@ -242,7 +293,7 @@ class _PickleReader:
         found = _GLOBALS.get((module, name)) if isinstance(module, str) and isinstance(name, str) \
             else None
         if found is None:
-            raise self.refuse(f"asks for {module}.{name}")
+            raise self.refuse(f"asks for {_name(module)}.{_name(name)}")
         return found
 
     def call(self, func: object, args: object) -> object:
@@ -310,9 +361,20 @@ class _PickleReader:
                               f"QuantizedWeight8bit")
 
 
+_abbreviated = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_abbreviated.maxlevel, _abbreviated.maxstring, _abbreviated.maxother = 3, 40, 40
+_abbreviated.maxtuple = _abbreviated.maxlist = _abbreviated.maxdict = 5
+
+
 def _short(obj: object) -> str:
-    text = repr(obj)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """`obj` for a message: at most 5 items a level, 3 levels, 40 characters a leaf."""
+    return _abbreviated.repr(obj)
+
+
+def _name(part: object) -> str:
+    """A global's module or name for a message: as is if a short printable string."""
+    ok = isinstance(part, str) and part.isprintable() and len(part) <= 60
+    return part if ok else _short(part)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -326,6 +388,34 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | Path, where: str, buffering: int = -1) -> io.IOBase:
+    """`path` opened for binary reading if it is a regular file; else CheckpointError naming
+    `where`: missing, unreadable (a symlink loop, no permission), or not a regular file. It is
+    opened without blocking and checked by fstat, so a FIFO cannot block open() forever and a
+    file swapped after a check is still the file checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot open it: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise CheckpointError(f"{where} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def scan_xai_file(path: str | Path, where: str | None = None) -> ArrayRef | QuantRef:
     """What one release file holds (shapes, dtypes, data offsets), reading only its small parts.
 
@@ -335,11 +425,10 @@ def scan_xai_file(path: str | Path, where: str | None = None) -> ArrayRef | Quan
     path = Path(path)
     where = where or path.name
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            return _PickleReader(f, size, where).run()
-    except FileNotFoundError:
-        raise CheckpointError(f"{where} missing") from None
+        with open_regular(path, where) as f:
+            return _PickleReader(f, os.fstat(f.fileno()).st_size, where).run()
+    except OSError as e:  # a read failing (EIO) after the open
+        raise CheckpointError(f"{where}: cannot read it: {e.strerror or e}") from e
     except (IndexError, TypeError, ValueError) as e:  # stack underflow, bad key, bad utf-8
         raise CheckpointError(f"{where}: corrupt pickle ({type(e).__name__}: {e})") from e
 
@@ -368,9 +457,9 @@ def map_array(path: Path, ref: ArrayRef) -> torch.Tensor:
     """The CPU tensor behind `ref` as a private memory map of the file: nothing is read until
     used, so a slice of it reads only the pages it touches (per-rank sharded loading)."""
     if ref.data is not None or ref.nbytes == 0:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path, path.name, buffering=0) as f:
             return read_array(f, ref, path.name)
-    with open(path, "rb") as f:
+    with open_regular(path, path.name) as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: file untouched
     flat = torch.frombuffer(mapped, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
     return flat.view(ref.dtype).view(ref.shape)

@@ -49,9 +49,10 @@ class RequestOutput:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob] | None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None
     num_prompt_tokens: int
     num_generated_tokens: int
+    error: str | None = None  # finish_reason "error": why this request alone failed
 
 
 @dataclasses.dataclass
@@ -262,8 +263,9 @@ class Engine:
         if not sampled:
             return outputs
         reqs = [self._requests[s.request_id] for s in sampled]
-        tokens_R = sample_rows(logits_RV, [r.params for r in reqs], [r.generator for r in reqs])
-        want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None]
+        tokens_R, failed = self._sample(logits_RV, reqs)
+        want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None
+                   and r not in failed]
         lp = {}
         if want_lp:
             top = max(reqs[r].params.logprobs for r in want_lp)
@@ -275,6 +277,9 @@ class Engine:
                                      list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())))
         for r, (req, token) in enumerate(zip(reqs, tokens_R.tolist())):
             seq = req.seq
+            if r in failed:
+                outputs.append(self._finish(req, [], None, "error", failed[r]))
+                continue
             if self.record_logits:
                 self.logits_log.setdefault(seq.request_id, []).append(logits_RV[r].cpu().clone())
             if token in req.stops:
@@ -290,12 +295,32 @@ class Engine:
                                              seq.num_prompt_tokens, seq.num_generated))
         return outputs
 
-    def _finish(self, req: _Request, tokens: list[int], lps, reason: str) -> RequestOutput:
+    def _sample(self, logits_RV: torch.Tensor,
+                reqs: list[_Request]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Tokens [R] and the rows whose sampling failed (row -> why). When the batch's sampling
+        raises, each row is sampled alone, so that a request whose parameters break the sampler
+        fails by itself and the rest of the batch goes on (their seeded draws in this one step
+        then differ from an undisturbed run's)."""
+        try:
+            return sample_rows(logits_RV, [q.params for q in reqs],
+                               [q.generator for q in reqs]), {}
+        except Exception:  # noqa: BLE001 - retried row by row to find the request(s) at fault
+            tokens, failed = [], {}
+            for r, q in enumerate(reqs):
+                try:
+                    tokens.append(sample_rows(logits_RV[r:r + 1], [q.params], [q.generator]))
+                except Exception as e:  # noqa: BLE001 - this request's own failure, reported
+                    failed[r] = f"sampling failed: {type(e).__name__}: {e}"
+                    tokens.append(logits_RV[r:r + 1].argmax(dim=-1))  # a placeholder, unused
+            return torch.cat(tokens), failed
+
+    def _finish(self, req: _Request, tokens: list[int], lps, reason: str,
+                error: str | None = None) -> RequestOutput:
         seq = req.seq
         self.scheduler.finish(seq)
         del self._requests[seq.request_id]
         return RequestOutput(seq.request_id, tokens, lps, True, reason, seq.num_prompt_tokens,
-                             seq.num_generated)
+                             seq.num_generated, error)
 
 
 @dataclasses.dataclass

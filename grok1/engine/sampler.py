@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from grok1.sampling import SamplingParams, logprobs_of, sample
+from grok1.sampling import SamplingParams, logprobs_of, sample, temperatures
 
 
 def sample_rows(logits_RV: torch.Tensor, params: list[SamplingParams],
@@ -20,15 +20,14 @@ def sample_rows(logits_RV: torch.Tensor, params: list[SamplingParams],
         return logits_RV.argmax(dim=-1)
     if all(p.top_k == 0 and p.top_p == 1.0 for p in params):
         # no filtering: softmax of logits / T, then the same exponential race as sample()
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                            device=logits_RV.device)
-        probs = torch.softmax(logits_RV.float() / temp[:, None], dim=-1)
+        temp_R = temperatures(params, logits_RV.device)
+        probs = torch.softmax(logits_RV.float() / torch.where(temp_R > 0, temp_R, 1.0)[:, None],
+                              dim=-1)
         noise = torch.empty_like(probs)
         for r, gen in enumerate(generators):
             noise[r].exponential_(generator=gen)
         drawn = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=logits_RV.device)
-        return torch.where(greedy, logits_RV.argmax(dim=-1), drawn)
+        return torch.where(temp_R > 0, drawn, logits_RV.argmax(dim=-1))
     return sample(logits_RV, params, generators)
 
 

@@ -1,19 +1,22 @@
 """OpenAI-compatible HTTP API over the grok1 engine: FastAPI, SSE streaming, Prometheus metrics.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (these three need
-`Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics.
+`Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics, and
+GET /openapi.json (the request schemas of protocol.py, for clients and fuzzers).
 The server listens only once the engine is warmed up (bridge.py: kernel compiles and CUDA graphs
 happen at start-up, not under the first requests), so a reachable /health means ready.
 The chat prompt format and the request semantics are in serving.py's docstring.
 
 Errors are OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
 JSON, bad or out-of-range fields, empty prompts and prompts that do not fit the context; 401 for a
-missing or wrong API key; 404 for an unknown model (OpenAI's `model_not_found`) or route; 413 for
-an oversized body; 503 with Retry-After when the queue is full or the server is shutting down.
-A 5xx is a server bug and is logged with the request id (also sent as the X-Request-Id header).
+missing or wrong API key; 404 for an unknown model (OpenAI's `model_not_found`) or route; 405 with
+Allow for a wrong method; 413 for an oversized body; 415 for a body not declared JSON; 503 with
+Retry-After when the queue is full or the server is shutting down or broken. A 5xx is a server
+bug and is logged with the request id (also sent as the X-Request-Id header).
 
 Cancellation: a streamed response closes its engine requests however it ends (client gone,
-task cancelled); a non-streamed one watches for the client's disconnect while it waits.
+task cancelled, client not reading for write_timeout_s); a non-streamed one watches for the
+client's disconnect while it waits (then 499, counted in grok1_client_aborts).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,9 +32,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grok1.engine.llm import Engine
@@ -39,7 +45,27 @@ from grok1.server.bridge import EngineBridge, RequestGroup, ServerMetrics
 from grok1.server.detokenize import TokenizerLike
 from grok1.server.serving import Job, OpenAIServing, as_protocol_error
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+log = logging.getLogger("grok1.server")
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+          "/openapi.json")
+_REQUEST_SCHEMAS = {"/v1/completions": P.CompletionRequest,
+                    "/v1/chat/completions": P.ChatCompletionRequest}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the JSON request bodies, which the handlers read themselves
+    (size limit, Content-Type, strict parsing in the worker pool) and FastAPI cannot see."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in _REQUEST_SCHEMAS.values()],
+                                     ref_template="#/components/schemas/{model}")
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        for path, model in _REQUEST_SCHEMAS.items():
+            doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def _error_response(e: P.ProtocolError, rid: str | None = None) -> JSONResponse:
@@ -60,8 +86,13 @@ def _check_auth(request: Request, api_key: str | None) -> None:
                               "'Authorization: Bearer KEY'", status=401, code="invalid_api_key")
 
 
-async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int) -> Any:
-    """The body as `schema`: 413 past max_body_bytes, 400 for bad JSON or fields."""
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body: 415 unless it is declared JSON, 413 past max_body_bytes."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise P.ProtocolError(f"Content-Type {content_type or '(none)'!r}: the body must be JSON "
+                              "sent as 'Content-Type: application/json'", status=415,
+                              code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
         raise P.ProtocolError(f"request body of {length} bytes exceeds the limit of "
@@ -72,8 +103,17 @@ async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int)
         if len(body) > max_body_bytes:
             raise P.ProtocolError(f"request body exceeds the limit of {max_body_bytes} bytes",
                                   status=413, code="body_too_large")
+    return bytes(body)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _parse(body: bytes, schema: type[BaseModel]) -> Any:
+    """The body as `schema`: 400 for bad JSON (invalid UTF-8 and NaN included) or fields."""
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise P.ProtocolError(f"malformed JSON body: {str(e)[:200]}",
                               code="invalid_json") from None
@@ -86,25 +126,48 @@ async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int)
         raise P.error_from_validation(e) from None
 
 
+class _WriteTimeout(Exception):
+    """A chunk of a stream could not be sent within the write timeout."""
+
+
 class _SSEResponse(StreamingResponse):
     """A StreamingResponse that closes its request group however the response ends (finished,
-    client gone, task cancelled), even if the body iterator never started."""
+    client gone, task cancelled, client not reading), even if the body iterator never started.
+    A chunk the client does not take within write_timeout_s ends the response: its engine
+    requests are aborted, and uvicorn closes the connection of the unfinished response."""
 
-    def __init__(self, content: AsyncIterator[str], group: RequestGroup, rid: str):
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup, rid: str,
+                 write_timeout_s: float, metrics: ServerMetrics):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                   "X-Request-Id": rid})
-        self.group = group
+        self.group, self.rid = group, rid
+        self.write_timeout_s, self.metrics = write_timeout_s, metrics
 
     async def __call__(self, scope, receive, send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    await send(message)  # waits while the socket's buffers are full
+            except TimeoutError:
+                raise _WriteTimeout from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except _WriteTimeout:
+            # uvicorn then closes the connection, logging "ASGI callable returned without
+            # completing response": the final chunk could not be sent either
+            log.warning("request %s: the client took nothing for %g s; aborted", self.rid,
+                        self.write_timeout_s)
+            self.metrics.client_aborts.labels("write_timeout").inc()
         finally:
             self.group.close()
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """Run a non-streaming request's work, cancelling it if the client disconnects first."""
+async def _unless_disconnected(request: Request, work: Awaitable[Response],
+                               metrics: ServerMetrics) -> Response:
+    """Run a non-streaming request's work, cancelling it if the client disconnects first
+    (answered 499 and counted as a client abort)."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -118,7 +181,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # a cancelled task is done only once it has unwound
     if task.cancelled():
+        metrics.client_aborts.labels("disconnected").inc()
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     return task.result()
 
@@ -150,19 +215,32 @@ class _MetricsMiddleware:
 def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                api_key: str | None = None, *, max_pending: int = 256, max_n: int = 16,
                max_choices: int = 64, max_body_bytes: int = 4 << 20,
-               shutdown_grace_s: float = 30.0) -> FastAPI:
+               shutdown_grace_s: float = 30.0, max_prompt_chars: int | None = None,
+               worker_threads: int = 4, write_timeout_s: float = 30.0,
+               max_buffered_outputs: int = 1024,
+               on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
 
     max_pending: engine requests admitted at once (running + waiting); more get 503.
     max_n / max_choices: limits on n and on prompts x n per request (<= max_pending).
+    max_prompt_chars: longest text prompt (chat: transcript) tokenized; longer ones get 400
+    (default serving.MAX_CHARS_PER_TOKEN per token of context).
+    worker_threads: the pool that parses, tokenizes and detokenizes off the event loop.
+    write_timeout_s: a stream chunk the client does not take within this ends the stream.
+    max_buffered_outputs: engine outputs a request may have waiting to be sent (a client that
+    stopped reading) before it is aborted and its slots are freed.
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
+    on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
+    answers 503 with the reason. `grok1 serve` stops and exits non-zero.
     """
     metrics = ServerMetrics()
-    bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics)
+    bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics,
+                          on_fatal=on_engine_failure, max_buffered_outputs=max_buffered_outputs)
     serving = OpenAIServing(tokenizer, model_name, max_model_len=engine.max_model_len,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
-                            max_choices=min(max_choices, max_pending))
+                            max_choices=min(max_choices, max_pending),
+                            max_prompt_chars=max_prompt_chars, worker_threads=worker_threads)
     created = int(time.time())
 
     @asynccontextmanager
@@ -171,8 +249,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
         yield
         await bridge.shutdown(grace_s=shutdown_grace_s)
 
-    app = FastAPI(title="grok1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="grok1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi = lambda: _openapi(app)
     app.state.bridge = bridge
     app.state.metrics = metrics
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
@@ -180,7 +258,10 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error_response(P.ProtocolError(str(e.detail), status=e.status_code, code=code))
+        response = _error_response(P.ProtocolError(str(e.detail), status=e.status_code,
+                                                   code=code))
+        response.headers.update(e.headers or {})  # 405: Allow, as RFC 9110 requires
+        return response
 
     def endpoint(prefix: str, handler: Callable[[Request, str], Awaitable[Response]]):
         async def run(request: Request) -> Response:
@@ -195,7 +276,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     async def serve(request: Request, job: Job) -> Response:
         if job.req.stream:
             group = await bridge.submit(job.subs)
-            return _SSEResponse(serving.stream(job, group), group, job.rid)
+            return _SSEResponse(serving.stream(job, group), group, job.rid, write_timeout_s,
+                                metrics)
 
         async def work() -> Response:
             group = await bridge.submit(job.subs)
@@ -205,30 +287,38 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                 group.close()
             return JSONResponse(result.model_dump(), headers={"X-Request-Id": job.rid})
 
-        return await _unless_disconnected(request, work())
+        return await _unless_disconnected(request, work(), metrics)
 
+    # JSON parsing, validation and tokenizing run in the worker pool (serving.offload): a big
+    # body must not stall the event loop, which serves every other request and stream
     async def completions(request: Request, rid: str) -> Response:
-        req = await _parse(request, P.CompletionRequest, max_body_bytes)
-        return await serve(request, serving.plan_completion(rid, req))
+        body = await _read_body(request, max_body_bytes)
+        return await serve(request, await serving.offload(
+            lambda: serving.plan_completion(rid, _parse(body, P.CompletionRequest))))
 
     async def chat_completions(request: Request, rid: str) -> Response:
-        req = await _parse(request, P.ChatCompletionRequest, max_body_bytes)
-        return await serve(request, serving.plan_chat(rid, req))
+        body = await _read_body(request, max_body_bytes)
+        return await serve(request, await serving.offload(
+            lambda: serving.plan_chat(rid, _parse(body, P.ChatCompletionRequest))))
 
     async def models(_request: Request, _rid: str) -> Response:
         card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
 
-    app.add_api_route("/v1/completions", endpoint("cmpl", completions), methods=["POST"])
+    app.add_api_route("/v1/completions", endpoint("cmpl", completions), methods=["POST"],
+                      name="completions")
     app.add_api_route("/v1/chat/completions", endpoint("chatcmpl", chat_completions),
-                      methods=["POST"])
-    app.add_api_route("/v1/models", endpoint("models", models), methods=["GET"])
+                      methods=["POST"], name="chat_completions")
+    app.add_api_route("/v1/models", endpoint("models", models), methods=["GET"], name="models")
 
     @app.get("/health")
     async def health() -> JSONResponse:
         if bridge.healthy:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        if bridge.dead_reason is not None:  # broken for good: the process is about to exit
+            return JSONResponse({"status": "failed", "reason": bridge.dead_reason},
+                                status_code=503)
+        return JSONResponse({"status": "unavailable"}, status_code=503)  # starting or stopping
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

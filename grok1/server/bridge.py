@@ -11,10 +11,22 @@ Start-up warms the engine before admitting anything (`Engine.warmup`): on a GPU 
 each new shape would otherwise compile Triton kernels or capture a CUDA graph while every request
 in flight waits, which under load showed as multi-second time-to-first-token tails.
 
+A step that raises: the engine fails by itself the requests whose own sampling broke
+(finish_reason "error", `RequestFailedError` here); any other exception out of `step()` cancels
+every request in flight (the engine cannot say whose data it was), after which the bridge checks
+that the engine still works (drain the aborts, one one-token forward). If it does not, or the
+thread fails otherwise, the engine is broken: the bridge reports unhealthy with the reason
+(`dead_reason`, shown by /health) and calls `on_fatal`, through which `grok1 serve` exits
+non-zero so that a supervisor restarts it. Nothing else can fix a broken engine in-process.
+
 Back-pressure: at most `max_pending` engine requests are admitted (running + waiting); past that
 `submit` raises `QueueFullError` (the server answers 503 with Retry-After) instead of queueing
-without bound. Shutdown stops admissions, lets in-flight requests finish for a grace period, then
-cancels the rest and stops the thread.
+without bound. A group whose reader falls behind by more than `max_buffered_outputs` engine
+outputs (a client that stops reading its stream) is aborted and its slots freed at once
+(`ClientTooSlowError`), rather than when its socket finally closes.
+
+Shutdown stops admissions, lets in-flight requests finish for a grace period, then cancels the
+rest (streams end with an error event) and stops the thread.
 """
 
 from __future__ import annotations
@@ -47,6 +59,10 @@ class QueueFullError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class ClientTooSlowError(RuntimeError):
+    """The client read its stream too slowly; its engine requests were aborted."""
+
+
 class RequestRejectedError(ValueError):
     """engine.add_request refused the request (its ValueError's message): a client error."""
 
@@ -57,6 +73,10 @@ class EngineUnavailableError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """engine.step() raised; the requests in flight at that moment were cancelled."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone (finish_reason "error"); the others went on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +114,12 @@ class ServerMetrics:
         self.kv_total = Gauge("grok1_kv_cache_blocks_total", "KV-cache blocks", registry=r)
         self.kv_usage = Gauge("grok1_kv_cache_usage_ratio", "KV-cache blocks used / total",
                               registry=r)
+        self.client_aborts = Counter("grok1_client_aborts", "Requests ended because the client "
+                                     "left (disconnected) or read too slowly (write_timeout, "
+                                     "buffer_full)", ["reason"], registry=r)
+        self.step_failures = Counter("grok1_engine_step_failures", "Engine steps that raised "
+                                     "(the requests in flight were cancelled; the engine was "
+                                     "checked and served on)", registry=r)
         self.preempted = Gauge("grok1_num_preempted", "Engine preemptions since start",
                                registry=r)
         self.rejected = Counter("grok1_requests_rejected_queue_full", "Requests answered 503 "
@@ -122,10 +148,12 @@ class RequestGroup:
         self._t_submit = time.monotonic()
         self._t_last: dict[str, float] = {}
         self._closed = False
+        self._failure: BaseException | None = None  # why the group was closed for its reader
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of this group's unfinished requests, in arrival order; raises the
-        bridge's error if the engine failed or the server shut down meanwhile."""
+        """Engine outputs of this group's unfinished requests, in arrival order; raises
+        RequestFailedError if the engine failed one of them, or the bridge's error if the
+        engine failed or the server shut down meanwhile."""
         while self._unfinished:
             item = await self._queue.get()
             if isinstance(item, BaseException):
@@ -134,7 +162,11 @@ class RequestGroup:
                 continue  # stopped early by the server (stop string); the engine had one more
             if item.finished:
                 self._unfinished.discard(item.request_id)
+            if item.finish_reason == "error":  # this request alone failed; the others go on
+                raise RequestFailedError(f"engine failed {item.request_id}: {item.error}")
             yield item
+        if self._failure is not None:
+            raise self._failure
 
     def finish(self, request_id: str) -> None:
         """Stop one request early (a stop string matched): abort it in the engine."""
@@ -166,16 +198,29 @@ class RequestGroup:
             if out.finished:
                 m.e2e.observe(t - self._t_submit)
         self._queue.put_nowait(out)
+        limit = self._bridge.max_buffered_outputs
+        if self._queue.qsize() > limit and not self._closed:
+            self._failure = ClientTooSlowError(
+                f"the client read too slowly: more than {limit} engine outputs were waiting to "
+                "be sent; request aborted")
+            m.client_aborts.labels("buffer_full").inc()
+            self.close()
 
 
 class EngineBridge:
     """Owns the engine thread. Create, `await start()` on the serving loop, `await shutdown()`."""
 
-    def __init__(self, engine: Engine, *, max_pending: int, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Engine, *, max_pending: int, metrics: ServerMetrics | None = None,
+                 on_fatal: Callable[[str], None] | None = None, max_buffered_outputs: int = 1024):
+        """on_fatal(reason) is called on the event loop once the engine is broken.
+        max_buffered_outputs: engine outputs a group may hold unread before it is aborted."""
         if max_pending < 1:
             raise ValueError(f"max_pending={max_pending}: must be >= 1")
+        if max_buffered_outputs < 1:
+            raise ValueError(f"max_buffered_outputs={max_buffered_outputs}: must be >= 1")
         self.engine = engine
         self.max_pending = max_pending
+        self.max_buffered_outputs = max_buffered_outputs
         self.metrics = metrics or ServerMetrics()
         self._commands: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = \
             queue.SimpleQueue()
@@ -186,6 +231,8 @@ class EngineBridge:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._dead_reason: str | None = None
+        self._shutting_down: asyncio.Future | None = None
+        self.on_fatal = on_fatal
         self.last_stats: EngineStats | None = None
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -211,6 +258,11 @@ class EngineBridge:
     def healthy(self) -> bool:
         return (self._accepting and self._dead_reason is None and self._thread is not None
                 and self._thread.is_alive())
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is broken (None while it is not)."""
+        return self._dead_reason
 
     @property
     def num_pending(self) -> int:
@@ -262,7 +314,14 @@ class EngineBridge:
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish for up to grace_s, cancel the rest
-        (their handlers get EngineUnavailableError), and stop the engine thread."""
+        (their handlers get EngineUnavailableError), and stop the engine thread. Later calls
+        wait for the first one's shutdown (grok1 serve starts it as uvicorn begins to drain,
+        and the app's lifespan calls it again)."""
+        if self._shutting_down is None:
+            self._shutting_down = asyncio.ensure_future(self._shut_down(grace_s))
+        await asyncio.shield(self._shutting_down)
+
+    async def _shut_down(self, grace_s: float) -> None:
         self._accepting = False
         deadline = time.monotonic() + grace_s
         while self._num_pending and time.monotonic() < deadline:
@@ -309,11 +368,16 @@ class EngineBridge:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish_stats()
-        except Exception as e:  # a bug in the engine or here: fail everything, report unhealthy
+        except Exception as e:  # the engine is broken (or this loop has a bug): nothing to save
             log.exception("engine thread died")
             self._dead_reason = f"engine thread died: {type(e).__name__}: {e}"
-            self._loop.call_soon_threadsafe(self._fail, sorted(self._live),
-                                            EngineUnavailableError(self._dead_reason))
+            self._loop.call_soon_threadsafe(self._die, sorted(self._live))
+
+    def _die(self, request_ids: list[str]) -> None:
+        """Event loop: fail what was in flight, then tell the owner (grok1 serve exits)."""
+        self._fail(request_ids, EngineUnavailableError(self._dead_reason))
+        if self.on_fatal is not None:
+            self.on_fatal(self._dead_reason)
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); False once told to stop."""
@@ -347,6 +411,8 @@ class EngineBridge:
                 for rid in sorted(self._live):
                     self.engine.abort_request(rid)
                 self._live.clear()
+                if self.engine.has_unfinished_requests():
+                    self.engine.step()  # reports the aborts: the engine is left empty
                 self._publish_stats()
                 return False
         return True
@@ -372,19 +438,8 @@ class EngineBridge:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
-            # Our bug, not the client's: log it, cancel what was in flight, keep serving if the
-            # engine can still abort them all (else the thread dies and /health says so).
-            victims = sorted(self._live)
-            log.exception("engine.step() failed; cancelling requests %s", victims)
-            for rid in victims:
-                self.engine.abort_request(rid)
-            self._live.clear()
-            self._loop.call_soon_threadsafe(
-                self._fail, victims, EngineStepError(f"engine step failed: {type(e).__name__}: "
-                                                     f"{e}"))
-            if self.engine.has_unfinished_requests():
-                raise
+        except Exception as e:  # noqa: BLE001 - cancel what was in flight, keep serving if we can
+            self._recover(e)
             return
         t = time.monotonic()
         for out in outputs:
@@ -394,6 +449,29 @@ class EngineBridge:
                 self.metrics.finished.labels(out.finish_reason or "unknown").inc()
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs, t)
+
+    def _recover(self, error: Exception) -> None:
+        """After engine.step() raised: cancel every request in flight, then check the engine:
+        one step reports the aborts (and must leave nothing unfinished), one one-token forward
+        (`warmup`) must run. If either fails the engine is broken: raise, ending the thread."""
+        victims = sorted(self._live)
+        what = f"{type(error).__name__}: {error}"
+        log.error("engine.step() failed; cancelling requests %s", victims, exc_info=error)
+        self.metrics.step_failures.inc()
+        for rid in victims:
+            self.engine.abort_request(rid)
+        try:
+            self.engine.step()
+            if self.engine.has_unfinished_requests():
+                raise RuntimeError("requests still unfinished after aborting them all")
+            self.engine.warmup(prefill_sizes=[1])
+        except Exception as probe_error:
+            raise RuntimeError(f"engine step failed ({what}) and the engine no longer works: "
+                               f"{type(probe_error).__name__}: {probe_error}") from error
+        self._live.clear()
+        self.metrics.finished.labels("abort").inc(len(victims))
+        self._loop.call_soon_threadsafe(self._fail, victims, EngineStepError(
+            f"engine step failed and cancelled this request: {what}"))
 
     def _publish_stats(self) -> None:
         self.last_stats = self.engine.stats()

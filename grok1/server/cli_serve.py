@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "grok1-default"
+FATAL_LINGER_S = 1.0  # /health reports a broken engine this long before the process exits
 
 log = logging.getLogger("grok1.server")
 
@@ -65,7 +66,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM; then they "
-                        "are cancelled")
+                        "are cancelled (streams end with an error event and [DONE])")
+    p.add_argument("--write-timeout", type=float, default=30.0,
+                   help="seconds a client may take nothing of its stream before it is aborted")
+    p.add_argument("--max-buffered-outputs", type=int, default=1024,
+                   help="engine outputs a stream may have waiting for a slow client before it "
+                        "is aborted")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_parallel_args(p)  # --tp/--moe/--unembed: under torchrun, rank 0 serves the others' shards
 
@@ -123,7 +129,9 @@ def _create_app(args: argparse.Namespace, engine, tokenizer, name: str, source: 
              engine.stats().kv_blocks_total, ", API key required" if api_key else "")
     return create_app(engine, tokenizer, args.model_name or name, api_key,
                       max_pending=args.max_batch_size + args.max_queue, max_n=args.max_n,
-                      shutdown_grace_s=args.shutdown_timeout)
+                      shutdown_grace_s=args.shutdown_timeout,
+                      write_timeout_s=args.write_timeout,
+                      max_buffered_outputs=args.max_buffered_outputs)
 
 
 def build_app(args: argparse.Namespace):
@@ -148,11 +156,48 @@ def run_serve(args: argparse.Namespace) -> None:
     if wants_parallel(args):
         run_serve_ranks(args)
         return
+    serve_until_stopped(build_app(args), args)
+
+
+def uvicorn_server(app, shutdown_timeout_s: float, **config):
+    """A uvicorn.Server for `app` (create_app's) whose shutdown gives in-flight requests
+    shutdown_timeout_s in all: uvicorn's own drain waits for open connections before it runs
+    the app's shutdown, so the bridge's grace period (finish, else a final error event and
+    [DONE]) starts at the same moment instead of after it."""
+    import asyncio
+
     import uvicorn
 
-    app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            grace = asyncio.ensure_future(app.state.bridge.shutdown(grace_s=shutdown_timeout_s))
+            await super().shutdown(sockets)
+            await grace
+
+    # uvicorn cancels what is still running this long after the bridge's final events went out
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout_s + 5,
+                                 **config))
+
+
+def serve_until_stopped(app, args: argparse.Namespace) -> None:
+    """uvicorn.run(app), except that a broken engine (bridge.py) stops the server: /health
+    answers 503 with the reason for FATAL_LINGER_S, then SystemExit(1), so a supervisor
+    restarts the process instead of keeping one that answers every request 503."""
+    import asyncio
+
+    server = uvicorn_server(app, args.shutdown_timeout, host=args.host, port=args.port,
+                            log_level=args.log_level)
+
+    def stop_broken(reason: str) -> None:
+        log.critical("the engine is broken (%s); stopping the server in %.0f s", reason,
+                     FATAL_LINGER_S)
+        asyncio.get_running_loop().call_later(FATAL_LINGER_S, setattr, server, "should_exit",
+                                              True)
+
+    app.state.bridge.on_fatal = stop_broken
+    server.run()
+    if app.state.bridge.dead_reason is not None:
+        raise SystemExit(f"grok1 serve: exiting with status 1, {app.state.bridge.dead_reason}")
 
 
 def load_shard(args: argparse.Namespace, mesh):
@@ -195,8 +240,6 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
     import gc
     import signal
 
-    import uvicorn
-
     from grok1.engine.llm import Engine, default_num_blocks
     from grok1.parallel.control import ControlChannel, LeaderEngine, follow
     from grok1.parallel.mesh import init_distributed, shutdown
@@ -221,8 +264,7 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
             app = _create_app(args, leader, tokenizer, name, f"{source}, {mesh.world_size} "
                               f"ranks, moe {args.moe}", str(mesh.device))
             try:
-                uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+                serve_until_stopped(app, args)
             finally:
                 leader.stop()  # the engine thread is done: uvicorn ran the lifespan's shutdown
         else:
@@ -241,17 +283,17 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                    start_timeout_s: float = 600.0) -> Iterator[str]:
-    """Serve `app` with uvicorn in a background thread; yields the base URL; stops on exit.
-    port 0 picks a free port. Start-up includes the engine's warm-up (minutes for a big model on
-    a cold GPU); RuntimeError if it fails or takes longer than start_timeout_s."""
-    import uvicorn
-
+                    start_timeout_s: float = 600.0,
+                    shutdown_timeout_s: float = 5.0) -> Iterator[str]:
+    """Serve `app` (create_app's) with uvicorn in a background thread; yields the base URL;
+    stops on exit (`uvicorn_server`'s shutdown). port 0 picks a free port. Start-up includes the
+    engine's warm-up (minutes for a big model on a cold GPU); RuntimeError if it fails or takes
+    longer than start_timeout_s."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]  # uvicorn closes the socket if start-up fails
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
+    server = uvicorn_server(app, shutdown_timeout_s, log_level=log_level)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
                               daemon=True)
     thread.start()

@@ -1,20 +1,88 @@
 """OpenAI API request/response schemas (pydantic v2) for the grok1 server.
 
 Requests are strict: an unknown field, a value out of range or of the wrong type is a 400 naming
-the field (`ValidationError` -> `error_from_validation`). Fields OpenAI defines but grok1 does not
+the field (`ValidationError` -> `error_from_validation`). Types are pydantic's strict ones, as
+OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
+refused, as are NaN and infinities. Every field is bounded (numbers, string lengths, list
+lengths; prompt and message text by the body limit here and by serving.py's max_prompt_chars
+before any tokenizing, as are the context and the vocabulary); text must be valid Unicode (a lone
+UTF-16 surrogate such as "\ud800" is refused). Fields OpenAI defines but grok1 does not
 implement (penalties, logit_bias, best_of, suffix, tools, ...) are accepted only at their neutral
 value. `top_k` is an extension (vLLM's: 0 or -1 = off).
 """
 
 from __future__ import annotations
 
+import re
+import reprlib
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5 legacy / 20 chat)
 MAX_STOP_STRINGS = 16
+MAX_INT32 = 2**31 - 1  # counts (max_tokens, n, top_k, token ids): the engine keeps them in int32
+MAX_NAME_CHARS = 256  # model, user, a stop string
+MAX_PROMPTS = 1024  # prompts in one completion request (the server's max_choices is lower)
+MAX_TOKEN_IDS = 1 << 20  # token ids in one prompt (beyond any context; checked against it later)
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no encoder (nor the
+    tokenizer) accepts: refuse it here, naming the field, instead of failing later."""
+    bad = _LONE_SURROGATE.search(text)
+    if bad:
+        raise ValueError(f"lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}: "
+                         "text must be valid Unicode")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_valid_unicode)]
+Count = Annotated[int, Field(ge=1, le=MAX_INT32)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]  # int64, as OpenAI's
+
+
+def _one_of(forms: str, empty_list: str) -> Discriminator:
+    """A union validated by the form its JSON value has (the tags below: "str", "list[str]",
+    ...; `empty_list` for []): only that form is validated, so the client gets its error rather
+    than one per form."""
+    def form(value: Any) -> str | None:
+        if isinstance(value, str):
+            return "str"
+        if isinstance(value, list):
+            if not value:
+                return empty_list
+            return {str: "list[str]", list: "list[list[int]]",
+                    dict: "list[part]"}.get(type(value[0]), "list[int]")
+        return None
+    return Discriminator(form, custom_error_type="invalid_form",
+                         custom_error_message=f"expected {forms}")
+
+
+Prompt = Annotated[Union[
+    Annotated[Text, Tag("str")],
+    Annotated[list[Text], Field(max_length=MAX_PROMPTS), Tag("list[str]")],
+    Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS), Tag("list[int]")],
+    Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS)]],
+              Field(max_length=MAX_PROMPTS), Tag("list[list[int]]")],
+], _one_of("a string, a list of strings, a list of token ids or a list of token-id lists",
+           empty_list="list[int]")]  # [] is an empty prompt, refused as such later
 
 
 class ProtocolError(ValueError):
@@ -30,7 +98,7 @@ class ProtocolError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -40,21 +108,21 @@ class StreamOptions(_Strict):
 
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat completions."""
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    model: Name
+    max_tokens: Count | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # < 1e-5: greedy
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # extension; 0 or -1 = off
-    n: int = Field(default=1, ge=1)
-    stop: list[str] = []  # a string or a list of strings on the wire
-    seed: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)  # extension; 0 or -1 = off
+    n: Count = 1
+    stop: list[Name] = Field(default=[], max_length=MAX_STOP_STRINGS)  # a string or a list
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored
+    user: Name | None = None  # accepted and ignored
     # OpenAI fields grok1 does not implement: accepted at their neutral value only.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[Name, float] | None = Field(default=None, max_length=300)
     ignore_eos: bool = False  # extension (vLLM's): generate max_tokens even past eos
 
     @field_validator("stop", mode="before")
@@ -65,8 +133,6 @@ class _SamplingFields(_Strict):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stops: list[str]) -> list[str]:
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
@@ -88,11 +154,11 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: Count | None = None
+    suffix: Text | None = None
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
@@ -116,13 +182,20 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
+
+
+Content = Annotated[Union[
+    Annotated[Text, Tag("str")],
+    Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS), Tag("list[part]")],
+], _one_of("a string or a list of text parts", empty_list="list[part]")]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients attach name, refusal, annotations...
+    # clients attach name, refusal, annotations...: ignored, but the fields read are strict
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Content | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -130,23 +203,25 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object and json_schema are not supported
+
+
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported by this server")
-        if self.tools or self.tool_choice not in (None, "none"):
+        if self.tools:
             raise ValueError("tools are not supported by this server (Grok-1 is a base model)")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
@@ -279,33 +354,23 @@ def error_body(e: ProtocolError) -> dict[str, Any]:
                                          code=e.code)).model_dump()
 
 
-def _is_branch(part: Any) -> bool:
-    """A union branch or validator name in a pydantic error location (`list[int]`, `str`)."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+_FORM_TAGS = frozenset({"str", "list[str]", "list[int]", "list[list[int]]", "list[part]"})
+_abbreviated = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_abbreviated.maxstring, _abbreviated.maxother, _abbreviated.maxlevel = 60, 60, 2
+_abbreviated.maxlist = _abbreviated.maxdict = 4
 
 
 def error_from_validation(e: ValidationError) -> ProtocolError:
-    """The first pydantic error as a 400 naming the field (`messages.0.role`) and the value.
-    For a union field (prompt, content) it lists the accepted forms and the deepest error."""
-    errors = e.errors(include_url=False)
-    err = errors[0]
-    param = ".".join(str(x) for x in err["loc"] if not _is_branch(x)) or None
+    """The first pydantic error as a 400 naming the field (`messages.0.role`) and the value
+    (abbreviated: reprlib never walks more of it than it shows)."""
+    err = e.errors(include_url=False)[0]
+    param = ".".join(str(x) for x in err["loc"] if x not in _FORM_TAGS) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown parameter (not part of this API)"
     elif err["type"] == "missing":
         msg = "required parameter is missing"
-    branch_at = next((i for i, x in enumerate(err["loc"]) if _is_branch(x)), None)
-    if branch_at is not None:  # a union: every branch failed
-        head = err["loc"][:branch_at]
-        same = [x for x in errors if x["loc"][:branch_at] == head and len(x["loc"]) > branch_at]
-        forms = list(dict.fromkeys(str(x["loc"][branch_at]) for x in same))
-        deepest = max(same, key=lambda x: len(x["loc"]))
-        where = ".".join(str(x) for x in deepest["loc"] if not _is_branch(x))
-        msg = f"expected {' or '.join(forms)}"
-        if len(deepest["loc"]) > branch_at + 1:
-            msg += f"; {where}: {deepest['msg']}"
-    shown = repr(err.get("input"))
-    value = f" (got {shown[:80]})" if param and err["type"] != "missing" else ""
+    shown = param and err["type"] != "missing"
+    value = f" (got {_abbreviated.repr(err.get('input'))})" if shown else ""
     return ProtocolError(f"{param + ': ' if param else ''}{msg}{value}", param=param,
                          code="invalid_value")

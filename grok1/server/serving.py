@@ -19,6 +19,11 @@ aborted at once. Choice k of a seeded request samples with seed + k * 0x9E3779B9
 each prompt once and every generated token (stop tokens excluded, as the engine reports them).
 Logprobs are the engine's (the model's distribution before temperature); with `echo`, prompt
 tokens are listed with null logprobs, since the engine scores only the tokens it generates.
+
+Tokenizing and detokenizing run in a small worker pool (`offload`), never on the event loop:
+a multi-megabyte prompt took seconds to encode, during which every stream and /health waited.
+A text prompt longer than `max_prompt_chars` (default MAX_CHARS_PER_TOKEN per token of the
+context) is refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import anyio
 from pydantic import BaseModel
 
 from grok1.engine.llm import RequestOutput, SamplingParams, TokenLogprob
 from grok1.server import protocol as P
 from grok1.server.bridge import (
+    ClientTooSlowError,
     EngineStepError,
     EngineUnavailableError,
     QueueFullError,
@@ -50,6 +58,9 @@ CHAT_STOPS = ["\nUser:", "\nSystem:"]
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 DONE = "data: [DONE]\n\n"
+# English averages ~4 characters a token; 32 leaves room for long pieces and runs of spaces, and
+# bounds what a prompt that cannot fit the context costs to tokenize before it is refused
+MAX_CHARS_PER_TOKEN = 32
 
 
 def chat_prompt(messages: list[P.ChatMessage]) -> str:
@@ -80,6 +91,8 @@ def as_protocol_error(e: BaseException, rid: str) -> P.ProtocolError:
                                retry_after_s=5)
     if isinstance(e, RequestRejectedError):  # engine.add_request refused the input
         return P.ProtocolError(f"invalid request: {e}", code="invalid_value")
+    if isinstance(e, ClientTooSlowError):  # the client's doing; it will hardly read this
+        return P.ProtocolError(str(e), status=408, code="client_too_slow")
     log.error("request %s failed with a server error", rid, exc_info=e)
     return P.ProtocolError(f"internal server error (request id {rid}): {type(e).__name__}: {e}",
                            status=500, code="internal_error")
@@ -145,14 +158,22 @@ class OpenAIServing:
     """Plans requests and formats results for one served model."""
 
     def __init__(self, tokenizer: TokenizerLike, model_name: str, *, max_model_len: int,
-                 vocab_size: int, max_n: int, max_choices: int):
+                 vocab_size: int, max_n: int, max_choices: int,
+                 max_prompt_chars: int | None = None, worker_threads: int = 4):
         self.tokenizer, self.model_name = tokenizer, model_name
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.max_n, self.max_choices = max_n, max_choices
+        self.max_prompt_chars = max_prompt_chars or MAX_CHARS_PER_TOKEN * max_model_len
+        self._workers = anyio.CapacityLimiter(worker_threads)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in the worker pool (tokenizing, detokenizing, parsing), off the loop."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._workers)
 
     # ---- planning --------------------------------------------------------------------------
     def plan_completion(self, rid: str, req: P.CompletionRequest) -> Job:
         self._check_model_and_n(req)
+        self._check_choices(len(req.prompts()), req.n)
         prompts = [self._prompt_ids(p, "prompt") for p in req.prompts()]
         max_tokens = [self._check_length(len(p), req.max_tokens or DEFAULT_COMPLETION_TOKENS,
                                          "max_tokens") for p in prompts]
@@ -175,7 +196,20 @@ class OpenAIServing:
             raise P.ProtocolError(f"n={req.n}: at most {self.max_n}", param="n",
                                   code="invalid_value")
 
+    def _check_choices(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.max_choices:
+            raise P.ProtocolError(f"{num_prompts} prompt(s) x n={n} = {num_prompts * n} "
+                                  f"choices: at most {self.max_choices}", param="n",
+                                  code="invalid_value")
+
     def _prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
+        """Token ids of a prompt, refused (400) before tokenizing if it has too many characters
+        and after if it is empty or has ids outside the vocabulary."""
+        if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
+            raise P.ProtocolError(
+                f"{param}: the prompt has {len(prompt)} characters; this server takes at most "
+                f"{self.max_prompt_chars} (its context is {self.max_model_len} tokens)",
+                param=param, code="context_length_exceeded")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if not ids:
             raise P.ProtocolError(f"{param}: the prompt is empty", param=param,
@@ -220,10 +254,6 @@ class OpenAIServing:
               prompts: list[list[int]], max_tokens: list[int], stops: list[str],
               logprobs: int | None, chat: bool) -> Job:
         """n engine requests per prompt; choice index = prompt index * n + i (OpenAI's order)."""
-        if len(prompts) * req.n > self.max_choices:
-            raise P.ProtocolError(f"{len(prompts)} prompt(s) x n={req.n} = "
-                                  f"{len(prompts) * req.n} choices: at most {self.max_choices}",
-                                  param="n", code="invalid_value")
         subs, choices = [], {}
         for j, ids in enumerate(prompts):
             for i in range(req.n):
@@ -239,7 +269,10 @@ class OpenAIServing:
     async def collect(self, job: Job, group: RequestGroup) -> BaseModel:
         """Run the job to the end and return its (non-streamed) response."""
         async for out in group.outputs():
-            job.choices[out.request_id].advance(out, group)
+            await self.offload(job.choices[out.request_id].advance, out, group)
+        return await self.offload(self._response, job)
+
+    def _response(self, job: Job) -> BaseModel:
         if job.chat:
             return P.ChatCompletionResponse(id=job.rid, model=self.model_name, usage=job.usage(),
                                             choices=[self._chat_choice(c)
@@ -298,27 +331,37 @@ class OpenAIServing:
                     P.CompletionChoice(index=c.index, text=text or "", logprobs=lp,
                                        finish_reason=c.finish_reason)]))
 
-        for c in job.choices.values():
+        def opening(c: Choice) -> str | None:
             if chat:
-                yield chunk(c, "", None, role=True)
-            elif job.req.echo:
+                return chunk(c, "", None, role=True)
+            if job.req.echo:
                 prefix = self.tokenizer.decode(c.prompt_ids)
                 offsets[c.index] = len(prefix)
-                yield chunk(c, prefix, self._prompt_logprobs(c.prompt_ids)
-                            if job.req.logprobs is not None else None)
+                return chunk(c, prefix, self._prompt_logprobs(c.prompt_ids)
+                             if job.req.logprobs is not None else None)
+            return None
+
+        def on_output(out: RequestOutput) -> str | None:
+            c = job.choices[out.request_id]
+            start = len(c.token_ids)
+            delta, lps = c.advance(out, group)
+            lp = None
+            if chat and job.req.logprobs and lps:
+                lp = self._chat_logprobs(c, lps, start)
+            elif not chat and job.req.logprobs is not None:
+                lp = self._completion_logprobs(c, lps, start, offsets.get(c.index, 0))
+                offsets[c.index] = offsets.get(c.index, 0) + sum(map(len, lp.tokens))
+            if delta or lps or c.finish_reason:
+                return chunk(c, delta or (None if chat else ""), lp)
+            return None
+
+        for c in job.choices.values():
+            if (event := await self.offload(opening, c)) is not None:
+                yield event
         try:
             async for out in group.outputs():
-                c = job.choices[out.request_id]
-                start = len(c.token_ids)
-                delta, lps = c.advance(out, group)
-                lp = None
-                if chat and job.req.logprobs and lps:
-                    lp = self._chat_logprobs(c, lps, start)
-                elif not chat and job.req.logprobs is not None:
-                    lp = self._completion_logprobs(c, lps, start, offsets.get(c.index, 0))
-                    offsets[c.index] = offsets.get(c.index, 0) + sum(map(len, lp.tokens))
-                if delta or lps or c.finish_reason:
-                    yield chunk(c, delta or (None if chat else ""), lp)
+                if (event := await self.offload(on_output, out)) is not None:
+                    yield event
         except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
             yield sse(P.error_body(as_protocol_error(e, job.rid))) + DONE
             return
