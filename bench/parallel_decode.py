@@ -120,12 +120,10 @@ def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1,
     decode = torch.randint(3, config.vocab_size, (args.verify_steps, len(prompts)),
                            generator=g).tolist()
     ref = run_prompts(copy.deepcopy(full), prompts, decode)  # the copy gets the 1-GPU kernels
-    # the yardstick of "bf16 noise": the plain model (no engine, no kernels: the twins, in
-    # bf16 through cuBLAS, weights rounded as the reference's bf16(w * s)) on the same prompts'
-    # last tokens. Two bf16 implementations of a random model differ by a few percent (the
-    # kernels' int8 products are exact, the plain model's are of rounded weights); the parallel
-    # run passes if it is within rtol of the one-GPU engine, or no farther from the plain model
-    # than the one-GPU engine is (+ rtol / 2).
+    # the yardstick: the plain model (no engine, no kernels: the twins, through cuBLAS) on the
+    # same prompts' last tokens. The kernels compute the reference's numerics as the twins do
+    # (the numerics issue), so the one-GPU engine must be within rtol of the plain model, and
+    # the parallel run within rtol of the one-GPU engine.
     with torch.no_grad():
         plain = torch.stack([full(torch.tensor([p], device=mesh.device), last_only=True)[0, -1]
                              for p in prompts]).float().cpu()
@@ -136,9 +134,9 @@ def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1,
     par_vs_plain = compare(out[0], plain)["rel_l2"]
     for name, sl in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
         c = compare(out[sl], ref[sl])
-        close = c["rel_l2"] <= args.rtol or par_vs_plain <= one_vs_plain + args.rtol / 2
         results.append({"kind": "verify", "case": name, **c,
-                        "ok": close and c["top1_close"] >= 0.95,
+                        "ok": c["rel_l2"] <= args.rtol and one_vs_plain <= args.rtol
+                        and c["top1_close"] >= 0.95,
                         "one_gpu_vs_plain_prefill_rel_l2": one_vs_plain,
                         "parallel_vs_plain_prefill_rel_l2": par_vs_plain})
     return model, results
