@@ -4,7 +4,7 @@
 unless every test passed and the golden bounds hold.
 
     bash bench/run_device.sh gate        # on the device; the JSON lands in $OUT
-    GATE_SHA=$(git rev-parse HEAD) python bench/gate.py --out DIR
+    GROK1_GIT_SHA=$(git rev-parse HEAD) python bench/gate.py --out DIR
 
 Any change to GPU code is resolved only after this passes at the final commit, its JSON in
 bench/results/ (README, "Contributing").
@@ -28,8 +28,8 @@ GOLDEN = REPO.parent / "shared" / "grok1" / "golden"
 
 
 def git_sha() -> str:
-    if os.environ.get("GATE_SHA"):
-        return os.environ["GATE_SHA"]
+    if os.environ.get("GROK1_GIT_SHA"):  # the device's copy of the tree has no .git
+        return os.environ["GROK1_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()

@@ -213,6 +213,9 @@ def environment() -> dict:
     return {"gpu": torch.cuda.get_device_name(), "num_gpus": 1, "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
             "git_sha": sha, "command": " ".join(sys.argv),
+            # the kernels' numerics: the reference's (bf16(w * s) weights, f32 expert activations,
+            # softmax rounded after normalising); no faster numerics is selectable by the bench
+            "numerics": "reference",
             "timestamp": datetime.datetime.now(datetime.UTC).isoformat()}
 
 
