@@ -1,8 +1,8 @@
 """What faithfulness to the reference's int8 rounding costs in the fused MoE: each path timed
 (inside a CUDA graph for decode sizes) beside its distance from the twin (model.moe_ref, the
-reference's bf16(w * s) weights). The grouped GEMM either dequantizes tiles as the reference does
-(LATE=0) or scales exact int8 products afterwards (LATE=1); the decode GEMV only does the
-latter, so at its sizes the faithful alternative is the grouped GEMM with LATE=0. Full width and
+reference's bf16(w * s) weights). Every path dequantizes as the reference by default; the grouped
+GEMM's explicit opt-in `exact_int8_products` (int8 products, each group's sum scaled) is timed
+beside it at prefill sizes, and the GEMV beside the grouped GEMM at decode sizes. Full width and
 the 4-GPU shard's width; random int8 weights; tuned configs otherwise. Prints one line per case
 beside its roofline and writes them as JSON (--out)."""
 
@@ -37,10 +37,10 @@ def expert_linears(F: int, g: torch.Generator) -> list[Linear]:
     return out
 
 
-def run_case(x, gates, ids, lins: list[Linear], cfg: dict) -> torch.Tensor:
+def run_case(x, gates, ids, lins: list[Linear], cfg: dict, exact: bool) -> torch.Tensor:
     wg, wu, wd = lins
     return fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
-                     wd.scales, cfg, out_dtype=torch.float32)
+                     wd.scales, cfg, out_dtype=torch.float32, exact_int8_products=exact)
 
 
 def sweep_width(F: int, tokens: list[int], ceil: dict, g: torch.Generator) -> list[dict]:
@@ -52,15 +52,14 @@ def sweep_width(F: int, tokens: list[int], ceil: dict, g: torch.Generator) -> li
         ref = moe_ref(x, gates, ids, *lins, out_dtype=torch.float32)
         base = moe_config(M * A, D, F, E, True, device_name(x))
         if M * A <= base.get("GEMV", 0):
-            variants = [("gemv", False, base), ("grouped_gemm", True, {**base, "GEMV": 0, "LATE": 0})]
+            variants = [("gemv", True, base), ("grouped_gemm", True, {**base, "GEMV": 0})]
         else:
-            variants = [("grouped_gemm", True, {**base, "LATE": 0}),
-                        ("grouped_gemm", False, {**base, "LATE": 1})]
+            variants = [("grouped_gemm", True, base), ("grouped_gemm", False, base)]
         nbytes = ids.unique().numel() * 3 * D * F
         roof = max(nbytes / ceil["copy_gbps"] / 1e6,
                    2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         for path, faithful, cfg in variants:
-            call = functools.partial(run_case, x, gates, ids, lins, cfg)
+            call = functools.partial(run_case, x, gates, ids, lins, cfg, not faithful)
             err = float((call() - ref).norm() / ref.norm())
             ms = time_graph_ms(call, calls=10) if M <= 64 else time_ms(call, reps=10)
             row = {"gpu": torch.cuda.get_device_name(), "F": F, "tokens": M, "path": path,

@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: GPU tests, then the MoE sweep, then `grok1 bench` (decode + prefill).
 # Logs and JSON go to $OUT (or /tmp/grok1_out). Usage: bash bench/run_device.sh [STEP]...
-# Steps: tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep; MOE_ARGS
+# Steps: gate (every GPU test + the engine on the golden: bench/gate.py), opdiff (each engine op
+# beside its twin: bench/op_diff.py), tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep; MOE_ARGS
 # e.g. "--tokens 1 --widths 32768 8192"), linear (the attention GEMV sweep), bench,
 # profile, parallel (bench/parallel_decode.py on every GPU: LAYERS, MOE), ptests (multi-GPU
 # tests), serve_tp (serve under torchrun on every GPU, as serve), reference (xAI's JAX code on the same GPU, from a git-ignored .ref/ holding its
@@ -38,6 +39,11 @@ for _ in range(240):
 
 for s in $steps; do
   case $s in
+    gate) timeout 560 python3 bench/gate.py --out "$OUT" 2>&1 | tail -60 | tee "$OUT/gate.log" ;;
+    opdiff) timeout 200 python3 bench/op_diff.py --golden ../shared/grok1/golden \
+              --out "$OUT/op_diff_golden.json" 2>&1 | tail -45 | tee "$OUT/op_diff_golden.log"
+            timeout 200 python3 bench/op_diff.py --layers 2 --out "$OUT/op_diff_full_width.json" \
+              2>&1 | tail -45 | tee "$OUT/op_diff_full_width.log" ;;
     tests) timeout 170 python3 -m pytest -q -m gpu tests/test_ops_moe.py tests/test_ops_attention.py \
              tests/test_ops_small.py tests/test_engine_llm.py tests/test_engine_golden.py 2>&1 \
              | tail -40 | tee "$OUT/tests.log" ;;

@@ -1,11 +1,101 @@
-"""`grok1` command line: parse, call, print. Each subcommand's work lives in its layer."""
+"""`grok1` command line: parse, call, print. Each subcommand's work lives in its layer.
+
+Start-up stays light: the parser builds only the chosen subcommand's arguments, and each
+subcommand imports its layer (torch, the server stack) when it runs, so `grok1 --help` and
+`grok1 info` answer without importing torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import logging
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+
+DESCRIPTION = "xAI's Grok-1 in PyTorch: generate, serve, measure and train."
+EXAMPLES = """\
+examples:
+  grok1 generate "ROMEO:"                     the embedded Shakespeare model, any CPU
+  grok1 generate --device cuda --checkpoint checkpoints "The answer to life"
+  torchrun --nproc-per-node 8 -m grok1 generate --checkpoint checkpoints --tp 8 "Hello"
+  grok1 serve                                 OpenAI-compatible API on 127.0.0.1:8000
+  grok1 info --gpu-gib 80                     Grok-1's size and the GPUs it needs
+  grok1 COMMAND --help                        a command's options and their defaults
+"""
+
+# `grok1 generate` samples a readable passage by default; `grok1 serve` follows OpenAI's API
+# defaults so OpenAI clients get what they expect (grok1/server/serving.py). Both helps say so.
+GENERATE_MAX_TOKENS = 100
+GENERATE_TEMPERATURE = 0.8
+SERVER_DEFAULTS = ("a request without temperature or max_tokens gets OpenAI's defaults: "
+                   "temperature 1.0, max_tokens 16 on /v1/completions and the rest of the context "
+                   "on /v1/chat/completions")
+GENERATE_EPILOG = textwrap.fill(
+    f"sampling: temperature {GENERATE_TEMPERATURE}, {GENERATE_MAX_TOKENS} tokens unless given. "
+    f"`grok1 serve` differs: {SERVER_DEFAULTS}. The same --seed gives the same text on both "
+    "only with the same temperature, top-p, top-k and max tokens.", 79) + """
+
+examples:
+  grok1 generate "ROMEO:"                                  the embedded model
+  grok1 generate --temperature 0 --max-tokens 40 "JULIET:"  greedy
+  grok1 generate --seed 0 "ROMEO:" "JULIET:"                two prompts as one batch
+  grok1 generate --device cuda --checkpoint checkpoints "The answer to life"
+"""
+SERVE_EPILOG = textwrap.fill(
+    f"sampling: {SERVER_DEFAULTS}. `grok1 generate` defaults to temperature "
+    f"{GENERATE_TEMPERATURE} and {GENERATE_MAX_TOKENS} tokens.", 79) + """
+
+examples:
+  grok1 serve                                       the embedded model as grok1-default
+  grok1 serve --device cuda --checkpoint checkpoints --port 8000
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "grok1-default", "prompt": "ROMEO:", "max_tokens": 32}'
+"""
+
+
+class UsageError(Exception):
+    """A wrong argument: `main` prints it as one line and exits with status 2, as argparse does."""
+
+
+def check_device(name: str) -> None:
+    """UsageError unless torch can place tensors on device `name` (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = ("a CPU-only build" if torch.version.cuda is None
+                 else f"built for CUDA {torch.version.cuda}, but it finds no GPU")
+        raise UsageError(f"--device {name}: CUDA is not available (torch {torch.__version__} is "
+                         f"{build}); use --device cpu, or run on a GPU machine with torch's CUDA "
+                         "build")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                         f"cuda:{count - 1}")
+
+
+def check_model_paths(args: argparse.Namespace) -> None:
+    """UsageError naming the first of --checkpoint (a folder), --config, --tokenizer (files) that
+    does not exist, before any loading starts."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise UsageError(f"--checkpoint {checkpoint}: no such folder; give the folder holding the "
+                         "release's ckpt-0/ or a grok1 folder (config.json + model.safetensors), "
+                         "or leave --checkpoint out for the embedded model")
+    for option in ("config", "tokenizer"):
+        path = getattr(args, option, None)
+        if path is not None and not path.is_file():
+            raise UsageError(f"--{option} {path}: no such file; check the path, or leave "
+                             f"--{option} out for the default")
 
 
 def _device(name: str | None) -> str:
@@ -29,11 +119,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=GENERATE_MAX_TOKENS,
+                   help="tokens to generate per prompt (fewer if EOS comes first)")
+    p.add_argument("--temperature", type=float, default=GENERATE_TEMPERATURE, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="most likely tokens to keep; 0 = off")
+    p.add_argument("--seed", type=int, default=None,
+                   help="same seed, same text (default: a random one each run)")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens regardless")
     p.add_argument("--engine", choices=["auto", "on", "off"], default="auto",
                    help="the fast engine (fused kernels, paged cache, CUDA graphs) or the plain "
@@ -125,57 +217,122 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(format_info(config, gpu_gib=args.gpu_gib))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from grok1.parallel.launch import add_parallel_args
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    from grok1.parallel.options import add_parallel_args
 
-    parser = argparse.ArgumentParser(prog="grok1", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="generate text (default: the embedded Shakespeare model)")
     p.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
     _add_model_args(p)
     _add_sampling_args(p)
     add_parallel_args(p)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("info", help="parameter counts, weight and KV bytes, GPUs needed")
+
+def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
     p.add_argument("--preset", default="grok-1", help="a named config when --config is not given")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
-    p.set_defaults(func=cmd_info)
 
-    # the other subcommands live in their layers: (add arguments, run) pairs
-    from grok1.engine.bench_cli import add_bench_args, run_bench
-    from grok1.server.cli_serve import add_serve_args, run_serve
-    from grok1.train.cli_train import COMMANDS as TRAIN_COMMANDS
 
-    layered = {"serve": (add_serve_args, run_serve, "OpenAI-compatible HTTP server"),
-               "bench": (add_bench_args, run_bench, "decode / prefill speed beside the roofline")}
-    train_help = {"train": "train a Grok-architecture model (torchrun for several GPUs)",
-                  "tokenize": "turn text files into memory-mapped token shards",
-                  "train-tokenizer": "train a small SentencePiece BPE tokenizer",
-                  "export": "export a training run to grok1's native format"}
-    layered |= {name: (add, run, train_help[name]) for name, (add, run) in TRAIN_COMMANDS.items()}
-    for name, (add, run, help_text) in layered.items():
-        p = sub.add_parser(name, help=help_text)
-        add(p)
-        p.set_defaults(func=run)
+@dataclasses.dataclass(frozen=True)
+class Command:
+    summary: str
+    # "module:add_function:run_function", imported only when the command is chosen
+    entry: str
+    epilog: str | None = None
+    checks_model_paths: bool = False  # --checkpoint/--config/--tokenizer are inputs to load
+
+    def load(self) -> tuple[Callable, Callable]:
+        module, add, run = self.entry.split(":")
+        module = importlib.import_module(module)
+        return getattr(module, add), getattr(module, run)
+
+
+COMMANDS = {
+    "generate": Command("generate text (default: the embedded Shakespeare model)",
+                        "grok1.cli:add_generate_args:cmd_generate", GENERATE_EPILOG, True),
+    "info": Command("parameter counts, weight and KV bytes, GPUs needed",
+                    "grok1.cli:add_info_args:cmd_info", checks_model_paths=True),
+    "serve": Command("OpenAI-compatible HTTP server (default: the embedded model)",
+                     "grok1.server.cli_serve:add_serve_args:run_serve", SERVE_EPILOG, True),
+    "bench": Command("decode / prefill speed beside the roofline (needs a CUDA GPU)",
+                     "grok1.engine.bench_cli:add_bench_args:run_bench"),
+    "train": Command("train a Grok-architecture model (torchrun for several GPUs)",
+                     "grok1.train.cli_train:add_train_args:run_train"),
+    "tokenize": Command("turn text files into memory-mapped token shards",
+                        "grok1.train.cli_train:add_tokenize_args:run_tokenize"),
+    "train-tokenizer": Command("train a small SentencePiece BPE tokenizer",
+                               "grok1.train.cli_train:add_train_tokenizer_args:"
+                               "run_train_tokenizer"),
+    "export": Command("export a training run to grok1's native format",
+                      "grok1.train.cli_train:add_export_args:run_export"),
+}
+# help for positionals whose layer leaves it out: (command, dest) -> text
+POSITIONAL_HELP = {("bench", "what"): "what to measure: decode steps, prefill, or both"}
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand in argv: the first word that is not an option (grok1 itself takes only -h)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _help_with_default(command: str, action: argparse.Action) -> str | None:
+    """The action's help, ending with its default unless it states one already (argparse's
+    ArgumentDefaultsHelpFormatter skips options without help and repeats stated defaults)."""
+    help_text = POSITIONAL_HELP.get((command, action.dest), action.help)
+    meaningless = (None, False, argparse.SUPPRESS)
+    if (not action.option_strings or any(action.default is d for d in meaningless)
+            or "default" in (help_text or "")):
+        return help_text
+    return (f"{help_text} " if help_text else "") + "(default: %(default)s)"
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The `grok1` parser; only the subcommand named in `argv` gets its arguments (the others'
+    layers are not imported)."""
+    raw = argparse.RawDescriptionHelpFormatter  # the epilogs' examples keep their lines
+    parser = argparse.ArgumentParser(prog="grok1", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = chosen_command(argv)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.summary, description=command.summary,
+                           epilog=command.epilog, formatter_class=raw)
+        if name == chosen:
+            add, run = command.load()
+            add(p)
+            for action in p._actions:  # argparse has no public way to reach an added argument
+                action.help = _help_with_default(name, action)
+            p.set_defaults(func=run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+def _layer_errors() -> tuple[type[Exception], ...]:
+    """The layers' exceptions that are the user's to fix (besides ValueError, which covers
+    ConfigError, TokenizerError and SamplingParams' checks). Imported only once one is raised:
+    it then comes from a layer that is loaded already."""
     from grok1.checkpoint import CheckpointError
-    from grok1.config import ConfigError
-    from grok1.tokenizer import TokenizerError
     from grok1.train.checkpoints import CheckpointCorruptError
     from grok1.train.trainer import TrainingDiverged
 
+    return CheckpointError, CheckpointCorruptError, TrainingDiverged
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if COMMANDS[args.command].checks_model_paths:
+            check_model_paths(args)
+        if getattr(args, "device", None):
+            check_device(args.device)
+    except UsageError as e:
+        print(f"grok1 {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         args.func(args)
-    except (CheckpointError, ConfigError, TokenizerError, CheckpointCorruptError,
-            TrainingDiverged, ValueError) as e:
+    except Exception as e:
+        if not isinstance(e, ValueError) and not isinstance(e, _layer_errors()):
+            raise
         raise SystemExit(f"error: {type(e).__name__}: {e}") from None
 
 

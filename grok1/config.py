@@ -71,6 +71,15 @@ class GrokConfig:
     def q_per_kv(self) -> int:
         return self.num_q_heads // self.num_kv_heads
 
+    @property
+    def attention_tp_sizes(self) -> list[int]:
+        """Tensor-parallel sizes the attention splits over evenly: each rank holds whole kv heads
+        (sizes dividing num_kv_heads) or a share of one kv head's query heads (multiples of
+        num_kv_heads dividing num_q_heads)."""
+        K = self.num_kv_heads
+        return [r for r in range(1, self.num_q_heads + 1)
+                if self.num_q_heads % r == 0 and (K % r == 0 or r % K == 0)]
+
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> GrokConfig:

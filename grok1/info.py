@@ -52,6 +52,12 @@ def model_size(c: GrokConfig) -> ModelSize:
     )
 
 
+def tensor_parallel_sizes(c: GrokConfig) -> list[int]:
+    """The --tp sizes grok1 can shard `c` over with the default --moe tp --unembed vocab: those
+    the attention splits over that also divide the expert width and the vocabulary."""
+    return [r for r in c.attention_tp_sizes if c.ffn_size % r == 0 and c.vocab_size % r == 0]
+
+
 def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
     s = model_size(c)
     gb = lambda n: f"{n:,} B ({n / 1e9:.2f} GB, {n / 2**30:.1f} GiB)"
@@ -72,7 +78,13 @@ def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
         (f"KV cache per token:         {s.kv_bytes_per_token:,} B; per {c.sequence_len}-token "
          f"sequence {s.kv_bytes_per_token * c.sequence_len / 2**30:.2f} GiB"),
     ]
+    tp_sizes = tensor_parallel_sizes(c)
+    lines.append(f"tensor-parallel sizes (--tp): {', '.join(map(str, tp_sizes))} (each divides "
+                 f"the {c.num_kv_heads} KV heads or is a multiple of {c.num_kv_heads} dividing the "
+                 f"{c.num_q_heads} query heads, and splits the expert width and vocabulary evenly)")
     for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("bf16", s.bytes_bf16)):
-        lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): "
-                     f"{s.gpus_needed(gpu_bytes, n)}")
+        needed = s.gpus_needed(gpu_bytes, n)
+        tp = next((r for r in tp_sizes if r >= needed), None)
+        lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): {needed}, "
+                     + (f"so --tp {tp}" if tp else f"more than --tp can split ({tp_sizes[-1]})"))
     return "\n".join(lines)

@@ -36,32 +36,57 @@ def bf16_constant(x: float) -> float:
 
 # ---- the reference's building blocks (also the twins of the fused kernels) -------------------
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the reference's f32 math is evaluated in on `device` before its rounding point.
+
+    f32 on GPUs, as the reference. f64 on CPUs, then rounded to f32 (and to bf16 where the
+    reference rounds): torch's vectorized CPU kernels (AVX2, AVX-512, AVX-512-BF16, AMX) sum
+    and approximate tanh/exp/rsqrt in orders of their own, so their f32 results differ in the
+    last bit from machine to machine, and a random model amplifies one bit (a near-tie in the
+    top-2 routing flips) into 1 % of the golden logits. Taken in f64, each f32 result is the
+    correctly rounded one on every machine, and the same whatever the order of the sum.
+    """
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, equation: str | None) -> torch.Tensor:
+    return a @ b if equation is None else torch.einsum(equation, a, b)
+
+
 def matmul_bf16(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
     """bf16 x bf16 -> bf16 with f32 accumulation and one rounding, as XLA's dot.
 
-    cuBLAS does exactly that. torch's CPU bf16 kernels round partial sums, which moved the golden
-    logits 5 % instead of 0.5 %, so on the CPU the product is taken in f32 and rounded once.
+    cuBLAS does exactly that. torch's CPU bf16 kernels round partial sums (5 % on the golden
+    logits), so on the CPU the product is taken in f64 (`wide_dtype`) and rounded to f32, then
+    to bf16: the f32 accumulator's value, correctly rounded, on every machine.
     """
     if a.is_cuda:
-        return a @ b if equation is None else torch.einsum(equation, a, b)
-    a, b = a.float(), b.float()
-    return (a @ b if equation is None else torch.einsum(equation, a, b)).to(BF16)
+        return _dot(a, b, equation)
+    return _dot(a.double(), b.double(), equation).float().to(BF16)
+
+
+def matmul_f32(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
+    """The reference's f32 dots (router, expert down-projection) -> f32, `wide_dtype` inside."""
+    wide = wide_dtype(a.device)
+    return _dot(a.to(wide), b.to(wide), equation).float()
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     """w * x / rms(x) in f32, cast back to x's dtype; scale applied as w, not 1 + w (SPEC 2.4)."""
-    x32 = x.float()
-    y = scale.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
-    return y.to(x.dtype)
+    wide = wide_dtype(x.device)
+    xw = x.to(wide)
+    y = scale.to(wide) * (xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + eps))
+    return y.float().to(x.dtype)
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """f32 cos/sin [B, T, H] of the half-split (rotate_half) layout; never precomputed in bf16."""
-    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_size, 2, dtype=torch.float32,
-                                                 device=positions_BT.device) / head_size))
-    phase = positions_BT.float()[..., None] * inv_freq
-    phase = torch.cat([phase, phase], dim=-1)
-    return torch.cos(phase), torch.sin(phase)
+    wide = wide_dtype(positions_BT.device)
+    exponent = torch.arange(0, head_size, 2, dtype=wide, device=positions_BT.device) / head_size
+    inv_freq = (1.0 / ROPE_BASE ** exponent).float()
+    phase = positions_BT.float()[..., None] * inv_freq  # f32, as the reference
+    phase = torch.cat([phase, phase], dim=-1).to(wide)
+    return torch.cos(phase).float(), torch.sin(phase).float()
 
 
 def apply_rope(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tensor) -> torch.Tensor:
@@ -81,23 +106,25 @@ def attention_ref(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tens
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     s = matmul_bf16(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")  # bf16 out, as the reference
     s = s.float() * multiplier
-    s = SOFTCAP * torch.tanh(s / SOFTCAP)
+    s = SOFTCAP * torch.tanh((s / SOFTCAP).to(wide_dtype(s.device))).float()  # f32 steps
     s = s.masked_fill(~mask_BTS[:, None, None], MASKED)
-    p = torch.softmax(s, dim=-1).to(v_BSKH.dtype)
+    p = torch.softmax(s.to(wide_dtype(s.device)), dim=-1).float().to(v_BSKH.dtype)
     o = matmul_bf16(p, v_BSKH, "bkgts,bskh->btkgh")
     return o.reshape(B, T, N * H)
 
 
 def gelu_glu(gate_MF: torch.Tensor, up_MF: torch.Tensor) -> torch.Tensor:
     """tanh-approximate GELU(gate) * up in f32 (jax.nn.gelu's default; SPEC 2.6)."""
-    return F.gelu(gate_MF.float(), approximate="tanh") * up_MF.float()
+    gelu = F.gelu(gate_MF.to(wide_dtype(gate_MF.device)), approximate="tanh").float()
+    return gelu * up_MF.float()
 
 
 def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, ...]:
     """f32 router: (logits [M, E], gates [M, A], expert ids [M, A]); gates are the softmax over
     all experts, not renormalised over the selected ones (SPEC 2.6)."""
-    logits = x_MD.float() @ router_DE.float()
-    gates, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    logits = matmul_f32(x_MD, router_DE)
+    probs = torch.softmax(logits.to(wide_dtype(logits.device)), dim=-1).float()
+    gates, ids = probs.topk(top_k, dim=-1)
     return logits, gates, ids
 
 
@@ -105,17 +132,20 @@ def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
             w_gate: Linear, w_up: Linear, w_down: Linear, *,
             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sparse top-k dispatch, expert by expert; equal to the reference's all-experts one-hot
-    einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32.
-    `out_dtype` (default x's) lets partial sums stay f32 until summed across ranks."""
-    out = torch.zeros(x_MD.shape, dtype=torch.float32, device=x_MD.device)
-    gates = gates_MA.to(BF16).float()  # the reference rounds the gate to bf16 first
+    einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32
+    (`wide_dtype`: f64 on the CPU, where the down-projection also stays unrounded until the
+    sum, so ranks' partial sums add up to one process's value). `out_dtype` (default: x's,
+    rounded from f32) keeps the sum unrounded for a sum across ranks (`wide_dtype`)."""
+    wide = wide_dtype(x_MD.device)
+    out = torch.zeros(x_MD.shape, dtype=wide, device=x_MD.device)
+    gates = gates_MA.to(BF16).to(wide)  # the reference rounds the gate to bf16 first
     for e in torch.unique(ids_MA).tolist():
         rows, slots = (ids_MA == e).nonzero(as_tuple=True)
         x = x_MD[rows]
         h = gelu_glu(w_gate(x, expert=e), w_up(x, expert=e))
-        y = h @ w_down.dense(expert=e).float()
+        y = h.to(wide) @ w_down.dense(expert=e).to(wide)
         out.index_add_(0, rows, y * gates[rows, slots, None])
-    return out.to(out_dtype or x_MD.dtype)
+    return out.to(out_dtype) if out_dtype else out.float().to(x_MD.dtype)
 
 
 # ---- modules ---------------------------------------------------------------------------------

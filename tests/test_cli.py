@@ -3,6 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from grok1.cli import main
+
 
 def grok1(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "grok1", *args], capture_output=True, text=True,
@@ -30,3 +35,111 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(golden_dir, tokenizer_path
                 str(golden_dir / "config.json"), "--tokenizer", str(tokenizer_path))
     assert out.returncode != 0
     assert "131072 pieces but the model's vocab_size is 1024" in out.stderr
+
+
+# ---- start-up: help and `grok1 info` import neither torch nor the server stack -----------------
+
+def modules_after(*args: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `grok1 ARGS` (help exits early)."""
+    code = ("import sys\nfrom grok1.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nprint(' '.join(sys.modules), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return set(out.stderr.split("\n")[-2].split())
+
+
+def test_help_and_info_do_not_import_torch_or_the_server():
+    for args in (("--help",), ("info",), ("generate", "--help"), ("serve", "--help")):
+        heavy = modules_after(*args) & {"torch", "fastapi", "uvicorn", "sentencepiece"}
+        assert not heavy, f"grok1 {' '.join(args)} imported {sorted(heavy)}"
+
+
+# ---- help texts state defaults ---------------------------------------------------------------
+
+def help_text(*args: str, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_speaks_to_users_with_examples(capsys):
+    text = help_text(capsys=capsys)
+    assert "Each subcommand's work lives in its layer" not in text
+    assert 'grok1 generate "ROMEO:"' in text and "grok1 COMMAND --help" in text
+
+
+def test_generate_help_states_its_sampling_defaults_and_the_servers(capsys):
+    text = " ".join(help_text("generate", capsys=capsys).split())  # argparse wraps lines
+    assert "tokens to generate per prompt (fewer if EOS comes first) (default: 100)" in text
+    assert "0 = greedy (default: 0.8)" in text
+    assert "temperature 1.0, max_tokens 16 on /v1/completions" in text
+
+
+def test_serve_help_states_the_port_and_openais_sampling_defaults(capsys):
+    text = " ".join(help_text("serve", capsys=capsys).split())
+    assert "TCP port to listen on (default: 8000)" in text
+    assert "temperature 1.0, max_tokens 16 on /v1/completions" in text
+    assert "`grok1 generate` defaults to temperature 0.8 and 100 tokens" in text
+
+
+def test_bench_help_explains_its_positional_and_layers(capsys):
+    text = " ".join(help_text("bench", capsys=capsys).split())
+    assert "{all,decode,prefill} what to measure: decode steps, prefill, or both" in text
+    assert "full-width layers (random int8 weights) (default: 4)" in text
+
+
+def test_the_server_samples_with_the_defaults_its_help_states():
+    from grok1.assets import default_model_dir
+    from grok1.server import protocol
+    from grok1.server.serving import OpenAIServing
+    from grok1.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(default_model_dir() / "tokenizer.model")
+    serving = OpenAIServing(tokenizer, "m", max_model_len=512, vocab_size=tokenizer.vocab_size,
+                            max_n=1, max_choices=1)
+    completion = serving.plan_completion("r", protocol.CompletionRequest(model="m", prompt="hi"))
+    chat = serving.plan_chat("c", protocol.ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}]))
+    (completion_sub,), (chat_sub,) = completion.subs, chat.subs
+    assert (completion_sub.params.temperature, completion_sub.params.max_tokens) == (1.0, 16)
+    assert chat_sub.params.max_tokens == 512 - len(chat_sub.prompt_ids)  # the rest of the context
+
+
+# ---- errors: one line naming the problem and the next step, status 2 for wrong arguments -------
+
+def error_line(*args: str, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    return err.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_says_cuda_is_not_available(capsys):
+    assert error_line("generate", "--device", "cuda", "x", capsys=capsys) == (
+        f"grok1 generate: error: --device cuda: CUDA is not available (torch "
+        f"{torch.__version__} is a CPU-only build); use --device cpu, or run on a GPU machine "
+        "with torch's CUDA build")
+
+
+def test_a_device_name_torch_does_not_know_is_refused(capsys):
+    assert error_line("generate", "--device", "gpu", "x", capsys=capsys) == (
+        "grok1 generate: error: --device gpu: not a device name; use cpu, cuda or cuda:N")
+
+
+def test_a_missing_checkpoint_folder_is_named_before_the_tokenizer(capsys, tmp_path):
+    missing = tmp_path / "nonexistent"
+    assert error_line("generate", "--checkpoint", str(missing), "x", capsys=capsys) == (
+        f"grok1 generate: error: --checkpoint {missing}: no such folder; give the folder "
+        "holding the release's ckpt-0/ or a grok1 folder (config.json + model.safetensors), "
+        "or leave --checkpoint out for the embedded model")
+
+
+def test_a_missing_config_file_is_named(capsys, tmp_path):
+    missing = tmp_path / "config.json"
+    assert error_line("info", "--config", str(missing), capsys=capsys) == (
+        f"grok1 info: error: --config {missing}: no such file; check the path, or leave "
+        "--config out for the default")

@@ -30,31 +30,53 @@ def golden_prompts(golden_dir, seed):
     return prompts, params
 
 
-@pytest.mark.parametrize("device", [
+ON_DEVICES = pytest.mark.parametrize("device", [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs CUDA")])])
-def test_engine_logits_match_plain_model_on_golden_checkpoint(golden_dir, device):
+
+
+@ON_DEVICES
+def test_engine_meets_the_golden_bounds_through_the_paged_cache(golden_dir, device):
+    """golden/README.md's judge on the engine itself: every golden position through the runner's
+    varlen prefill and its decode batches (CUDA graphs on a GPU), teacher-forced
+    (grok1.engine.golden), and the golden's own prefill + decode case. Measured: CPU the plain
+    model's own figures (0.99 % on the full case, share 0.97); H100 before the numerics issue
+    19-29 % per case and share 0.0 (int8 products scaled late, unnormalised softmax rounding),
+    after: within the bounds."""
+    from grok1.engine.golden import engine_golden_pairs, engine_runner
+    from grok1.golden import golden_metrics, golden_pass, load_cases
+
+    model = grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
+                       device=device)
+    m = golden_metrics(engine_golden_pairs(engine_runner(model), load_cases(golden_dir)))
+    assert m["positions"] == 135  # 2 x 24 + 15 real padded, twice (prefill, decode), + 1 + 8
+    assert golden_pass(m), m
+    if device == "cpu":  # the twins in the plain model's order: its own figures
+        assert m["share_within_2pct"] >= 0.95 and m["top1_within_ulp"] >= 0.95, m
+
+
+def test_engine_logits_match_plain_model_on_golden_checkpoint(golden_dir):
+    device = "cpu"
     model = grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
                        device=device)
     plain = grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
-                       device=device)  # the engine swaps kernels into its model on CUDA
+                       device=device)
     prompts, params = golden_prompts(golden_dir, seed=0)
     assert any(0 in p for p in prompts.values()), "want pad tokens inside a prompt"
-    # 5 requests at most, 16 blocks of 8: requests join, leave and (on CPU) get preempted
+    # 5 requests at most, 16 blocks of 8: requests join, leave and get preempted
     engine = Engine(model, max_batch_size=5, block_size=8, num_blocks=16, max_model_len=64,
                     max_num_batched_tokens=16, record_logits=True)
     got = drive(engine, prompts, params)
     assert {r: len(t) for r, t in got.items()} == {r: p.max_tokens for r, p in params.items()}
     assert engine.stats().kv_blocks_used == 0
-    # CPU: the twins in the plain model's order of operations, so only batch-shape effects in
-    # the bf16 matmuls remain (measured ~1e-3). GPU: the kernels' own bf16 rounding (h rounded
-    # before the down-projection, f32 sums in another order) compounds through this random
-    # 11-layer model, which amplifies rounding (golden README): 0.1, while any indexing, mask or
-    # cache error gives O(1). Random weights have few clear top-1 margins: greedy tokens are
-    # checked only where the margin is real.
-    tol = 1e-2 if device == "cpu" else 0.1
-    check_against_plain_model(plain, engine, prompts, got, tol=tol, min_clear=0.0)
+    # The twins in the plain model's order of operations, so only batch-shape effects remain
+    # (measured ~1e-3). On a GPU this random 11-layer model amplifies any last-bit difference of
+    # the kernels (the golden README: accumulation order alone moves it 0.3-5 %), so there the
+    # engine is judged by the golden's own bounds (test above) and, for requests joining and
+    # leaving, on models with real margins (tests/test_engine_llm.py). Random weights have few
+    # clear top-1 margins: greedy tokens are checked only where the margin is real.
+    check_against_plain_model(plain, engine, prompts, got, tol=1e-2, min_clear=0.0)
 
 
 def test_engine_greedy_text_equals_plain_generation_on_default_model():

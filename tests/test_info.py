@@ -31,3 +31,20 @@ def test_info_command_prints_spec_figures():
     for figure in ("315,684,820,992", "314,879,514,624", "83,756,587,008", "318,239,694,848",
                    "631,369,641,984", "262,144"):
         assert figure in out, figure
+
+
+def test_info_names_the_tensor_parallel_size_that_holds_the_weights():
+    from grok1.info import format_info, tensor_parallel_sizes
+
+    grok = GrokConfig.preset("grok-1")
+    assert tensor_parallel_sizes(grok) == [1, 2, 4, 8, 16]
+    lines = format_info(grok, gpu_gib=80).splitlines()
+    assert "fewest 80 GiB GPUs for int8 weights (90 % of memory): 5, so --tp 8" in lines
+    assert "fewest 80 GiB GPUs for bf16 weights (90 % of memory): 9, so --tp 16" in lines
+    assert ("tensor-parallel sizes (--tp): 1, 2, 4, 8, 16 (each divides the 8 KV heads or is a "
+            "multiple of 8 dividing the 48 query heads, and splits the expert width and "
+            "vocabulary evenly)") in lines
+    assert ("fewest 141 GiB GPUs for int8 weights (90 % of memory): 3, so --tp 4"
+            in format_info(grok, gpu_gib=141).splitlines())
+    # bf16 weights need 17 GPUs of 40 GiB, more than the widest split
+    assert "more than --tp can split (16)" in format_info(grok, gpu_gib=40)

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "grok1"
 LEVELS = {
     "config": 0, "quant": 0, "tokenizer": 0,
     "model": 1, "sampling": 1,
-    "ops": 2, "checkpoint": 2, "info": 2, "generation": 2, "assets": 2,
+    "ops": 2, "checkpoint": 2, "info": 2, "generation": 2, "assets": 2, "golden": 2,
     "parallel": 3,
     "engine": 4, "train": 4,
     "server": 5, "eval": 5,

@@ -33,3 +33,31 @@ def test_staged_sweep_builds_each_stage_on_the_best_before_it_and_skips_failures
     assert tried == [(1, 1), (2, 1), (3, 1), (2, 2), (2, 3)]
     assert best == (2.0, {"a": 2, "b": 3, "c": 0})
     assert staged_sweep({"a": 3, "b": 1}, [[{}]], measure) is None
+
+
+def test_tuning_tables_hold_tile_shapes_only_never_numerics():
+    """The numerics issue: a tuning table must not pick a numerics (the old LATE key chose the
+    int8 products' rounding). The shipped tables carry none, and one slipped in is ignored."""
+    import json
+
+    from grok1.ops._triton import CONFIG_DIR, load_tuned
+    from grok1.ops.moe import NUMERICS_KEYS, moe_config
+
+    def keys(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield k
+                yield from keys(v)
+
+    for path in CONFIG_DIR.glob("*.json"):
+        assert not set(keys(json.loads(path.read_text()))) & set(NUMERICS_KEYS), path
+    load_tuned.cache_clear()
+    tables = load_tuned("moe", "NVIDIA_H100_80GB_HBM3|sm_90")
+    key = next(k for k in tables if k.startswith("D6144_F32768"))
+    m = next(iter(tables[key]))
+    tables[key][m]["LATE"] = 1  # as an older table had it
+    try:
+        assert "LATE" not in moe_config(int(m), 6144, 32768, 8, True,
+                                        "NVIDIA_H100_80GB_HBM3|sm_90")
+    finally:
+        load_tuned.cache_clear()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grok1.config import ConfigError, GrokConfig
-from grok1.model import Grok1, moe_ref, route
+from grok1.model import Grok1, moe_ref, route, wide_dtype
 from grok1.parallel.expert import expert_partial
 from grok1.parallel.tensor import (
     Layout,
@@ -127,14 +127,15 @@ def test_expert_partials_of_all_ranks_sum_to_one_process_bit_for_bit(tiny_config
     model, x = _random_moe(tiny_config, seed=3)
     moe = model.layers[0].moe
     _, gates, ids = route(x, moe.router, moe.top_k)
-    ref = moe_ref(x, gates, ids, moe.w_gate, moe.w_up, moe.w_down, out_dtype=torch.float32)
+    ref = moe_ref(x, gates, ids, moe.w_gate, moe.w_up, moe.w_down, out_dtype=wide_dtype(x.device))
     total = torch.zeros_like(ref)
     for rank in range(ranks):
         layout = Layout(ranks, rank, attn="none", moe="ep", unembed="none")
         shard = shard_model_(copy.deepcopy(model), layout).layers[0].moe
         total += expert_partial(x, gates, ids, shard, local_shapes(tiny_config, layout).experts)
-    # each token has 2 nonzero terms and f32 addition of two terms is order-free: exact
-    assert torch.equal(total.to(torch.bfloat16), ref.to(torch.bfloat16))
+    # each token has 2 nonzero terms and addition of two terms is order-free: exact
+    assert total.dtype == ref.dtype == wide_dtype(x.device)
+    assert torch.equal(total.float().to(torch.bfloat16), ref.float().to(torch.bfloat16))
     assert torch.equal(total, ref)
 
 
@@ -142,7 +143,7 @@ def test_width_split_expert_partials_sum_to_one_process_within_f32_reordering(ti
     model, x = _random_moe(tiny_config, seed=4)
     moe = model.layers[0].moe
     _, gates, ids = route(x, moe.router, moe.top_k)
-    ref = moe_ref(x, gates, ids, moe.w_gate, moe.w_up, moe.w_down, out_dtype=torch.float32)
+    ref = moe_ref(x, gates, ids, moe.w_gate, moe.w_up, moe.w_down, out_dtype=wide_dtype(x.device))
     total = torch.zeros_like(ref)
     for rank in range(2):
         layout = Layout(2, rank, attn="none", moe="tp", unembed="none")

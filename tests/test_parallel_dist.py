@@ -41,9 +41,20 @@ def torchrun_check(ranks: int, *args: str, timeout: float = 120,
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=timeout, check=False)
     results = _results(proc.stdout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, failure_report(proc, results)
     assert results and all(r["num_ranks"] == ranks for r in results)
     return results
+
+
+def failure_report(proc: subprocess.CompletedProcess, results: list[dict]) -> str:
+    """Why a torchrun check failed, first: the checks that reported ok=false (with their
+    figures) and each rank's exception line, then the raw output (torchrun's banner last)."""
+    failed = [json.dumps(r) for r in results if r.get("ok") is False]
+    errors = [line for line in proc.stderr.splitlines()
+              if line.strip().split(":")[0].endswith(("Error", "Exception"))]
+    return "\n".join([f"torchrun exit {proc.returncode}; failing checks:", *failed,
+                      "rank errors:", *dict.fromkeys(errors), "--- stdout ---", proc.stdout,
+                      "--- stderr (tail) ---", proc.stderr[-3000:]])
 
 
 def by_variant(results: list[dict], what: str) -> dict[str, dict]:

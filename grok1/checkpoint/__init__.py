@@ -36,7 +36,9 @@ def load(checkpoint_dir: str | Path, config: GrokConfig | str | Path | None = No
     """
     path = Path(checkpoint_dir)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
+        raise CheckpointError(f"{path}: no such checkpoint folder (a folder holding the "
+                              f"release's ckpt-0/, or a grok1 folder: {WEIGHTS_FILE} + "
+                              "config.json)")
     if isinstance(config, (str, Path)):
         config = GrokConfig.from_json(config)
     if (path / WEIGHTS_FILE).is_file():

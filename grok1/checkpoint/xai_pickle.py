@@ -61,7 +61,9 @@ def resolve_ckpt0(path: str | Path) -> Path:
         return path / "ckpt-0"
     if path.is_dir() and any(_TENSOR_FILE.fullmatch(p.name) for p in path.iterdir()):
         return path
-    raise CheckpointError(f"{path}: no ckpt-0/ folder and no tensorNNNNN_000 files in it")
+    raise CheckpointError(f"{path}: no ckpt-0/ folder and no tensorNNNNN_000 files in it; the "
+                          "release's 770 files tensor00000_000 ... tensor00769_000 go in "
+                          "checkpoints/ckpt-0/")
 
 
 def release_specs(config: GrokConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

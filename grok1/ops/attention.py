@@ -112,13 +112,12 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     splits = plan.splits
     if splits > 1:
         part = torch.empty(splits, M, N, H, dtype=torch.float32, device=q.device)
-        l_part = torch.empty(splits, M, N, dtype=torch.float32, device=q.device)
     else:
-        part = l_part = out
+        part = out
     rows = block_t * g_pad
     grid = (plan.qblock_seq.numel(), K, splits)
     paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, part, l_part, block_table_BP, positions_M,
+        q, k_cache, v_cache, out, part, block_table_BP, positions_M,
         real_slots if real_slots is not None else positions_M,
         plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
         float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
@@ -129,6 +128,6 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         from grok1.ops.attention_triton import attention_combine_kernel
         rows_total, block_r = M * N, 16
         attention_combine_kernel[(-(-rows_total // block_r),)](
-            part, l_part, out, rows_total, SPLITS=splits, H=H, H_PAD=h_pad, BLOCK_R=block_r,
+            part, out, rows_total, SPLITS=splits, H=H, H_PAD=h_pad, BLOCK_R=block_r,
             num_warps=4)
     return out.view(M, N * H)

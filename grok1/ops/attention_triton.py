@@ -1,20 +1,21 @@
 """Triton kernel of paged GQA attention with the 30*tanh soft-cap (see grok1.ops.attention).
 
 One program serves one kv head for BLOCK_T query tokens of one sequence, all G query heads of
-that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. Scores are
-capped to [-30, 30], so exp(s - 30) never overflows: no running max and no rescaling, and the
-splits combine by plain sums of the numerator and the denominator. MASK_PAD: keys whose slot
-flag in real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 0.
+that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. As the
+reference, p = softmax(s) = exp(s - max) / sum is rounded to bf16 *after* normalising, so each
+program first finds the row's maximum and denominator over all of its keys (a first, cheap
+pass over K), then multiplies bf16(p) by V; the splits' f32 sums combine by a plain sum. MASK_PAD: keys whose slot flag in
+real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 0.
 """
 
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dot
+from grok1.ops.dot_triton import div, dot, exp, tanh
 
 
 @triton.jit
-def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_table_ptr,
+def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr,
                            positions_ptr, real_ptr, qblock_seq_ptr, qblock_tok0_ptr, query_end_ptr,
                            M, stride_bt, multiplier,
                            N: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr,
@@ -41,53 +42,74 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, l_ptr, block_ta
     per = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_S) * BLOCK_S
     lo = sp * per
     hi = tl.minimum(lo + per, kv_len)
+    # Pass 1: the row's maximum and softmax denominator over every visible key (all splits:
+    # each program needs both to form p = exp(s - max) / sum before its bf16 rounding, as
+    # torch's and the reference's softmax do). Scores are >= -30: -30 starts the maximum.
+    m_R = tl.full([R], -30.0, dtype=tl.float32)
     l_R = tl.zeros([R], dtype=tl.float32)
+    for s0 in range(0, kv_len, BLOCK_S):
+        sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
+                                                  stride_bt, kh, h, pos, s0, kv_len, multiplier,
+                                                  R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD)
+        m_new = tl.maximum(m_R, tl.max(tl.where(visible, sc, -30.0), 1))
+        e = tl.where(visible, exp(sc - m_new[:, None]), 0.0)
+        l_R = l_R * exp(m_R - m_new) + tl.sum(e, 1)
+        m_R = m_new
+    l_R = tl.where(l_R > 0, l_R, 1.0)  # a row with no visible key: p = 0, output 0
+    # Pass 2: this split's keys, p = bf16(exp(s - max) / sum) times v, accumulated in f32
     acc = tl.zeros([R, H_PAD], dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < hi
-        page = tl.load(block_table_ptr + b * stride_bt + s // PAGE, mask=s_ok, other=0)
-        slot = page.to(tl.int64) * PAGE + s % PAGE
-        kv_off = slot * (KV * H) + kh * H
-        k_t = tl.load(k_ptr + kv_off[None, :] + h[:, None],
-                      mask=s_ok[None, :] & (h[:, None] < H), other=0.0)
-        sc = dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
-        sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
-        sc = 30.0 - 60.0 / (tl.exp(sc / 15.0) + 1.0)  # 30 * tanh(sc / 30)
-        visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
-        if MASK_PAD:
-            real = tl.load(real_ptr + slot, mask=s_ok, other=0)
-            visible = visible & (real != 0)[None, :]
-        p = tl.where(visible, tl.exp(sc - 30.0), 0.0)
-        l_R += tl.sum(p, 1)
+        sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
+                                                  stride_bt, kh, h, pos, s0, hi, multiplier,
+                                                  R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD)
+        e = tl.where(visible, exp(sc - m_R[:, None]), 0.0)
+        p = div(e, l_R[:, None])
         v = tl.load(v_ptr + kv_off[:, None] + h[None, :],
                     mask=s_ok[:, None] & (h[None, :] < H), other=0.0)
         acc = dot(p.to(tl.bfloat16), v, acc, F32)
     out_off = (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :]
     out_mask = row_ok[:, None] & (h[None, :] < H)
     if SPLITS == 1:
-        o = acc / tl.where(l_R > 0, l_R, 1.0)[:, None]
-        tl.store(o_ptr + out_off, o.to(tl.bfloat16), mask=out_mask)
+        tl.store(o_ptr + out_off, acc.to(tl.bfloat16), mask=out_mask)
     else:
         tl.store(part_ptr + sp.to(tl.int64) * M * N * H + out_off, acc, mask=out_mask)
-        tl.store(l_ptr + sp.to(tl.int64) * M * N + tok.to(tl.int64) * N + head, l_R, mask=row_ok)
 
 
 @triton.jit
-def attention_combine_kernel(part_ptr, l_ptr, o_ptr, ROWS, SPLITS: tl.constexpr,
-                             H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
-    """o[row] = bf16(sum_s part[s, row] / sum_s l[s, row]) (0 where nothing was visible) for
-    BLOCK_R (token, head) rows per program: the key splits' numerators [SPLITS, ROWS, H] and
-    denominators [SPLITS, ROWS] (no running max to reconcile: the scores are capped)."""
+def _scores(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, s0, end, multiplier,
+            R: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, BLOCK_S: tl.constexpr,
+            PAGE: tl.constexpr, F32: tl.constexpr, MASK_PAD: tl.constexpr):
+    """Scores [R, BLOCK_S] for keys s0.. (< end): 30 * tanh(bf16(q.k) * multiplier / 30) in f32
+    as the reference and torch compute it (SPEC 2.5: correctly rounded division, libdevice's
+    tanh), and which are visible; also the keys' cache offsets and validity."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    s_ok = s < end
+    page = tl.load(block_table_ptr + b * stride_bt + s // PAGE, mask=s_ok, other=0)
+    slot = page.to(tl.int64) * PAGE + s % PAGE
+    kv_off = slot * (KV * H) + kh * H
+    k_t = tl.load(k_ptr + kv_off[None, :] + h[:, None], mask=s_ok[None, :] & (h[:, None] < H),
+                  other=0.0)
+    sc = dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
+    sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
+    sc = 30.0 * tanh(div(sc, 30.0))
+    visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
+    if MASK_PAD:
+        real = tl.load(real_ptr + slot, mask=s_ok, other=0)
+        visible = visible & (real != 0)[None, :]
+    return sc, visible, slot, kv_off, s_ok
+
+
+@triton.jit
+def attention_combine_kernel(part_ptr, o_ptr, ROWS, SPLITS: tl.constexpr, H: tl.constexpr,
+                             H_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """o[row] = bf16(sum_s part[s, row]) for BLOCK_R (token, head) rows per program: the key
+    splits' f32 sums of bf16(p) v [SPLITS, ROWS, H], p already normalised by the whole row's
+    denominator (each split computed it), so the sum is one f32 accumulation, rounded once."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = tl.arange(0, H_PAD)
-    r_ok = r < ROWS
-    ok = r_ok[:, None] & (h[None, :] < H)
+    ok = (r < ROWS)[:, None] & (h[None, :] < H)
     off = r.to(tl.int64)[:, None] * H + h[None, :]
     acc = tl.zeros([BLOCK_R, H_PAD], dtype=tl.float32)
-    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         acc += tl.load(part_ptr + s * ROWS * H + off, mask=ok, other=0.0)
-        l_sum += tl.load(l_ptr + s * ROWS + r, mask=r_ok, other=0.0)
-    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    tl.store(o_ptr + off, o.to(tl.bfloat16), mask=ok)
+    tl.store(o_ptr + off, acc.to(tl.bfloat16), mask=ok)

@@ -70,7 +70,8 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
 
 # ---- one row: GEMV (decode at batch 1), several matrices sharing x in one launch ------------
 # PROGRAMS: about how many (column tile, K split) programs to launch; the K split follows.
-GEMV_CONFIG = {"BN": 128, "BK": 32, "W": 4, "PROGRAMS": 4 * NUM_SMS_GUESS, "MAGIC": 1}
+# DEQUANT: which instructions compute bf16(w * s) (ops/dot_triton.dequant_f32; same values).
+GEMV_CONFIG = {"BN": 128, "BK": 32, "W": 4, "PROGRAMS": 4 * NUM_SMS_GUESS, "DEQUANT": 2}
 
 
 def gemv_key(K: int, Ns: list[int]) -> str:
@@ -129,7 +130,7 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
         x_1K.contiguous(), w[0], s[0], w[1], s[1], w[2], s[2], out, K, Ns[0], Ns[1], Ns[2],
         tiles[0], tiles[1], N_total, group_k, chunk, k_per_split, BN=BN, BK=BK,
         EVEN_K=split * k_per_split == K and chunk % BK == 0,
-        MAGIC=bool(cfg["MAGIC"]), num_warps=cfg["W"])
+        DEQUANT=cfg.get("DEQUANT", GEMV_CONFIG["DEQUANT"]), num_warps=cfg["W"])
     if not reduce:
         return [part[:, None] for part in out.split(Ns[:len(mats)], dim=1)]
     total = out.sum(0, keepdim=True) if split > 1 else out

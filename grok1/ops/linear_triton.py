@@ -6,7 +6,7 @@ W^T x^T so the dequantized tile is the left operand and a small M is the narrow 
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dot
+from grok1.ops.dot_triton import dequant_f32, dot
 
 
 @triton.jit
@@ -48,25 +48,15 @@ def linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, GROUP_K, NUM_GROUPS, K_
 
 
 @triton.jit
-def _i8_to_f32(w, MAGIC: tl.constexpr):
-    """int8 -> f32, exact; MAGIC: via the bit pattern 2^23 + (w + 128) and one FADD, not the
-    (quarter-rate) int -> float conversion."""
-    if MAGIC:
-        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-        return u.to(tl.float32, bitcast=True) - 8388736.0
-    return w.to(tl.float32)
-
-
-@triton.jit
 def gemv3_kernel(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, out_ptr, K, N0, N1, N2,
                  T0, T1, N_TOTAL, GROUP_K, CHUNK, K_PER_SPLIT, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN_K: tl.constexpr, MAGIC: tl.constexpr):
+                 BK: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr):
     """One row x [K] times up to three int8 matrices W_i [K, N_i] (bf16 scales [G, N_i], the
     same G) sharing x: out[split, col] f32 partial sums over this split's K range, the columns
-    of the three outputs side by side. Grid (T0 + T1 + T2 column tiles, SPLIT). Exact products
-    accumulate in an f32 [BK, BN] tile, reduced and scaled every CHUNK rows (CHUNK divides
-    GROUP_K or is a multiple of it only when G == 1; BK divides CHUNK; CHUNK divides
-    K_PER_SPLIT)."""
+    of the three outputs side by side. Grid (T0 + T1 + T2 column tiles, SPLIT). Each weight is
+    dequantized as the reference does, bf16(w * s), and its products with x accumulate in an f32
+    [BK, BN] tile, reduced every CHUNK rows (a CHUNK lies in one scale group: CHUNK divides
+    GROUP_K, or G == 1; BK divides CHUNK; CHUNK divides K_PER_SPLIT)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if pid_n < T0:
@@ -93,6 +83,8 @@ def gemv3_kernel(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, out_ptr,
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past K: masked
         k1 = k_lo + c1
+        grp = k1 // GROUP_K
+        s = tl.load(s_ptr + grp * N + n, mask=n_ok & (k1 < K), other=0.0).to(tl.float32)
         part = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
@@ -104,7 +96,7 @@ def gemv3_kernel(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, out_ptr,
                 k_ok = kk < K
                 xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            part += _i8_to_f32(w, MAGIC) * xk[:, None]
-        grp = k1 // GROUP_K
-        acc += tl.sum(part, 0) * tl.load(s_ptr + grp * N + n, mask=n_ok & (k1 < K), other=0.0).to(tl.float32)
+            # the reference's weight: bf16(w * s), rounded once (SPEC 3), times x in f32
+            part += dequant_f32(w, s, DEQUANT) * xk[:, None]
+        acc += tl.sum(part, 0)
     tl.store(out_ptr + pid_k.to(tl.int64) * N_TOTAL + col0 + n, acc, mask=n_ok)

@@ -7,9 +7,10 @@ Twin: `grok1.model.moe_ref` (the same math expert by expert). Contract (vLLM's f
 - gate/up: h[p] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]), stored bf16 [P, F].
 - down: out[p] = gate[p] * (h[p] @ Wd[e]) in f32 [SPLIT, P, D]; the slots (and K splits) are
   summed in f32 and rounded to bf16 once, as the reference's f32 accumulation.
-int8 weights are dequantized per K tile exactly as `quant.dequantize` (bf16(w * s)); the matmuls
-accumulate in f32. The only departures from the twin: h is rounded to bf16 before the
-down-projection (the reference keeps it f32) and tanh is computed through exp: bf16 noise.
+int8 weights are dequantized exactly as `quant.dequantize` (bf16(w * s)); the matmuls accumulate
+in f32 and h stays f32 into the down-projection, as the reference (the tensor cores take it as
+two bf16 halves). The remaining departures from the twin are f32 summation order and tanh
+computed through exp.
 
 Shape letters: M tokens, A selected experts, P pairs, D emb_size, F expert width, E experts,
 G scale groups.
@@ -23,6 +24,7 @@ from grok1.model import moe_ref
 from grok1.ops._triton import device_name, interpreting, load_tuned, nearest_m, use_kernel
 
 DEFAULT_BM_DECODE = 16
+NUMERICS_KEYS = ("LATE",)  # chose numerics in older tuning tables; ignored: tables hold tiles
 
 
 def moe_align_ref(ids_MA: torch.Tensor, num_experts: int, block_m: int
@@ -93,22 +95,20 @@ def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> dict
         (t for k, t in tables.items() if k.startswith(f"D{D}_F{F}_E") and k.endswith(dtype)), {})
     tuned = nearest_m(table, P)
     if tuned and min(max(int(k), P) / min(int(k), P) for k in table) <= 4:
-        return dict(tuned)  # (a table tuned only at decode sizes says nothing of prefill's)
+        # (a table tuned only at decode sizes says nothing of prefill's). Tables hold tile
+        # shapes only: a numerics key of older tables (LATE) is dropped, never obeyed.
+        return {k: v for k, v in tuned.items() if k not in NUMERICS_KEYS}
     if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
         return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
-                "S2": 4, "SPLIT": 4, "LATE": 1, "GEMV": 2, **GEMV_DEFAULTS}
-    # LATE=1 as every tuned entry: exact int8 products scaled per group. Faster than
-    # dequantizing tiles (LATE=0: -8 % at F=8192 prefill, -37 % at 64 tokens; bench/
-    # moe_numerics.py), and one set of numerics across widths, so a tensor-parallel shard's
-    # untuned width rounds as the one-GPU model's tuned one does.
+                "S2": 4, "SPLIT": 4, "GEMV": 2, **GEMV_DEFAULTS}
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
         return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
-                "S2": 4, "SPLIT": 4, "LATE": 1}
+                "S2": 4, "SPLIT": 4}
     if P <= 512:
         return {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128,
-                "W2": 4, "S2": 4, "SPLIT": 2, "LATE": 1}
+                "W2": 4, "S2": 4, "SPLIT": 2}
     return {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 4, "BN2": 128, "BK2": 64, "W2": 8,
-            "S2": 4, "SPLIT": 1, "LATE": 1}
+            "S2": 4, "SPLIT": 1}
 
 
 # ---- the op ------------------------------------------------------------------------------
@@ -118,13 +118,16 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
               wu_EDF: torch.Tensor, su_EGF: torch.Tensor | None,
               wd_EFD: torch.Tensor, sd_EGD: torch.Tensor | None,
               config: dict | None = None, out_dtype: torch.dtype | None = None,
-              reduce: bool = True) -> torch.Tensor:
+              reduce: bool = True, exact_int8_products: bool = False) -> torch.Tensor:
     """bf16 [M, D]: sum over slots a of gates[m, a] * expert ids[m, a] (x[m]) (Triton kernels).
     `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks);
     `reduce=False` returns the f32 terms [S, M, A, D] (K splits x slots) unsummed, for a
     consumer that sums them (grok1.ops.rmsnorm.add_rms_norm).
 
-    Weights int8 with bf16 scales (all three) or bf16 (scales None).
+    Weights int8 with bf16 scales (all three) or bf16 (scales None), dequantized as the
+    reference, bf16(w * s). `exact_int8_products` (an explicit opt-in, a different numerics:
+    bench/moe_numerics.py) has the grouped GEMM multiply the int8 values themselves and scale
+    each group's f32 sum instead; no tuning table can select it.
     """
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -137,14 +140,14 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
                               sd_EGD, cfg)
     else:
         out = _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
-                             sd_EGD, cfg)
+                             sd_EGD, cfg, late=exact_int8_products and quant)
     if not reduce:
         return out
     return out.sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
 
 
 def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                   cfg: dict) -> torch.Tensor:
+                   cfg: dict, late: bool) -> torch.Tensor:
     """The grouped-GEMM path: f32 terms [S, M, A, D]."""
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -161,12 +164,11 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     from grok1.ops.moe_triton import moe_down_kernel, moe_gate_up_kernel
     if not quant and cfg["BK1"] * cfg["BN1"] * cfg["S1"] > 128 * 128 * 2:
         cfg["S1"] = 2  # bf16 tiles are twice the bytes of int8 ones: fit shared memory
-    late = quant and bool(cfg.get("LATE", 0))
     BM = cfg["BM"]
     x_MD = x_MD.contiguous()
     sorted_ids, block_expert = moe_align(ids_MA, E, BM)
     num_blocks = block_expert.numel()
-    h_PF = torch.empty(P, F, dtype=torch.bfloat16, device=x_MD.device)
+    h_PF = torch.empty(P, F, dtype=torch.float32, device=x_MD.device)  # f32, as the reference
     BN1 = cfg["BN1"]
     moe_gate_up_kernel[(num_blocks, triton_cdiv(F, BN1))](
         x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
@@ -192,11 +194,13 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
 # streaming its expert's weight; no align, no padding rows. Pairs that share an expert read it
 # once each, so it only pays while P is about the number of distinct experts (config "GEMV":
 # the largest P it serves). Keys: GBN1/GBK1/GW1/GSPLIT1/GS1 (gate/up),
-# GBN2/GBK2/GW2/GSPLIT/GS2 (down; GS = Triton's num_stages), MAGIC. GSPLIT1 > 1 splits the
+# GBN2/GBK2/GW2/GSPLIT/GS2 (down; GS = Triton's num_stages), DEQUANT (which instructions
+# compute the reference's bf16(w * s): ops/dot_triton.dequant_f32; the same values whichever),
+# MAGIC (the grouped GEMM's int8 conversion). GSPLIT1 > 1 splits the
 # gate/up K range too (f32 partials, then one combine kernel):
 # at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
 GEMV_DEFAULTS = {"GBN1": 128, "GBK1": 32, "GW1": 4, "GSPLIT1": 1, "GS1": 3, "GBN2": 128,
-                 "GBK2": 32, "GW2": 4, "GSPLIT": 8, "GS2": 3, "MAGIC": 1}
+                 "GBK2": 32, "GW2": 4, "GSPLIT": 8, "GS2": 3, "MAGIC": 1, "DEQUANT": 2}
 
 
 def _gemv_tile(group_k: int, want: int) -> int:
@@ -239,19 +243,19 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     quant = sg_EGF is not None
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
-    magic = quant and bool(cfg["MAGIC"])
+    dequant = cfg["DEQUANT"]
     x_MD = x_MD.contiguous()
     ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
     dev = x_MD.device
     split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg["GSPLIT1"], cfg["GBK1"])
-    h_PF = torch.empty(P, F, dtype=torch.bfloat16, device=dev)
+    h_PF = torch.empty(P, F, dtype=torch.float32, device=dev)  # f32, as the reference
     parts = h_PF if split1 == 1 else torch.empty(split1, P, 2, F, dtype=torch.float32, device=dev)
     BN1 = cfg["GBN1"]
     moe_gemv_gate_up_kernel[(P, triton_cdiv(F, BN1), split1)](
         x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
         P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
         EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
-        MAGIC=magic, num_warps=cfg["GW1"], num_stages=cfg["GS1"])
+        DEQUANT=dequant, num_warps=cfg["GW1"], num_stages=cfg["GS1"])
     if split1 > 1:
         moe_gelu_combine_kernel[(P, triton_cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
                                                            BN=1024, num_warps=4)
@@ -263,7 +267,7 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
         h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
         chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
         EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
-        MAGIC=magic, num_warps=cfg["GW2"], num_stages=cfg["GS2"])
+        DEQUANT=dequant, num_warps=cfg["GW2"], num_stages=cfg["GS2"])
     return out.view(split, M, A, D)
 
 

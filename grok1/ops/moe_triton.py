@@ -9,12 +9,9 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dot
+from grok1.ops.dot_triton import dequant_f32, dot, i8_to_f32, tanh
 
 
-@triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -22,8 +19,8 @@ def _gelu_glu(acc_g, acc_u):
     """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16."""
     g = acc_g.to(tl.bfloat16).to(tl.float32)
     u = acc_u.to(tl.bfloat16).to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    return 0.5 * g * (1.0 + _tanh(inner)) * u
+    inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))  # torch's order (GeluCUDAKernel)
+    return 0.5 * g * (1.0 + tanh(inner)) * u
 
 
 @triton.jit
@@ -80,9 +77,9 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
             s = tl.load(s_ptr + grp * N + n)
         else:
             s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
-        w = (_i8_to_f32(w, MAGIC) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
+        w = (i8_to_f32(w, MAGIC) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
     elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
-        w = _i8_to_f32(w, True).to(tl.bfloat16)
+        w = i8_to_f32(w, True).to(tl.bfloat16)
     else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact
         w = w.to(tl.float32).to(tl.bfloat16)
     return w
@@ -94,8 +91,8 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
                        A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        F32: tl.constexpr, LATE: tl.constexpr, MAGIC: tl.constexpr = False):
-    """h[pair, n] = bf16(gelu(bf16(x @ Wg)) * bf16(x @ Wu)) for the pairs of one block, one
-    expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] bf16."""
+    """h[pair, n] = gelu(bf16(x @ Wg)) * bf16(x @ Wu) in f32 (SPEC 2.6) for the pairs of one
+    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -135,7 +132,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
             acc_u += part_u
     h = _gelu_glu(acc_g, acc_u)
     ptrs = h_ptr + pair[None, :].to(tl.int64) * F + n[:, None]
-    tl.store(ptrs, h.to(tl.bfloat16), mask=valid[None, :] & (n[:, None] < F))
+    tl.store(ptrs, h, mask=valid[None, :] & (n[:, None] < F))
 
 
 @triton.jit
@@ -145,8 +142,9 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
                     LATE: tl.constexpr, MAGIC: tl.constexpr = False):
     """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
-    ks (the reference rounds the gate to bf16); h [P, F] bf16, Wd [E, F, D], gates [P] f32,
-    out [SPLIT, P, D] f32."""
+    ks (the reference rounds the gate to bf16); h [P, F] f32, Wd [E, F, D], gates [P] f32,
+    out [SPLIT, P, D] f32. The reference's down-projection is an f32 dot of f32 h: the tensor
+    cores take h as bf16 hi + bf16 lo (h to about 16 bits, 2^-17 relative), two MMAs."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -175,7 +173,10 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                           mask=valid[None, :] & (kk[:, None] < F), other=0.0)
             w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, QUANT and not LATE,
                           BK, EVEN_K, EVEN_N, MAGIC)
-            part = dot(w, h_t, part, F32)
+            h_hi = h_t.to(tl.bfloat16)
+            h_lo = (h_t - h_hi.to(tl.float32)).to(tl.bfloat16)
+            part = dot(w, h_hi, part, F32)
+            part = dot(w, h_lo, part, F32)
         if LATE:
             acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
         else:
@@ -189,18 +190,8 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
 # ---- decode: GEMV kernels (one program row per (token, slot) pair, no tensor cores) ---------
 # At a pair or two per expert the MMA tiles are mostly padding and the int8 -> bf16 conversion
 # for the tensor cores costs more than the FMAs: these stream each selected expert's weight with
-# 16-byte loads into an f32 [BK, BN] accumulator of exact products (int8 * bf16 fits f32's
-# mantissa), reduced over BK once per scale group and scaled there (as LATE above).
-
-
-@triton.jit
-def _i8_to_f32(w, MAGIC: tl.constexpr):
-    """int8 -> f32, exact. MAGIC: through the float bit pattern 2^23 + (w + 128) (integer
-    and FADD work) instead of the int -> float conversion unit (a quarter-rate instruction)."""
-    if MAGIC:
-        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-        return u.to(tl.float32, bitcast=True) - 8388736.0
-    return w.to(tl.float32)
+# 16-byte loads, dequantizes them as the reference (bf16(w * s)) and accumulates the products
+# in an f32 [BK, BN] tile, reduced over BK once per chunk.
 
 
 @triton.jit
@@ -208,13 +199,13 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
                             QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                            MAGIC: tl.constexpr):
-    """SPLIT == 1: h[p, n] = bf16(gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e])),
-    e = ids[p], h [P, F] bf16. SPLIT > 1: the f32 partial sums of this split's K range,
+                            DEQUANT: tl.constexpr):
+    """SPLIT == 1: h[p, n] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]) in f32,
+    e = ids[p], h [P, F] f32. SPLIT > 1: the f32 partial sums of this split's K range,
     h [SPLIT, P, 2, F] (gate then up), finished by moe_gelu_combine_kernel: at a narrow
     (tensor-parallel shard) F the column tiles alone leave most SMs idle.
-    Grid (P, cdiv(F, BN), SPLIT). Exact products accumulate in an f32 [BK, BN] tile, reduced
-    and scaled every CHUNK rows (CHUNK divides GROUP_K, or is K_PER_SPLIT when NUM_GROUPS is 1;
+    Grid (P, cdiv(F, BN), SPLIT). Weights dequantized as the reference, bf16(w * s); products
+    accumulate in an f32 [BK, BN] tile, reduced every CHUNK rows (CHUNK divides GROUP_K, or is K_PER_SPLIT when NUM_GROUPS is 1;
     BK divides CHUNK; CHUNK divides K_PER_SPLIT)."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -233,6 +224,11 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
         k1 = k_lo + c1
+        if QUANT:  # a chunk lies in one scale group
+            grp = k1 // GROUP_K
+            s_ok = n_ok & (k1 < D)
+            s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+            s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         part_g = tl.zeros([BK, BN], dtype=tl.float32)
         part_u = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
@@ -247,22 +243,16 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                 xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
                 wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:
-                part_g += _i8_to_f32(wg, MAGIC) * xk[:, None]
-                part_u += _i8_to_f32(wu, MAGIC) * xk[:, None]
+            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
+                part_g += dequant_f32(wg, s_g, DEQUANT) * xk[:, None]
+                part_u += dequant_f32(wu, s_u, DEQUANT) * xk[:, None]
             else:
                 part_g += wg.to(tl.float32) * xk[:, None]
                 part_u += wu.to(tl.float32) * xk[:, None]
-        if QUANT:
-            grp = k1 // GROUP_K
-            s_ok = n_ok & (k1 < D)
-            acc_g += tl.sum(part_g, 0) * tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
-            acc_u += tl.sum(part_u, 0) * tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
-        else:
-            acc_g += tl.sum(part_g, 0)
-            acc_u += tl.sum(part_u, 0)
+        acc_g += tl.sum(part_g, 0)
+        acc_u += tl.sum(part_u, 0)
     if SPLIT == 1:
-        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(acc_g, acc_u).to(tl.bfloat16), mask=n_ok)
+        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(acc_g, acc_u), mask=n_ok)
     else:
         row = h_ptr + ((pid_k * P + p) * 2).to(tl.int64) * F
         tl.store(row + n, acc_g, mask=n_ok)
@@ -271,7 +261,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
 
 @triton.jit
 def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.constexpr):
-    """h[p, n] = bf16(gelu(bf16(sum_s g)) * bf16(sum_s u)) from the split-K partials
+    """h[p, n] = gelu(bf16(sum_s g)) * bf16(sum_s u) (f32) from the split-K partials
     part [SPLIT, P, 2, F] f32 of moe_gemv_gate_up_kernel; grid (P, cdiv(F, BN))."""
     p = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -282,16 +272,16 @@ def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.c
         row = part_ptr + ((s * P + p) * 2).to(tl.int64) * F
         g += tl.load(row + n, mask=n_ok, other=0.0)
         u += tl.load(row + F + n, mask=n_ok, other=0.0)
-    tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u).to(tl.bfloat16), mask=n_ok)
+    tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u), mask=n_ok)
 
 
 @triton.jit
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
                          NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                         MAGIC: tl.constexpr):
-    """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p];
-    grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
+                         DEQUANT: tl.constexpr):
+    """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p],
+    h f32; grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -305,25 +295,24 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
+        if QUANT:  # a chunk lies in one scale group
+            grp = k1 // GROUP_K
+            s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         part = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * D + n[None, :]
             if EVEN_K and EVEN_N:
-                hk = tl.load(h_ptr + kk).to(tl.float32)
+                hk = tl.load(h_ptr + kk)
                 w = tl.load(wd_ptr + offs)
             else:
                 k_ok = kk < F
-                hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0)
                 w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:
-                part += _i8_to_f32(w, MAGIC) * hk[:, None]
+            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                part += dequant_f32(w, s_d, DEQUANT) * hk[:, None]
             else:
                 part += w.to(tl.float32) * hk[:, None]
-        if QUANT:
-            grp = k1 // GROUP_K
-            acc += tl.sum(part, 0) * tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
-        else:
-            acc += tl.sum(part, 0)
+        acc += tl.sum(part, 0)
     acc = acc * tl.load(gates_ptr + p).to(tl.bfloat16).to(tl.float32)
     tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, acc, mask=n_ok)

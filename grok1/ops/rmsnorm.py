@@ -19,7 +19,7 @@ def summed(a: torch.Tensor) -> torch.Tensor:
     of a GEMV, the MoE's slots) summed in f32 and rounded once, as one matmul rounds."""
     if a.dim() == 4:
         a = a.float().sum(dim=(0, 2))
-    return a.to(torch.bfloat16)
+    return a.float().to(torch.bfloat16)  # an f64 partial sum (CPU) rounds through f32
 
 
 def add_rms_norm_ref(h_MD: torch.Tensor, a: torch.Tensor, w_a_D: torch.Tensor,

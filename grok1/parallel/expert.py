@@ -18,23 +18,25 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from grok1.model import Grok1, MoE, moe_ref, route
+from grok1.model import Grok1, MoE, moe_ref, route, wide_dtype
 from grok1.parallel.mesh import all_reduce_, group_size
 
 
 def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor, moe: MoE,
                    experts: range) -> torch.Tensor:
-    """f32 [M, D]: the gated outputs of the `experts` (global ids) that `moe` holds, in order."""
+    """[M, D] in `wide_dtype` (f32 on GPUs): the gated outputs of the `experts` (global ids)
+    that `moe` holds, in order."""
+    wide = wide_dtype(x_MD.device)
     if len(experts) == moe.router.shape[1]:  # every expert here (whole, or width-split)
         return moe_ref(x_MD, gates_MA, ids_MA, moe.w_gate, moe.w_up, moe.w_down,
-                       out_dtype=torch.float32)
+                       out_dtype=wide)
     here_MA = (ids_MA >= experts.start) & (ids_MA < experts.stop)
     rows_P, slots_P = here_MA.nonzero(as_tuple=True)
-    out = torch.zeros(x_MD.shape, dtype=torch.float32, device=x_MD.device)
+    out = torch.zeros(x_MD.shape, dtype=wide, device=x_MD.device)
     if rows_P.numel():
         local_ids_P1 = (ids_MA[rows_P, slots_P] - experts.start)[:, None]
         y_PD = moe_ref(x_MD[rows_P], gates_MA[rows_P, slots_P][:, None], local_ids_P1,
-                       moe.w_gate, moe.w_up, moe.w_down, out_dtype=torch.float32)
+                       moe.w_gate, moe.w_up, moe.w_down, out_dtype=wide)
         out.index_add_(0, rows_P, y_PD)
     return out
 
@@ -68,7 +70,7 @@ class ParallelMoE(MoE):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
-        return self.partial_sums(x).to(x.dtype).view_as(x_BTD)
+        return self.partial_sums(x).float().to(x.dtype).view_as(x_BTD)
 
     def partial_sums(self, x_MD: torch.Tensor) -> torch.Tensor:
         """The f32 sum over ranks [M, D], before its one rounding to bf16 (the engine's fused

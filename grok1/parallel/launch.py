@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -29,31 +28,14 @@ import torch.distributed as dist
 
 from grok1.config import ConfigError, GrokConfig
 from grok1.model import Grok1, KVCache
+from grok1.golden import golden_metrics, golden_pass
 from grok1.parallel.mesh import Mesh, init_distributed, shutdown
-from grok1.parallel.tensor import (
-    MOE_MODES,
-    UNEMBED_MODES,
-    Layout,
-    parallelize,
-    shard_model_,
-)
+# re-exported: bench and serve import them from here
+from grok1.parallel.options import add_parallel_args as add_parallel_args
+from grok1.parallel.options import wants_parallel as wants_parallel
+from grok1.parallel.tensor import Layout, parallelize, shard_model_
 
-# ---- helpers for the grok1 subcommands -----------------------------------------------------------
-
-
-def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    """--tp / --moe / --unembed for generate, serve and bench."""
-    p.add_argument("--tp", type=int, default=None,
-                   help="tensor-parallel ranks (= torchrun's processes; default: WORLD_SIZE or 1)")
-    p.add_argument("--moe", choices=MOE_MODES[:2], default="tp",
-                   help="MoE split: tp = each expert's width over ranks, ep = whole experts")
-    p.add_argument("--unembed", choices=UNEMBED_MODES[:2], default="vocab",
-                   help="unembedding split: vocab rows (logits gathered) or D (all-reduced)")
-
-
-def wants_parallel(args: argparse.Namespace) -> bool:
-    """Whether this process is one of several ranks (under torchrun, or asked for --tp > 1)."""
-    return (getattr(args, "tp", None) or 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+# ---- helpers for the grok1 subcommands (their options: grok1/parallel/options.py) -----------------
 
 
 def load_shard(checkpoint_dir: str | Path, config: GrokConfig | None, layout: Layout,
@@ -216,24 +198,6 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "top1_close": float((picked >= ref2.amax(-1) - slack).float().mean())}
 
 
-def golden_metrics(pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
-    """golden/README.md: each case's relative L2; pooled share of positions within 2 %;
-    pooled share whose argmax's golden logit is within one bf16 ulp of the golden maximum."""
-    out = {}
-    errs, top1 = [], []
-    for case, items in pairs.items():
-        ours = torch.stack([o for o, _ in items])
-        ref = torch.stack([r for _, r in items])
-        out[f"rel_l2_{case}"] = float((ours - ref).norm() / ref.norm())
-        for o, r in items:
-            errs.append(float((o - r).norm() / r.norm()))
-            ulp = 2.0 ** (math.floor(math.log2(float(r.abs().max()))) - 7)
-            top1.append(float(r[o.argmax()]) >= float(r.max()) - ulp)
-    out["share_within_2pct"] = sum(e <= 0.02 for e in errs) / len(errs)
-    out["top1_within_ulp"] = sum(top1) / len(top1)
-    return out
-
-
 def golden_pairs(model: Grok1, golden: dict) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(our logits, golden logits) per meaningful position of each golden case (README)."""
     device = model.embed.device
@@ -263,11 +227,6 @@ def golden_pairs(model: Grok1, golden: dict) -> dict[str, list[tuple[torch.Tenso
             logits = model(torch.tensor([[token]], device=device), cache).float().cpu()
             pairs["decode"].append((logits[0, 0], ref[i]))
     return pairs
-
-
-def _golden_pass(m: dict[str, float]) -> bool:
-    cases_ok = all(v <= 0.15 for k, v in m.items() if k.startswith("rel_l2_"))
-    return cases_ok and m["share_within_2pct"] >= 0.65 and m["top1_within_ulp"] >= 0.85
 
 
 def greedy_tokens(model: Grok1, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -313,7 +272,7 @@ def check_checkpoint(mesh: Mesh, variants: list[str], args) -> list[dict]:
     if golden is not None:
         one_pairs = golden_pairs(one, golden)
         results.append({"what": "golden", "variant": "1-process", **golden_metrics(one_pairs)})
-        results[0]["ok"] = _golden_pass(results[0])
+        results[0]["ok"] = golden_pass(results[0])
     for text in variants:
         layout = parse_variant(text, mesh.tp_size, mesh.tp_rank)
         model = load_shard(checkpoint, config, layout, mesh.device, progress=False)
@@ -339,7 +298,7 @@ def check_checkpoint(mesh: Mesh, variants: list[str], args) -> list[dict]:
                                 torch.stack([o for o, _ in one_pairs[k]]))["rel_l2"]
                         for k in pairs)
             results.append({"what": "golden", "variant": text, **m, "vs_1proc_rel_l2": worst,
-                            "ok": _golden_pass(m) and worst <= args.ckpt_rtol})
+                            "ok": golden_pass(m) and worst <= args.ckpt_rtol})
     return results
 
 

@@ -29,12 +29,13 @@ import torch.distributed as dist
 from torch import nn
 
 from grok1.config import ConfigError, GrokConfig
-from grok1.model import BF16, Grok1, Linear
+from grok1.model import BF16, Grok1, Linear, wide_dtype
 from grok1.parallel.mesh import all_gather_last, all_reduce_, group_size
+from grok1.parallel.options import MOE_SPLITS, UNEMBED_SPLITS
 
 ATTN_MODES = ("tp", "none")
-MOE_MODES = ("tp", "ep", "none")
-UNEMBED_MODES = ("vocab", "dim", "none")
+MOE_MODES = (*MOE_SPLITS, "none")  # "none": unsplit (the options offer the splits alone)
+UNEMBED_MODES = (*UNEMBED_SPLITS, "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +100,7 @@ def local_shapes(config: GrokConfig, layout: Layout) -> LocalShapes:
     R, K, G = layout.size, config.num_kv_heads, config.q_per_kv
     q_heads, kv_heads = range(config.num_q_heads), range(K)
     if layout.attn == "tp":
-        fits = [r for r in range(1, config.num_q_heads + 1) if config.num_q_heads % r == 0
-                and (K % r == 0 or r % K == 0)]
+        fits = config.attention_tp_sizes
         if R not in fits:
             raise ConfigError(f"--tp {R} must divide num_kv_heads={K}, or be a multiple of it "
                               f"dividing num_q_heads={config.num_q_heads} (try {_one_of(fits)})")
@@ -223,12 +223,15 @@ def shard_model_(model: Grok1, layout: Layout) -> Grok1:
 
 # ---- applying a layout with its collectives ---------------------------------------------------
 
-def matmul_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """bf16 x @ bf16 w with the f32 accumulator returned unrounded (a partial sum)."""
+def matmul_partial(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 x @ bf16 w with the accumulator returned unrounded (a partial sum), in
+    `wide_dtype`: f32 on GPUs, f64 on the CPU (so the sum over ranks, rounded once, is one
+    process's value to the bit)."""
     if x.is_cuda and _cuda_mm_has_out_dtype():  # a bf16 GEMM writing f32: no f32 copy of w
         out = torch.mm(x.reshape(-1, x.shape[-1]), w, out_dtype=torch.float32)
         return out.view(*x.shape[:-1], w.shape[-1])
-    return x.float() @ w.float()  # products of bf16 values are exact in f32
+    wide = wide_dtype(x.device)
+    return x.to(wide) @ w.to(wide)  # products of bf16 values are exact in f32
 
 
 @functools.cache
@@ -255,8 +258,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         if expert is not None:
-            return all_reduce_(matmul_f32(x, self.dense(expert)), self.group).to(x.dtype)
-        return self.partial_sums(x).to(x.dtype)
+            return all_reduce_(matmul_partial(x, self.dense(expert)), self.group).float().to(x.dtype)
+        return self.partial_sums(x).float().to(x.dtype)
 
     def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
         """The f32 sum over ranks, before its one rounding to bf16 (the engine's fused residual
@@ -270,7 +273,7 @@ class RowParallelLinear(Linear):
             partial = int8_linear(x_MK, self.weight, self.scales, out_dtype=torch.float32)
             partial = partial.view(*x.shape[:-1], -1)
         else:
-            partial = matmul_f32(x, self.dense())
+            partial = matmul_partial(x, self.dense())
         return all_reduce_(partial, self.group)
 
 
@@ -299,8 +302,8 @@ class ParallelGrok1(Grok1):
             return all_gather_last(logits, self.tp_group)
         if layout.unembed == "dim":
             d = slice(s.emb.start, s.emb.stop)
-            partial = matmul_f32(h_BTD[..., d], self.embed[:, d].to(BF16).T)
-            logits = all_reduce_(partial, self.tp_group).to(BF16)  # one rounding, as one process
+            partial = matmul_partial(h_BTD[..., d], self.embed[:, d].to(BF16).T)
+            logits = all_reduce_(partial, self.tp_group).float().to(BF16)  # one rounding, as one process
             return logits * self.output_multiplier
         return super().unembed(h_BTD)
 

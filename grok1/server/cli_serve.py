@@ -34,7 +34,7 @@ log = logging.getLogger("grok1.server")
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The options of `grok1 serve` (model, engine, HTTP, ranks)."""
-    from grok1.parallel.launch import add_parallel_args
+    from grok1.parallel.options import add_parallel_args
 
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="release checkpoint (a folder holding ckpt-0/) or a grok1 folder; "
@@ -51,7 +51,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"the `model` clients must send (default: {DEFAULT_MODEL_NAME} for the "
                         "embedded model, else the checkpoint folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GROK1_API_KEY if "
                         "set, else no key)")

@@ -1,0 +1,63 @@
+"""golden/README.md's pass criteria, for every path judged by the reference's logits.
+
+The golden folder (../shared/grok1/golden) holds a small Grok-1-architecture checkpoint in the
+release format and the logits xAI's JAX code computed for it. A path (the plain model, torchrun
+ranks, the engine on a GPU) yields, per case, (our logits, golden logits) pairs over the
+meaningful positions; `golden_metrics` turns them into the README's figures and `golden_pass`
+applies its bounds:
+1. each case: relative L2 <= 0.15;
+2. pooled: share of positions whose own relative L2 <= 0.02 is >= 0.65;
+3. pooled: share of positions where the golden logit of our argmax is within one bf16 ulp of the
+   golden maximum (the golden has exact bf16 ties) is >= 0.85.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CASE_BOUND = 0.15
+SHARE_BOUND = 0.65
+TOP1_BOUND = 0.85
+CLOSE = 0.02  # a position is "close" within 2 % relative L2
+
+Pairs = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def load_cases(folder: str | Path) -> dict[str, np.ndarray]:
+    return dict(np.load(Path(folder) / "golden.npz"))
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def top1_within_ulp(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether the golden logit of our argmax is within one bf16 ulp of the golden maximum."""
+    ulp = 2.0 ** (math.floor(math.log2(float(ref.abs().max()))) - 7)  # 8 significant bits
+    return float(ref[out.argmax()]) >= float(ref.max()) - ulp
+
+
+def golden_metrics(pairs: Pairs) -> dict[str, float]:
+    """Each case's relative L2 (`rel_l2_<case>`), the pooled share of positions within 2 %
+    (`share_within_2pct`) and the pooled top-1 share (`top1_within_ulp`)."""
+    out: dict[str, float] = {}
+    errs, top1 = [], []
+    for case, items in pairs.items():
+        ours = torch.stack([o for o, _ in items]).float()
+        ref = torch.stack([r for _, r in items]).float()
+        out[f"rel_l2_{case}"] = rel_l2(ours, ref)
+        errs += [rel_l2(o, r) for o, r in items]
+        top1 += [top1_within_ulp(o, r) for o, r in items]
+    out["share_within_2pct"] = sum(e <= CLOSE for e in errs) / len(errs)
+    out["top1_within_ulp"] = sum(top1) / len(top1)
+    out["positions"] = len(errs)
+    return out
+
+
+def golden_pass(m: dict[str, float]) -> bool:
+    cases_ok = all(v <= CASE_BOUND for k, v in m.items() if k.startswith("rel_l2_"))
+    return cases_ok and m["share_within_2pct"] >= SHARE_BOUND and m["top1_within_ulp"] >= TOP1_BOUND
