@@ -32,6 +32,10 @@ def sample_rows(logits_RV: torch.Tensor, params: list[SamplingParams],
 
 
 def top_logprobs(logits_RV: torch.Tensor, tokens_R: torch.Tensor, top: int):
-    """(chosen logprob [R], top logprobs [R, top], top ids [R, top]) under the model's
-    distribution, as grok1.sampling.logprobs_of."""
-    return logprobs_of(logits_RV, tokens_R, top)
+    """(tokens [R], their logprobs [R], their ranks [R], top logprobs [R, top], top ids
+    [R, top]) under the model's distribution, as grok1.sampling.logprobs_of; a token's rank is
+    1 + the number of tokens with a larger logit. One .cpu() for all (a single sync)."""
+    chosen_R, top_RK, ids_RK = logprobs_of(logits_RV, tokens_R, top)
+    chosen_logit_R = logits_RV.gather(-1, tokens_R[:, None])
+    rank_R = (logits_RV > chosen_logit_R).sum(dim=-1) + 1
+    return tuple(t.cpu() for t in (tokens_R, chosen_R, rank_R, top_RK, ids_RK))
