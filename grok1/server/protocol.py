@@ -1,7 +1,9 @@
 """OpenAI API request/response schemas (pydantic v2) for the grok1 server.
 
-Requests are strict: an unknown field, a value out of range or of the wrong type is a 400 naming
-the field (`ValidationError` -> `error_from_validation`). Types are pydantic's strict ones, as
+Known fields are strict: a value out of range or of the wrong type is a 400 naming the field
+(`ValidationError` -> `error_from_validation`). Unknown top-level fields (`store`, `metadata`,
+`service_tier`, ... which SDKs and frameworks send) are accepted and ignored, and the server logs
+one warning per request naming them, as vLLM does (`unknown_fields`). Types are pydantic's strict ones, as
 OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
 refused, as are NaN and infinities. Every field is bounded (numbers, string lengths, list
 lengths; prompt and message text by the body limit here and by serving.py's max_prompt_chars
@@ -101,12 +103,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class _Request(_Strict):
+    """A request body: its own fields strict, unknown top-level ones kept aside (model_extra)."""
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        """Top-level fields this API does not define (accepted, ignored, logged)."""
+        return sorted(self.model_extra or {})
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # accepted (vLLM clients send it); usage only at the end
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
     model: Name
     max_tokens: Count | None = None
@@ -153,9 +165,14 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = None  # 0: score the prompt
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extension: each prompt token's logprob and this many alternatives (choice field
+    # prompt_logprobs)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: Count | None = None
     suffix: Text | None = None
@@ -234,6 +251,28 @@ class ChatCompletionRequest(_SamplingFields):
             else self.max_tokens
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages (tokenized as the chat transcript).
+    add_special_tokens is accepted for vLLM's clients; Grok-1 adds none (no BOS, as the
+    reference), and special-token text such as "[EOS]" is that token."""
+    model: Name | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: Name | None = None
+    tokens: list[TokenId] = Field(max_length=MAX_TOKEN_IDS)
+
+
 # ---- responses -----------------------------------------------------------------------------
 
 class Usage(BaseModel):
@@ -243,12 +282,20 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy format; prompt tokens (echo) have null logprobs: the engine scores only
-    the tokens it generates."""
+    """OpenAI's legacy format. With echo the prompt's tokens come first, the first of them with
+    null logprobs (nothing precedes it). top_logprobs holds the `logprobs` likeliest tokens and
+    the token itself (so up to logprobs + 1 entries)."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one alternative in prompt_logprobs (keyed by token id)."""
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -256,6 +303,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    # vLLM's: per prompt token (None for the first), {token id: PromptLogprob}
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -1,0 +1,118 @@
+"""What evaluation clients (lm-eval, vLLM's) need from the server (issue 17): prompt logprobs
+from the engine (echo + logprobs, max_tokens=0, vLLM's prompt_logprobs), the tokenizer
+endpoints, /v1/models/{id}, /version, unknown fields accepted with a warning, and the sampled
+token among the legacy top_logprobs. Against a real server on 127.0.0.1 over the embedded model."""
+
+import logging
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from test_server import KEY, MODEL, PROMPT, _post, client, server  # noqa: F401 - fixtures
+
+
+def engine_prompt_logprobs(engine, ids: list[int]) -> torch.Tensor:
+    """log p(ids[p] | ids[:p]) for p >= 1 from the model's own forward."""
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids]))[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def test_echo_logprobs_with_max_tokens_0_score_every_prompt_token(client, server):
+    tokenizer, engine = server[2], server[3]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True,
+                                  logprobs=1)
+    (choice,) = r.choices
+    ids = tokenizer.encode(PROMPT)
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == PROMPT
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = engine_prompt_logprobs(engine, ids)
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=2e-2)
+    for tok, top, v in zip(lp.tokens[1:], lp.top_logprobs[1:], lp.token_logprobs[1:]):
+        assert top[tok] == v and 1 <= len(top) <= 2  # the top one and the token itself
+        assert max(top.values()) >= v
+
+
+def test_vllm_prompt_logprobs_give_ids_ranks_and_alternatives(server):
+    url, tokenizer, engine = server[0], server[2], server[3]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 3}
+    r = _post(url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["prompt_logprobs"]
+    ids = tokenizer.encode(PROMPT)
+    assert len(got) == len(ids) and got[0] is None
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(torch.tensor([ids]))[0].float(), dim=-1)
+    for p in range(1, len(ids)):
+        entry = got[p]
+        mine = entry[str(ids[p])]
+        assert abs(mine["logprob"] - logp[p - 1, ids[p]].item()) < 2e-2
+        assert mine["rank"] == int((logp[p - 1] > logp[p - 1, ids[p]]).sum()) + 1
+        assert mine["decoded_token"] == tokenizer.decode([ids[p]])
+        # the 3 likeliest, plus the token itself when it is not one of them
+        assert sorted(e["rank"] for e in entry.values()) == sorted({1, 2, 3, mine["rank"]})
+
+
+def test_sampled_token_is_among_top_logprobs_and_logprobs_0_gives_it_alone(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=1.0, seed=5,
+              extra_body={"ignore_eos": True})
+    for k in (0, 1):
+        lp = client.completions.create(**kw, logprobs=k).choices[0].logprobs
+        for tok, top, v in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs):
+            assert top[tok] == v  # OpenAI: up to logprobs + 1 entries, the sampled one included
+            assert len(top) <= k + 1
+        if k == 0:
+            assert all(len(top) == 1 for top in lp.top_logprobs)
+
+
+def test_tokenizer_endpoints_in_vllm_shapes(server):
+    url, tokenizer, engine = server[0], server[2], server[3]
+    info = httpx.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["model_max_length"] == engine.max_model_len
+    assert info["vocab_size"] == engine.config.vocab_size
+    r = _post(url, "/tokenize", {"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert r == {"count": len(tokenizer.encode(PROMPT)), "max_model_len": engine.max_model_len,
+                 "tokens": tokenizer.encode(PROMPT)}
+    assert _post(url, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": PROMPT}
+    if "eos_token" in info:  # a special piece's text is its id (lm-eval finds eos this way)
+        eos = _post(url, "/tokenize", {"prompt": info["eos_token"]}).json()["tokens"]
+        assert eos == [engine.config.eos_token]
+    chat = _post(url, "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["tokens"] == tokenizer.encode("User: Hi\nAssistant:")
+    bad = _post(url, "/detokenize", {"tokens": [engine.config.vocab_size]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = _post(url, "/tokenize", {"prompt": "a", "messages": [{"role": "user"}]})
+    assert both.status_code == 400 and "either prompt or messages" in both.text
+
+
+def test_model_by_id_and_version(server):
+    url = server[0]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    card = httpx.get(f"{url}/v1/models/{MODEL}", headers=auth)
+    assert card.status_code == 200 and card.json()["id"] == MODEL
+    missing = httpx.get(f"{url}/v1/models/other", headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    from grok1.server.app import grok1_version
+    assert httpx.get(url + "/version").json() == {"version": grok1_version}
+
+
+def test_unknown_fields_are_accepted_with_one_warning_naming_them(server, caplog):
+    url = server[0]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "store": False,
+            "metadata": {"k": "v"}, "service_tier": "auto"}
+    with caplog.at_level(logging.WARNING, logger="grok1.server"):
+        r = _post(url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    warnings = [rec.getMessage() for rec in caplog.records if "unknown" in rec.getMessage()]
+    assert warnings == ["ignoring unknown request fields: metadata, service_tier, store"]
+    # known fields stay strict
+    bad = _post(url, "/v1/completions", {**body, "max_tokens": "2"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
