@@ -116,3 +116,51 @@ def test_unknown_fields_are_accepted_with_one_warning_naming_them(server, caplog
     # known fields stay strict
     bad = _post(url, "/v1/completions", {**body, "max_tokens": "2"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def _streamed(client, **kw):
+    """(text, logprob tokens, usage) per choice of a streamed completion."""
+    text, tokens, usage = {}, {}, None
+    for chunk in client.completions.create(**kw, stream=True,
+                                           stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            text[ch.index] = text.get(ch.index, "") + ch.text
+            tokens.setdefault(ch.index, []).extend(ch.logprobs.tokens if ch.logprobs else [])
+    return text, tokens, usage
+
+
+def test_a_stop_string_is_not_in_usage_nor_logprobs_streamed_or_not(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1,
+              extra_body={"ignore_eos": True})
+    free = client.completions.create(**kw).choices[0]
+    tokens = free.logprobs.tokens
+    # a stop string spelled by a token from the 6th on: the tokens before it make the text
+    stop = next(t for t in tokens[5:] if t.strip())
+    cut = free.text.index(stop, sum(map(len, tokens[:5])))
+    kept = sum(1 for o in free.logprobs.text_offset if o < cut)
+    stopped = client.completions.create(**kw, stop=[stop], n=2)
+    for choice in stopped.choices:
+        assert choice.finish_reason == "stop" and choice.text == free.text[:cut]
+        assert "".join(choice.logprobs.tokens) == choice.text[:sum(map(len, tokens[:kept]))]
+        assert len(choice.logprobs.tokens) == kept
+    assert stopped.usage.completion_tokens == 2 * kept  # the stop string's tokens not counted
+    text, streamed_tokens, usage = _streamed(client, **kw, stop=[stop], n=2)
+    assert text == {0: free.text[:cut], 1: free.text[:cut]}
+    assert streamed_tokens == {0: tokens[:kept], 1: tokens[:kept]}
+    assert usage.completion_tokens == 2 * kept
+
+
+def test_chat_logprobs_spell_the_content_whose_leading_whitespace_is_dropped(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+              temperature=0, logprobs=True, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    assert len(content) == r.usage.completion_tokens
+    streamed, tokens = "", []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            streamed += ch.delta.content or ""
+            tokens += [e.token for e in (ch.logprobs.content if ch.logprobs else [])]
+    assert streamed == r.choices[0].message.content == "".join(tokens)

@@ -126,17 +126,25 @@ class Choice:
     num_generated: int = 0
     finish_reason: str | None = None
     content: str = ""  # text released so far
+    token_ends: list[int] = dataclasses.field(default_factory=list)  # in the unstripped text
+    stripped_chars: int = 0  # leading whitespace dropped from the content (chat)
+    logprobs_sent: int = 0  # streaming: tokens whose logprobs went out
 
-    def advance(self, out: RequestOutput, group: RequestGroup) -> tuple[str, list[TokenLogprob]]:
-        """Apply one engine output; return the newly released text and the new logprobs."""
-        self.token_ids += out.new_token_ids
+    def advance(self, out: RequestOutput, group: RequestGroup) -> str:
+        """Apply one engine output; return the newly released text."""
+        tokenizer = self.text.detok.tokenizer
+        for t in out.new_token_ids:
+            start = self.token_ends[-1] if self.token_ends else 0
+            self.token_ends.append(start + len(token_text(
+                tokenizer, self.prompt_ids + self.token_ids, t)))
+            self.token_ids.append(t)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
-        new_lp = list(out.new_logprobs or [])
-        self.logprobs += new_lp
+        self.logprobs += out.new_logprobs or []
         self.num_generated = out.num_generated_tokens
         delta = self.text.push(out.new_token_ids, final=out.finished)
         if self.strip_leading and not self.content:
+            self.stripped_chars += len(delta) - len(delta.lstrip())
             delta = delta.lstrip()
         self.content += delta
         if self.text.stopped:
@@ -148,7 +156,39 @@ class Choice:
                 raise EngineStepError(f"engine ended {out.request_id} with finish_reason="
                                       f"{out.finish_reason!r}")
             self.finish_reason = out.finish_reason
-        return delta, new_lp
+        return delta
+
+    @property
+    def num_released_tokens(self) -> int:
+        """Generated tokens whose text starts within the text released so far: all of them at
+        the end unless a stop string cut the text (its tokens are not the output's)."""
+        if self.finish_reason is not None and not self.text.stopped:
+            return len(self.token_ids)
+        released = self.text.emitted
+        return sum(1 for i in range(len(self.token_ids))
+                   if (self.token_ends[i - 1] if i else 0) < released)
+
+    @property
+    def num_stripped_tokens(self) -> int:
+        """Leading tokens that are all dropped whitespace (chat): not in the content's logprobs."""
+        return sum(1 for end in self.token_ends if end <= self.stripped_chars) \
+            if self.stripped_chars else 0
+
+    def released_logprobs(self) -> tuple[int, list[TokenLogprob]]:
+        """(index of the first, logprobs) of the released tokens not sent yet, as the text
+        shows them; marks them sent."""
+        start = max(self.logprobs_sent, self.num_stripped_tokens)
+        end = max(start, min(self.num_released_tokens, len(self.logprobs)))
+        self.logprobs_sent = end
+        return start, self.logprobs[start:end]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """usage.completion_tokens: the tokens of the content, as its logprobs list them (not
+        those of a stop string, nor the chat's dropped leading whitespace, which is our
+        transcript's formatting)."""
+        shown = self.num_released_tokens if self.text.stopped else self.num_generated
+        return shown - self.num_stripped_tokens
 
 
 @dataclasses.dataclass
@@ -166,7 +206,7 @@ class Job:
 
     def usage(self) -> P.Usage:
         n_prompt = sum(len(p) for p in self.prompts)
-        n_gen = sum(c.num_generated for c in self.choices.values())
+        n_gen = sum(c.num_completion_tokens for c in self.choices.values())
         return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                        total_tokens=n_prompt + n_gen)
 
@@ -352,10 +392,8 @@ class OpenAIServing:
         prefix = self.tokenizer.decode(c.prompt_ids) if req.echo else ""
         lp = None
         if req.logprobs is not None:
-            lp = self._completion_logprobs(c, c.logprobs, 0, len(prefix))
-            if c.text.stopped:  # drop the tokens from the stop string on
-                keep = sum(1 for o in lp.text_offset if o < len(prefix) + len(c.text.text))
-                lp = _slice(lp, keep)
+            start, lps = c.released_logprobs()
+            lp = self._completion_logprobs(c, lps, start, len(prefix))
             if req.echo:
                 pl = self._echo_logprobs(c.prompt_ids, c.prompt_logprobs)
                 lp = P.CompletionLogprobs(
@@ -370,13 +408,8 @@ class OpenAIServing:
     def _chat_choice(self, c: Choice) -> P.ChatChoice:
         lp = None
         if c.logprobs:
-            lp = self._chat_logprobs(c, c.logprobs, 0)
-            if c.text.stopped:  # drop the tokens from the stop string on
-                offset, keep = 0, 0
-                while keep < len(lp.content) and offset < len(c.text.text):
-                    offset += len(lp.content[keep].token)
-                    keep += 1
-                lp.content = lp.content[:keep]
+            start, lps = c.released_logprobs()
+            lp = self._chat_logprobs(c, lps, start)
         return P.ChatChoice(index=c.index, message=P.ChatResponseMessage(content=c.content),
                             logprobs=lp, finish_reason=c.finish_reason)
 
@@ -416,12 +449,13 @@ class OpenAIServing:
 
         def on_output(out: RequestOutput) -> list[str]:
             c = job.choices[out.request_id]
-            start = len(c.token_ids)
-            delta, lps = c.advance(out, group)
+            delta = c.advance(out, group)
             events = []
             if not chat and job.req.echo and c.index not in offsets:
                 events.append(echo(c))
             lp = None
+            # the logprobs of the tokens whose text goes out now (none of a stop string's)
+            start, lps = c.released_logprobs()
             if chat and job.req.logprobs and lps:
                 lp = self._chat_logprobs(c, lps, start)
             elif not chat and job.req.logprobs is not None:
@@ -502,10 +536,14 @@ class OpenAIServing:
         return out
 
     def _chat_logprobs(self, c: Choice, lps: list[TokenLogprob], start: int) -> P.ChatLogprobs:
+        """Entries of tokens start.. as the content shows them: the first content token without
+        the leading whitespace the content drops."""
         entries = []
         ctx = c.prompt_ids + c.token_ids[:start]
-        for lp in lps:
+        for i, lp in enumerate(lps, start):
             s = token_text(self.tokenizer, ctx, lp.token_id)
+            if i == c.num_stripped_tokens and c.stripped_chars:
+                s = s.lstrip()
             top = [P.TopLogprob(token=(a := token_text(self.tokenizer, ctx, t)), logprob=v,
                                 bytes=list(a.encode())) for t, v in lp.top]
             entries.append(P.TokenLogprobEntry(token=s, logprob=lp.logprob,
@@ -513,8 +551,3 @@ class OpenAIServing:
             ctx.append(lp.token_id)
         return P.ChatLogprobs(content=entries)
 
-
-def _slice(lp: P.CompletionLogprobs, keep: int) -> P.CompletionLogprobs:
-    return P.CompletionLogprobs(tokens=lp.tokens[:keep], token_logprobs=lp.token_logprobs[:keep],
-                                top_logprobs=lp.top_logprobs[:keep],
-                                text_offset=lp.text_offset[:keep])
