@@ -20,7 +20,7 @@ import torch
 
 from grok1.engine.kv_cache import BlockPool
 from grok1.engine.runner import ModelRunner
-from grok1.engine.sampler import sample_rows, top_logprobs
+from grok1.engine.sampler import process_logits, sample_rows, top_logprobs
 from grok1.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from grok1.model import Grok1
 from grok1.sampling import SamplingParams, make_generator
@@ -283,7 +283,7 @@ class Engine:
             return outputs
         if len(rows) < len(sampled):
             logits_RV = logits_RV[torch.tensor(rows, device=logits_RV.device)]
-        tokens_R, failed = self._sample(logits_RV, reqs)
+        tokens_R, failed = self._sample(self._sampling_logits(logits_RV, reqs), reqs)
         want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None
                    and r not in failed]
         lp = {}
@@ -334,6 +334,18 @@ class Engine:
         """The request's prompt logprobs, once (its first output), else None."""
         lps, req.prompt_logprobs = req.prompt_logprobs, None
         return lps
+
+    def _sampling_logits(self, logits_RV: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
+        """The logits to sample from: the model's, changed by the requests' extras (logit_bias,
+        penalties, min_tokens, min_p) when any row has them; logprobs use the model's own."""
+        if not any(q.params.processes_logits for q in reqs):
+            return logits_RV
+        n_prompt = [q.seq.num_prompt_tokens for q in reqs]
+        penalized = any(q.params.penalized for q in reqs)  # only then the histories matter
+        return process_logits(
+            logits_RV, [q.params for q in reqs],
+            [q.seq.token_ids[:n] if penalized else [] for q, n in zip(reqs, n_prompt)],
+            [q.seq.token_ids[n:] for q, n in zip(reqs, n_prompt)], [q.stops for q in reqs])
 
     def _sample(self, logits_RV: torch.Tensor,
                 reqs: list[_Request]) -> tuple[torch.Tensor, dict[int, str]]:
