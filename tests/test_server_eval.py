@@ -164,3 +164,35 @@ def test_chat_logprobs_spell_the_content_whose_leading_whitespace_is_dropped(cli
             streamed += ch.delta.content or ""
             tokens += [e.token for e in (ch.logprobs.content if ch.logprobs else [])]
     assert streamed == r.choices[0].message.content == "".join(tokens)
+
+
+def test_vllm_sampling_extras_are_applied(server):
+    url, tokenizer, engine = server[0], server[2], server[3]
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0}
+
+    def tokens(**extra):
+        r = _post(url, "/v1/completions", {**base, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    free = tokens()
+    first = tokenizer.encode(PROMPT + free["text"])[len(tokenizer.encode(PROMPT))]
+    forced_id = tokenizer.encode(" the")[-1]
+    forced = tokens(logit_bias={str(forced_id): 100})
+    assert forced["logprobs"]["tokens"] == [" the"] * 6
+    assert tokens(logit_bias={str(first): -100})["text"] != free["text"]
+    assert tokens(stop_token_ids=[first])["text"] == ""  # the first token stops at once
+    held = tokens(stop_token_ids=[first], min_tokens=2)
+    assert len(held["logprobs"]["tokens"]) >= 2
+    # a prompt whose greedy continuation repeats tokens: each penalty changes it
+    repeating = {"prompt": "O Romeo, Romeo, Romeo, Romeo,", "max_tokens": 8}
+    unpenalized = tokens(**repeating)["text"]
+    for penalty in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+        assert tokens(**repeating, **{penalty: 2.0})["text"] != unpenalized, penalty
+    stop = free["text"][2:5]
+    with_stop = tokens(stop=[stop], include_stop_str_in_output=True)
+    assert with_stop["text"] == free["text"][:free["text"].index(stop) + len(stop)]
+    assert tokens(min_p=0.5, skip_special_tokens=True)["text"] == free["text"]  # greedy: argmax
+    bad = _post(url, "/v1/completions", {**base, "logit_bias": {str(10**6): 1}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"

@@ -9,8 +9,10 @@ refused, as are NaN and infinities. Every field is bounded (numbers, string leng
 lengths; prompt and message text by the body limit here and by serving.py's max_prompt_chars
 before any tokenizing, as are the context and the vocabulary); text must be valid Unicode (a lone
 UTF-16 surrogate such as "\ud800" is refused). Fields OpenAI defines but grok1 does not
-implement (penalties, logit_bias, best_of, suffix, tools, ...) are accepted only at their neutral
-value. `top_k` is an extension (vLLM's: 0 or -1 = off).
+implement (best_of, suffix, tools, ...) are accepted only at their neutral value. vLLM's
+extensions: `top_k` (0 or -1 = off), `min_p`, `min_tokens`, `repetition_penalty`,
+`stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `ignore_eos`,
+`prompt_logprobs` (completions).
 """
 
 from __future__ import annotations
@@ -131,11 +133,19 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None  # accepted and ignored
-    # OpenAI fields grok1 does not implement: accepted at their neutral value only.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[Name, float] | None = Field(default=None, max_length=300)
+    # token id (as a string, OpenAI's JSON) -> bias added to its logit
+    logit_bias: dict[Name, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=300)
     ignore_eos: bool = False  # extension (vLLM's): generate max_tokens even past eos
+    # vLLM's sampling extensions
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT32)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    stop_token_ids: list[TokenId] = Field(default=[], max_length=MAX_STOP_STRINGS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # Grok-1 never outputs its specials (eos ends a request)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -149,13 +159,16 @@ class _SamplingFields(_Request):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit() or int(key) > MAX_INT32:
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
     @model_validator(mode="after")
-    def _check_unsupported(self) -> _SamplingFields:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+    def _check_stream_options(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self

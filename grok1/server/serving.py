@@ -253,7 +253,15 @@ class OpenAIServing:
         return self._plan(rid, req, [ids], [max_tokens], CHAT_STOPS + req.stop, top, chat=True)
 
     def _check_model_and_n(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> None:
+        """The model, n, and the token ids in logit_bias and stop_token_ids (in the vocabulary)."""
         self._check_optional_model(req.model)
+        for param, ids in (("logit_bias", map(int, req.logit_bias or {})),
+                           ("stop_token_ids", req.stop_token_ids)):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise P.ProtocolError(f"{param}: token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.vocab_size})", param=param,
+                                      code="invalid_value")
         if req.n > self.max_n:
             raise P.ProtocolError(f"n={req.n}: at most {self.max_n}", param="n",
                                   code="invalid_value")
@@ -308,7 +316,12 @@ class OpenAIServing:
                 top_p=req.top_p if req.top_p is not None else 1.0,
                 top_k=max(req.top_k or 0, 0),  # -1 and 0 both mean off
                 seed=derived_seed(req.seed, k), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+                prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens, min_p=req.min_p,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=req.repetition_penalty,
+                logit_bias=tuple((int(t), b) for t, b in (req.logit_bias or {}).items()),
+                stop_token_ids=tuple(req.stop_token_ids))
         except ValueError as e:  # SamplingParams' own checks (the schema's are stricter)
             raise P.ProtocolError(f"invalid sampling parameters: {e}",
                                   code="invalid_value") from None
@@ -324,8 +337,8 @@ class OpenAIServing:
                 sub_id = f"{rid}-{k}"
                 subs.append(SubRequest(sub_id, ids, self._sampling(
                     req, max_tokens[j], k, logprobs, prompt_logprobs)))
-                choices[sub_id] = Choice(k, sub_id, ids, StopTextStream(self.tokenizer, ids,
-                                                                         stops), chat)
+                text = StopTextStream(self.tokenizer, ids, stops, req.include_stop_str_in_output)
+                choices[sub_id] = Choice(k, sub_id, ids, text, chat)
         return Job(rid, req, prompts, subs, choices)
 
     # ---- tokenizer endpoints (vLLM's shapes) ---------------------------------------------------
