@@ -3,8 +3,8 @@
 Known fields are strict: a value out of range or of the wrong type is a 400 naming the field
 (`ValidationError` -> `error_from_validation`). Unknown top-level fields (`store`, `metadata`,
 `service_tier`, ... which SDKs and frameworks send) are accepted and ignored, and the server logs
-one warning per request naming them, as vLLM does (`unknown_fields`). Types are pydantic's strict ones, as
-OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
+one warning per request naming them, as vLLM does (`unknown_fields`). Types are pydantic's
+strict ones, as OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
 refused, as are NaN and infinities. Every field is bounded (numbers, string lengths, list
 lengths; prompt and message text by the body limit here and by serving.py's max_prompt_chars
 before any tokenizing, as are the context and the vocabulary); text must be valid Unicode (a lone

@@ -16,7 +16,9 @@ transcript, one line per message, ending with an open assistant turn:
 Stop strings are matched on the detokenized text (detokenize.py); the matching engine request is
 aborted at once. Choice k of a seeded request samples with seed + k * 0x9E3779B97F4A7C15
 (mod 2^63), so choice 0 of `seed=s` is the same as a lone request with `seed=s`. Usage counts
-each prompt once and every generated token (stop tokens excluded, as the engine reports them).
+each prompt once and the tokens of each choice's text: stop tokens are excluded (the engine does
+not report them), and so are a stop string's tokens and the chat reply's dropped leading
+whitespace; the logprobs list exactly these tokens, streamed or not.
 Logprobs are the engine's (the model's distribution before temperature). With `echo` they
 cover the prompt's tokens too (the first with null logprobs), scored by the engine in the
 prefill's own forward (SamplingParams.prompt_logprobs), as is vLLM's `prompt_logprobs`; with
@@ -31,6 +33,7 @@ context) is refused before it is tokenized.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -53,7 +56,7 @@ from grok1.server.bridge import (
     RequestRejectedError,
     SubRequest,
 )
-from grok1.server.detokenize import StopTextStream, TokenizerLike, token_text
+from grok1.server.detokenize import CONTEXT_TOKENS, StopTextStream, TokenizerLike, token_text
 
 log = logging.getLogger("grok1.server")
 
@@ -135,8 +138,8 @@ class Choice:
         tokenizer = self.text.detok.tokenizer
         for t in out.new_token_ids:
             start = self.token_ends[-1] if self.token_ends else 0
-            self.token_ends.append(start + len(token_text(
-                tokenizer, self.prompt_ids + self.token_ids, t)))
+            context = self.prompt_ids[-CONTEXT_TOKENS:] + self.token_ids[-CONTEXT_TOKENS:]
+            self.token_ends.append(start + len(token_text(tokenizer, context, t)))
             self.token_ids.append(t)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
@@ -162,16 +165,19 @@ class Choice:
     def num_released_tokens(self) -> int:
         """Generated tokens whose text starts within the text released so far: all of them at
         the end unless a stop string cut the text (its tokens are not the output's)."""
+        n = len(self.token_ids)
         if self.finish_reason is not None and not self.text.stopped:
-            return len(self.token_ids)
+            return n
         released = self.text.emitted
-        return sum(1 for i in range(len(self.token_ids))
-                   if (self.token_ends[i - 1] if i else 0) < released)
+        if not n or not released:
+            return 0
+        # token 0 starts at 0; token i > 0 starts where token i - 1 ends
+        return 1 + min(bisect.bisect_left(self.token_ends, released), n - 1)
 
     @property
     def num_stripped_tokens(self) -> int:
         """Leading tokens that are all dropped whitespace (chat): not in the content's logprobs."""
-        return sum(1 for end in self.token_ends if end <= self.stripped_chars) \
+        return bisect.bisect_right(self.token_ends, self.stripped_chars) \
             if self.stripped_chars else 0
 
     def released_logprobs(self) -> tuple[int, list[TokenLogprob]]:
@@ -544,7 +550,8 @@ class OpenAIServing:
                                              decoded_token=self.tokenizer.decode([t]))
                      for rank, (t, v) in enumerate(lp.top[:req.prompt_logprobs])}
             entry[str(lp.token_id)] = P.PromptLogprob(
-                logprob=lp.logprob, rank=lp.rank, decoded_token=self.tokenizer.decode([lp.token_id]))
+                logprob=lp.logprob, rank=lp.rank,
+                decoded_token=self.tokenizer.decode([lp.token_id]))
             out.append(entry)
         return out
 
