@@ -103,6 +103,7 @@ def test_lm_eval_metrics_equal_the_engines_own(served):
     lls = [ll for ll, _ in scores]
     assert got["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-9)
     assert got["acc,none"] == pytest.approx(sum(g for _, g in scores) / len(scores))
+    assert 0 < got["acc,none"] < 1  # the data has greedy and non-greedy continuations
 
     got, _ = evaluate(url, "multiple_choice")
     acc = acc_norm = 0
@@ -136,3 +137,4 @@ def test_lm_eval_metrics_equal_the_engines_own(served):
     assert [by_doc[i] for i in range(len(lines))] == mine
     exact = sum(m == d["continuation"] for m, d in zip(mine, lines)) / len(lines)
     assert got["exact_match,none"] == pytest.approx(exact)
+    assert 0 < exact < 1  # the data has matched and unmatched continuations
