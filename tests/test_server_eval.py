@@ -113,6 +113,13 @@ def test_unknown_fields_are_accepted_with_one_warning_naming_them(server, caplog
     assert r.status_code == 200, r.text
     warnings = [rec.getMessage() for rec in caplog.records if "unknown" in rec.getMessage()]
     assert warnings == ["ignoring unknown request fields: metadata, service_tier, store"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grok1.server"):
+        r = _post(url, "/v1/completions", {**body, **{f"x{i}\nforged": 1 for i in range(20)},
+                                           "y" * 1000: 1})
+    assert r.status_code == 200, r.text
+    (line,) = [rec.getMessage() for rec in caplog.records if "unknown" in rec.getMessage()]
+    assert "\n" not in line and len(line) < 16 * 80 and line.endswith("(and 8 more)")
     # known fields stay strict
     bad = _post(url, "/v1/completions", {**body, "max_tokens": "2"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

@@ -131,8 +131,16 @@ def _parse(body: bytes, schema: type[BaseModel]) -> Any:
     except ValidationError as e:
         raise P.error_from_validation(e) from None
     if req.unknown_fields:  # vLLM's behaviour: clients send fields of other APIs' versions
-        log.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields))
+        log.warning("ignoring unknown request fields: %s", _shown_names(req.unknown_fields))
     return req
+
+
+def _shown_names(names: list[str], most: int = 16, chars: int = 64) -> str:
+    """Field names for one log line: escaped (a name may hold a newline), each cut to `chars`,
+    at most `most` of them (the body limit is the only bound on what a client sends)."""
+    shown = [n[:chars].encode("unicode_escape").decode() for n in names[:most]]
+    more = f" (and {len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(shown) + more
 
 
 class _WriteTimeout(Exception):
