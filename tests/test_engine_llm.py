@@ -201,3 +201,29 @@ def test_prompt_logprobs_come_from_the_prefill_and_match_the_plain_model():
     for r, prompt in prompts.items():
         positions = sorted(p for rid, s, n in forwarded if rid == r for p in range(s, s + n))
         assert positions == list(range(len(prompt) + max(params[r].max_tokens - 1, 0)))
+
+
+def test_prompt_logprobs_survive_preemption_after_they_are_sent():
+    config = GrokConfig.preset("tiny").replace(sequence_len=64)
+    model = random_model(config, quantized=True)
+    # too few blocks for 4 running requests: decoding ones are preempted after their prompt
+    # logprobs went out, and recomputed from their prompt (which must not be scored again)
+    engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=16, max_model_len=64,
+                    max_num_batched_tokens=12)
+    prompts = random_prompts(6, config.vocab_size, 28, seed=0)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    got = {}
+    for r, prompt in prompts.items():
+        engine.add_request(r, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                assert out.request_id not in got  # once
+                got[out.request_id] = out.prompt_logprobs
+    assert engine.stats().num_preempted_total > 0
+    for r, prompt in prompts.items():
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+        want = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert got[r][0] is None
+        assert torch.allclose(torch.tensor([lp.logprob for lp in got[r][1:]]), want, atol=2e-2)

@@ -327,12 +327,13 @@ class Engine:
         top = max(req.params.prompt_logprobs for req, _ in owners)
         scored = top_logprobs(logits_QV, torch.tensor(next_ids, device=logits_QV.device), top)
         for q, (req, p) in enumerate(owners):
-            if p + 1 == len(req.prompt_logprobs):
+            if req.prompt_logprobs is not None and p + 1 == len(req.prompt_logprobs):
                 req.prompt_logprobs.append(_token_logprob(scored, q, req.params.prompt_logprobs))
 
     def _take_prompt_logprobs(self, req: _Request) -> list[TokenLogprob | None] | None:
         """The request's prompt logprobs, once (its first output), else None."""
         lps, req.prompt_logprobs = req.prompt_logprobs, None
+        req.seq.wants_prompt_logits = False  # sent: a recompute after preemption needs none
         return lps
 
     def _sampling_logits(self, logits_RV: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
