@@ -76,9 +76,9 @@ def chat_prompt(messages: list[P.ChatMessage]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def special_tokens(tokenizer: TokenizerLike) -> dict[str, int]:
+def special_tokens(tokenizer: TokenizerLike) -> dict[str, tuple[str, int]]:
     """The control pieces a client may write as text ("[BOS]", "[EOS]", "[PAD]" in Grok-1's
-    SentencePiece model) by role; empty for a tokenizer without pieces."""
+    SentencePiece model): role -> (piece, id); empty for a tokenizer without pieces."""
     piece = getattr(tokenizer, "id_to_piece", None)
     if piece is None:
         return {}
@@ -228,7 +228,7 @@ class OpenAIServing:
         self.max_n, self.max_choices = max_n, max_choices
         self.max_prompt_chars = max_prompt_chars or MAX_CHARS_PER_TOKEN * max_model_len
         self._workers = anyio.CapacityLimiter(worker_threads)
-        self.special_tokens = special_tokens(tokenizer)  # role -> (piece, id)
+        self.special_tokens = special_tokens(tokenizer)
         pieces = sorted((p for p, _ in self.special_tokens.values()), key=len, reverse=True)
         self._special_split = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") \
             if pieces else None
