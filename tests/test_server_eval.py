@@ -3,6 +3,7 @@ from the engine (echo + logprobs, max_tokens=0, vLLM's prompt_logprobs), the tok
 endpoints, /v1/models/{id}, /version, unknown fields accepted with a warning, and the sampled
 token among the legacy top_logprobs. Against a real server on 127.0.0.1 over the embedded model."""
 
+import json
 import logging
 
 import pytest
@@ -203,3 +204,33 @@ def test_vllm_sampling_extras_are_applied(server):
     assert tokens(min_p=0.5, skip_special_tokens=True)["text"] == free["text"]  # greedy: argmax
     bad = _post(url, "/v1/completions", {**base, "logit_bias": {str(10**6): 1}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+
+
+def test_a_stop_token_is_the_last_logprob_and_counted_as_openai_and_vllm_do(server):
+    """lm-eval scores with echo, max_tokens=1 and drops the last entry as the generated token:
+    when that token is eos, it must still be listed (else a prompt token is dropped)."""
+    url, tokenizer, engine = server[0], server[2], server[3]
+    eos = engine.config.eos_token
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "echo": True,
+            "logprobs": 1, "logit_bias": {str(eos): 100}}
+    for stream in (False, True):
+        r = _post(url, "/v1/completions", {**body, "stream": stream,
+                                            **({"stream_options": {"include_usage": True}}
+                                               if stream else {})})
+        assert r.status_code == 200, r.text
+        if stream:
+            events = [json.loads(line[6:]) for line in r.text.split("\n\n")
+                      if line.startswith("data: {")]
+            lp = [e["choices"][0]["logprobs"]["token_logprobs"] for e in events if e["choices"]]
+            token_logprobs = [v for chunk in lp for v in chunk]
+            usage = events[-1]["usage"]
+            finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+        else:
+            choice = r.json()["choices"][0]
+            token_logprobs, usage = choice["logprobs"]["token_logprobs"], r.json()["usage"]
+            finish = choice["finish_reason"]
+        n_prompt = len(tokenizer.encode(PROMPT))
+        assert finish == "stop" and usage["completion_tokens"] == 1
+        assert len(token_logprobs) == n_prompt + 1  # the prompt's, then eos's
+        assert token_logprobs[:-1][1:] == pytest.approx(
+            engine_prompt_logprobs(engine, tokenizer.encode(PROMPT)).tolist(), abs=2e-2)

@@ -58,6 +58,8 @@ class RequestOutput:
     num_generated_tokens: int
     error: str | None = None  # finish_reason "error": why this request alone failed
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output only
+    # finish_reason "stop" by a stop token (not returned): its logprob, if logprobs were asked
+    stop_token_logprob: TokenLogprob | None = None
 
 
 @dataclasses.dataclass
@@ -301,7 +303,9 @@ class Engine:
             if self.record_logits:
                 self.logits_log.setdefault(seq.request_id, []).append(logits_RV[r].cpu().clone())
             if token in req.stops:
-                outputs.append(self._finish(req, [], None, "stop"))
+                out = self._finish(req, [], None, "stop")
+                out.stop_token_logprob = lp.get(r)
+                outputs.append(out)
                 continue
             seq.token_ids.append(token)
             new_lp = [lp[r]] if r in lp else None

@@ -132,6 +132,7 @@ class Choice:
     token_ends: list[int] = dataclasses.field(default_factory=list)  # in the unstripped text
     stripped_chars: int = 0  # leading whitespace dropped from the content (chat)
     logprobs_sent: int = 0  # streaming: tokens whose logprobs went out
+    stop_token_logprob: TokenLogprob | None = None  # the eos or stop token id that ended it
 
     def advance(self, out: RequestOutput, group: RequestGroup) -> str:
         """Apply one engine output; return the newly released text."""
@@ -144,6 +145,7 @@ class Choice:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.logprobs += out.new_logprobs or []
+        self.stop_token_logprob = out.stop_token_logprob
         self.num_generated = out.num_generated_tokens
         delta = self.text.push(out.new_token_ids, final=out.finished)
         if self.strip_leading and not self.content:
@@ -180,21 +182,33 @@ class Choice:
         return bisect.bisect_right(self.token_ends, self.stripped_chars) \
             if self.stripped_chars else 0
 
+    @property
+    def ended_by_stop_token(self) -> bool:
+        """Ended by eos or a stop_token_ids token, which the engine does not return: OpenAI and
+        vLLM list it last in the logprobs (with no text) and count it in usage."""
+        return self.finish_reason == "stop" and not self.text.stopped
+
     def released_logprobs(self) -> tuple[int, list[TokenLogprob]]:
         """(index of the first, logprobs) of the released tokens not sent yet, as the text
-        shows them; marks them sent."""
+        shows them, then the stop token's at the end; marks them sent. (lm-eval's echo requests
+        take the last entry for the generated token and drop it.)"""
         start = max(self.logprobs_sent, self.num_stripped_tokens)
         end = max(start, min(self.num_released_tokens, len(self.logprobs)))
+        lps = self.logprobs[start:end]
+        if self.ended_by_stop_token and self.stop_token_logprob is not None \
+                and end == len(self.logprobs) and self.logprobs_sent <= end:
+            lps.append(self.stop_token_logprob)
+            end += 1
         self.logprobs_sent = end
-        return start, self.logprobs[start:end]
+        return start, lps
 
     @property
     def num_completion_tokens(self) -> int:
         """usage.completion_tokens: the tokens of the content, as its logprobs list them (not
         those of a stop string, nor the chat's dropped leading whitespace, which is our
-        transcript's formatting)."""
+        transcript's formatting), and a stop token that ended it."""
         shown = self.num_released_tokens if self.text.stopped else self.num_generated
-        return shown - self.num_stripped_tokens
+        return shown - self.num_stripped_tokens + self.ended_by_stop_token
 
 
 @dataclasses.dataclass
