@@ -19,7 +19,7 @@ MIN_TEMPERATURE = 1e-5
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: score the prompt only (prompt_logprobs), generate nothing
     temperature: float = 1.0  # 0 (anything below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off; k >= the vocabulary keeps every token
@@ -27,23 +27,52 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # when False the model's eos_token ends the request
     logprobs: int | None = None  # return the chosen token's logprob and this many top ones
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
+    # vLLM's extras, applied by the engine's sampler (grok1.engine.sampler.process_logits)
+    min_tokens: int = 0  # stop tokens are masked until this many tokens are generated
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one (0 = off)
+    presence_penalty: float = 0.0  # subtracted once from each generated token's logit
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides (> 0) or multiplies (< 0) seen tokens' logits
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer >= 0")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature={self.temperature!r}: must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs={self.logprobs!r}: must be in [0, 20]")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens={self.min_tokens!r}: must be an integer >= 0")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p!r}: must be in [0, 1]")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b))
+                                                     for t, b in self.logit_bias))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name}={value!r}: must be in [0, 20]")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any of vLLM's extras changes the logits before sampling."""
+        return bool(self.logit_bias or self.min_tokens or self.min_p or self.penalized)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the request's token history (penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
 
 def temperatures(params: list[SamplingParams], device: torch.device | str) -> torch.Tensor:

@@ -35,6 +35,10 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()  # never added by encode (SPEC 6); named for clients
+
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 

@@ -157,3 +157,73 @@ def test_gpu_engine_with_kernels_and_graphs_matches_plain_model():
                     max_num_batched_tokens=64, record_logits=True)
     got = drive(engine, pads, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     check_against_plain_model(plain, engine, pads, got, tol=6e-2)
+
+
+def test_prompt_logprobs_come_from_the_prefill_and_match_the_plain_model():
+    """Chunked prefill (3-token budget): each prompt token's logprob, rank and top alternatives
+    equal the plain model's; max_tokens=0 scores the prompt and stops; each position goes
+    through the model once (no second pass for the scores)."""
+    config = GrokConfig.preset("tiny").replace(sequence_len=64)
+    model = random_model(config, quantized=True, seed=3)
+    prompts = random_prompts(5, config.vocab_size, 20, seed=7)
+    prompts["one"] = [11]  # nothing to score but its (absent) first token
+    engine = Engine(model, max_batch_size=4, block_size=4, max_model_len=64,
+                    max_num_batched_tokens=3)
+    params = {r: SamplingParams(max_tokens=0 if i % 2 else 6, temperature=0.0, ignore_eos=True,
+                                prompt_logprobs=2) for i, r in enumerate(prompts)}
+    forwarded = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda chunks: (forwarded.extend(
+        (c.seq.request_id, c.start, c.num_tokens) for c in chunks), execute(chunks))[1]
+    first_out, generated = {}, {r: [] for r in prompts}
+    for r in prompts:
+        engine.add_request(r, prompts[r], params[r])
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            first_out.setdefault(out.request_id, out)
+            generated[out.request_id] += out.new_token_ids
+            if out.request_id in first_out and out is not first_out[out.request_id]:
+                assert out.prompt_logprobs is None  # sent once
+    for r, prompt in prompts.items():
+        assert len(generated[r]) == params[r].max_tokens
+        got = first_out[r].prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+        for p in range(1, len(prompt)):
+            want = logp[p - 1]
+            assert got[p].token_id == prompt[p]
+            assert abs(got[p].logprob - want[prompt[p]].item()) < 2e-2
+            assert got[p].rank == int((want > want[prompt[p]]).sum()) + 1
+            assert [t for t, _ in got[p].top] == want.topk(2).indices.tolist() or \
+                abs(want.topk(2).values[0] - want.topk(2).values[1]) < 2e-2  # bf16 near-tie
+    assert engine.stats().num_preempted_total == 0
+    for r, prompt in prompts.items():
+        positions = sorted(p for rid, s, n in forwarded if rid == r for p in range(s, s + n))
+        assert positions == list(range(len(prompt) + max(params[r].max_tokens - 1, 0)))
+
+
+def test_prompt_logprobs_survive_preemption_after_they_are_sent():
+    config = GrokConfig.preset("tiny").replace(sequence_len=64)
+    model = random_model(config, quantized=True)
+    # too few blocks for 4 running requests: decoding ones are preempted after their prompt
+    # logprobs went out, and recomputed from their prompt (which must not be scored again)
+    engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=16, max_model_len=64,
+                    max_num_batched_tokens=12)
+    prompts = random_prompts(6, config.vocab_size, 28, seed=0)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    got = {}
+    for r, prompt in prompts.items():
+        engine.add_request(r, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                assert out.request_id not in got  # once
+                got[out.request_id] = out.prompt_logprobs
+    assert engine.stats().num_preempted_total > 0
+    for r, prompt in prompts.items():
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+        want = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert got[r][0] is None
+        assert torch.allclose(torch.tensor([lp.logprob for lp in got[r][1:]]), want, atol=2e-2)

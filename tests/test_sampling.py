@@ -56,8 +56,10 @@ def test_logprobs_are_log_softmax():
     assert torch.allclose(top, ref.topk(2).values) and torch.equal(ids, ref.topk(2).indices)
 
 
-@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
-                                         ("top_p", 1.5), ("top_k", -1), ("logprobs", 21)])
+@pytest.mark.parametrize("field,value", [("max_tokens", -1), ("temperature", -1.0),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("logprobs", 21),
+                                         ("prompt_logprobs", 21), ("min_tokens", -1),
+                                         ("min_p", 1.5), ("repetition_penalty", 0.0)])
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         SamplingParams(**{field: value})

@@ -231,7 +231,8 @@ def test_completion_logprobs_cover_each_generated_token(client):
                                        logprobs=1, echo=True, extra_body={"ignore_eos": True})
     elp = echoed.choices[0].logprobs
     n_prompt = echoed.usage.prompt_tokens
-    assert elp.token_logprobs[:n_prompt] == [None] * n_prompt
+    assert elp.token_logprobs[0] is None  # nothing precedes the first token
+    assert all(v <= 0 for v in elp.token_logprobs[1:n_prompt])  # scored (issue 17)
     assert elp.token_logprobs[n_prompt:] == lp.token_logprobs
     assert "".join(elp.tokens) == echoed.choices[0].text
 
@@ -255,13 +256,12 @@ def test_chat_logprobs_list_each_token_with_its_alternatives(client):
     ({"prompt": "x", "top_p": 1.5}, "top_p"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 9}, "n"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),  # 0 scores the prompt (issue 17)
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ({"prompt": "", "max_tokens": 2}, "prompt"),
     ({"prompt": [], "max_tokens": 2}, "prompt"),
     ({"prompt": [1, 999999]}, "prompt"),
     ({"prompt": "x", "logprobs": 99}, "logprobs"),
-    ({"prompt": "x", "bogus_field": 1}, "bogus_field"),
     ({"max_tokens": 2}, "prompt"),
 ])
 def test_bad_completion_values_get_400_naming_the_field(client, body, param):

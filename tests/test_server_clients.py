@@ -81,7 +81,9 @@ def test_a_client_that_stops_reading_is_aborted_and_frees_its_slots(limit, reaso
             _wait_until(lambda: app.state.bridge.num_pending == 2, 5)
             _wait_until(lambda: app.state.bridge.num_pending == 0, 20)
             assert _metric(app, "grok1_client_aborts_total", reason=reason) == 2
-            assert engine.stats().num_running == 0  # the engine requests were aborted too
+            # the engine requests were aborted too: the abort reaches the engine thread after
+            # the event loop released the slots, so under load it may take a moment
+            _wait_until(lambda: engine.stats().num_running == 0, 5)
             ok = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x",
                                                            "max_tokens": 2}, timeout=10)
             assert ok.status_code == 200  # the slots are free again

@@ -119,7 +119,9 @@ def _complete(url: str, **body) -> dict:
     return r.json()
 
 
-def _reference_texts(prompts: list[str], max_tokens: int) -> list[str]:
+def _reference(prompts: list[str], max_tokens: int) -> tuple[list[str], list[torch.Tensor]]:
+    """One process's greedy texts of the prompts, and each prompt's token logprobs (after the
+    first token) from the plain model."""
     from grok1.checkpoint import load
     from grok1.generation import generate
     from grok1.server.detokenize import IncrementalDetokenizer
@@ -130,8 +132,14 @@ def _reference_texts(prompts: list[str], max_tokens: int) -> list[str]:
     ids = [tok.encode(p) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     # the server's text: the tokens decoded after the prompt's (" a", not "a", after "be")
-    return [IncrementalDetokenizer(tok, p).push(r.token_ids, final=True)
-            for p, r in zip(ids, generate(model, ids, params))]
+    texts = [IncrementalDetokenizer(tok, p).push(r.token_ids, final=True)
+             for p, r in zip(ids, generate(model, ids, params))]
+    scores = []
+    for p in ids:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p]))[0].float(), dim=-1)
+        scores.append(logp[torch.arange(len(p) - 1), torch.tensor(p[1:])])
+    return texts, scores
 
 
 @needs_default
@@ -147,11 +155,16 @@ def test_torchrun_serve_on_two_cpu_ranks_answers_like_one_process_and_stops_clea
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         prompts = ["ROMEO:", "To be, or not to be"]
-        want = _reference_texts(prompts, 16)  # while the ranks start
+        want, want_scores = _reference(prompts, 16)  # while the ranks start
         wait_until_healthy(url, proc, show_output=False)  # ranks may hold the pipe
 
         got = _complete(url, prompt=prompts, max_tokens=16, temperature=0)
         assert [c["text"] for c in sorted(got["choices"], key=lambda c: c["index"])] == want
+        # prompt logprobs: the ranks' prefill scores each prompt token as one process does
+        scored = _complete(url, prompt=prompts[1], max_tokens=0, echo=True, logprobs=1)
+        token_logprobs = scored["choices"][0]["logprobs"]["token_logprobs"]
+        assert token_logprobs[0] is None
+        assert torch.allclose(torch.tensor(token_logprobs[1:]), want_scores[1], atol=3e-2)
 
         body = {"model": "grok1-default", "prompt": prompts[0], "max_tokens": 16,
                 "temperature": 0, "stream": True}

@@ -3,7 +3,10 @@ drives it from one thread) and `LLM` (offline batches with streaming callbacks).
 
 Stop tokens (eos unless ignore_eos, and stop_token_ids) end a request and are not returned, as
 in grok1.generation. Logprobs are those of the model's own distribution (before temperature and
-filtering), as grok1.sampling.logprobs_of reports them.
+filtering), as grok1.sampling.logprobs_of reports them. Prompt logprobs (params.prompt_logprobs)
+come from the prefill's own forward (the runner returns the logits of the request's prompt
+positions beside the sampled rows), in the request's first output: None for the first token,
+then one TokenLogprob per prompt token. max_tokens=0 ends the request after its prefill.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from grok1.engine.kv_cache import BlockPool
 from grok1.engine.runner import ModelRunner
-from grok1.engine.sampler import sample_rows, top_logprobs
+from grok1.engine.sampler import process_logits, sample_rows, top_logprobs
 from grok1.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from grok1.model import Grok1
 from grok1.sampling import SamplingParams, make_generator
@@ -40,6 +43,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob), best first, len == params.logprobs
+    rank: int = 1  # 1 + the number of tokens the model found likelier
 
 
 @dataclasses.dataclass
@@ -53,6 +57,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     error: str | None = None  # finish_reason "error": why this request alone failed
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output only
+    # finish_reason "stop" by a stop token (not returned): its logprob, if logprobs were asked
+    stop_token_logprob: TokenLogprob | None = None
 
 
 @dataclasses.dataclass
@@ -99,6 +106,8 @@ class _Request:
     params: SamplingParams
     generator: torch.Generator | None
     stops: frozenset[int]
+    # prompt_logprobs[p] scores prompt token p (None for p = 0); sent with the first output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
@@ -169,12 +178,14 @@ class Engine:
             raise ValueError(f"request {request_id!r}: {len(prompt_token_ids)} prompt tokens + "
                              f"max_tokens={params.max_tokens} exceeds max_model_len="
                              f"{self.max_model_len}")
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids))
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids),
+                       wants_prompt_logits=params.prompt_logprobs is not None)
         gen = None if params.greedy else make_generator(params.seed, self.device)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops.add(self.config.eos_token)
-        self._requests[request_id] = _Request(seq, params, gen, frozenset(stops))
+        self._requests[request_id] = _Request(seq, params, gen, frozenset(stops),
+                                              [None] if seq.wants_prompt_logits else None)
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -256,25 +267,34 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
-        logits_RV = self.runner.execute(plan.chunks)
+        logits = self.runner.execute(plan.chunks)
         sampled = [ch.seq for ch in plan.chunks if ch.needs_sample]
+        logits_RV = logits[:len(sampled)]
+        self._score_prompts(plan.chunks, logits[len(sampled):])
         for ch in plan.chunks:
             ch.seq.num_computed += ch.num_tokens
-        if not sampled:
+        reqs, rows = [], []
+        for r, seq in enumerate(sampled):
+            req = self._requests[seq.request_id]
+            if req.params.max_tokens == 0:  # prompt scored: nothing to generate
+                outputs.append(self._finish(req, [], None, "length"))
+            else:
+                reqs.append(req)
+                rows.append(r)
+        if not reqs:
             return outputs
-        reqs = [self._requests[s.request_id] for s in sampled]
-        tokens_R, failed = self._sample(logits_RV, reqs)
+        if len(rows) < len(sampled):
+            logits_RV = logits_RV[torch.tensor(rows, device=logits_RV.device)]
+        tokens_R, failed = self._sample(self._sampling_logits(logits_RV, reqs), reqs)
         want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None
                    and r not in failed]
         lp = {}
         if want_lp:
             top = max(reqs[r].params.logprobs for r in want_lp)
             rows = torch.tensor(want_lp, device=logits_RV.device)
-            chosen, top_lp, top_ids = top_logprobs(logits_RV[rows], tokens_R[rows], top)
+            scored = top_logprobs(logits_RV[rows], tokens_R[rows], top)
             for i, r in enumerate(want_lp):
-                k = reqs[r].params.logprobs
-                lp[r] = TokenLogprob(int(tokens_R[r]), float(chosen[i]),
-                                     list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())))
+                lp[r] = _token_logprob(scored, i, reqs[r].params.logprobs)
         for r, (req, token) in enumerate(zip(reqs, tokens_R.tolist())):
             seq = req.seq
             if r in failed:
@@ -283,7 +303,9 @@ class Engine:
             if self.record_logits:
                 self.logits_log.setdefault(seq.request_id, []).append(logits_RV[r].cpu().clone())
             if token in req.stops:
-                outputs.append(self._finish(req, [], None, "stop"))
+                out = self._finish(req, [], None, "stop")
+                out.stop_token_logprob = lp.get(r)
+                outputs.append(out)
                 continue
             seq.token_ids.append(token)
             new_lp = [lp[r]] if r in lp else None
@@ -292,8 +314,43 @@ class Engine:
                 outputs.append(self._finish(req, [token], new_lp, "length"))
             else:
                 outputs.append(RequestOutput(seq.request_id, [token], new_lp, False, None,
-                                             seq.num_prompt_tokens, seq.num_generated))
+                                             seq.num_prompt_tokens, seq.num_generated,
+                                             prompt_logprobs=self._take_prompt_logprobs(req)))
         return outputs
+
+    def _score_prompts(self, chunks: list[ScheduledChunk], logits_QV: torch.Tensor) -> None:
+        """Record the prompt logprobs these prompt-logit rows (runner.prepare's order) give.
+        A position recomputed after a preemption is already recorded and is skipped."""
+        if not logits_QV.shape[0]:
+            return
+        owners, next_ids = [], []
+        for ch in chunks:
+            for p in ch.prompt_logit_positions:
+                owners.append((self._requests[ch.seq.request_id], p))
+                next_ids.append(ch.seq.token_ids[p + 1])
+        top = max(req.params.prompt_logprobs for req, _ in owners)
+        scored = top_logprobs(logits_QV, torch.tensor(next_ids, device=logits_QV.device), top)
+        for q, (req, p) in enumerate(owners):
+            if req.prompt_logprobs is not None and p + 1 == len(req.prompt_logprobs):
+                req.prompt_logprobs.append(_token_logprob(scored, q, req.params.prompt_logprobs))
+
+    def _take_prompt_logprobs(self, req: _Request) -> list[TokenLogprob | None] | None:
+        """The request's prompt logprobs, once (its first output), else None."""
+        lps, req.prompt_logprobs = req.prompt_logprobs, None
+        req.seq.wants_prompt_logits = False  # sent: a recompute after preemption needs none
+        return lps
+
+    def _sampling_logits(self, logits_RV: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
+        """The logits to sample from: the model's, changed by the requests' extras (logit_bias,
+        penalties, min_tokens, min_p) when any row has them; logprobs use the model's own."""
+        if not any(q.params.processes_logits for q in reqs):
+            return logits_RV
+        n_prompt = [q.seq.num_prompt_tokens for q in reqs]
+        penalized = any(q.params.penalized for q in reqs)  # only then the histories matter
+        return process_logits(
+            logits_RV, [q.params for q in reqs],
+            [q.seq.token_ids[:n] if penalized else [] for q, n in zip(reqs, n_prompt)],
+            [q.seq.token_ids[n:] for q, n in zip(reqs, n_prompt)], [q.stops for q in reqs])
 
     def _sample(self, logits_RV: torch.Tensor,
                 reqs: list[_Request]) -> tuple[torch.Tensor, dict[int, str]]:
@@ -320,7 +377,16 @@ class Engine:
         self.scheduler.finish(seq)
         del self._requests[seq.request_id]
         return RequestOutput(seq.request_id, tokens, lps, True, reason, seq.num_prompt_tokens,
-                             seq.num_generated, error)
+                             seq.num_generated, error, self._take_prompt_logprobs(req))
+
+
+def _token_logprob(scored: tuple[torch.Tensor, ...], i: int, k: int) -> TokenLogprob:
+    """Row i of sampler.top_logprobs' (chosen ids, logprobs, ranks, top logprobs, top ids),
+    with the top k alternatives."""
+    ids, chosen, ranks, top_lp, top_ids = scored
+    return TokenLogprob(int(ids[i]), float(chosen[i]),
+                        list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())),
+                        int(ranks[i]))
 
 
 @dataclasses.dataclass

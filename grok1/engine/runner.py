@@ -87,7 +87,11 @@ class ModelRunner:
 
     # ---- host-side batch preparation ------------------------------------------------------
     def prepare(self, chunks: list[ScheduledChunk]) -> Batch:
+        """The batch of these chunks; its logit rows are the sampled rows (one per chunk with
+        needs_sample, in order), then the prompt-logit rows (ScheduledChunk.
+        prompt_logit_positions, chunk by chunk)."""
         tokens, positions, slots, query_start, rows = [], [], [], [0], []
+        prompt_rows = []
         table = torch.zeros(len(chunks), self.max_blocks_per_seq, dtype=torch.int32)
         for b, ch in enumerate(chunks):
             seq = ch.seq
@@ -99,6 +103,7 @@ class ModelRunner:
             table[b, :len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
             if ch.needs_sample:
                 rows.append(query_start[-1] - 1)
+            prompt_rows += (query_start[-2] + p - ch.start for p in ch.prompt_logit_positions)
         dev = self.device
         max_kv = max(ch.start + ch.num_tokens for ch in chunks)
         c = self.config
@@ -106,7 +111,7 @@ class ModelRunner:
                      torch.tensor(slots, device=dev), table.to(dev),
                      plan_attention(query_start, c.num_kv_heads, c.q_per_kv, dev,
                                     max_kv_len=max_kv),
-                     torch.tensor(rows, dtype=torch.long, device=dev))
+                     torch.tensor(rows + prompt_rows, dtype=torch.long, device=dev))
 
     # ---- the forward ----------------------------------------------------------------------
     @torch.no_grad()
@@ -141,9 +146,12 @@ class ModelRunner:
         return model.unembed(x[batch.logit_rows_R]).float()
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; logits [R, V] f32 for the chunks with needs_sample, in order."""
+        """Run one step; logits [R, V] f32 for the chunks with needs_sample, in order, then
+        those of their prompt_logit_positions (see prepare)."""
         B = len(chunks)
-        if self.use_graphs and all(ch.num_tokens == 1 for ch in chunks) and \
+        # a graph returns one row per sequence: a one-token chunk scoring a prompt token runs eager
+        if self.use_graphs and all(ch.num_tokens == 1 and not ch.prompt_logit_positions
+                                   for ch in chunks) and \
                 B <= max(self.graph_buckets, default=0):
             return self._replay(chunks)
         return self.forward(self.prepare(chunks))

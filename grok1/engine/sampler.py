@@ -1,16 +1,75 @@
 """On-device sampling for a batch of requests, each with its own params and seeded generator.
 
 The math is `grok1.sampling` (the lead's reference twin: temperature, top-k, top-p, exponential
-race with the row's generator); this file only adds the fast paths a batch allows: an all-greedy
-batch is one argmax, and the sort behind top-k/top-p runs only when some row filters.
-Shape letters: R rows (requests sampled this step), V vocab.
+race with the row's generator); this file adds the fast paths a batch allows (an all-greedy
+batch is one argmax, and the sort behind top-k/top-p runs only when some row filters) and
+vLLM's extras in `process_logits`, batch-wide tensor ops on the logits' device: logit_bias as a
+sparse add, penalties from per-row token counts, min_tokens by masking stop tokens, min_p as a
+threshold. Shape letters: R rows (requests sampled this step), V vocab, L history length.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from grok1.sampling import SamplingParams, logprobs_of, sample, temperatures
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """[R, L] token ids, short rows filled with `pad`."""
+    width = max(map(len, rows), default=0)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long,
+                        device=device).reshape(len(rows), width)
+
+
+def _counts(ids_RL: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, V] occurrences of each token per row (the pad id `vocab` falls off the end)."""
+    counts = torch.zeros(ids_RL.shape[0], vocab + 1, device=ids_RL.device)
+    counts.scatter_add_(1, ids_RL, torch.ones_like(ids_RL, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def process_logits(logits_RV: torch.Tensor, params: list[SamplingParams],
+                   prompts: list[list[int]], outputs: list[list[int]],
+                   stops: list[frozenset[int]]) -> torch.Tensor:
+    """The logits sampling draws from (f32; the model's own stay for logprobs), in vLLM's
+    order: logit_bias; min_tokens (each row's stop tokens at -inf while it has fewer outputs);
+    repetition_penalty over prompt and output tokens; presence and frequency penalties over
+    output tokens; min_p (tokens under min_p x the top probability at the row's temperature,
+    i.e. logit < max + T log min_p, at -inf). `logits_RV` is returned as is when no row asks."""
+    R, V = logits_RV.shape
+    dev = logits_RV.device
+    x = logits_RV.float()
+    bias = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias]
+    if bias:
+        rows, toks, vals = zip(*bias)
+        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
+                        torch.tensor(vals, device=dev), accumulate=True)
+    masked = [(r, t) for r, p in enumerate(params) if len(outputs[r]) < p.min_tokens
+              for t in stops[r]]
+    if masked:
+        rows, toks = zip(*masked)
+        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
+                        torch.tensor(float("-inf"), device=dev))
+    if any(p.penalized for p in params):
+        out_counts = _counts(_padded(outputs, V, dev), V)
+        seen = (out_counts + _counts(_padded(prompts, V, dev), V)) > 0
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+        x = x - presence * (out_counts > 0) - frequency * out_counts
+    use_min_p = [p.min_p > 0 and not p.greedy for p in params]  # greedy: the argmax stays
+    if any(use_min_p):
+        log_min_p = torch.tensor([math.log(p.min_p) if use else 0.0
+                                  for p, use in zip(params, use_min_p)], device=dev)
+        shift = torch.where(torch.tensor(use_min_p, device=dev),
+                            temperatures(params, dev) * log_min_p, float("-inf"))
+        x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + shift[:, None],
+                          float("-inf"))
+    return x
 
 
 def sample_rows(logits_RV: torch.Tensor, params: list[SamplingParams],
@@ -32,6 +91,10 @@ def sample_rows(logits_RV: torch.Tensor, params: list[SamplingParams],
 
 
 def top_logprobs(logits_RV: torch.Tensor, tokens_R: torch.Tensor, top: int):
-    """(chosen logprob [R], top logprobs [R, top], top ids [R, top]) under the model's
-    distribution, as grok1.sampling.logprobs_of."""
-    return logprobs_of(logits_RV, tokens_R, top)
+    """(tokens [R], their logprobs [R], their ranks [R], top logprobs [R, top], top ids
+    [R, top]) under the model's distribution, as grok1.sampling.logprobs_of; a token's rank is
+    1 + the number of tokens with a larger logit. One .cpu() for all (a single sync)."""
+    chosen_R, top_RK, ids_RK = logprobs_of(logits_RV, tokens_R, top)
+    chosen_logit_R = logits_RV.gather(-1, tokens_R[:, None])
+    rank_R = (logits_RV > chosen_logit_R).sum(dim=-1) + 1
+    return tuple(t.cpu() for t in (tokens_R, chosen_R, rank_R, top_RK, ids_RK))

@@ -36,6 +36,7 @@ class Sequence:
     block_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     num_preemptions: int = 0
+    wants_prompt_logits: bool = False  # the runner returns the logits of every prompt position
 
     @property
     def num_generated(self) -> int:
@@ -56,6 +57,15 @@ class ScheduledChunk:
     @property
     def needs_sample(self) -> bool:
         return self.start + self.num_tokens == len(self.seq.token_ids)
+
+    @property
+    def prompt_logit_positions(self) -> range:
+        """Positions of this chunk whose logits score a prompt token (position p scores token
+        p + 1), for a sequence that wants them; empty otherwise."""
+        if not self.seq.wants_prompt_logits:
+            return range(0)
+        return range(self.start, min(self.start + self.num_tokens,
+                                     self.seq.num_prompt_tokens - 1))
 
 
 @dataclasses.dataclass

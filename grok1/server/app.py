@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP API over the grok1 engine: FastAPI, SSE streaming, Prometheus metrics.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (these three need
-`Authorization: Bearer KEY` when the server has an API key), GET /health, GET /metrics, and
-GET /openapi.json (the request schemas of protocol.py, for clients and fuzzers).
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET
+/v1/models/{id}, and vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (these need
+`Authorization: Bearer KEY` when the server has an API key), GET /version, GET /health,
+GET /metrics, and GET /openapi.json (the request schemas of protocol.py, for clients and
+fuzzers).
 The server listens only once the engine is warmed up (bridge.py: kernel compiles and CUDA graphs
 happen at start-up, not under the first requests), so a reachable /health means ready.
 The chat prompt format and the request semantics are in serving.py's docstring.
@@ -20,6 +22,8 @@ client's disconnect while it waits (then 499, counted in grok1_client_aborts).
 """
 
 from __future__ import annotations
+
+from importlib.metadata import version as _package_version
 
 import asyncio
 import hmac
@@ -46,11 +50,13 @@ from grok1.server.detokenize import TokenizerLike
 from grok1.server.serving import Job, OpenAIServing, as_protocol_error
 
 log = logging.getLogger("grok1.server")
+grok1_version = _package_version("grok1")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
-          "/openapi.json")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+          "/tokenizer_info", "/version", "/health", "/metrics", "/openapi.json")
 _REQUEST_SCHEMAS = {"/v1/completions": P.CompletionRequest,
-                    "/v1/chat/completions": P.ChatCompletionRequest}
+                    "/v1/chat/completions": P.ChatCompletionRequest,
+                    "/tokenize": P.TokenizeRequest, "/detokenize": P.DetokenizeRequest}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -121,9 +127,20 @@ def _parse(body: bytes, schema: type[BaseModel]) -> Any:
         raise P.ProtocolError(f"the JSON body must be an object, got {type(obj).__name__}",
                               code="invalid_json")
     try:
-        return schema.model_validate(obj)
+        req = schema.model_validate(obj)
     except ValidationError as e:
         raise P.error_from_validation(e) from None
+    if req.unknown_fields:  # vLLM's behaviour: clients send fields of other APIs' versions
+        log.warning("ignoring unknown request fields: %s", _shown_names(req.unknown_fields))
+    return req
+
+
+def _shown_names(names: list[str], most: int = 16, chars: int = 64) -> str:
+    """Field names for one log line: escaped (a name may hold a newline), each cut to `chars`,
+    at most `most` of them (the body limit is the only bound on what a client sends)."""
+    shown = [n[:chars].encode("unicode_escape").decode() for n in names[:most]]
+    more = f" (and {len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(shown) + more
 
 
 class _WriteTimeout(Exception):
@@ -301,15 +318,44 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
         return await serve(request, await serving.offload(
             lambda: serving.plan_chat(rid, _parse(body, P.ChatCompletionRequest))))
 
+    card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
+
     async def models(_request: Request, _rid: str) -> Response:
-        card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
+
+    async def model(request: Request, _rid: str) -> Response:
+        serving._check_optional_model(request.path_params["model_id"])
+        return JSONResponse(card.model_dump())
+
+    async def tokenize(request: Request, _rid: str) -> Response:
+        body = await _read_body(request, max_body_bytes)
+        return JSONResponse(await serving.offload(
+            lambda: serving.tokenize(_parse(body, P.TokenizeRequest))))
+
+    async def detokenize(request: Request, _rid: str) -> Response:
+        body = await _read_body(request, max_body_bytes)
+        return JSONResponse(await serving.offload(
+            lambda: serving.detokenize(_parse(body, P.DetokenizeRequest))))
+
+    async def tokenizer_info(_request: Request, _rid: str) -> Response:
+        return JSONResponse(serving.tokenizer_info())
 
     app.add_api_route("/v1/completions", endpoint("cmpl", completions), methods=["POST"],
                       name="completions")
     app.add_api_route("/v1/chat/completions", endpoint("chatcmpl", chat_completions),
                       methods=["POST"], name="chat_completions")
     app.add_api_route("/v1/models", endpoint("models", models), methods=["GET"], name="models")
+    app.add_api_route("/v1/models/{model_id:path}", endpoint("model", model), methods=["GET"],
+                      name="model")
+    app.add_api_route("/tokenize", endpoint("tok", tokenize), methods=["POST"], name="tokenize")
+    app.add_api_route("/detokenize", endpoint("detok", detokenize), methods=["POST"],
+                      name="detokenize")
+    app.add_api_route("/tokenizer_info", endpoint("tokinfo", tokenizer_info), methods=["GET"],
+                      name="tokenizer_info")
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": grok1_version})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -62,11 +62,14 @@ def token_text(tokenizer: TokenizerLike, context_ids: list[int], token_id: int) 
 class StopTextStream:
     """Generated text with stop strings applied: text is emitted unless it could be the start of
     a stop string; the first stop string found truncates the output there (OpenAI semantics:
-    the stop string itself is not returned)."""
+    the stop string itself is not returned, unless include_stop: vLLM's
+    include_stop_str_in_output)."""
 
-    def __init__(self, tokenizer: TokenizerLike, context_ids: list[int], stops: list[str]):
+    def __init__(self, tokenizer: TokenizerLike, context_ids: list[int], stops: list[str],
+                 include_stop: bool = False):
         self.detok = IncrementalDetokenizer(tokenizer, context_ids)
         self.stops = stops
+        self.include_stop = include_stop
         self.max_stop = max((len(s) for s in stops), default=0)
         self.text = ""
         self.emitted = 0
@@ -80,9 +83,10 @@ class StopTextStream:
         searched = max(0, len(self.text) - self.max_stop + 1)
         self.text += self.detok.push(new_ids, final=final)
         if self.stops:
-            hits = [i for s in self.stops if (i := self.text.find(s, searched)) >= 0]
+            hits = [(i, len(s)) for s in self.stops if (i := self.text.find(s, searched)) >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                at, length = min(hits)
+                self.text = self.text[:at + length if self.include_stop else at]
                 self.stopped = True
                 final = True
         end = len(self.text) if final else len(self.text) - self._partial_stop_len()

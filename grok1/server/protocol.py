@@ -1,14 +1,18 @@
 """OpenAI API request/response schemas (pydantic v2) for the grok1 server.
 
-Requests are strict: an unknown field, a value out of range or of the wrong type is a 400 naming
-the field (`ValidationError` -> `error_from_validation`). Types are pydantic's strict ones, as
-OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
+Known fields are strict: a value out of range or of the wrong type is a 400 naming the field
+(`ValidationError` -> `error_from_validation`). Unknown top-level fields (`store`, `metadata`,
+`service_tier`, ... which SDKs and frameworks send) are accepted and ignored, and the server logs
+one warning per request naming them, as vLLM does (`unknown_fields`). Types are pydantic's
+strict ones, as OpenAI's API is strict: `"n": "2"`, `"stream": "yes"` and `[true, false]` as token ids are
 refused, as are NaN and infinities. Every field is bounded (numbers, string lengths, list
 lengths; prompt and message text by the body limit here and by serving.py's max_prompt_chars
 before any tokenizing, as are the context and the vocabulary); text must be valid Unicode (a lone
 UTF-16 surrogate such as "\ud800" is refused). Fields OpenAI defines but grok1 does not
-implement (penalties, logit_bias, best_of, suffix, tools, ...) are accepted only at their neutral
-value. `top_k` is an extension (vLLM's: 0 or -1 = off).
+implement (best_of, suffix, tools, ...) are accepted only at their neutral value. vLLM's
+extensions: `top_k` (0 or -1 = off), `min_p`, `min_tokens`, `repetition_penalty`,
+`stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `ignore_eos`,
+`prompt_logprobs` (completions).
 """
 
 from __future__ import annotations
@@ -101,12 +105,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class _Request(_Strict):
+    """A request body: its own fields strict, unknown top-level ones kept aside (model_extra)."""
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        """Top-level fields this API does not define (accepted, ignored, logged)."""
+        return sorted(self.model_extra or {})
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # accepted (vLLM clients send it); usage only at the end
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
     model: Name
     max_tokens: Count | None = None
@@ -119,11 +133,19 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None  # accepted and ignored
-    # OpenAI fields grok1 does not implement: accepted at their neutral value only.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[Name, float] | None = Field(default=None, max_length=300)
+    # token id (as a string, OpenAI's JSON) -> bias added to its logit
+    logit_bias: dict[Name, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=300)
     ignore_eos: bool = False  # extension (vLLM's): generate max_tokens even past eos
+    # vLLM's sampling extensions
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT32)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    stop_token_ids: list[TokenId] = Field(default=[], max_length=MAX_STOP_STRINGS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # Grok-1 never outputs its specials (eos ends a request)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -137,13 +159,16 @@ class _SamplingFields(_Strict):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit() or int(key) > MAX_INT32:
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
     @model_validator(mode="after")
-    def _check_unsupported(self) -> _SamplingFields:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+    def _check_stream_options(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -153,9 +178,14 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = None  # 0: score the prompt
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extension: each prompt token's logprob and this many alternatives (choice field
+    # prompt_logprobs)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: Count | None = None
     suffix: Text | None = None
@@ -234,6 +264,28 @@ class ChatCompletionRequest(_SamplingFields):
             else self.max_tokens
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages (tokenized as the chat transcript).
+    add_special_tokens is accepted for vLLM's clients; Grok-1 adds none (no BOS, as the
+    reference), and special-token text such as "[EOS]" is that token."""
+    model: Name | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: Name | None = None
+    tokens: list[TokenId] = Field(max_length=MAX_TOKEN_IDS)
+
+
 # ---- responses -----------------------------------------------------------------------------
 
 class Usage(BaseModel):
@@ -243,12 +295,20 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy format; prompt tokens (echo) have null logprobs: the engine scores only
-    the tokens it generates."""
+    """OpenAI's legacy format. With echo the prompt's tokens come first, the first of them with
+    null logprobs (nothing precedes it). top_logprobs holds the `logprobs` likeliest tokens and
+    the token itself (so up to logprobs + 1 entries)."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one alternative in prompt_logprobs (keyed by token id)."""
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -256,6 +316,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    # vLLM's: per prompt token (None for the first), {token id: PromptLogprob}
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -16,9 +16,14 @@ transcript, one line per message, ending with an open assistant turn:
 Stop strings are matched on the detokenized text (detokenize.py); the matching engine request is
 aborted at once. Choice k of a seeded request samples with seed + k * 0x9E3779B97F4A7C15
 (mod 2^63), so choice 0 of `seed=s` is the same as a lone request with `seed=s`. Usage counts
-each prompt once and every generated token (stop tokens excluded, as the engine reports them).
-Logprobs are the engine's (the model's distribution before temperature); with `echo`, prompt
-tokens are listed with null logprobs, since the engine scores only the tokens it generates.
+each prompt once and the tokens of each choice's text: stop tokens are excluded (the engine does
+not report them), and so are a stop string's tokens and the chat reply's dropped leading
+whitespace; the logprobs list exactly these tokens, streamed or not.
+Logprobs are the engine's (the model's distribution before temperature). With `echo` they
+cover the prompt's tokens too (the first with null logprobs), scored by the engine in the
+prefill's own forward (SamplingParams.prompt_logprobs), as is vLLM's `prompt_logprobs`; with
+`max_tokens=0` the prompt is scored and nothing is generated (how lm-eval's loglikelihood tasks
+ask).
 
 Tokenizing and detokenizing run in a small worker pool (`offload`), never on the event loop:
 a multi-megabyte prompt took seconds to encode, during which every stream and /health waited.
@@ -28,9 +33,11 @@ context) is refused before it is tokenized.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -49,7 +56,7 @@ from grok1.server.bridge import (
     RequestRejectedError,
     SubRequest,
 )
-from grok1.server.detokenize import StopTextStream, TokenizerLike, token_text
+from grok1.server.detokenize import CONTEXT_TOKENS, StopTextStream, TokenizerLike, token_text
 
 log = logging.getLogger("grok1.server")
 
@@ -67,6 +74,16 @@ def chat_prompt(messages: list[P.ChatMessage]) -> str:
     """The transcript a base model continues (format in the module docstring)."""
     lines = [f"{CHAT_ROLES[m.role]}: {m.text()}" for m in messages]
     return "\n".join(lines) + "\nAssistant:"
+
+
+def special_tokens(tokenizer: TokenizerLike) -> dict[str, tuple[str, int]]:
+    """The control pieces a client may write as text ("[BOS]", "[EOS]", "[PAD]" in Grok-1's
+    SentencePiece model): role -> (piece, id); empty for a tokenizer without pieces."""
+    piece = getattr(tokenizer, "id_to_piece", None)
+    if piece is None:
+        return {}
+    ids = {role: getattr(tokenizer, f"{role}_id", -1) for role in ("bos", "eos", "pad")}
+    return {role: (piece(i), i) for role, i in ids.items() if i >= 0}
 
 
 def derived_seed(seed: int | None, k: int) -> int | None:
@@ -108,18 +125,31 @@ class Choice:
     strip_leading: bool  # chat: drop the whitespace after "Assistant:"
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # from the first engine output
     num_generated: int = 0
     finish_reason: str | None = None
     content: str = ""  # text released so far
+    token_ends: list[int] = dataclasses.field(default_factory=list)  # in the unstripped text
+    stripped_chars: int = 0  # leading whitespace dropped from the content (chat)
+    logprobs_sent: int = 0  # streaming: tokens whose logprobs went out
+    stop_token_logprob: TokenLogprob | None = None  # the eos or stop token id that ended it
 
-    def advance(self, out: RequestOutput, group: RequestGroup) -> tuple[str, list[TokenLogprob]]:
-        """Apply one engine output; return the newly released text and the new logprobs."""
-        self.token_ids += out.new_token_ids
-        new_lp = list(out.new_logprobs or [])
-        self.logprobs += new_lp
+    def advance(self, out: RequestOutput, group: RequestGroup) -> str:
+        """Apply one engine output; return the newly released text."""
+        tokenizer = self.text.detok.tokenizer
+        for t in out.new_token_ids:
+            start = self.token_ends[-1] if self.token_ends else 0
+            context = self.prompt_ids[-CONTEXT_TOKENS:] + self.token_ids[-CONTEXT_TOKENS:]
+            self.token_ends.append(start + len(token_text(tokenizer, context, t)))
+            self.token_ids.append(t)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.logprobs += out.new_logprobs or []
+        self.stop_token_logprob = out.stop_token_logprob
         self.num_generated = out.num_generated_tokens
         delta = self.text.push(out.new_token_ids, final=out.finished)
         if self.strip_leading and not self.content:
+            self.stripped_chars += len(delta) - len(delta.lstrip())
             delta = delta.lstrip()
         self.content += delta
         if self.text.stopped:
@@ -131,7 +161,54 @@ class Choice:
                 raise EngineStepError(f"engine ended {out.request_id} with finish_reason="
                                       f"{out.finish_reason!r}")
             self.finish_reason = out.finish_reason
-        return delta, new_lp
+        return delta
+
+    @property
+    def num_released_tokens(self) -> int:
+        """Generated tokens whose text starts within the text released so far: all of them at
+        the end unless a stop string cut the text (its tokens are not the output's)."""
+        n = len(self.token_ids)
+        if self.finish_reason is not None and not self.text.stopped:
+            return n
+        released = self.text.emitted
+        if not n or not released:
+            return 0
+        # token 0 starts at 0; token i > 0 starts where token i - 1 ends
+        return 1 + min(bisect.bisect_left(self.token_ends, released), n - 1)
+
+    @property
+    def num_stripped_tokens(self) -> int:
+        """Leading tokens that are all dropped whitespace (chat): not in the content's logprobs."""
+        return bisect.bisect_right(self.token_ends, self.stripped_chars) \
+            if self.stripped_chars else 0
+
+    @property
+    def ended_by_stop_token(self) -> bool:
+        """Ended by eos or a stop_token_ids token, which the engine does not return: OpenAI and
+        vLLM list it last in the logprobs (with no text) and count it in usage."""
+        return self.finish_reason == "stop" and not self.text.stopped
+
+    def released_logprobs(self) -> tuple[int, list[TokenLogprob]]:
+        """(index of the first, logprobs) of the released tokens not sent yet, as the text
+        shows them, then the stop token's at the end; marks them sent. (lm-eval's echo requests
+        take the last entry for the generated token and drop it.)"""
+        start = max(self.logprobs_sent, self.num_stripped_tokens)
+        end = max(start, min(self.num_released_tokens, len(self.logprobs)))
+        lps = self.logprobs[start:end]
+        if self.ended_by_stop_token and self.stop_token_logprob is not None \
+                and end == len(self.logprobs) and self.logprobs_sent <= end:
+            lps.append(self.stop_token_logprob)
+            end += 1
+        self.logprobs_sent = end
+        return start, lps
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """usage.completion_tokens: the tokens of the content, as its logprobs list them (not
+        those of a stop string, nor the chat's dropped leading whitespace, which is our
+        transcript's formatting), and a stop token that ended it."""
+        shown = self.num_released_tokens if self.text.stopped else self.num_generated
+        return shown - self.num_stripped_tokens + self.ended_by_stop_token
 
 
 @dataclasses.dataclass
@@ -149,7 +226,7 @@ class Job:
 
     def usage(self) -> P.Usage:
         n_prompt = sum(len(p) for p in self.prompts)
-        n_gen = sum(c.num_generated for c in self.choices.values())
+        n_gen = sum(c.num_completion_tokens for c in self.choices.values())
         return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                        total_tokens=n_prompt + n_gen)
 
@@ -165,6 +242,10 @@ class OpenAIServing:
         self.max_n, self.max_choices = max_n, max_choices
         self.max_prompt_chars = max_prompt_chars or MAX_CHARS_PER_TOKEN * max_model_len
         self._workers = anyio.CapacityLimiter(worker_threads)
+        self.special_tokens = special_tokens(tokenizer)
+        pieces = sorted((p for p, _ in self.special_tokens.values()), key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") \
+            if pieces else None
 
     async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in the worker pool (tokenizing, detokenizing, parsing), off the loop."""
@@ -175,9 +256,13 @@ class OpenAIServing:
         self._check_model_and_n(req)
         self._check_choices(len(req.prompts()), req.n)
         prompts = [self._prompt_ids(p, "prompt") for p in req.prompts()]
-        max_tokens = [self._check_length(len(p), req.max_tokens or DEFAULT_COMPLETION_TOKENS,
-                                         "max_tokens") for p in prompts]
-        return self._plan(rid, req, prompts, max_tokens, req.stop, req.logprobs, chat=False)
+        wanted = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
+        max_tokens = [self._check_length(len(p), wanted, "max_tokens") for p in prompts]
+        # echo + logprobs scores the prompt with as many alternatives as the generated tokens
+        scored = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs)
+                  if k is not None]
+        return self._plan(rid, req, prompts, max_tokens, req.stop, req.logprobs, chat=False,
+                          prompt_logprobs=max(scored) if scored else None)
 
     def plan_chat(self, rid: str, req: P.ChatCompletionRequest) -> Job:
         self._check_model_and_n(req)
@@ -188,10 +273,15 @@ class OpenAIServing:
         return self._plan(rid, req, [ids], [max_tokens], CHAT_STOPS + req.stop, top, chat=True)
 
     def _check_model_and_n(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> None:
-        if req.model != self.model_name:
-            raise P.ProtocolError(f"model {req.model!r} does not exist; this server serves "
-                                  f"{self.model_name!r}", status=404, param="model",
-                                  code="model_not_found")
+        """The model, n, and the token ids in logit_bias and stop_token_ids (in the vocabulary)."""
+        self._check_optional_model(req.model)
+        for param, ids in (("logit_bias", map(int, req.logit_bias or {})),
+                           ("stop_token_ids", req.stop_token_ids)):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise P.ProtocolError(f"{param}: token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.vocab_size})", param=param,
+                                      code="invalid_value")
         if req.n > self.max_n:
             raise P.ProtocolError(f"n={req.n}: at most {self.max_n}", param="n",
                                   code="invalid_value")
@@ -238,32 +328,82 @@ class OpenAIServing:
         return max_tokens
 
     def _sampling(self, req: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
-                  k: int, logprobs: int | None) -> SamplingParams:
+                  k: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=req.temperature if req.temperature is not None else 1.0,
                 top_p=req.top_p if req.top_p is not None else 1.0,
                 top_k=max(req.top_k or 0, 0),  # -1 and 0 both mean off
-                seed=derived_seed(req.seed, k), ignore_eos=req.ignore_eos, logprobs=logprobs)
+                seed=derived_seed(req.seed, k), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens, min_p=req.min_p,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=req.repetition_penalty,
+                logit_bias=tuple((int(t), b) for t, b in (req.logit_bias or {}).items()),
+                stop_token_ids=tuple(req.stop_token_ids))
         except ValueError as e:  # SamplingParams' own checks (the schema's are stricter)
             raise P.ProtocolError(f"invalid sampling parameters: {e}",
                                   code="invalid_value") from None
 
     def _plan(self, rid: str, req: P.CompletionRequest | P.ChatCompletionRequest,
               prompts: list[list[int]], max_tokens: list[int], stops: list[str],
-              logprobs: int | None, chat: bool) -> Job:
+              logprobs: int | None, chat: bool, prompt_logprobs: int | None = None) -> Job:
         """n engine requests per prompt; choice index = prompt index * n + i (OpenAI's order)."""
         subs, choices = [], {}
         for j, ids in enumerate(prompts):
             for i in range(req.n):
                 k = j * req.n + i
                 sub_id = f"{rid}-{k}"
-                subs.append(SubRequest(sub_id, ids, self._sampling(req, max_tokens[j], k,
-                                                                   logprobs)))
-                choices[sub_id] = Choice(k, sub_id, ids, StopTextStream(self.tokenizer, ids,
-                                                                         stops), chat)
+                subs.append(SubRequest(sub_id, ids, self._sampling(
+                    req, max_tokens[j], k, logprobs, prompt_logprobs)))
+                text = StopTextStream(self.tokenizer, ids, stops, req.include_stop_str_in_output)
+                choices[sub_id] = Choice(k, sub_id, ids, text, chat)
         return Job(rid, req, prompts, subs, choices)
+
+    # ---- tokenizer endpoints (vLLM's shapes) ---------------------------------------------------
+    def tokenize(self, req: P.TokenizeRequest) -> dict[str, Any]:
+        """{count, max_model_len, tokens}: the prompt's ids, a special piece's text as its id
+        (lm-eval's remote tokenizer finds eos and bos that way)."""
+        self._check_optional_model(req.model)
+        text = req.prompt if req.prompt is not None else chat_prompt(req.messages)
+        param = "prompt" if req.prompt is not None else "messages"
+        if len(text) > self.max_prompt_chars:
+            raise P.ProtocolError(f"{param}: {len(text)} characters; this server tokenizes at "
+                                  f"most {self.max_prompt_chars}", param=param,
+                                  code="context_length_exceeded")
+        by_piece = {p: i for p, i in self.special_tokens.values()}
+        parts = self._special_split.split(text) if self._special_split else [text]
+        ids = []
+        for part in parts:
+            if part in by_piece:
+                ids.append(by_piece[part])
+            elif part:
+                ids += self.tokenizer.encode(part)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    def detokenize(self, req: P.DetokenizeRequest) -> dict[str, Any]:
+        self._check_optional_model(req.model)
+        bad = [t for t in req.tokens if t >= self.vocab_size]
+        if bad:
+            raise P.ProtocolError(f"tokens: token id {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})", param="tokens", code="invalid_value")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"tokenizer_class": type(self.tokenizer).__name__,
+                                "model_max_length": self.max_model_len,
+                                "vocab_size": self.vocab_size}
+        for role in ("bos", "eos", "pad"):
+            if role in self.special_tokens:
+                info[f"{role}_token"] = self.special_tokens[role][0]
+        return info
+
+    def _check_optional_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise P.ProtocolError(f"model {model!r} does not exist; this server serves "
+                                  f"{self.model_name!r}", status=404, param="model",
+                                  code="model_not_found")
 
     # ---- results ---------------------------------------------------------------------------
     async def collect(self, job: Job, group: RequestGroup) -> BaseModel:
@@ -285,30 +425,24 @@ class OpenAIServing:
         prefix = self.tokenizer.decode(c.prompt_ids) if req.echo else ""
         lp = None
         if req.logprobs is not None:
-            lp = self._completion_logprobs(c, c.logprobs, 0, len(prefix))
-            if c.text.stopped:  # drop the tokens from the stop string on
-                keep = sum(1 for o in lp.text_offset if o < len(prefix) + len(c.text.text))
-                lp = _slice(lp, keep)
+            start, lps = c.released_logprobs()
+            lp = self._completion_logprobs(c, lps, start, len(prefix))
             if req.echo:
-                pl = self._prompt_logprobs(c.prompt_ids)
+                pl = self._echo_logprobs(c.prompt_ids, c.prompt_logprobs)
                 lp = P.CompletionLogprobs(
                     tokens=pl.tokens + lp.tokens,
                     token_logprobs=pl.token_logprobs + lp.token_logprobs,
                     top_logprobs=pl.top_logprobs + lp.top_logprobs,
                     text_offset=pl.text_offset + lp.text_offset)
         return P.CompletionChoice(index=c.index, text=prefix + c.content, logprobs=lp,
-                                  finish_reason=c.finish_reason)
+                                  finish_reason=c.finish_reason,
+                                  prompt_logprobs=self._vllm_prompt_logprobs(req, c))
 
     def _chat_choice(self, c: Choice) -> P.ChatChoice:
         lp = None
         if c.logprobs:
-            lp = self._chat_logprobs(c, c.logprobs, 0)
-            if c.text.stopped:  # drop the tokens from the stop string on
-                offset, keep = 0, 0
-                while keep < len(lp.content) and offset < len(c.text.text):
-                    offset += len(lp.content[keep].token)
-                    keep += 1
-                lp.content = lp.content[:keep]
+            start, lps = c.released_logprobs()
+            lp = self._chat_logprobs(c, lps, start)
         return P.ChatChoice(index=c.index, message=P.ChatResponseMessage(content=c.content),
                             logprobs=lp, finish_reason=c.finish_reason)
 
@@ -319,48 +453,57 @@ class OpenAIServing:
         chat = job.chat
         offsets = {}  # completion logprobs: text offset per choice
 
-        def chunk(c: Choice, text: str | None, lp: BaseModel | None, role: bool = False) -> str:
+        def chunk(c: Choice, text: str | None, lp: BaseModel | None, role: bool = False,
+                  last: bool = True) -> str:
+            finish_reason = c.finish_reason if last else None
             if chat:
                 delta = P.DeltaMessage(role="assistant" if role else None, content=text)
                 return sse(P.ChatCompletionChunk(
                     id=job.rid, created=created, model=self.model_name, choices=[
                         P.ChatChunkChoice(index=c.index, delta=delta, logprobs=lp,
-                                          finish_reason=c.finish_reason)]))
+                                          finish_reason=finish_reason)]))
             return sse(P.CompletionResponse(
                 id=job.rid, created=created, model=self.model_name, choices=[
                     P.CompletionChoice(index=c.index, text=text or "", logprobs=lp,
-                                       finish_reason=c.finish_reason)]))
+                                       finish_reason=finish_reason)]))
 
         def opening(c: Choice) -> str | None:
-            if chat:
-                return chunk(c, "", None, role=True)
-            if job.req.echo:
-                prefix = self.tokenizer.decode(c.prompt_ids)
-                offsets[c.index] = len(prefix)
-                return chunk(c, prefix, self._prompt_logprobs(c.prompt_ids)
-                             if job.req.logprobs is not None else None)
-            return None
+            return chunk(c, "", None, role=True) if chat else None
 
-        def on_output(out: RequestOutput) -> str | None:
-            c = job.choices[out.request_id]
-            start = len(c.token_ids)
-            delta, lps = c.advance(out, group)
+        def echo(c: Choice) -> str | None:
+            """The prompt as the choice's first chunk (with its logprobs, which come with the
+            first engine output)."""
+            prefix = self.tokenizer.decode(c.prompt_ids)
+            offsets[c.index] = len(prefix)
             lp = None
+            if job.req.logprobs is not None:
+                lp = self._echo_logprobs(c.prompt_ids, c.prompt_logprobs)
+            return chunk(c, prefix, lp, last=False) if prefix or lp else None
+
+        def on_output(out: RequestOutput) -> list[str]:
+            c = job.choices[out.request_id]
+            delta = c.advance(out, group)
+            events = []
+            if not chat and job.req.echo and c.index not in offsets:
+                events.append(echo(c))
+            lp = None
+            # the logprobs of the tokens whose text goes out now (none of a stop string's)
+            start, lps = c.released_logprobs()
             if chat and job.req.logprobs and lps:
                 lp = self._chat_logprobs(c, lps, start)
             elif not chat and job.req.logprobs is not None:
                 lp = self._completion_logprobs(c, lps, start, offsets.get(c.index, 0))
                 offsets[c.index] = offsets.get(c.index, 0) + sum(map(len, lp.tokens))
             if delta or lps or c.finish_reason:
-                return chunk(c, delta or (None if chat else ""), lp)
-            return None
+                events.append(chunk(c, delta or (None if chat else ""), lp))
+            return [e for e in events if e is not None]
 
         for c in job.choices.values():
             if (event := await self.offload(opening, c)) is not None:
                 yield event
         try:
             async for out in group.outputs():
-                if (event := await self.offload(on_output, out)) is not None:
+                for event in await self.offload(on_output, out):
                     yield event
         except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
             yield sse(P.error_body(as_protocol_error(e, job.rid))) + DONE
@@ -381,30 +524,60 @@ class OpenAIServing:
             s = token_text(self.tokenizer, ctx, lp.token_id)
             out.tokens.append(s)
             out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({token_text(self.tokenizer, ctx, t): v for t, v in lp.top})
+            out.top_logprobs.append(self._top_with_token(ctx, lp, s))
             out.text_offset.append(offset)
             offset += len(s)
             ctx.append(lp.token_id)
         return out
 
-    def _prompt_logprobs(self, ids: list[int]) -> P.CompletionLogprobs:
-        """echo + logprobs: the prompt's tokens, with null logprobs."""
+    def _top_with_token(self, ctx: list[int], lp: TokenLogprob, text: str) -> dict[str, float]:
+        """OpenAI's top_logprobs entry: the likeliest alternatives and the token itself."""
+        top = {token_text(self.tokenizer, ctx, t): v for t, v in lp.top}
+        top[text] = lp.logprob
+        return top
+
+    def _echo_logprobs(self, ids: list[int],
+                       scores: list[TokenLogprob | None] | None) -> P.CompletionLogprobs:
+        """echo + logprobs: the prompt's tokens with the engine's scores (None for the first)."""
         out = P.CompletionLogprobs()
         offset = 0
         for i, t in enumerate(ids):
             s = token_text(self.tokenizer, ids[:i], t) if i else self.tokenizer.decode([t])
+            lp = scores[i] if scores else None
             out.tokens.append(s)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
+            out.token_logprobs.append(None if lp is None else lp.logprob)
+            out.top_logprobs.append(None if lp is None else
+                                    self._top_with_token(ids[:i], lp, s))
             out.text_offset.append(offset)
             offset += len(s)
         return out
 
+    def _vllm_prompt_logprobs(self, req: P.CompletionRequest,
+                              c: Choice) -> list[dict[str, P.PromptLogprob] | None] | None:
+        """vLLM's prompt_logprobs: per prompt token, {token id: logprob, rank, decoded_token}
+        for the token and the `req.prompt_logprobs` likeliest."""
+        if req.prompt_logprobs is None or c.prompt_logprobs is None:
+            return None
+        out: list[dict[str, P.PromptLogprob] | None] = [None]
+        for lp in c.prompt_logprobs[1:]:
+            entry = {str(t): P.PromptLogprob(logprob=v, rank=rank + 1,
+                                             decoded_token=self.tokenizer.decode([t]))
+                     for rank, (t, v) in enumerate(lp.top[:req.prompt_logprobs])}
+            entry[str(lp.token_id)] = P.PromptLogprob(
+                logprob=lp.logprob, rank=lp.rank,
+                decoded_token=self.tokenizer.decode([lp.token_id]))
+            out.append(entry)
+        return out
+
     def _chat_logprobs(self, c: Choice, lps: list[TokenLogprob], start: int) -> P.ChatLogprobs:
+        """Entries of tokens start.. as the content shows them: the first content token without
+        the leading whitespace the content drops."""
         entries = []
         ctx = c.prompt_ids + c.token_ids[:start]
-        for lp in lps:
+        for i, lp in enumerate(lps, start):
             s = token_text(self.tokenizer, ctx, lp.token_id)
+            if i == c.num_stripped_tokens and c.stripped_chars:
+                s = s.lstrip()
             top = [P.TopLogprob(token=(a := token_text(self.tokenizer, ctx, t)), logprob=v,
                                 bytes=list(a.encode())) for t, v in lp.top]
             entries.append(P.TokenLogprobEntry(token=s, logprob=lp.logprob,
@@ -412,8 +585,3 @@ class OpenAIServing:
             ctx.append(lp.token_id)
         return P.ChatLogprobs(content=entries)
 
-
-def _slice(lp: P.CompletionLogprobs, keep: int) -> P.CompletionLogprobs:
-    return P.CompletionLogprobs(tokens=lp.tokens[:keep], token_logprobs=lp.token_logprobs[:keep],
-                                top_logprobs=lp.top_logprobs[:keep],
-                                text_offset=lp.text_offset[:keep])
