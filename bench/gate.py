@@ -25,6 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "grok1" / "golden"
+sys.path.insert(0, str(REPO))  # run as a script from a checkout without an install
 
 
 def git_sha() -> str:
@@ -44,7 +45,8 @@ def run_gpu_tests(out: Path, timeout_s: int) -> dict:
            "-p", "no:cacheprovider"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-                          env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+                          env=dict(os.environ, NCCL_NVLS_ENABLE="0",
+                                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])))
     (out / "gate_pytest.log").write_text(proc.stdout + proc.stderr)
     print(proc.stdout[-4000:], flush=True)
     counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
