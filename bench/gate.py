@@ -28,16 +28,6 @@ GOLDEN = REPO.parent / "shared" / "grok1" / "golden"
 sys.path.insert(0, str(REPO))  # run as a script from a checkout without an install
 
 
-def git_sha() -> str:
-    if os.environ.get("GROK1_GIT_SHA"):  # the device's copy of the tree has no .git
-        return os.environ["GROK1_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_gpu_tests(out: Path, timeout_s: int) -> dict:
     """`pytest -m gpu tests`: counts from its JUnit XML, and the failing tests' names."""
     xml = out / "gate_pytest.xml"
@@ -86,6 +76,8 @@ def main() -> None:
     p.add_argument("--tests-timeout", type=int, default=420)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    from grok1.engine.bench_cli import git_sha
+
     result = {"kind": "gate", "git_sha": git_sha(), "gpu": torch.cuda.get_device_name(),
               "num_gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "time": time.strftime("%Y%m%dT%H%M%S", time.gmtime())}

@@ -197,15 +197,29 @@ def bench_prefill(model, lengths: list[int], ceilings: dict) -> list[dict]:
 
 # ---- reporting -----------------------------------------------------------------------------
 
+def git_sha() -> str | None:
+    """The commit the code runs at, for result JSON: GROK1_GIT_SHA when set, else git's HEAD,
+    marked "-dirty" when tracked files differ from it. (The device's copy of the working tree
+    carries the session's starting .git, so there HEAD names an older commit: dirty says so.)"""
+    sha = os.environ.get("GROK1_GIT_SHA")
+    if sha:
+        return sha
+
+    def git(*args: str) -> str | None:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, check=False,
+                           cwd=Path(__file__).parent)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return None
+    return head and head + ("-dirty" if dirty else "")
+
+
 def environment() -> dict:
-    sha = os.environ.get("GROK1_GIT_SHA")  # the device copy of the tree may have no .git
-    if not sha:
-        try:
-            r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                               cwd=Path(__file__).parent)
-            sha = r.stdout.strip() if r.returncode == 0 else None
-        except OSError:
-            sha = None
+    sha = git_sha()
     try:  # the version without importing triton (only grok1.ops may)
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
