@@ -4,13 +4,13 @@ Twin: `grok1.model.moe_ref` (the same math expert by expert). Contract (vLLM's f
 - align: the P = M*A (token, slot) pairs are sorted by expert; each expert's run is padded to
   BM rows with the sentinel P, so one launch serves every expert; block_expert[b] names the
   expert of block b (-1 past the end). Static sizes, no host sync: CUDA graphs capture it.
-- gate/up: h[p] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]), stored bf16 [P, F].
+- gate/up: h[p] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]), stored f32 [P, F].
 - down: out[p] = gate[p] * (h[p] @ Wd[e]) in f32 [SPLIT, P, D]; the slots (and K splits) are
   summed in f32 and rounded to bf16 once, as the reference's f32 accumulation.
 int8 weights are dequantized exactly as `quant.dequantize` (bf16(w * s)); the matmuls accumulate
 in f32 and h stays f32 into the down-projection, as the reference (the tensor cores take it as
-two bf16 halves). The remaining departures from the twin are f32 summation order and tanh
-computed through exp.
+two bf16 halves). The remaining departure from the twin is the f32 summation order (GELU's
+tanh is libdevice's, as torch's).
 
 Shape letters: M tokens, A selected experts, P pairs, D emb_size, F expert width, E experts,
 G scale groups.
