@@ -29,7 +29,7 @@ import grok1
 import grok1.engine.runner as runner_mod
 from grok1.engine.golden import BLOCK_SIZE, engine_runner
 from grok1.engine.scheduler import ScheduledChunk, Sequence
-from grok1.model import matmul_bf16, moe_ref, route
+from grok1.model import matmul_bf16, moe_ref, route, summed
 from grok1.ops import rmsnorm, rope
 from grok1.ops.attention import paged_attention_ref
 
@@ -41,12 +41,6 @@ def distance(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
     return {"rel_l2": float((out - ref).norm() / ref.norm().clamp_min(1e-30)),
             "share_over_1ulp": float(((out - ref).abs() > ulp * 1.001).float().mean())}
-
-
-def summed(t: torch.Tensor) -> torch.Tensor:
-    """A bf16 value from an op output that may be f32 partial sums [S, M, (A,) N]."""
-    return rmsnorm.summed(t if t.dim() != 3 else t[:, :, None]) if t.dtype == torch.float32 \
-        else t
 
 
 class Recorder:
@@ -61,10 +55,11 @@ class Recorder:
     def add(self, op: str, out: torch.Tensor, ref: torch.Tensor) -> None:
         self.rows.append({"op": op, "layer": self.layer, "step": self.step, **distance(out, ref)})
 
-    def install(self) -> None:
+    def install(self, model: torch.nn.Module) -> None:
+        """Wrap the ops the engine's PagedContext calls, and hook each layer's MoE."""
         real = {name: getattr(runner_mod, name) for name in
                 ("rms_norm_op", "add_rms_norm", "project_many", "rope_and_cache",
-                 "paged_attention", "partial_sums")}
+                 "paged_attention")}
         rec = self
 
         def rms_norm_op(x, w):
@@ -84,7 +79,8 @@ class Recorder:
 
         def project_many(x, linears):
             outs = real["project_many"](x, linears)
-            for name, lin, out in zip("qkv", linears, outs):
+            names = "qkv" if len(linears) == 3 else "o"  # attention's q/k/v, then its wo
+            for name, lin, out in zip(names, linears, outs):
                 rec.add(f"proj.{name}", summed(out), matmul_bf16(x, lin.dense()))
             return outs
 
@@ -105,23 +101,21 @@ class Recorder:
                                                           plan, mult, real_slots))
             return out
 
-        def partial_sums(module, x):
-            out = real["partial_sums"](module, x)
-            if hasattr(module, "router"):  # the MoE, with its own router
-                _, gates, ids = route(x, module.router, module.top_k)
-                from grok1.ops.router import route_op
-                _, gates_k, ids_k = route_op(x, module.router, module.top_k)
-                same = (ids_k.sort(-1).values == ids.sort(-1).values).all(-1).float().mean()
-                rec.rows.append({"op": "router.same_experts", "layer": rec.layer,
-                                 "step": rec.step, "share": float(same)})
-                rec.add("router.gates", gates_k, gates)
-                rec.add("moe", summed(out), moe_ref(x, gates, ids, module.w_gate, module.w_up,
-                                                    module.w_down))
-                rec.after_moe = True
-            else:
-                rec.add("proj.o", summed(out), matmul_bf16(x, module.dense()))
-            return out
+        def moe_hook(module, inputs, out):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            _, gates, ids = route(x, module.router, module.top_k)
+            from grok1.ops.router import route_op
+            _, gates_k, ids_k = route_op(x, module.router, module.top_k)
+            same = (ids_k.sort(-1).values == ids.sort(-1).values).all(-1).float().mean()
+            rec.rows.append({"op": "router.same_experts", "layer": rec.layer,
+                             "step": rec.step, "share": float(same)})
+            rec.add("router.gates", gates_k, gates)
+            rec.add("moe", summed(out).reshape(x.shape),
+                    moe_ref(x, gates, ids, module.w_gate, module.w_up, module.w_down))
+            rec.after_moe = True
 
+        for layer in model.layers:
+            layer.moe.register_forward_hook(moe_hook)
         for name, fn in locals().copy().items():
             if name in real:
                 setattr(runner_mod, name, fn)
@@ -152,7 +146,7 @@ def main() -> None:
         runner_mod.apply_kernels(model)
     runner = engine_runner(model, use_cuda_graphs=False)
     rec = Recorder()
-    rec.install()
+    rec.install(model)
     V = model.config.vocab_size
     tokens = torch.randint(3, V, (args.tokens + args.decode,), generator=torch.Generator()
                            .manual_seed(1)).tolist()

@@ -175,7 +175,7 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, quiet: bool)
                             ignore_eos=args.ignore_eos)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     use_engine = args.engine == "on" or (args.engine == "auto" and quiet is False
-                                         and model.embed.is_cuda and not hasattr(model, "local_config"))
+                                         and model.embed.is_cuda and model.layout is None)
 
     def run(on_token=None) -> list[list[int]]:
         if use_engine:

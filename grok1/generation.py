@@ -50,7 +50,7 @@ def generate(model: Grok1, prompts: Sequence[Sequence[int]],
         tokens[i, :len(prompt)] = torch.tensor(prompt, device=device)
     max_len = int((lengths + torch.tensor([p.max_tokens for p in params], device=device)).max())
     # a tensor-parallel rank caches only its kv heads (grok1.parallel sets local_config)
-    cache = KVCache.allocate(getattr(model, "local_config", config), B, max_len, device)
+    cache = KVCache.allocate(model.local_config, B, max_len, device)
     generators = [make_generator(p.seed, device) for p in params]
     stops = [set(p.stop_token_ids) | (set() if p.ignore_eos else {config.eos_token}) for p in params]
 

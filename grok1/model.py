@@ -4,6 +4,9 @@ Every bf16 rounding point of the reference is kept (SPEC 2.8, 10): projections a
 bf16, RoPE / attention scores / softmax / norms / router / the expert GeGLU and down-projection in
 f32. No parallelism and no custom kernels here: `grok1.engine` and `grok1.parallel` change a model
 from outside, and the functions below are the reference twins their kernels are tested against.
+The layers below are the only copy of the model's math: plain generation, training and the
+serving engine all run them, each through a `ForwardContext` that says where the tokens sit
+(a dense batch or a paged cache) and runs each step (twins, or the engine's fused kernels).
 
 Shape letters: B batch, T new tokens, S cached positions, D emb_size, N query heads, K kv heads,
 G query heads per kv head, H key_size, E experts, A selected experts, F expert width, V vocab,
@@ -21,6 +24,7 @@ from torch import nn
 
 from grok1.config import GrokConfig
 from grok1.quant import QUANT_GROUPS, dequantize
+from grok1.sharding import Layout, local_config
 
 BF16 = torch.bfloat16
 SOFTCAP = 30.0  # attention logits: 30 * tanh(s / 30), f32, before masking (SPEC 2.5)
@@ -69,6 +73,38 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) ->
     """The reference's f32 dots (router, expert down-projection) -> f32, `wide_dtype` inside."""
     wide = wide_dtype(a.device)
     return _dot(a.to(wide), b.to(wide), equation).float()
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialSums:
+    """A matmul's output not yet summed and rounded: f32 terms (f64 on the CPU) whose sum over
+    `sum_dims` is the value, rounded to bf16 once, as one matmul's accumulator is.
+
+    Kernels return these where the consumer can sum them in its own pass (a split-K GEMV's
+    K splits [S, M, N]; the MoE's K splits and slots [S, M, A, D]; a tensor-parallel rank's
+    all-reduced sum [1, M, N]): the fused residual norm and the RoPE kernel sum them, saving
+    the launches that would sum and round. Anything else takes `value()`.
+    """
+    terms: torch.Tensor
+    sum_dims: tuple[int, ...] = (0,)
+
+    def value(self) -> torch.Tensor:
+        """The bf16 value (summed in the terms' dtype, rounded through f32 once)."""
+        return self.terms.sum(dim=self.sum_dims).float().to(BF16)
+
+    def unflatten(self, dim: int, sizes: tuple[int, ...]) -> PartialSums:
+        """The same sums with the last dim split (e.g. into heads); `dim` must be -1."""
+        if dim != -1 or self.terms.dim() - 1 in self.sum_dims:
+            raise ValueError("PartialSums.unflatten splits the last, unsummed dim only")
+        return PartialSums(self.terms.unflatten(-1, sizes), self.sum_dims)
+
+
+def summed(a: torch.Tensor | PartialSums) -> torch.Tensor:
+    """The bf16 value of a matmul output, whether summed already or not (an f64 CPU result
+    rounds through f32, as the reference's f32 accumulator)."""
+    if isinstance(a, PartialSums):
+        return a.value()
+    return a if a.dtype == BF16 else a.float().to(BF16)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
@@ -220,35 +256,83 @@ class KVCache:
         return self.k_LBSKH.shape[2]
 
 
+class ForwardContext:
+    """Where a forward's tokens sit and how its steps run: the one seam between the model's
+    math (below) and a caller's cache and kernels, as vLLM's forward context or gpt-fast's
+    input_pos. `DenseContext` is the reference's (a [B, T] batch, an optional static KVCache);
+    grok1.engine's `PagedContext` is the serving engine's (flattened tokens of many sequences,
+    a paged cache, fused kernels whose twins are the functions above).
+
+    Hidden states are [..., D] (the dense context's [B, T, D], the engine's [M, D]); a matmul
+    output may be `PartialSums` wherever the step consuming it takes them.
+    """
+
+    def project(self, x: torch.Tensor, linears: tuple[nn.Module, ...]
+                ) -> list[torch.Tensor | PartialSums]:
+        """[lin(x) for lin in linears] (one launch for several, where a kernel can)."""
+        return [lin(x) for lin in linears]
+
+    def attention(self, layer: int, q: torch.Tensor | PartialSums, k: torch.Tensor | PartialSums,
+                  v: torch.Tensor | PartialSums, multiplier: float) -> torch.Tensor:
+        """RoPE on q and k, this layer's cache written, attention: q [..., N, H], k/v
+        [..., K, H] (bf16 or PartialSums) -> o [..., N * H] bf16."""
+        raise NotImplementedError
+
+    def norm(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """norm(h): a sublayer's input (or the final norm's output)."""
+        return norm(h)
+
+    def residual(self, h: torch.Tensor, a: torch.Tensor | PartialSums, out_norm: RMSNorm
+                 ) -> torch.Tensor:
+        """The sandwich residual step h + out_norm(a), a bf16 add as the reference's. (The
+        engine defers it into the norm that reads h next: one fused pass for both.)"""
+        return h + out_norm(summed(a).reshape(h.shape))
+
+
+class DenseContext(ForwardContext):
+    """The reference's positions and mask for a [B, T] batch, with or without a static KVCache
+    (`Grok1.forward` builds it). Every step is the plain twin."""
+
+    def __init__(self, positions_BT: torch.Tensor, mask_BTS: torch.Tensor,
+                 cache: KVCache | None, head_size: int):
+        self.positions_BT, self.mask_BTS, self.cache = positions_BT, mask_BTS, cache
+        self.cos_BTH, self.sin_BTH = rope_cos_sin(positions_BT, head_size)
+
+    def attention(self, layer: int, q, k, v, multiplier: float) -> torch.Tensor:
+        q, k, v = summed(q), summed(k), summed(v)
+        k = apply_rope(k, self.cos_BTH, self.sin_BTH)  # the reference rotates k, then q
+        q = apply_rope(q, self.cos_BTH, self.sin_BTH)  # v is not rotated
+        cache = self.cache
+        if cache is not None:
+            B = q.shape[0]
+            rows_B1 = torch.arange(B, device=q.device)[:, None]
+            cache.k_LBSKH[layer][rows_B1, self.positions_BT] = k
+            cache.v_LBSKH[layer][rows_B1, self.positions_BT] = v
+            S = self.mask_BTS.shape[-1]  # keys beyond the longest row are never visible
+            k, v = cache.k_LBSKH[layer][:, :S], cache.v_LBSKH[layer][:, :S]
+        return attention_ref(q, k, v, self.mask_BTS, multiplier)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
         super().__init__()
         D, H = config.emb_size, config.key_size
         q = QUANT_GROUPS if quantized else {}
-        self.config = config
+        self.config = config  # a tensor-parallel rank's: its local head counts (grok1.sharding)
         self.wq = Linear(D, config.num_q_heads * H, quant_groups=q.get("attn.wq"), dtype=dtype)
         self.wk = Linear(D, config.num_kv_heads * H, quant_groups=q.get("attn.wk"), dtype=dtype)
         self.wv = Linear(D, config.num_kv_heads * H, quant_groups=q.get("attn.wv"), dtype=dtype)
         self.wo = Linear(config.num_q_heads * H, D, quant_groups=q.get("attn.wo"), dtype=dtype)
 
-    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask_BTS: torch.Tensor, cache: KVCache | None, layer: int,
-                positions_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int
+                ) -> torch.Tensor | PartialSums:
         c = self.config
-        B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, c.num_q_heads, c.key_size)
-        k = self.wk(x_BTD).view(B, T, c.num_kv_heads, c.key_size)
-        v = self.wv(x_BTD).view(B, T, c.num_kv_heads, c.key_size)
-        k = apply_rope(k, *rope)  # the reference rotates k, then q; v is not rotated
-        q = apply_rope(q, *rope)
-        if cache is not None:
-            rows_B1 = torch.arange(B, device=x_BTD.device)[:, None]
-            cache.k_LBSKH[layer][rows_B1, positions_BT] = k
-            cache.v_LBSKH[layer][rows_B1, positions_BT] = v
-            S = mask_BTS.shape[-1]  # keys beyond the longest row are never visible
-            k, v = cache.k_LBSKH[layer][:, :S], cache.v_LBSKH[layer][:, :S]
-        o = attention_ref(q, k, v, mask_BTS, c.attn_output_multiplier)
-        return self.wo(o)
+        q, k, v = ctx.project(x, (self.wq, self.wk, self.wv))
+        o = ctx.attention(layer, q.unflatten(-1, (c.num_q_heads, c.key_size)),
+                          k.unflatten(-1, (c.num_kv_heads, c.key_size)),
+                          v.unflatten(-1, (c.num_kv_heads, c.key_size)),
+                          c.attn_output_multiplier)
+        return ctx.project(o, (self.wo,))[0]
 
 
 class MoE(nn.Module):
@@ -266,7 +350,9 @@ class MoE(nn.Module):
         self.last_router_logits: torch.Tensor | None = None
         self.last_expert_ids: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor | PartialSums:
+        """[..., D] bf16; kernel-backed replacements (grok1.ops, grok1.parallel) may return
+        PartialSums of the flattened rows instead."""
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
         logits, gates, ids = route(x, self.router, self.top_k)
         if self.training:
@@ -285,25 +371,45 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(config, quantized, dtype)
         self.moe = MoE(config, quantized, dtype)
 
-    def forward(self, h: torch.Tensor, rope, mask_BTS, cache, layer, positions_BT) -> torch.Tensor:
-        a = self.attn(self.attn_norm(h), rope, mask_BTS, cache, layer, positions_BT)
-        h = h + self.attn_out_norm(a)
-        return h + self.moe_out_norm(self.moe(self.moe_norm(h)))
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        x = ctx.norm(h, self.attn_norm)
+        h = ctx.residual(h, self.attn(x, ctx, layer), self.attn_out_norm)
+        x = ctx.norm(h, self.moe_norm)
+        return ctx.residual(h, self.moe(x), self.moe_out_norm)
+
+
+class TiedUnembedding(nn.Module):
+    """logits = bf16(h @ embed^T) * the output multiplier; no parameter of its own (the table
+    is the input embedding's, SPEC 2.7)."""
+
+    def forward(self, h_BTD: torch.Tensor, embed_VD: torch.Tensor, multiplier: float
+                ) -> torch.Tensor:
+        return matmul_bf16(h_BTD, embed_VD.to(BF16).T) * multiplier
 
 
 class Grok1(nn.Module):
     """The Grok-1 language model. `quantized` keeps the attention and expert matrices int8 with
-    bf16 scales (the release format); `dtype` is the dtype of the other (dense) matrices."""
+    bf16 scales (the release format); `dtype` is the dtype of the other (dense) matrices.
+    `layout` is None for a whole model, or the tensor-parallel slice this process holds
+    (set by grok1.parallel.shard_model_, which cuts the tensors)."""
 
     def __init__(self, config: GrokConfig, *, quantized: bool = False, dtype: torch.dtype = BF16):
         super().__init__()
         self.config = config
+        self.layout: Layout | None = None
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.emb_size, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(config, quantized, dtype)
                                     for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size)
+        # the tied output projection (grok1.parallel puts a sharded one in its place)
+        self.unembedding: nn.Module = TiedUnembedding()
         self.embedding_multiplier = bf16_constant(config.embedding_multiplier_scale)
         self.output_multiplier = bf16_constant(config.output_multiplier_scale)
+
+    @property
+    def local_config(self) -> GrokConfig:
+        """The config this process's attention and KV cache see (a rank's local head counts)."""
+        return self.config if self.layout is None else local_config(self.config, self.layout)
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None, *,
                 lengths_B: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -337,19 +443,27 @@ class Grok1(nn.Module):
             # not padding; keys past p belong to later tokens (or are stale) and stay hidden.
             mask_BTS = (s_S[None, None, :] <= positions_BT[:, :, None]) & cache.real_BS[:, None, :S]
 
-        h = self.embed[tokens_BT].to(BF16) * self.embedding_multiplier  # bf16 (SPEC 2.1)
-        rope = rope_cos_sin(positions_BT, self.config.key_size)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask_BTS, cache, i, positions_BT)
+        ctx = DenseContext(positions_BT, mask_BTS, cache, self.config.key_size)
+        x = self.run_layers(self.embed_tokens(tokens_BT), ctx)
         if cache is not None:
             cache.lengths_B += lengths_B
         if last_only:
-            h = h[torch.arange(B, device=device), lengths_B - 1][:, None]
-        return self.unembed(self.norm(h))
+            x = x[torch.arange(B, device=device), lengths_B - 1][:, None]
+        return self.unembed(x)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The input embedding, bf16, times the bf16-rounded multiplier (SPEC 2.1)."""
+        return self.embed[tokens].to(BF16) * self.embedding_multiplier
+
+    def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The decoder stack on embedded tokens h [..., D] -> the final norm's output."""
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, i)
+        return ctx.norm(h, self.norm)
 
     def unembed(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """Tied output projection, bf16, times the bf16-rounded output multiplier (SPEC 2.7)."""
-        return matmul_bf16(h_BTD, self.embed.to(BF16).T) * self.output_multiplier
+        return self.unembedding(h_BTD, self.embed, self.output_multiplier)
 
     @property
     def quantized(self) -> bool:

@@ -227,3 +227,19 @@ def test_prompt_logprobs_survive_preemption_after_they_are_sent():
         want = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
         assert got[r][0] is None
         assert torch.allclose(torch.tensor([lp.logprob for lp in got[r][1:]]), want, atol=2e-2)
+
+
+def test_engine_runs_the_models_own_layers_through_its_paged_context():
+    """The engine holds no copy of the layer math: each step calls every DecoderLayer of the
+    model once (forward hooks fire), through grok1.engine.runner.PagedContext."""
+    from grok1.engine.runner import PagedContext
+    config = GrokConfig.preset("tiny").replace(sequence_len=64)
+    model = random_model(config, quantized=True)
+    contexts = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda _m, args, _out: contexts.append(type(args[1])))
+    engine = Engine(model, max_batch_size=2, block_size=4, num_blocks=16, max_model_len=64)
+    drive(engine, {"a": [5, 6, 7, 8, 9]}, SamplingParams(max_tokens=3, temperature=0.0,
+                                                          ignore_eos=True))
+    steps = 3  # a prefill that samples the first token, then two decode steps
+    assert contexts == [PagedContext] * (steps * config.num_layers)

@@ -8,6 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "grok1"
 
 LEVELS = {
     "config": 0, "quant": 0, "tokenizer": 0,
+    "sharding": 0.5,  # pure data on the config: what each rank holds
     "model": 1, "sampling": 1,
     "ops": 2, "checkpoint": 2, "info": 2, "generation": 2, "assets": 2, "golden": 2,
     "parallel": 3,

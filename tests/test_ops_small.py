@@ -81,18 +81,23 @@ def test_int8_gemv_several_matrices_match_dequantized_matmuls(K, Ns, G, magic):
 # to bf16 inside the fused residual norm, as the twin sums them first
 @pytest.mark.parametrize("S,A", [(1, 1), (3, 1), (4, 2)])
 def test_add_rms_norm_sums_partials_like_twin(S, A):
-    from grok1.ops.rmsnorm import summed
+    from grok1.model import PartialSums, summed
     g = torch.Generator().manual_seed(S * 10 + A)
     M, D = 3, 6144
     h = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
     parts = torch.randn(S, M, A, D, generator=g).to(DEV)
     w1, w2 = (torch.rand(D, generator=g).add(0.5).to(DEV) for _ in range(2))
-    got = add_rms_norm(h, parts, w1, w2)
-    ref = add_rms_norm_ref(h, parts, w1, w2)
+    got = add_rms_norm(h, PartialSums(parts, (0, 2)), w1, w2)
+    ref = add_rms_norm_ref(h, PartialSums(parts, (0, 2)), w1, w2)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 4e-3
     # and the twin's sum is the plain one (a wrong axis would differ at O(1))
-    assert rel_err(summed(parts), parts.sum(dim=(0, 2)).to(torch.bfloat16)) < 4e-3
+    assert rel_err(summed(PartialSums(parts, (0, 2))),
+                   parts.sum(dim=(0, 2)).to(torch.bfloat16)) < 4e-3
+    if A == 1:  # a GEMV's K splits [S, M, D], summed over S alone
+        got = add_rms_norm(h, PartialSums(parts[:, :, 0]), w1, w2)
+        for a, b in zip(got, ref):
+            assert rel_err(a, b) < 4e-3
     f32 = parts.sum(dim=(0, 2))  # an all-reduced f32 sum: rounded in the kernel
     for a, b in zip(add_rms_norm(h, f32, w1, w2), add_rms_norm_ref(h, f32, w1, w2)):
         assert rel_err(a, b) < 4e-3
@@ -109,7 +114,8 @@ def test_rope_and_cache_take_partial_sums():
     slots = torch.tensor([37], device=DEV)
     summed = [t.sum(0).to(torch.bfloat16) for t in (q, k, v)]
     ref = rope_and_cache_ref(*summed, cos, sin, caches[0], caches[1], slots)
-    out = rope_and_cache(q, k, v, cos, sin, caches[2], caches[3], slots)
+    from grok1.model import PartialSums
+    out = rope_and_cache(*map(PartialSums, (q, k, v)), cos, sin, caches[2], caches[3], slots)
     assert rel_err(out, ref) < 4e-3
     assert rel_err(caches[2], caches[0]) < 4e-3 and rel_err(caches[3], caches[1]) < 4e-3
     assert caches[3].abs().sum() > 0

@@ -180,3 +180,44 @@ def test_sharded_load_equals_slicing_the_full_load(golden_dir, golden_full, rank
         assert torch.equal(loaded[key], sliced[key]), key
     wo = loaded["layers.3.attn.wo.scales"]
     assert wo.shape == (8 // ranks, config.emb_size)  # 8 groups over the ranks' rows
+
+
+def test_parallelize_declares_its_layout_and_keeps_the_models_names(tiny_config):
+    """Sharding is data the model declares (Grok1.layout) and modules put in place of the
+    plain ones: the classes stay, nothing is attached that a class does not declare, and the
+    state-dict names are the unsharded model's (a checkpoint saves and loads the same)."""
+    from grok1.model import MoE, PartialSums
+    from grok1.parallel.expert import ParallelMoE
+    from grok1.parallel.tensor import RowParallelLinear, ShardedUnembedding, parallelize
+
+    model = Grok1(tiny_config, quantized=True)
+    names = set(model.state_dict())
+    assert model.layout is None and model.local_config == tiny_config
+    layout = Layout(1, 0, attn="tp", moe="ep", unembed="vocab")
+    parallelize(model, None, layout)
+    assert type(model) is Grok1 and model.layout == layout
+    assert set(model.state_dict()) == names
+    for layer in model.layers:
+        assert type(layer.attn.wo) is RowParallelLinear and type(layer.moe) is ParallelMoE
+        assert isinstance(layer.moe, torch.nn.Module) and not isinstance(layer.moe, MoE)
+    assert type(model.unembedding) is ShardedUnembedding
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_model_(model, layout)
+    x = torch.randn(3, tiny_config.emb_size).to(torch.bfloat16)
+    assert isinstance(model.layers[0].moe(x), PartialSums)
+    assert isinstance(model.layers[0].attn.wo(x[:, :tiny_config.num_q_heads
+                                                   * tiny_config.key_size]), PartialSums)
+
+
+def test_partial_sums_round_once_and_split_only_the_last_dim():
+    from grok1.model import PartialSums, summed
+    g = torch.Generator().manual_seed(0)
+    terms = torch.randn(3, 5, 2, 8, generator=g)
+    p = PartialSums(terms, (0, 2))
+    assert torch.equal(p.value(), terms.sum(dim=(0, 2)).to(torch.bfloat16))
+    assert torch.equal(summed(p), p.value())
+    q = PartialSums(torch.randn(2, 5, 12, generator=g))
+    assert q.unflatten(-1, (3, 4)).terms.shape == (2, 5, 3, 4)
+    assert torch.equal(q.unflatten(-1, (3, 4)).value(), q.value().unflatten(-1, (3, 4)))
+    with pytest.raises(ValueError, match="last, unsummed dim"):
+        PartialSums(terms, (0, 3)).unflatten(-1, (2, 4))

@@ -115,7 +115,7 @@ def default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
     """KV-cache blocks for max_batch_size full-length sequences, as many as fit 70 % of the
     GPU's free memory less 2 GiB (CPU: at most 4096). Under torchrun the ranks must agree on
     one number (grok1 serve takes the least of theirs)."""
-    c = getattr(model, "local_config", model.config)  # a tensor-parallel rank's kv heads
+    c = model.local_config  # a tensor-parallel rank's kv heads
     per_seq = -(-max_model_len // block_size)
     want = per_seq * max_batch_size
     if device.type != "cuda":

@@ -1,11 +1,11 @@
 """Runs scheduled chunks through the model over the paged KV cache.
 
-The model is used as it is, through its own modules and parameter names; on CUDA the quantized
+The model runs its own layers (`Grok1.run_layers`); `PagedContext` tells them where the tokens
+sit (flattened tokens of many sequences at different positions, no padding, a paged cache) and
+runs each step with a grok1.ops call, which falls back to its twin on CPU. On CUDA the quantized
 attention Linears and the MoE are swapped for kernel-backed modules holding the same tensors
-(`apply_kernels`). The varlen forward below is `Grok1.forward` rewritten for flattened tokens of
-many sequences at different positions (no padding), with each sublayer a grok1.ops call that falls
-back to its twin on CPU. Decode-only steps of up to `max_graph_batch` sequences replay a CUDA
-graph captured per batch-size bucket.
+(`apply_kernels`). Decode-only steps of up to `max_graph_batch` sequences replay a CUDA graph
+captured per batch-size bucket.
 
 Shape letters: M new tokens (all sequences), B sequences, P pages (blocks), D emb_size, N/K heads,
 H head size, V vocab, R rows that need logits.
@@ -19,7 +19,18 @@ import torch
 
 from grok1.engine.kv_cache import slot_of
 from grok1.engine.scheduler import ScheduledChunk
-from grok1.model import BF16, Grok1, Linear, rope_cos_sin
+from grok1.model import (
+    BF16,
+    ForwardContext,
+    Grok1,
+    Linear,
+    MoE,
+    PartialSums,
+    RMSNorm,
+    rms_norm,
+    rope_cos_sin,
+    summed,
+)
 from grok1.ops.attention import AttentionPlan, paged_attention, plan_attention
 from grok1.ops.linear import Int8Linear, project_many
 from grok1.ops.moe import FusedMoE
@@ -30,22 +41,16 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
 def apply_kernels(model: Grok1) -> Grok1:
-    """Swap in the kernel-backed modules, in place; parameter/buffer names stay the same."""
+    """Swap the plain quantized Linears and MoEs for kernel-backed modules, in place; parameter
+    and buffer names stay the same. Subclasses (grok1.parallel's) run their kernels already."""
     for layer in model.layers:
-        if not isinstance(layer.moe, FusedMoE) and not getattr(layer.moe, "kernel_backed", False):
-            layer.moe = FusedMoE.like(layer.moe)  # (grok1.parallel's modules run kernels already)
+        if type(layer.moe) is MoE:
+            layer.moe = FusedMoE(layer.moe)
         for name in ("wq", "wk", "wv", "wo"):
             lin = getattr(layer.attn, name)
-            if isinstance(lin, Linear) and lin.quantized and not getattr(lin, "kernel_backed", False):
+            if type(lin) is Linear and lin.quantized:
                 setattr(layer.attn, name, Int8Linear(lin))
     return model
-
-
-def partial_sums(module: torch.nn.Module, x_MD: torch.Tensor) -> torch.Tensor:
-    """module(x) in a form grok1.ops.rmsnorm.add_rms_norm takes: f32 partial sums where the
-    kernel-backed module offers them (saves the launches that sum and round), else bf16."""
-    fn = getattr(module, "partial_sums", None)
-    return fn(x_MD) if fn is not None else module(x_MD)
 
 
 @dataclasses.dataclass
@@ -58,12 +63,61 @@ class Batch:
     logit_rows_R: torch.Tensor
 
 
+@dataclasses.dataclass
+class PendingResidual:
+    """h + out_norm(a), left for the norm that reads it next: `PagedContext.norm` computes
+    both in one fused pass (grok1.ops.rmsnorm.add_rms_norm) and keeps the sum in `h`."""
+    h_prev: torch.Tensor
+    a: torch.Tensor | PartialSums
+    out_norm: RMSNorm
+    h: torch.Tensor | None = None
+
+
+class PagedContext(ForwardContext):
+    """The engine's forward context: a batch of flattened tokens over the paged KV cache, each
+    step a grok1.ops kernel. Residual adds are fused with the norm after them."""
+
+    def __init__(self, runner: ModelRunner, batch: Batch):
+        self.runner, self.batch = runner, batch
+        cos, sin = rope_cos_sin(batch.positions_M[None], runner.config.key_size)
+        self.cos_MH, self.sin_MH = cos[0], sin[0]
+
+    def project(self, x: torch.Tensor, linears: tuple[torch.nn.Module, ...]):
+        # q/k/v in one launch at one row, as K-split partial sums that the rope sums
+        return project_many(x, list(linears))
+
+    def attention(self, layer: int, q, k, v, multiplier: float) -> torch.Tensor:
+        r, b = self.runner, self.batch
+        q = rope_and_cache(q, k, v, self.cos_MH, self.sin_MH, r.k_cache[layer], r.v_cache[layer],
+                           b.slots_M)
+        return paged_attention(q, r.k_cache[layer], r.v_cache[layer], b.block_table_BP,
+                               b.positions_M, b.plan, multiplier, r.real_slots)
+
+    def norm(self, h: torch.Tensor | PendingResidual, norm: RMSNorm) -> torch.Tensor:
+        if isinstance(h, PendingResidual):
+            h.h, x = add_rms_norm(h.h_prev, h.a, h.out_norm.scale, norm.scale)
+            return x
+        return rms_norm_op(h, norm.scale)
+
+    def residual(self, h: torch.Tensor | PendingResidual, a: torch.Tensor | PartialSums,
+                 out_norm: RMSNorm) -> PendingResidual:
+        return PendingResidual(self._value(h), a, out_norm)
+
+    @staticmethod
+    def _value(h: torch.Tensor | PendingResidual) -> torch.Tensor:
+        if not isinstance(h, PendingResidual):
+            return h
+        if h.h is None:  # no norm read it: add without the fusion (the twin's math)
+            h.h = h.h_prev + rms_norm(summed(h.a).reshape(h.h_prev.shape), h.out_norm.scale)
+        return h.h
+
+
 class ModelRunner:
     def __init__(self, model: Grok1, *, num_blocks: int, block_size: int, max_model_len: int,
                  max_batch_size: int, use_cuda_graphs: bool = True):
         self.model = model
         # a tensor-parallel rank's attention holds fewer heads (grok1.parallel: local_config)
-        self.config = c = getattr(model, "local_config", model.config)
+        self.config = c = model.local_config
         self.device = model.embed.device
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -77,7 +131,8 @@ class ModelRunner:
         # masks pad keys (SPEC 2.2). One flag per slot serves every layer.
         self.real_slots = torch.zeros((num_blocks + 1) * block_size, dtype=torch.int8,
                                       device=self.device)
-        kernels_ok = all(getattr(layer.moe, "_kernel_ok", False) for layer in model.layers)
+        kernels_ok = all(isinstance(layer.moe, FusedMoE) and layer.moe.kernel_ok
+                         for layer in model.layers)
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and kernels_ok
         self.graph_buckets = [b for b in GRAPH_BUCKETS if b <= max_batch_size]
         if self.use_graphs and max_batch_size not in self.graph_buckets and max_batch_size <= 256:
@@ -117,32 +172,9 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [R, V] (f32 copies of the bf16 logits) for the rows that need them."""
-        model, c = self.model, self.config
-        M = batch.tokens_M.shape[0]
-        h = model.embed[batch.tokens_M].to(BF16) * model.embedding_multiplier
-        cos, sin = rope_cos_sin(batch.positions_M[None], c.key_size)
-        cos, sin = cos[0], sin[0]
-        layers = model.layers
-        self.real_slots[batch.slots_M] = (batch.tokens_M != c.pad_token).to(torch.int8)
-        x = rms_norm_op(h, layers[0].attn_norm.scale)
-        for i, layer in enumerate(layers):
-            attn = layer.attn
-            # q/k/v in one launch at one row, as K-split partial sums that the rope sums
-            q, k, v = project_many(x, [attn.wq, attn.wk, attn.wv])
-            q = q.view(-1, M, c.num_q_heads, c.key_size)
-            k = k.view(-1, M, c.num_kv_heads, c.key_size)
-            v = v.view(-1, M, c.num_kv_heads, c.key_size)
-            q = rope_and_cache(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i],
-                               batch.slots_M)
-            o = paged_attention(q, self.k_cache[i], self.v_cache[i], batch.block_table_BP,
-                                batch.positions_M, batch.plan, c.attn_output_multiplier,
-                                self.real_slots)
-            # the projections' outputs go to the fused residual norm unsummed (it sums them)
-            h, x = add_rms_norm(h, partial_sums(attn.wo, o), layer.attn_out_norm.scale,
-                                layer.moe_norm.scale)
-            y = partial_sums(layer.moe, x)
-            w_next = layers[i + 1].attn_norm.scale if i + 1 < len(layers) else model.norm.scale
-            h, x = add_rms_norm(h, y, layer.moe_out_norm.scale, w_next)
+        model = self.model
+        self.real_slots[batch.slots_M] = (batch.tokens_M != self.config.pad_token).to(torch.int8)
+        x = model.run_layers(model.embed_tokens(batch.tokens_M), PagedContext(self, batch))
         return model.unembed(x[batch.logit_rows_R]).float()
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

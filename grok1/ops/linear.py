@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from grok1.model import PartialSums
 from grok1.ops._triton import cdiv, device_name, interpreting, load_tuned, nearest_m, use_kernel
 from grok1.quant import dequantize
 
@@ -139,15 +140,18 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
     return list(total.split(Ns[:len(mats)], dim=1))
 
 
-def project_many(x_MK: torch.Tensor, linears: list[torch.nn.Module]) -> list[torch.Tensor]:
-    """[lin(x) for lin in linears] as f32 partial sums [S, M, N_i] (bf16 when S = 1), for
-    consumers that sum them (grok1.ops.rope); for one row and int8 kernel-backed Linears
-    sharing K and the scale grouping (q/k/v), one launch reads all the weights."""
-    if (x_MK.shape[0] == 1 and use_kernel(x_MK) and all(isinstance(m, Int8Linear) for m in linears)
+def project_many(x_MK: torch.Tensor, linears: list[torch.nn.Module]
+                 ) -> list[torch.Tensor | PartialSums]:
+    """[lin(x) for lin in linears]; for one row and int8 kernel-backed Linears sharing K and
+    the scale grouping (q/k/v; or wo alone), one GEMV launch reads all the weights and each
+    output is the PartialSums [S, 1, N_i] of its K splits, for a consumer that sums them
+    (grok1.ops.rope, grok1.ops.rmsnorm): no launches to sum and round."""
+    if (x_MK.shape[0] == 1 and use_kernel(x_MK) and all(type(m) is Int8Linear for m in linears)
             and len({(m.weight.shape[0], m.scales.shape[0]) for m in linears}) == 1
             and gemv_supported(linears[0].weight.shape[0], linears[0].scales.shape[0])):
-        return int8_gemv(x_MK, [(m.weight, m.scales) for m in linears], reduce=False)
-    return [m(x_MK)[None] for m in linears]
+        parts = int8_gemv(x_MK, [(m.weight, m.scales) for m in linears], reduce=False)
+        return [PartialSums(p) for p in parts]
+    return [m(x_MK) for m in linears]
 
 
 def kernel_supported(K: int, G: int) -> bool:
@@ -161,7 +165,7 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight", linear.weight)  # the same tensors, the same names
         self.register_buffer("scales", linear.scales)
-        self._kernel_ok = kernel_supported(linear.weight.shape[0], linear.scales.shape[0])
+        self.kernel_ok = kernel_supported(linear.weight.shape[0], linear.scales.shape[0])
 
     @property
     def quantized(self) -> bool:
@@ -171,15 +175,7 @@ class Int8Linear(torch.nn.Module):
         return dequantize(self.weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self._kernel_ok and use_kernel(x)):
+        if not (self.kernel_ok and use_kernel(x)):
             return x @ self.dense()  # the twin: model.Linear.forward
         lead = x.shape[:-1]
         return int8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.scales).view(*lead, -1)
-
-    def partial_sums(self, x_MK: torch.Tensor) -> torch.Tensor:
-        """self(x) as f32 partial sums [S, M, 1, N] (grok1.ops.rmsnorm.add_rms_norm sums them),
-        or [M, N] bf16 where the kernel does not split K (M > 1)."""
-        if x_MK.shape[0] == 1 and self._kernel_ok and use_kernel(x_MK) and \
-                gemv_supported(self.weight.shape[0], self.scales.shape[0]):
-            return int8_gemv(x_MK, [(self.weight, self.scales)], reduce=False)[0][:, :, None]
-        return self(x_MK)

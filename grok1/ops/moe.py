@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from grok1.model import moe_ref
+from grok1.model import PartialSums, moe_ref
 from grok1.ops._triton import cdiv, device_name, interpreting, load_tuned, nearest_m, next_pow2, use_kernel
 
 DEFAULT_BM_DECODE = 16
@@ -276,7 +276,8 @@ def kernel_supported(D: int, F: int, groups_in: int, groups_down: int) -> bool:
 
 class FusedMoE(torch.nn.Module):
     """Drop-in for model.MoE (same parameter names: router, w_gate/w_up/w_down.weight/.scales):
-    f32 router as the reference, then the fused kernels; the twin moe_ref where they can't run."""
+    f32 router as the reference, then the fused kernels; the twin moe_ref where they can't run
+    (`kernel_ok` False: widths the kernels can't tile, or not on a GPU)."""
 
     def __init__(self, moe: torch.nn.Module):
         super().__init__()
@@ -286,24 +287,17 @@ class FusedMoE(torch.nn.Module):
         g_in = self.w_gate.scales.shape[1] if self.w_gate.quantized else 1
         g_down = self.w_down.scales.shape[1] if self.w_down.quantized else 1
         _, D, F = self.w_gate.weight.shape
-        self._kernel_ok = kernel_supported(D, F, g_in, g_down)
+        self.kernel_ok = kernel_supported(D, F, g_in, g_down)
 
-    @classmethod
-    def like(cls, moe: torch.nn.Module) -> FusedMoE:
-        return cls(moe)
-
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x = x_BTD.reshape(-1, x_BTD.shape[-1])
-        out = self.partial_sums(x)
-        return (out if out.dim() == 2 else out.sum(dim=(0, 2)).to(x.dtype)).view_as(x_BTD)
-
-    def partial_sums(self, x_MD: torch.Tensor) -> torch.Tensor:
-        """The output as f32 terms [S, M, A, D] for grok1.ops.rmsnorm.add_rms_norm to sum
-        (the kernels), or bf16 [M, D] (the twin)."""
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor | PartialSums:
+        """The kernels' f32 terms as PartialSums [S, M, A, D] over (K splits, slots), for the
+        fused residual norm to sum (grok1.ops.rmsnorm.add_rms_norm); or bf16 [..., D] from
+        the twin."""
         from grok1.ops.router import route_op
+        x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])
         _, gates, ids = route_op(x_MD, self.router, self.top_k)
-        if self._kernel_ok and use_kernel(x_MD):
-            return fused_moe(x_MD, gates, ids, self.w_gate.weight, self.w_gate.scales,
-                             self.w_up.weight, self.w_up.scales,
-                             self.w_down.weight, self.w_down.scales, reduce=False)
-        return moe_ref(x_MD, gates, ids, self.w_gate, self.w_up, self.w_down)
+        if self.kernel_ok and use_kernel(x_MD):
+            return PartialSums(fused_moe(x_MD, gates, ids, self.w_gate.weight, self.w_gate.scales,
+                                         self.w_up.weight, self.w_up.scales, self.w_down.weight,
+                                         self.w_down.scales, reduce=False), (0, 2))
+        return moe_ref(x_MD, gates, ids, self.w_gate, self.w_up, self.w_down).view_as(x_BTD)

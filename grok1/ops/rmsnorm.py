@@ -1,7 +1,7 @@
 """RMSNorm, and the sandwich-norm residual step fused with the next norm.
 
 Twin: `grok1.model.rms_norm` (f32 math, bf16 out). `add_rms_norm(h, a, w_a, w_next)` is
-h' = h + rms_norm(a, w_a) (a bf16 add, as the reference's residual), x = rms_norm(h', w_next):
+h' = h + rms_norm(summed(a), w_a) (a bf16 add, as the reference's residual), x = rms_norm(h', w_next):
 one pass over the rows instead of about a dozen elementwise kernels.
 Shape letters: M rows, D emb_size.
 """
@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from grok1.model import RMS_EPS, rms_norm
+from grok1.model import RMS_EPS, PartialSums, rms_norm, summed
 from grok1.ops._triton import next_pow2, use_kernel
 
 
-def summed(a: torch.Tensor) -> torch.Tensor:
-    """The bf16 [M, D] value of `a`: itself, or partial sums [S, M, A, D] (e.g. the K splits
-    of a GEMV, the MoE's slots) summed in f32 and rounded once, as one matmul rounds."""
-    if a.dim() == 4:
-        a = a.float().sum(dim=(0, 2))
-    return a.float().to(torch.bfloat16)  # an f64 partial sum (CPU) rounds through f32
-
-
-def add_rms_norm_ref(h_MD: torch.Tensor, a: torch.Tensor, w_a_D: torch.Tensor,
+def add_rms_norm_ref(h_MD: torch.Tensor, a: torch.Tensor | PartialSums, w_a_D: torch.Tensor,
                      w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = h_MD + rms_norm(summed(a), w_a_D)
+    h = h_MD + rms_norm(summed(a).reshape(h_MD.shape), w_a_D)
     return h, rms_norm(h, w_next_D)
+
+
+def terms_SMAD(a: PartialSums) -> torch.Tensor:
+    """The kernel's view of partial sums: [S, M, A, D] summed over S and A."""
+    if a.sum_dims == (0, 2) and a.terms.dim() == 4:
+        return a.terms
+    if a.sum_dims == (0,) and a.terms.dim() == 3:
+        return a.terms[:, :, None]
+    raise ValueError(f"add_rms_norm: partial sums {tuple(a.terms.shape)} over {a.sum_dims}: "
+                     "expected [S, M, D] over (0,) or [S, M, A, D] over (0, 2)")
 
 
 def rms_norm_op(x_MD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
@@ -40,14 +42,15 @@ def rms_norm_op(x_MD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor, w_a_D: torch.Tensor,
+def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor | PartialSums, w_a_D: torch.Tensor,
                  w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + rms_norm(summed(a), w_a), rms_norm of that with w_next), both bf16 [M, D]; `a` is
-    [M, D] (bf16, or f32 rounded here) or partial sums [S, M, A, D], summed in the kernel."""
+    [M, D] (bf16, or f32 rounded here) or PartialSums, summed in the kernel."""
     if not use_kernel(h_MD):
         return add_rms_norm_ref(h_MD, a, w_a_D, w_next_D)
     from grok1.ops.rmsnorm_triton import rmsnorm_kernel
-    h, a = h_MD.contiguous(), a.contiguous()
+    h = h_MD.contiguous()
+    a = terms_SMAD(a).contiguous() if isinstance(a, PartialSums) else a.contiguous()
     M, D = h.shape
     S, _, A, _ = a.shape if a.dim() == 4 else (1, M, 1, D)
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)

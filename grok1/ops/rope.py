@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from grok1.model import apply_rope
+from grok1.model import PartialSums, apply_rope, summed
 from grok1.ops._triton import next_pow2, use_kernel
 
-
-def _summed(t: torch.Tensor) -> torch.Tensor:
-    """[M, heads, H] bf16 from itself or from f32 partial sums [S, M, heads, H] (K splits of
-    the projection), summed in f32 and rounded once."""
-    return t.float().sum(0).to(torch.bfloat16) if t.dim() == 4 else t
+Heads = torch.Tensor | PartialSums  # [M, heads, H] bf16, or partial sums [S, M, heads, H]
 
 
-def rope_and_cache_ref(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Tensor,
+def rope_and_cache_ref(q_MNH: Heads, k_MKH: Heads, v_MKH: Heads,
                        cos_MH: torch.Tensor, sin_MH: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slots_M: torch.Tensor) -> torch.Tensor:
-    q_MNH, k_MKH, v_MKH = _summed(q_MNH), _summed(k_MKH), _summed(v_MKH)
+    q_MNH, k_MKH, v_MKH = summed(q_MNH), summed(k_MKH), summed(v_MKH)
     k = apply_rope(k_MKH[None], cos_MH[None], sin_MH[None])[0]  # k first, as the reference
     q = apply_rope(q_MNH[None], cos_MH[None], sin_MH[None])[0]
     K, H = k.shape[1:]
@@ -32,16 +28,19 @@ def rope_and_cache_ref(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Te
     return q
 
 
-def rope_and_cache(q_MNH: torch.Tensor, k_MKH: torch.Tensor, v_MKH: torch.Tensor,
+def rope_and_cache(q_MNH: Heads, k_MKH: Heads, v_MKH: Heads,
                    cos_MH: torch.Tensor, sin_MH: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slots_M: torch.Tensor) -> torch.Tensor:
     """Rotated q [M, N, H] bf16; rotated k and v written to the caches [P, PAGE, K, H].
-    q/k/v are [M, heads, H] bf16, or f32 partial sums [S, M, heads, H] of a split-K
-    projection (grok1.ops.linear.project_many), summed and rounded to bf16 here first."""
-    if not use_kernel(q_MNH):
+    q/k/v are [M, heads, H] bf16, or PartialSums [S, M, heads, H] over S (the K splits of a
+    projection, grok1.ops.linear.project_many), summed and rounded to bf16 here first."""
+    if not use_kernel(cos_MH):
         return rope_and_cache_ref(q_MNH, k_MKH, v_MKH, cos_MH, sin_MH, k_cache, v_cache, slots_M)
     from grok1.ops.rope_triton import rope_cache_kernel
-    q4, k4, v4 = (t if t.dim() == 4 else t[None] for t in (q_MNH, k_MKH, v_MKH))
+    q4, k4, v4 = (t.terms if isinstance(t, PartialSums) else t[None]
+                  for t in (q_MNH, k_MKH, v_MKH))
+    if any(isinstance(t, PartialSums) and t.sum_dims != (0,) for t in (q_MNH, k_MKH, v_MKH)):
+        raise ValueError("rope_and_cache: partial sums must be summed over their first dim only")
     if not (q4.shape[0] == k4.shape[0] == v4.shape[0]) or \
             any(t.stride(-1) != 1 for t in (q4, k4, v4)):
         raise ValueError("rope_and_cache: q, k, v need the same number of partial sums and "

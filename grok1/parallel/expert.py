@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from grok1.model import Grok1, MoE, moe_ref, route, wide_dtype
-from grok1.parallel.mesh import all_reduce_, group_size
+from grok1.model import MoE, PartialSums, moe_ref, route, wide_dtype
+from grok1.ops.moe import FusedMoE
+from grok1.parallel.mesh import all_reduce_
 
 
-def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor, moe: MoE,
-                   experts: range) -> torch.Tensor:
+def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
+                   moe: FusedMoE, experts: range) -> torch.Tensor:
     """[M, D] in `wide_dtype` (f32 on GPUs): the gated outputs of the `experts` (global ids)
     that `moe` holds, in order."""
     wide = wide_dtype(x_MD.device)
@@ -42,7 +43,7 @@ def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Ten
 
 
 def kernel_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
-                   moe: MoE, experts: range) -> torch.Tensor:
+                   moe: FusedMoE, experts: range) -> torch.Tensor:
     """`expert_partial` through the fused MoE kernels (grok1.ops.moe), with static shapes for
     CUDA graphs: pairs routed to other ranks' experts go to local expert 0 with gate 0, so they
     add exactly 0 (their compute is wasted; a drop id in moe_align would save it)."""
@@ -58,55 +59,32 @@ def kernel_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Ten
                      w_up.scales, w_down.weight, w_down.scales, out_dtype=torch.float32)
 
 
-class ParallelMoE(MoE):
-    """MoE holding `experts` (global ids) or a width slice of all; swapped in as the module's
-    class by `install_moe_reduce`, so its parameters and names stay MoE's. On CUDA it runs the
-    fused kernels itself (`kernel_backed`: the engine's kernel swap leaves it in place)."""
+class ParallelMoE(FusedMoE):
+    """MoE holding `experts` (global ids) or a width slice of all, in place of a MoE
+    (`grok1.parallel.parallelize`): the same tensors under the same names; on CUDA the fused
+    kernels (`kernel_ok`), else the twin; the local part is all-reduced over `group`."""
 
-    experts: range
-    moe_group: dist.ProcessGroup | None
-    kernel_backed = True
-    _kernel_ok: bool
+    def __init__(self, moe: MoE, experts: range, group: dist.ProcessGroup | None):
+        held = moe.w_gate.weight.shape[0]
+        if held != len(experts):
+            raise ValueError(f"MoE holds {held} experts but the layout gives it {len(experts)}")
+        super().__init__(moe)
+        self.experts = experts
+        self.group = group
+        self.last_router_logits: torch.Tensor | None = None  # as MoE's, while training
+        self.last_expert_ids: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x = x_BTD.reshape(-1, x_BTD.shape[-1])
-        return self.partial_sums(x).float().to(x.dtype).view_as(x_BTD)
-
-    def partial_sums(self, x_MD: torch.Tensor) -> torch.Tensor:
-        """The f32 sum over ranks [M, D], before its one rounding to bf16 (the engine's fused
-        residual norm rounds it)."""
+    def forward(self, x_BTD: torch.Tensor) -> PartialSums:
+        """The f32 sum over ranks [1, M, D] (f64 on the CPU), before its one rounding to bf16
+        (`value()`, or the engine's fused residual norm)."""
         from grok1.ops._triton import use_kernel
         from grok1.ops.router import route_op
 
+        x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])
         # the kernels' router at inference; the twin while training (its logits feed losses)
         logits, gates, ids = (route if self.training else route_op)(x_MD, self.router, self.top_k)
         if self.training:
             self.last_router_logits, self.last_expert_ids = logits, ids
-        partial = kernel_partial if self._kernel_ok and use_kernel(x_MD) else expert_partial
-        return all_reduce_(partial(x_MD, gates, ids, self, self.experts), self.moe_group)
-
-
-def install_moe_reduce(moe: MoE, experts: range, group: dist.ProcessGroup | None) -> None:
-    """Make `moe` (already sharded) compute its local part and all-reduce it over `group`."""
-    from grok1.ops.moe import kernel_supported
-
-    held = moe.w_gate.weight.shape[0]
-    if held != len(experts):
-        raise ValueError(f"MoE holds {held} experts but the layout gives it {len(experts)}")
-    moe.__class__ = ParallelMoE
-    moe.experts = experts
-    moe.moe_group = group
-    _, D, F = moe.w_gate.weight.shape
-    groups_in = moe.w_gate.scales.shape[-2] if moe.w_gate.quantized else 1
-    groups_down = moe.w_down.scales.shape[-2] if moe.w_down.quantized else 1
-    moe._kernel_ok = kernel_supported(D, F, groups_in, groups_down)
-
-
-def apply_ep(model: Grok1, ep_group: dist.ProcessGroup | None) -> Grok1:
-    """Expert parallelism alone: whole experts per rank of `ep_group`; attention and the
-    unembedding stay whole on every rank. (`apply_tp(model, g, moe="ep")` combines both.)"""
-    from grok1.parallel.tensor import Layout, parallelize  # tensor.py holds the one table
-
-    rank = 0 if ep_group is None else dist.get_rank(ep_group)
-    layout = Layout(group_size(ep_group), rank, attn="none", moe="ep", unembed="none")
-    return parallelize(model, ep_group, layout)
+        partial = kernel_partial if self.kernel_ok and use_kernel(x_MD) else expert_partial
+        return PartialSums(all_reduce_(partial(x_MD, gates, ids, self, self.experts),
+                                       self.group)[None])

@@ -82,7 +82,7 @@ def load_for_args(args: argparse.Namespace, checkpoint_dir: str | Path) -> tuple
 
 def cache_config(model: Grok1) -> GrokConfig:
     """What to allocate a rank's KV cache from: the local kv-head count of a sharded model."""
-    return getattr(model, "local_config", model.config)
+    return model.local_config
 
 
 def agree_seed(seed: int | None, mesh: Mesh | None) -> int:
@@ -140,7 +140,7 @@ def with_kernels_(model: Grok1) -> Grok1:
     from grok1.ops.moe import FusedMoE
 
     for layer in model.layers:
-        layer.moe = FusedMoE.like(layer.moe)
+        layer.moe = FusedMoE(layer.moe)
         if layer.attn.wo.quantized:
             layer.attn.wo = Int8Linear(layer.attn.wo)
     return model
