@@ -50,9 +50,12 @@ def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor | PartialSums, w_a_D: torch
         return add_rms_norm_ref(h_MD, a, w_a_D, w_next_D)
     from grok1.ops.rmsnorm_triton import rmsnorm_kernel
     h = h_MD.contiguous()
-    a = terms_SMAD(a).contiguous() if isinstance(a, PartialSums) else a.contiguous()
     M, D = h.shape
-    S, _, A, _ = a.shape if a.dim() == 4 else (1, M, 1, D)
+    if isinstance(a, PartialSums):
+        a = terms_SMAD(a).contiguous()
+        S, A = a.shape[0], a.shape[2]
+    else:
+        a, S, A = a.contiguous(), 1, 1
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
     rmsnorm_kernel[(M,)](a, h, w_a_D, w_next_D, h_out, x_out, M, D, RMS_EPS, FUSED=True,
                          BLOCK=triton_block(D), S=S, A=A, num_warps=8)
