@@ -177,7 +177,7 @@ def scan(path: str | Path, config: Grok2Config) -> dict[str, _Stored]:
         rank = None if tp == "common" else int(tp)
         try:
             with safe_open(p, framework="pt") as f:
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     s = f.get_slice(name)
                     seen = pieces.setdefault(name, {})
                     if rank in seen or (None in seen) or (rank is None and seen):
