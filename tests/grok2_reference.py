@@ -115,3 +115,35 @@ def forward(tensors: dict[str, torch.Tensor], c: Grok2Config, tokens_BT: torch.T
         z = h @ (t["lm_head.weight"] * c.output_multiplier_scale)  # folded into lm_head (2.6)
         out.append(softcap(z, c.final_logit_softcap))  # cap after the multiplier (SPEC 2.6)
     return torch.stack(out)
+
+
+def forward_tensor_parallel(rank_tensors: list[dict[str, torch.Tensor]], c: Grok2Config,
+                            tokens_BT: torch.Tensor,
+                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """`forward` computed as tensor-parallel ranks would, each from its own slices only (as
+    grok1.checkpoint.grok2.tp_want cuts them): every rank runs attention on its query heads
+    (and the kv heads they read) and the MLP and experts on its share of their width; the
+    partial outputs of o_proj and the down projections are summed (the all-reduce)."""
+    size = len(rank_tensors)
+    local = c.replace(num_q_heads=c.num_q_heads // size,
+                      num_kv_heads=max(c.num_kv_heads // size, 1))
+    ranks = [{k: v.to(dtype) for k, v in t.items()} for t in rank_tensors]
+    shared = ranks[0]  # embedding, norms, router and head are whole on every rank
+    out = []
+    for row in tokens_BT:
+        positions = torch.arange(row.shape[0])
+        x = shared["embed"][row] * c.embedding_multiplier_scale
+        for i in range(c.num_layers):
+            ws = [{k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"layers.{i}.")}
+                  for t in ranks]
+            eps = c.rms_norm_eps
+            h = rms_norm(x, ws[0]["attn_norm.scale"], eps)
+            a = sum(attention(h, w, local, positions) for w in ws)
+            x = x + rms_norm(a, ws[0]["attn_out_norm.scale"], eps)
+            h = rms_norm(x, ws[0]["moe_norm.scale"], eps)
+            f = sum(ffn(h, w, c) for w in ws)
+            x = x + rms_norm(f, ws[0]["moe_out_norm.scale"], eps)
+        h = rms_norm(x, shared["norm.scale"], c.rms_norm_eps)
+        z = h @ (shared["lm_head.weight"] * c.output_multiplier_scale)
+        out.append(softcap(z, c.final_logit_softcap))
+    return torch.stack(out)

@@ -66,3 +66,16 @@ def test_temperature_matches_spec_examples():
     torch.testing.assert_close(t[3:], torch.tensor([1.1, 1.3, 1.7], dtype=torch.float64),
                                rtol=0, atol=1e-4)
     assert 1.0 < t[2] < 1.0002
+
+
+@pytest.mark.parametrize("tp_size", [2, 4, 8])
+def test_tensor_parallel_slices_give_the_same_logits(golden_case, tp_size):
+    """The split tp_want asks for is the right one: ranks computing from their own slices only
+    (kv heads replicated past 2 ranks) sum to the one-process logits."""
+    config, tensors, tokens, golden = golden_case
+    ranks = [dict(grok2.read(GOLDEN2, config, grok2.tp_want(config, r, tp_size)))
+             for r in range(tp_size)]
+    out = ref.forward_tensor_parallel(ranks, config, tokens[:2])
+    one = ref.forward(tensors, config, tokens[:2])
+    torch.testing.assert_close(out, one, rtol=1e-9, atol=1e-9)
+    assert rel(out, golden[:2])[0] <= 2e-6
