@@ -167,9 +167,10 @@ def scan(path: str | Path, config: Grok2Config) -> dict[str, _Stored]:
             ranks_by_number.setdefault(number, set()).add(int(tp))
     n_shards = max((max(r) + 1 for r in ranks_by_number.values()), default=1)
     for number, ranks in sorted(ranks_by_number.items()):
-        for r in sorted(set(range(n_shards)) - ranks):
-            raise CheckpointError(f"{folder.name}/pytorch_model-{number}-TP-{r:03d}.safetensors "
-                                  f"missing: its siblings hold {n_shards} pre-shards")
+        absent = sorted(set(range(n_shards)) - ranks)
+        if absent:
+            raise CheckpointError(f"{folder.name}/pytorch_model-{number}-TP-{absent[0]:03d}"
+                                  f".safetensors missing: its siblings hold {n_shards} pre-shards")
 
     pieces: dict[str, dict[int | None, tuple[Path, tuple[int, ...], str]]] = {}
     for p in files:
