@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+NUM_SMS_GUESS = 132  # H100's SM count: sizes grids (K splits, programs) where nothing says
 
 
 @functools.cache
@@ -44,31 +42,9 @@ def use_kernel(t: torch.Tensor) -> bool:
 
 
 def device_name(t: torch.Tensor) -> str:
-    """The key of t's device in the tuned-config files: the GPU's name, plus its architecture
-    as a fallback ("NVIDIA_H200|sm_90"), so an H200 uses configs tuned on an H100."""
+    """The key of t's device in the tuning tables (ops/tile_config.py): the GPU's name, plus its
+    architecture as a fallback ("NVIDIA_H200|sm_90"), so an H200 uses configs tuned on an H100."""
     if t.is_cuda:
         major, minor = torch.cuda.get_device_capability(t.device)
         return f"{torch.cuda.get_device_name(t.device).replace(' ', '_')}|sm_{major}{minor}"
     return "cpu"
-
-
-@functools.cache
-def load_tuned(op: str, device: str) -> dict:
-    """Tuned launch configs for one op and device, {key: {M: config}} from configs/<op>.json:
-    the entries of the device's architecture (e.g. "sm_90"), overridden by its exact name's."""
-    path = CONFIG_DIR / f"{op}.json"
-    if not path.exists():
-        return {}
-    tables = json.loads(path.read_text())
-    merged: dict = {}
-    for key in reversed(device.split("|")):
-        merged |= tables.get(key, {})
-    return merged
-
-
-def nearest_m(table: dict, m: int) -> dict | None:
-    """The entry whose M key is nearest to m (vLLM's rule), or None for an empty table."""
-    if not table:
-        return None
-    key = min(table, key=lambda k: abs(int(k) - m))
-    return table[key]
