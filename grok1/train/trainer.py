@@ -104,10 +104,10 @@ class TrainerHook:
         return ce
 
     def after_backward(self, trainer: Trainer) -> None:
-        """The step's gradients are complete (all micro-steps); before clipping and the optimizer."""
+        """The step's gradients are complete (all micro-steps), not yet clipped or applied."""
 
     def after_step(self, trainer: Trainer) -> None:
-        """A step counted and its eval and checkpoint (if due) are done; trainer.step is its number."""
+        """A step counted (trainer.step is its number); its eval and checkpoint, if due, done."""
 
 
 class Trainer:
