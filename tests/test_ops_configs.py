@@ -179,3 +179,15 @@ def test_configs_given_at_the_call_are_validated_like_tables():
     with pytest.raises(dataclasses.FrozenInstanceError):
         GemvTiles().W = 8
     assert MoeTiles.from_dict({"BM": 64}, "test") == MoeTiles(BM=64)
+
+
+@pytest.mark.parametrize("group_k,groups,want,at_least,tile", [
+    (768, 8, 128, 16, 128),  # Grok-1's 6144 rows in 8 scale groups: the whole tile fits
+    (48, 8, 128, 16, 16),  # halved until it divides the group
+    (40, 8, 128, 16, 0),  # no power of two >= 16 divides 40: the MMA kernels cannot tile it
+    (40, 8, 32, 1, 8),  # the GEMVs go below 16
+    (130, 1, 128, 16, 128)])  # one group: any tile (the last one is masked)
+def test_k_tile_stays_inside_one_scale_group(group_k, groups, want, at_least, tile):
+    from grok1.ops._triton import k_tile
+
+    assert k_tile(group_k, groups, want, at_least) == tile

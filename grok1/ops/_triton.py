@@ -29,6 +29,18 @@ def next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
+def k_tile(group_k: int, num_groups: int, want: int, at_least: int = 16) -> int:
+    """The largest K tile want / 2^i >= at_least inside one scale group (dividing group_k; any
+    with one group), so one scale row serves a tile; 0 if none. 16 is tl.dot's minimum; the
+    GEMVs, which do not use tl.dot, go down to 1."""
+    tile = want
+    while tile >= at_least:
+        if num_groups == 1 or group_k % tile == 0:
+            return tile
+        tile //= 2
+    return 0
+
+
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from grok1.ops._triton import NUM_SMS_GUESS, cdiv, device_name, interpreting, use_kernel
+from grok1.ops._triton import NUM_SMS_GUESS, cdiv, device_name, interpreting, k_tile, use_kernel
 from grok1.ops.tile_config import GemvTiles, LinearTiles, gemv_key, mm_key, nearest_rows, tuned
 from grok1.quant import dequantize
 
@@ -25,15 +25,6 @@ def linear_config(M: int, K: int, N: int, device: str) -> LinearTiles:
         split = max(1, min(8, cdiv(2 * NUM_SMS_GUESS, tiles)))
         return LinearTiles(BM=16 if M <= 16 else 64, BN=64, BK=128, SPLIT=split, W=4)
     return LinearTiles()
-
-
-def _tile_k(K: int, G: int, want: int) -> int:
-    bk = want
-    while bk >= 16:
-        if G == 1 or (K // G) % bk == 0:
-            return bk
-        bk //= 2
-    return 0
 
 
 def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
@@ -51,7 +42,7 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
     if isinstance(config, dict):
         config = LinearTiles.from_dict(config, "int8_linear(config=...)")
     cfg = config or linear_config(M, K, N, device_name(x_MK))
-    bk = _tile_k(K, G, cfg.BK)
+    bk = k_tile(K // G, G, cfg.BK)
     from grok1.ops.linear_triton import linear_kernel
     split = cfg.SPLIT
     k_per_split = cdiv(K, split * bk) * bk  # whole K tiles per split
@@ -106,8 +97,7 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
                 + int8_gemv(x_1K, mats[3:], out_dtype, config, reduce))
     BN, BK = cfg.BN, cfg.BK
     group_k = K // G
-    while BK > 1 and G > 1 and group_k % BK:
-        BK //= 2
+    BK = k_tile(group_k, G, BK, at_least=1)
     Ns = [w.shape[1] for w, _ in mats] + [0] * (3 - len(mats))
     tiles = [cdiv(n, BN) for n in Ns]
     want = max(1, cdiv(cfg.PROGRAMS, sum(tiles)))
@@ -148,7 +138,7 @@ def project_many(x_MK: torch.Tensor, linears: list[torch.nn.Module]) -> list[tor
 
 
 def kernel_supported(K: int, G: int) -> bool:
-    return K % G == 0 and bool(_tile_k(K, G, 128))
+    return K % G == 0 and bool(k_tile(K // G, G, 128))
 
 
 class Int8Linear(torch.nn.Module):

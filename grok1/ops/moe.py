@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from grok1.model import moe_ref
-from grok1.ops._triton import cdiv, device_name, interpreting, next_pow2, use_kernel
+from grok1.ops._triton import cdiv, device_name, interpreting, k_tile, next_pow2, use_kernel
 from grok1.ops.tile_config import MoeTiles, moe_key, nearest_rows, tuned
 
 
@@ -69,17 +69,6 @@ def moe_align(ids_MA: torch.Tensor, num_experts: int, block_m: int
 
 
 # ---- launch configs ----------------------------------------------------------------------
-
-def _largest_tile(group_k: int, num_groups: int, k: int, want: int) -> int:
-    """Largest power-of-two K tile <= want (>= 16, tl.dot's minimum) that stays inside one
-    scale group; 0 if none."""
-    bk = want
-    while bk >= 16:
-        if num_groups == 1 or group_k % bk == 0:
-            return bk
-        bk //= 2
-    return 0
-
 
 def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> MoeTiles:
     """Launch config for P pairs: the tuned entry (configs/moe.json) nearest P, else defaults.
@@ -150,8 +139,8 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     quant = sg_EGF is not None
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
-    bk1 = _largest_tile(D // G1, G1, D, cfg.BK1)
-    bk2 = _largest_tile(F // G2, G2, F, cfg.BK2)
+    bk1 = k_tile(D // G1, G1, cfg.BK1)
+    bk2 = k_tile(F // G2, G2, cfg.BK2)
     if not bk1 or not bk2 or D % G1 or F % G2:
         raise ValueError(f"fused_moe: D={D}, F={F} with {G1}/{G2} scale groups have no K tile "
                          f">= 16 inside one group; use moe_ref")
@@ -191,21 +180,13 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
 # combine kernel): at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
 
 
-def _gemv_tile(group_k: int, want: int) -> int:
-    """Largest power of two <= want dividing the scale group (>= 1)."""
-    bk = want
-    while bk > 1 and group_k % bk:
-        bk //= 2
-    return bk
-
-
 def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, int, int, int]:
     """(split, k_per_split, chunk, bk) for a GEMV over K rows in G scale groups: with G > 1
     whole groups per split, reduced and scaled per group (chunk = group); with one group (or
     bf16) whole BK tiles per split, reduced once (chunk = k_per_split)."""
     if G > 1:
         group_k = K // G
-        bk = _gemv_tile(group_k, want_bk)
+        bk = k_tile(group_k, G, want_bk, at_least=1)
         k_per_split = cdiv(G, max(1, min(want_split, G))) * group_k
         chunk = group_k
     else:
@@ -261,8 +242,8 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
 def kernel_supported(D: int, F: int, groups_in: int, groups_down: int) -> bool:
     """Whether the kernels can tile these sizes (tiny test widths may not)."""
     return (D % groups_in == 0 and F % groups_down == 0
-            and bool(_largest_tile(D // groups_in, groups_in, D, 128))
-            and bool(_largest_tile(F // groups_down, groups_down, F, 128)))
+            and bool(k_tile(D // groups_in, groups_in, 128))
+            and bool(k_tile(F // groups_down, groups_down, 128)))
 
 
 class FusedMoE(torch.nn.Module):
