@@ -31,7 +31,7 @@ def moe_rows(F: int, ceil: dict, g: torch.Generator) -> list[dict]:
     x = torch.randn(1, D, device="cuda", generator=g).to(torch.bfloat16)
     gates, ids = torch.softmax(torch.randn(1, E, device="cuda", generator=g), -1).topk(A, -1)
     ref = moe_ref(x, gates, ids, *lins, out_dtype=torch.float32)
-    base = moe_config(A, D, F, E, True, device_name(x))
+    base = moe_config(A, D, F, E, True, device_name(x)).as_dict()
     roof = 2 * 3 * D * F / ceil["copy_gbps"] / 1e6
     rows, outs = [], []
     for mode in MODES:

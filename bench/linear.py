@@ -3,7 +3,7 @@ shapes of 1, 2, 4 and 8 tensor-parallel ranks: time per launch config, beside it
 (weight bytes / copy bandwidth measured in the same run). Times are per call inside a CUDA graph
 (as the engine replays them), cycling through copies of the weights larger than L2 so every call
 reads HBM. Writes the fastest config per shape in the grok1/ops/configs/linear.json format
-(--tuned-out) and every measurement as JSON (--out)."""
+(--tuned-out; the layout in grok1/ops/tile_config.py) and every measurement as JSON (--out)."""
 
 import argparse
 import itertools
@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from grok1.engine.bench_cli import measure_ceilings, staged_sweep, time_graph_ms
-from grok1.ops._triton import CONFIG_DIR, device_name
-from grok1.ops.linear import GEMV_CONFIG, gemv_key, int8_gemv
+from grok1.ops._triton import device_name
+from grok1.ops.linear import int8_gemv
+from grok1.ops.tile_config import CONFIG_DIR, GemvTiles, gemv_key
 
 D, Q, KV, O_GROUPS = 6144, 6144, 1024, 8  # Grok-1: q heads 48 x 128, kv heads 8 x 128
 TILES = [{"BN": bn, "BK": bk, "W": w} for bn, bk, w in [
@@ -69,12 +70,13 @@ def main() -> None:
                              "config": cfg, "us": 1e3 * ms, "roofline_us": 1e3 * roof_ms,
                              "pct_of_roofline": pct, "copy_gbps": ceil["copy_gbps"]})
                 return ms
-            best = staged_sweep(dict(GEMV_CONFIG), [TILES, [{"PROGRAMS": n} for n in PROGRAMS]],
+            defaults = GemvTiles().as_dict()
+            best = staged_sweep(dict(defaults), [TILES, [{"PROGRAMS": n} for n in PROGRAMS]],
                                 measure)
-            if best:
-                tuned[key] = {k: v for k, v in best[1].items() if GEMV_CONFIG.get(k) != v}
+            if best:  # one row (M = 1), the keys that differ from the defaults
+                tuned[key] = {"1": {k: v for k, v in best[1].items() if defaults[k] != v}}
                 print(f"best {key}: {1e3 * best[0]:.1f} us = {100 * roof_ms / best[0]:.0f}% of "
-                      f"roofline, {tuned[key]}")
+                      f"roofline, {tuned[key]['1']}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     if args.tuned_out:

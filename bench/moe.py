@@ -1,7 +1,8 @@
 """Fused MoE alone at decode and prefill pair counts (full width, int8): time per launch config
 (a staged sweep: GEMV vs MMA at M=1, the int8 conversion, prefill tiles),
 beside its roofline (expert bytes / copy bandwidth, or FLOPs / bf16 rate). Writes the fastest
-config per pair count as JSON in the grok1/ops/configs/moe.json format (--tuned-out)."""
+config per pair count as JSON in the grok1/ops/configs/moe.json format (--tuned-out; the
+layout in grok1/ops/tile_config.py)."""
 
 import argparse
 import json
@@ -13,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from grok1.engine.bench_cli import measure_ceilings, staged_sweep, time_graph_ms, time_ms
-from grok1.ops._triton import CONFIG_DIR, device_name
+from grok1.ops._triton import device_name
 from grok1.ops.moe import fused_moe, moe_config
+from grok1.ops.tile_config import CONFIG_DIR, moe_key
 
 # Stages per pair count, each a list of changes to the best config so far (tuned JSON first):
 # one pair per expert (M=1): the GEMV kernels (grok1/ops/moe.py "GEMV") against the tuned MMA
@@ -75,7 +77,8 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
         nbytes = experts * 3 * D * F
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         P = M * A
-        base = {k: v for k, v in moe_config(P, D, F, E, True, device_name(x)).items() if k != "GEMV"}
+        base = {k: v for k, v in moe_config(P, D, F, E, True, device_name(x)).as_dict().items()
+                if k != "GEMV"}
         fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
         # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)
         stages = [[{**c, "GEMV": P} if c.get("GEMV") else c for c in st]
@@ -92,7 +95,7 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
             tuned[str(M * A)] = {k: v for k, v in best[1].items() if k != "GEMV" or v}
     for P, cfg in tuned.items():
         print(f"best F={F} P={P}: {cfg}")
-    key = f"D{D}_F{F}_E{E}_int8"
+    key = moe_key(D, F, E, "int8")
     table.setdefault(device_name(x).split("|")[key_part], {}).setdefault(key, {}).update(tuned)
 
 

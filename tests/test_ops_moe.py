@@ -64,15 +64,17 @@ def test_fused_moe_matches_moe_ref(quant, M):
     assert rel_err(out, ref) < 1.5e-2
 
 
-@pytest.mark.parametrize("cfg", [
-    {"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3},
-    {"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 16, "W2": 4, "S2": 2, "SPLIT": 3, "LATE": 1},
-    {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1, "LATE": 1},
-    {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}])
-def test_fused_moe_other_tiles_and_odd_sizes(cfg):
+# exact: the opt-in exact int8 products (a numerics, named at the call; older tables had it as
+# a tile key, LATE, which had been ignored since the tables lost the right to choose numerics)
+@pytest.mark.parametrize("cfg,exact", [
+    ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3}, False),
+    ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 16, "W2": 4, "S2": 2, "SPLIT": 3}, True),
+    ({"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1}, True),
+    ({"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}, False)])
+def test_fused_moe_other_tiles_and_odd_sizes(cfg, exact):
     # D, F not multiples of the 128-wide N tiles
     x, gates, ids, lins, ref = moe_case(45, 192, 384, True, (7, 8))
-    out = run_fused(x, gates, ids, lins, cfg)
+    out = run_fused(x, gates, ids, lins, cfg, exact_int8_products=exact)
     assert rel_err(out, ref) < 1.5e-2
 
 
@@ -99,10 +101,10 @@ def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic, gsplit1):
 
 def test_fused_moe_mma_path_with_magic_conversion_matches_moe_ref():
     x, gates, ids, lins, ref = moe_case(70, 256, 512, True, (21, 22))
-    for late in (0, 1):
-        cfg = {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 64, "W2": 4,
-               "S2": 2, "SPLIT": 2, "LATE": late, "MAGIC": 1}
-        out = run_fused(x, gates, ids, lins, cfg)
+    cfg = {"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 64, "W2": 4,
+           "S2": 2, "SPLIT": 2, "MAGIC": 1}
+    for exact in (False, True):  # MAGIC converts int8 on the exact-products path only
+        out = run_fused(x, gates, ids, lins, cfg, exact_int8_products=exact)
         assert rel_err(out, ref) < 1.5e-2
 
 
@@ -138,20 +140,21 @@ def test_fused_moe_under_cuda_graph_replay_tracks_new_inputs(M, config, seeds, t
         assert rel_err(out, ref) < 1.5e-2
     assert len(seen) > 1  # the replays saw other experts chosen, not one frozen routing
 
-# The numerics of the int8 paths against the twin, tighter than the shared budget above: LATE=0
-# dequantizes each tile as the reference does (bf16(w * s)), so only h's bf16 rounding and the
-# f32 order differ (~0.16 % measured on an H100 at full width); LATE=1 and the GEMV scale the
-# exact int8 products afterwards, one more departure (~0.45 %). A wrong scale group or a lost
-# rounding moves these by far more.
-@pytest.mark.parametrize("M,cfg,bound", [
-    (42, {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 2, "BN2": 64, "BK2": 128, "W2": 4,
-          "S2": 2, "SPLIT": 2, "LATE": 0}, 4e-3),
-    (42, {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 2, "BN2": 64, "BK2": 128, "W2": 4,
-          "S2": 2, "SPLIT": 2, "LATE": 1}, 9e-3),
-    (1, GEMV, 9e-3)], ids=["mma_reference_rounding", "mma_late_scale", "gemv"])
-def test_int8_paths_stay_close_to_the_twin_at_full_width(M, cfg, bound):
+# The numerics of the int8 paths against the twin, tighter than the shared budget above: the
+# default dequantizes each tile as the reference does (bf16(w * s)), so only h's bf16 rounding
+# and the f32 order differ (~0.16 % measured on an H100 at full width); exact_int8_products
+# and the GEMV scale the exact int8 products afterwards, one more departure (~0.45 %). A wrong
+# scale group or a lost rounding moves these by far more.
+MMA_FULL_WIDTH = {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 2, "BN2": 64, "BK2": 128,
+                  "W2": 4, "S2": 2, "SPLIT": 2}
+
+
+@pytest.mark.parametrize("M,cfg,exact,bound", [
+    (42, MMA_FULL_WIDTH, False, 4e-3), (42, MMA_FULL_WIDTH, True, 9e-3), (1, GEMV, False, 9e-3)],
+    ids=["mma_reference_rounding", "mma_late_scale", "gemv"])
+def test_int8_paths_stay_close_to_the_twin_at_full_width(M, cfg, exact, bound):
     if DEV != "cuda":
         pytest.skip("full width: CUDA only")
     x, gates, ids, lins, ref = moe_case(M, 6144, 8192, True, (3, 4), out_dtype=torch.float32)
-    out = run_fused(x, gates, ids, lins, cfg, out_dtype=torch.float32)
+    out = run_fused(x, gates, ids, lins, cfg, out_dtype=torch.float32, exact_int8_products=exact)
     assert rel_err(out, ref) < bound

@@ -3,6 +3,7 @@ hang; plus bit-identical resume, activation checkpointing and export (CPU, tiny 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ from grok1.config import GrokConfig
 from grok1.train.checkpoints import CheckpointCorruptError, CheckpointManager
 from grok1.train.data import write_dataset
 from grok1.train.train_config import TrainConfig
-from grok1.train.trainer import Trainer, TrainingDiverged
+from grok1.train.trainer import Trainer, TrainerHook, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 256  # the tiny preset's
@@ -59,9 +60,38 @@ def events(out_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("event") == kind]
 
 
-def torchrun(out_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+class NanLoss(TrainerHook):
+    """A NaN loss in step s once for each time s is listed (a step that is skipped is tried
+    again; a rollback does not re-arm it: the hook outlives the restored trainer state)."""
+
+    def __init__(self, *steps: int):
+        self.left = collections.Counter(steps)
+
+    def after_loss(self, trainer, micro_step, ce):
+        step = trainer.step + 1
+        if micro_step == 0 and self.left[step]:
+            self.left[step] -= 1
+            return ce * float("nan")  # one NaN micro-step makes the step's mean NaN
+        return ce
+
+
+class InfGradient(TrainerHook):
+    """An infinite gradient in step `step`, once, with a finite loss: the grad-norm check's case."""
+
+    def __init__(self, step: int):
+        self.step, self.done = step, False
+
+    def after_backward(self, trainer):
+        if trainer.step + 1 == self.step and not self.done:
+            self.done = True
+            trainer.core.embed.grad[0, 0] = float("inf")
+
+
+def torchrun(out_dir: Path, data_dir: Path, *extra: str,
+             program: tuple[str, ...] = ("-m", "grok1.train.cli_train", "train")
+             ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "-m", "grok1.train.cli_train", "train",
+           "--max-restarts", "1", *program,
            "--data", str(data_dir), "--out", str(out_dir), "--model", "tiny", "--seed", "1",
            "--batch-size", "2", "--seq-len", "32", "--max-steps", "8", "--lr", "3e-3",
            "--warmup-steps", "2", "--save-every", "2", "--eval-every", "4", "--eval-batches", "2",
@@ -77,7 +107,8 @@ def test_killed_worker_restarts_by_itself_and_ends_with_the_uninterrupted_loss(d
     restarts both, they resume from step 4 and finish with the same printed loss."""
     plain = torchrun(tmp_path / "plain", data_dir)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    crashed = torchrun(tmp_path / "crashed", data_dir, "--crash-at-step", "5")
+    crashed = torchrun(tmp_path / "crashed", data_dir, "--crash-at-step", "5",
+                       program=(str(REPO / "tests" / "_train_worker.py"),))
     assert crashed.returncode == 0, crashed.stderr[-3000:]
     assert "fault injection: rank 1 exits after step 5" in crashed.stderr
     assert "resumed from step 4" in crashed.stderr
@@ -144,7 +175,7 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(data_dir, tmp_path
 
 def test_nan_step_is_skipped_without_touching_the_weights(data_dir, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(tiny_cfg(data_dir, out, inject_nan_steps=(1,)))
+    trainer = Trainer(tiny_cfg(data_dir, out), hooks=[NanLoss(1)])
     before = params(trainer)
     assert trainer.train_step() is None and trainer.step == 0
     assert all(torch.equal(before[k], v) for k, v in params(trainer).items())
@@ -155,10 +186,24 @@ def test_nan_step_is_skipped_without_touching_the_weights(data_dir, tmp_path):
     assert skip["step"] == 1 and "non-finite loss nan" in skip["reason"]
 
 
+def test_infinite_gradient_with_a_finite_loss_is_skipped_without_touching_the_weights(
+        data_dir, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(data_dir, out), hooks=[InfGradient(1)])
+    before = params(trainer)
+    assert trainer.train_step() is None and trainer.step == 0
+    assert all(torch.equal(before[k], v) for k, v in params(trainer).items())
+    assert not trainer.optimizer.state
+    assert trainer.train_step()["step"] == 1
+    [skip] = events(out, "skip")
+    assert skip["step"] == 1 and re.search(r"non-finite loss \d+\.\d+ or grad norm inf$",
+                                           skip["reason"])
+
+
 def test_repeated_nan_steps_roll_back_to_the_last_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_cfg(data_dir, out, inject_nan_steps=(4, 4), max_bad_steps=2)
-    result = Trainer(cfg).train()
+    cfg = tiny_cfg(data_dir, out, max_bad_steps=2)
+    result = Trainer(cfg, hooks=[NanLoss(4, 4)]).train()
     [rollback] = events(out, "rollback")
     assert rollback["from_step"] == 3 and rollback["step"] == 2
     assert "2 non-finite steps in a row" in rollback["reason"]
@@ -167,8 +212,8 @@ def test_repeated_nan_steps_roll_back_to_the_last_checkpoint(data_dir, tmp_path)
 
 
 def test_nan_with_no_checkpoint_to_roll_back_to_stops_training(data_dir, tmp_path):
-    trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run", inject_nan_steps=(1, 1),
-                               max_bad_steps=2))
+    trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run", max_bad_steps=2),
+                      hooks=[NanLoss(1, 1)])
     assert trainer.train_step() is None
     with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row and no checkpoint"):
         trainer.train_step()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+NUM_SMS_GUESS = 132  # H100's SM count: sizes grids (K splits, programs) where nothing says
 
 
 @functools.cache
@@ -31,6 +29,18 @@ def next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
+def k_tile(group_k: int, num_groups: int, want: int, at_least: int = 16) -> int:
+    """The largest K tile want / 2^i >= at_least inside one scale group (dividing group_k; any
+    with one group), so one scale row serves a tile; 0 if none. 16 is tl.dot's minimum; the
+    GEMVs, which do not use tl.dot, go down to 1."""
+    tile = want
+    while tile >= at_least:
+        if num_groups == 1 or group_k % tile == 0:
+            return tile
+        tile //= 2
+    return 0
+
+
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,31 +54,9 @@ def use_kernel(t: torch.Tensor) -> bool:
 
 
 def device_name(t: torch.Tensor) -> str:
-    """The key of t's device in the tuned-config files: the GPU's name, plus its architecture
-    as a fallback ("NVIDIA_H200|sm_90"), so an H200 uses configs tuned on an H100."""
+    """The key of t's device in the tuning tables (ops/tile_config.py): the GPU's name, plus its
+    architecture as a fallback ("NVIDIA_H200|sm_90"), so an H200 uses configs tuned on an H100."""
     if t.is_cuda:
         major, minor = torch.cuda.get_device_capability(t.device)
         return f"{torch.cuda.get_device_name(t.device).replace(' ', '_')}|sm_{major}{minor}"
     return "cpu"
-
-
-@functools.cache
-def load_tuned(op: str, device: str) -> dict:
-    """Tuned launch configs for one op and device, {key: {M: config}} from configs/<op>.json:
-    the entries of the device's architecture (e.g. "sm_90"), overridden by its exact name's."""
-    path = CONFIG_DIR / f"{op}.json"
-    if not path.exists():
-        return {}
-    tables = json.loads(path.read_text())
-    merged: dict = {}
-    for key in reversed(device.split("|")):
-        merged |= tables.get(key, {})
-    return merged
-
-
-def nearest_m(table: dict, m: int) -> dict | None:
-    """The entry whose M key is nearest to m (vLLM's rule), or None for an empty table."""
-    if not table:
-        return None
-    key = min(table, key=lambda k: abs(int(k) - m))
-    return table[key]

@@ -24,9 +24,7 @@ import itertools
 import torch
 
 from grok1.model import attention_ref
-from grok1.ops._triton import cdiv, interpreting, next_pow2, use_kernel
-
-NUM_SMS_GUESS = 132  # H100; only sets how many key splits decode uses
+from grok1.ops._triton import NUM_SMS_GUESS, cdiv, interpreting, next_pow2, use_kernel
 
 
 @dataclasses.dataclass
@@ -53,7 +51,7 @@ def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
             seq.append(b)
             tok0.append(s + t)
     if splits is None:
-        want = cdiv(NUM_SMS_GUESS, len(seq) * num_kv_heads)
+        want = cdiv(NUM_SMS_GUESS, len(seq) * num_kv_heads)  # the only use of the SM count
         splits = max(1, min(16, want, cdiv(max_kv_len, 256))) if decode else 1
     as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
     return AttentionPlan(list(query_start_B1), as_i32(seq), as_i32(tok0),

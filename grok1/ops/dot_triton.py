@@ -74,6 +74,13 @@ def scaled_int8(w, s, c):
 
 
 @triton.jit
+def dequant_t_bf16(w_t, s):
+    """The reference's weight bf16(w * s) for a transposed int8 tile w_t [BN, BK] (the MMA
+    kernels' W^T) and the f32 copies of its bf16 scales s [BN]: `scaled_int8`, then bf16."""
+    return scaled_int8(w_t, s[:, None], (-8388736.0 * s)[:, None]).to(tl.bfloat16)
+
+
+@triton.jit
 def dequant_f32(w, s, MODE: tl.constexpr):
     """The reference's weight bf16(w * s) (SPEC 3), as f32: int8 w [BK, BN], f32 copies of the
     bf16 scales s [BN]. MODE picks the instructions, never the value (all exact, then rounded

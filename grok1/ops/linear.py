@@ -11,45 +11,41 @@ from __future__ import annotations
 import torch
 
 from grok1.model import PartialSums
-from grok1.ops._triton import cdiv, device_name, interpreting, load_tuned, nearest_m, use_kernel
+from grok1.ops._triton import NUM_SMS_GUESS, cdiv, device_name, interpreting, k_tile, use_kernel
+from grok1.ops.tile_config import GemvTiles, LinearTiles, gemv_key, mm_key, nearest_rows, tuned
 from grok1.quant import dequantize
 
-NUM_SMS_GUESS = 132
 
-
-def linear_config(M: int, K: int, N: int, device: str) -> dict:
-    tuned = nearest_m(load_tuned("linear", device).get(f"K{K}_N{N}", {}), M)
-    if tuned:
-        return dict(tuned)
+def linear_config(M: int, K: int, N: int, device: str) -> LinearTiles:
+    """The tuned entry (configs/linear.json) nearest M, else defaults."""
+    entry = nearest_rows(tuned("linear", device).get(mm_key(K, N), {}), M)
+    if entry:
+        return entry
     if M <= 64:  # memory-bound: split K until the grid covers the GPU about twice
         tiles = cdiv(N, 64)
         split = max(1, min(8, cdiv(2 * NUM_SMS_GUESS, tiles)))
-        return {"BM": 16 if M <= 16 else 64, "BN": 64, "BK": 128, "SPLIT": split, "W": 4, "S": 4}
-    return {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 1, "W": 8, "S": 4}
-
-
-def _tile_k(K: int, G: int, want: int) -> int:
-    bk = want
-    while bk >= 16:
-        if G == 1 or (K // G) % bk == 0:
-            return bk
-        bk //= 2
-    return 0
+        return LinearTiles(BM=16 if M <= 16 else 64, BN=64, BK=128, SPLIT=split, W=4)
+    return LinearTiles()
 
 
 def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
-                config: dict | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                config: LinearTiles | dict | None = None,
+                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """bf16 [M, N] = x @ dequantize(w, s) (Triton kernel); `out_dtype=torch.float32` returns
-    the f32 accumulator unrounded (a tensor-parallel partial sum, summed across ranks first)."""
+    the f32 accumulator unrounded (a tensor-parallel partial sum, summed across ranks first).
+    `config`: the launch config instead of the tuned one (a dict: LinearTiles keys over its
+    defaults; ConfigError if bad)."""
     M, K = x_MK.shape
     N = w_KN.shape[1]
     G = s_GN.shape[0]
     if M == 1 and config is None and gemv_supported(K, G):
         return int8_gemv(x_MK, [(w_KN, s_GN)], out_dtype)[0]
-    cfg = dict(config or linear_config(M, K, N, device_name(x_MK)))
-    bk = _tile_k(K, G, cfg["BK"])
+    if isinstance(config, dict):
+        config = LinearTiles.from_dict(config, "int8_linear(config=...)")
+    cfg = config or linear_config(M, K, N, device_name(x_MK))
+    bk = k_tile(K // G, G, cfg.BK)
     from grok1.ops.linear_triton import linear_kernel
-    split = cfg["SPLIT"]
+    split = cfg.SPLIT
     k_per_split = cdiv(K, split * bk) * bk  # whole K tiles per split
     split = cdiv(K, k_per_split)
     f32_out = out_dtype == torch.float32
@@ -58,32 +54,22 @@ def int8_linear(x_MK: torch.Tensor, w_KN: torch.Tensor, s_GN: torch.Tensor,
     else:
         out = torch.empty(split, M, N, dtype=torch.float32, device=x_MK.device)
     x = x_MK.contiguous()
-    grid = (cdiv(M, cfg["BM"]), cdiv(N, cfg["BN"]), split)
+    grid = (cdiv(M, cfg.BM), cdiv(N, cfg.BN), split)
     linear_kernel[grid](x, w_KN, s_GN, out, M, N, K, K // G, G, k_per_split, QUANT=True,
                         SPLIT=max(split, 2) if f32_out else split,  # SPLIT > 1 stores f32
-                        BM=cfg["BM"], BN=cfg["BN"], BK=bk,
+                        BM=cfg.BM, BN=cfg.BN, BK=bk,
                         EVEN_K=k_per_split * split == K, F32=interpreting(),
-                        num_warps=cfg["W"], num_stages=cfg["S"])
+                        num_warps=cfg.W, num_stages=cfg.S)
     if out.dtype == torch.bfloat16:
         return out
     return out.sum(0) if f32_out else out.sum(0).to(torch.bfloat16)
 
 
 # ---- one row: GEMV (decode at batch 1), several matrices sharing x in one launch ------------
-# PROGRAMS: about how many (column tile, K split) programs to launch; the K split follows.
-# DEQUANT: which instructions compute bf16(w * s) (ops/dot_triton.dequant_f32; same values).
-GEMV_CONFIG = {"BN": 128, "BK": 32, "W": 4, "PROGRAMS": 4 * NUM_SMS_GUESS, "DEQUANT": 2}
 
-
-def gemv_key(K: int, Ns: list[int]) -> str:
-    """configs/linear.json key of a GEMV launch: "gemv_K6144_N6144_1024_1024" (q/k/v)."""
-    return f"gemv_K{K}_N{'_'.join(map(str, Ns))}"
-
-
-def gemv_config(K: int, Ns: list[int], device: str) -> dict:
-    """GEMV_CONFIG overridden by the tuned entry for these shapes (bench/linear.py), if any."""
-    tuned = load_tuned("linear", device).get(gemv_key(K, Ns), {})
-    return {**GEMV_CONFIG, **tuned}
+def gemv_config(K: int, Ns: list[int], device: str) -> GemvTiles:
+    """The tuned entry for these shapes (bench/linear.py), else GemvTiles' defaults."""
+    return nearest_rows(tuned("linear", device).get(gemv_key(K, Ns), {}), 1) or GemvTiles()
 
 
 def gemv_supported(K: int, G: int) -> bool:
@@ -97,10 +83,12 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
     matrices (all with the same K and number of scale groups G): each [1, N_i], bf16 (or the
     f32 sums unrounded with `out_dtype=torch.float32`). `reduce=False`: each the f32 partial
     sums of the K splits, [S, 1, N_i], for a consumer that sums them itself (saves two
-    launches: the sum and the rounding)."""
-    from grok1.ops.linear_triton import gemv3_kernel
+    launches: the sum and the rounding). `config`: GemvTiles keys over the tuned config
+    (ConfigError if bad)."""
     K = x_1K.shape[1]
-    cfg = {**gemv_config(K, [w.shape[1] for w, _ in mats], device_name(x_1K)), **(config or {})}
+    cfg = GemvTiles.from_dict(config or {}, "int8_gemv(config=...)",
+                              base=gemv_config(K, [w.shape[1] for w, _ in mats], device_name(x_1K)))
+    from grok1.ops.linear_triton import gemv3_kernel
     G = mats[0][1].shape[0]
     if any(w.shape[0] != K or s.shape[0] != G for w, s in mats):
         raise ValueError(f"int8_gemv: matrices need K={K} rows and {G} scale groups, found "
@@ -108,13 +96,12 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
     if len(mats) > 3:
         return (int8_gemv(x_1K, mats[:3], out_dtype, config, reduce)
                 + int8_gemv(x_1K, mats[3:], out_dtype, config, reduce))
-    BN, BK = cfg["BN"], cfg["BK"]
+    BN, BK = cfg.BN, cfg.BK
     group_k = K // G
-    while BK > 1 and G > 1 and group_k % BK:
-        BK //= 2
+    BK = k_tile(group_k, G, BK, at_least=1)
     Ns = [w.shape[1] for w, _ in mats] + [0] * (3 - len(mats))
     tiles = [cdiv(n, BN) for n in Ns]
-    want = max(1, cdiv(cfg["PROGRAMS"], sum(tiles)))
+    want = max(1, cdiv(cfg.PROGRAMS, sum(tiles)))
     want = 1 << (want.bit_length() - 1)  # a power of two: splits that divide K evenly
     if G > 1:  # whole scale groups per split
         per = cdiv(G, min(want, G))
@@ -131,7 +118,7 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
         x_1K.contiguous(), w[0], s[0], w[1], s[1], w[2], s[2], out, K, Ns[0], Ns[1], Ns[2],
         tiles[0], tiles[1], N_total, group_k, chunk, k_per_split, BN=BN, BK=BK,
         EVEN_K=split * k_per_split == K and chunk % BK == 0,
-        DEQUANT=cfg.get("DEQUANT", GEMV_CONFIG["DEQUANT"]), num_warps=cfg["W"])
+        DEQUANT=cfg.DEQUANT, num_warps=cfg.W)
     if not reduce:
         return [part[:, None] for part in out.split(Ns[:len(mats)], dim=1)]
     total = out.sum(0, keepdim=True) if split > 1 else out
@@ -155,7 +142,7 @@ def project_many(x_MK: torch.Tensor, linears: list[torch.nn.Module]
 
 
 def kernel_supported(K: int, G: int) -> bool:
-    return K % G == 0 and bool(_tile_k(K, G, 128))
+    return K % G == 0 and bool(k_tile(K // G, G, 128))
 
 
 class Int8Linear(torch.nn.Module):

@@ -6,7 +6,7 @@ W^T x^T so the dequantized tile is the left operand and a small M is the narrow 
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dequant_f32, dot, scaled_int8
+from grok1.ops.dot_triton import dequant_f32, dequant_t_bf16, dot
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, GROUP_K, NUM_GROUPS, K_
         if QUANT:
             grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)
             s = tl.load(s_ptr + grp * N + n, mask=n_ok, other=0.0).to(tl.float32)
-            w = scaled_int8(w, s[:, None], (-8388736.0 * s)[:, None]).to(tl.bfloat16)
+            w = dequant_t_bf16(w, s)
         acc = dot(w, x_t, acc, F32)
     ptrs = m[None, :].to(tl.int64) * N + n[:, None]
     mask = m_ok[None, :] & n_ok[:, None]

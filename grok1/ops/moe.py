@@ -18,13 +18,13 @@ G scale groups.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from grok1.model import PartialSums, moe_ref
-from grok1.ops._triton import cdiv, device_name, interpreting, load_tuned, nearest_m, next_pow2, use_kernel
-
-DEFAULT_BM_DECODE = 16
-NUMERICS_KEYS = ("LATE",)  # chose numerics in older tuning tables; ignored: tables hold tiles
+from grok1.ops._triton import cdiv, device_name, interpreting, k_tile, next_pow2, use_kernel
+from grok1.ops.tile_config import MoeTiles, moe_key, nearest_rows, tuned
 
 
 def moe_align_ref(ids_MA: torch.Tensor, num_experts: int, block_m: int
@@ -70,41 +70,25 @@ def moe_align(ids_MA: torch.Tensor, num_experts: int, block_m: int
 
 # ---- launch configs ----------------------------------------------------------------------
 
-def _largest_tile(group_k: int, num_groups: int, k: int, want: int) -> int:
-    """Largest power-of-two K tile <= want (>= 16, tl.dot's minimum) that stays inside one
-    scale group; 0 if none."""
-    bk = want
-    while bk >= 16:
-        if num_groups == 1 or group_k % bk == 0:
-            return bk
-        bk //= 2
-    return 0
-
-
-def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> dict:
-    """Launch config for P pairs: tuned JSON (configs/moe.json) by nearest P, else defaults.
+def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> MoeTiles:
+    """Launch config for P pairs: the tuned entry (configs/moe.json) nearest P, else defaults.
     Tables are keyed by shape; one tuned at another expert count E (an expert-parallel rank
     holds E/ranks whole experts) serves when this E has none."""
-    tables = load_tuned("moe", device)
+    tables = tuned("moe", device)
     dtype = "int8" if quant else "bf16"
-    table = tables.get(f"D{D}_F{F}_E{E}_{dtype}") or next(
-        (t for k, t in tables.items() if k.startswith(f"D{D}_F{F}_E") and k.endswith(dtype)), {})
-    tuned = nearest_m(table, P)
-    if tuned and min(max(int(k), P) / min(int(k), P) for k in table) <= 4:
-        # (a table tuned only at decode sizes says nothing of prefill's). Tables hold tile
-        # shapes only: a numerics key of older tables (LATE) is dropped, never obeyed.
-        return {k: v for k, v in tuned.items() if k not in NUMERICS_KEYS}
+    table = tables.get(moe_key(D, F, E, dtype)) or next(
+        (t for k, t in tables.items() if k.startswith(f"moe_D{D}_F{F}_E") and k.endswith(dtype)),
+        {})
+    entry = nearest_rows(table, P)
+    if entry and min(max(rows, P) / min(rows, P) for rows in table) <= 4:
+        return entry  # (a table tuned only at decode sizes says nothing of prefill's)
     if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
-        return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
-                "S2": 4, "SPLIT": 4, "GEMV": 2, **GEMV_DEFAULTS}
+        return MoeTiles(GEMV=2, MAGIC=1)  # (MAGIC as the tuned entries; the GEMV ignores it)
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
-        return {"BM": 16, "BN1": 64, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128, "W2": 4,
-                "S2": 4, "SPLIT": 4}
+        return MoeTiles()
     if P <= 512:
-        return {"BM": 32, "BN1": 128, "BK1": 128, "W1": 4, "S1": 4, "BN2": 64, "BK2": 128,
-                "W2": 4, "S2": 4, "SPLIT": 2}
-    return {"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 4, "BN2": 128, "BK2": 64, "W2": 8,
-            "S2": 4, "SPLIT": 1}
+        return MoeTiles(BM=32, BN1=128, SPLIT=2)
+    return MoeTiles(BM=64, BN1=128, BK1=64, W1=8, BN2=128, BK2=64, W2=8, SPLIT=1)
 
 
 # ---- the op ------------------------------------------------------------------------------
@@ -113,7 +97,7 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
               wg_EDF: torch.Tensor, sg_EGF: torch.Tensor | None,
               wu_EDF: torch.Tensor, su_EGF: torch.Tensor | None,
               wd_EFD: torch.Tensor, sd_EGD: torch.Tensor | None,
-              config: dict | None = None, out_dtype: torch.dtype | None = None,
+              config: MoeTiles | dict | None = None, out_dtype: torch.dtype | None = None,
               reduce: bool = True, exact_int8_products: bool = False) -> torch.Tensor:
     """bf16 [M, D]: sum over slots a of gates[m, a] * expert ids[m, a] (x[m]) (Triton kernels).
     `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks);
@@ -123,15 +107,18 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     Weights int8 with bf16 scales (all three) or bf16 (scales None), dequantized as the
     reference, bf16(w * s). `exact_int8_products` (an explicit opt-in, a different numerics:
     bench/moe_numerics.py) has the grouped GEMM multiply the int8 values themselves and scale
-    each group's f32 sum instead; no tuning table can select it.
+    each group's f32 sum instead; no tuning table can select it. `config`: the launch config
+    instead of the tuned one (a dict: MoeTiles keys over MoeTiles' defaults; ConfigError if bad).
     """
     M, D = x_MD.shape
     A = ids_MA.shape[1]
     E, _, F = wg_EDF.shape
     P = M * A
     quant = sg_EGF is not None
-    cfg = dict(config or moe_config(P, D, F, E, quant, device_name(x_MD)))
-    if P <= cfg.get("GEMV", 0):
+    if isinstance(config, dict):
+        config = MoeTiles.from_dict(config, "fused_moe(config=...)")
+    cfg = config or moe_config(P, D, F, E, quant, device_name(x_MD))
+    if P <= cfg.GEMV:
         out = _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
                               sd_EGD, cfg)
     else:
@@ -143,7 +130,7 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
 
 
 def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                   cfg: dict, late: bool) -> torch.Tensor:
+                   cfg: MoeTiles, late: bool) -> torch.Tensor:
     """The grouped-GEMM path: f32 terms [S, M, A, D]."""
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -152,59 +139,45 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     quant = sg_EGF is not None
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
-    bk1 = _largest_tile(D // G1, G1, D, cfg["BK1"])
-    bk2 = _largest_tile(F // G2, G2, F, cfg["BK2"])
+    bk1 = k_tile(D // G1, G1, cfg.BK1)
+    bk2 = k_tile(F // G2, G2, cfg.BK2)
     if not bk1 or not bk2 or D % G1 or F % G2:
         raise ValueError(f"fused_moe: D={D}, F={F} with {G1}/{G2} scale groups have no K tile "
                          f">= 16 inside one group; use moe_ref")
     from grok1.ops.moe_triton import moe_down_kernel, moe_gate_up_kernel
-    if not quant and cfg["BK1"] * cfg["BN1"] * cfg["S1"] > 128 * 128 * 2:
-        cfg["S1"] = 2  # bf16 tiles are twice the bytes of int8 ones: fit shared memory
-    BM = cfg["BM"]
+    if not quant and cfg.BK1 * cfg.BN1 * cfg.S1 > 128 * 128 * 2:
+        cfg = dataclasses.replace(cfg, S1=2)  # bf16 tiles are twice int8's bytes: fit shared memory
+    BM = cfg.BM
     x_MD = x_MD.contiguous()
     sorted_ids, block_expert = moe_align(ids_MA, E, BM)
     num_blocks = block_expert.numel()
     h_PF = torch.empty(P, F, dtype=torch.float32, device=x_MD.device)  # f32, as the reference
-    BN1 = cfg["BN1"]
+    BN1 = cfg.BN1
     moe_gate_up_kernel[(num_blocks, cdiv(F, BN1))](
         x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
         sorted_ids, block_expert, P, D, F, D // G1, G1,
         A=A, QUANT=quant, BM=BM, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0, F32=interpreting(), LATE=late,
-        num_warps=cfg["W1"], num_stages=cfg["S1"])
-    split = max(1, cfg["SPLIT"])
+        num_warps=cfg.W1, num_stages=cfg.S1)
+    split = cfg.SPLIT
     k_per_split = cdiv(cdiv(F, split), bk2) * bk2
     split = cdiv(F, k_per_split)
     out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
-    BN2 = cfg["BN2"]
+    BN2 = cfg.BN2
     moe_down_kernel[(num_blocks, cdiv(D, BN2), split)](
         h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
         P, D, F, F // G2, G2, k_per_split,
         QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
         EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late,
-        MAGIC=quant and bool(cfg.get("MAGIC", 0)), num_warps=cfg["W2"], num_stages=cfg["S2"])
+        MAGIC=quant and bool(cfg.MAGIC), num_warps=cfg.W2, num_stages=cfg.S2)
     return out.view(split, M, A, D)
 
 
 # GEMV path (decode, a pair or two per expert): one program row per (token, slot) pair, each
 # streaming its expert's weight; no align, no padding rows. Pairs that share an expert read it
-# once each, so it only pays while P is about the number of distinct experts (config "GEMV":
-# the largest P it serves). Keys: GBN1/GBK1/GW1/GSPLIT1/GS1 (gate/up),
-# GBN2/GBK2/GW2/GSPLIT/GS2 (down; GS = Triton's num_stages), DEQUANT (which instructions
-# compute the reference's bf16(w * s): ops/dot_triton.dequant_f32; the same values whichever),
-# MAGIC (the grouped GEMM's int8 conversion). GSPLIT1 > 1 splits the
-# gate/up K range too (f32 partials, then one combine kernel):
-# at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
-GEMV_DEFAULTS = {"GBN1": 128, "GBK1": 32, "GW1": 4, "GSPLIT1": 1, "GS1": 3, "GBN2": 128,
-                 "GBK2": 32, "GW2": 4, "GSPLIT": 8, "GS2": 3, "MAGIC": 1, "DEQUANT": 2}
-
-
-def _gemv_tile(group_k: int, want: int) -> int:
-    """Largest power of two <= want dividing the scale group (>= 1)."""
-    bk = want
-    while bk > 1 and group_k % bk:
-        bk //= 2
-    return bk
+# once each, so it only pays while P is about the number of distinct experts (MoeTiles.GEMV:
+# the largest P it serves). GSPLIT1 > 1 splits the gate/up K range too (f32 partials, then one
+# combine kernel): at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
 
 
 def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, int, int, int]:
@@ -213,7 +186,7 @@ def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, i
     bf16) whole BK tiles per split, reduced once (chunk = k_per_split)."""
     if G > 1:
         group_k = K // G
-        bk = _gemv_tile(group_k, want_bk)
+        bk = k_tile(group_k, G, want_bk, at_least=1)
         k_per_split = cdiv(G, max(1, min(want_split, G))) * group_k
         chunk = group_k
     else:
@@ -224,14 +197,13 @@ def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, i
 
 
 def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                    cfg: dict) -> torch.Tensor:
+                    cfg: MoeTiles) -> torch.Tensor:
     """The GEMV path: f32 terms [S, M, A, D]."""
     from grok1.ops.moe_triton import (
         moe_gelu_combine_kernel,
         moe_gemv_down_kernel,
         moe_gemv_gate_up_kernel,
     )
-    cfg = {**GEMV_DEFAULTS, **cfg}
     M, D = x_MD.shape
     A = ids_MA.shape[1]
     F = wg_EDF.shape[2]
@@ -239,39 +211,39 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     quant = sg_EGF is not None
     G1 = sg_EGF.shape[1] if quant else 1
     G2 = sd_EGD.shape[1] if quant else 1
-    dequant = cfg["DEQUANT"]
+    dequant = cfg.DEQUANT
     x_MD = x_MD.contiguous()
     ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
     dev = x_MD.device
-    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg["GSPLIT1"], cfg["GBK1"])
+    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg.GSPLIT1, cfg.GBK1)
     h_PF = torch.empty(P, F, dtype=torch.float32, device=dev)  # f32, as the reference
     parts = h_PF if split1 == 1 else torch.empty(split1, P, 2, F, dtype=torch.float32, device=dev)
-    BN1 = cfg["GBN1"]
+    BN1 = cfg.GBN1
     moe_gemv_gate_up_kernel[(P, cdiv(F, BN1), split1)](
         x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
         P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
         EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
-        DEQUANT=dequant, num_warps=cfg["GW1"], num_stages=cfg["GS1"])
+        DEQUANT=dequant, num_warps=cfg.GW1, num_stages=cfg.GS1)
     if split1 > 1:
         moe_gelu_combine_kernel[(P, cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
                                                            BN=1024, num_warps=4)
-    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg["GSPLIT"], cfg["GBK2"])
+    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg.GSPLIT, cfg.GBK2)
     out = torch.empty(split, P, D, dtype=torch.float32, device=dev)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
-    BN2 = cfg["GBN2"]
+    BN2 = cfg.GBN2
     moe_gemv_down_kernel[(P, cdiv(D, BN2), split)](
         h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
         chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
         EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
-        DEQUANT=dequant, num_warps=cfg["GW2"], num_stages=cfg["GS2"])
+        DEQUANT=dequant, num_warps=cfg.GW2, num_stages=cfg.GS2)
     return out.view(split, M, A, D)
 
 
 def kernel_supported(D: int, F: int, groups_in: int, groups_down: int) -> bool:
     """Whether the kernels can tile these sizes (tiny test widths may not)."""
     return (D % groups_in == 0 and F % groups_down == 0
-            and bool(_largest_tile(D // groups_in, groups_in, D, 128))
-            and bool(_largest_tile(F // groups_down, groups_down, F, 128)))
+            and bool(k_tile(D // groups_in, groups_in, 128))
+            and bool(k_tile(F // groups_down, groups_down, 128)))
 
 
 class FusedMoE(torch.nn.Module):

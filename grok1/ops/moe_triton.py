@@ -9,7 +9,7 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dequant_f32, dot, i8_to_f32, scaled_int8, tanh
+from grok1.ops.dot_triton import dequant_f32, dequant_t_bf16, dot, i8_to_f32, tanh
 
 
 
@@ -78,7 +78,7 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
         else:
             s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
         s = s.to(tl.float32)
-        w = scaled_int8(w, s[:, None], (-8388736.0 * s)[:, None]).to(tl.bfloat16)
+        w = dequant_t_bf16(w, s)
     elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
         w = i8_to_f32(w, True).to(tl.bfloat16)
     else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact

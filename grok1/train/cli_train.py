@@ -58,10 +58,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="after training, export the model here (grok1 native folder)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer copied into --export (default: the dataset's)")
-    fault = p.add_argument_group("fault injection (tests)")
-    fault.add_argument("--inject-nan-steps", type=int, nargs="*", default=[])
-    fault.add_argument("--crash-at-step", type=int, default=None)
-    fault.add_argument("--crash-marker", default=None)
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -78,9 +74,7 @@ def train_config_from_args(args: argparse.Namespace):
         keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, peak_tflops=args.peak_tflops,
         watchdog_s=args.watchdog_s, max_bad_steps=args.max_bad_steps,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard,
-        inject_nan_steps=tuple(args.inject_nan_steps), crash_at_step=args.crash_at_step,
-        crash_marker=args.crash_marker)
+        progress=not args.no_progress, tensorboard=not args.no_tensorboard)
 
 
 def run_train(args: argparse.Namespace) -> None:

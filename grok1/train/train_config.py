@@ -44,12 +44,6 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before rolling back to a checkpoint
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when it is installed
-    # Fault injection, for tests: a NaN loss in step s once for each time s is listed (a step
-    # that is skipped is tried again); os._exit on the last rank after step crash_at_step unless
-    # crash_marker exists (the marker is written first).
-    inject_nan_steps: tuple[int, ...] = ()
-    crash_at_step: int | None = None
-    crash_marker: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "save_every",

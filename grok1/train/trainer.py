@@ -21,9 +21,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ from grok1.train.train_config import TrainConfig, get_lr
 
 log = logging.getLogger(__name__)
 
-CRASH_EXIT_CODE = 13
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
 
 
@@ -95,12 +93,30 @@ class TrainingDiverged(RuntimeError):
     """Non-finite losses persisted and there is no checkpoint to roll back to."""
 
 
+class TrainerHook:
+    """Callbacks at fixed points of `Trainer`'s loop, each a no-op here: a subclass overrides the
+    ones it needs. The tests inject faults through them (a NaN loss, a poisoned gradient, a rank
+    that dies), so no fault switch sits in TrainConfig or the loop. During a step,
+    `trainer.step + 1` is the number of the step being computed."""
+
+    def after_loss(self, trainer: Trainer, micro_step: int, ce: torch.Tensor) -> torch.Tensor:
+        """Each micro-step's cross-entropy before backward; returns the one to use."""
+        return ce
+
+    def after_backward(self, trainer: Trainer) -> None:
+        """The step's gradients are complete (all micro-steps), not yet clipped or applied."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """A step counted (trainer.step is its number); its eval and checkpoint, if due, done."""
+
+
 class Trainer:
     """Owns the model, optimizer, data and checkpoints of one run; Stateful (step, data position,
     RNG) so that a checkpoint restores it exactly."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, hooks: Sequence[TrainerHook] = ()):
         self.cfg = cfg
+        self.hooks = list(hooks)
         self.dist = fsdp.setup_distributed(cfg.device)
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
@@ -143,7 +159,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.keep_checkpoints)
         self.metrics = MetricsLog(self.out_dir, self.dist.is_main, cfg.tensorboard)
         self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
-        self.nan_done: dict[int, int] = {}  # step -> NaNs injected into it so far
         self.tokens_per_step = (cfg.batch_size * cfg.seq_len * cfg.grad_accum
                                 * self.dist.world_size)
         self.flops_per_step = flops_per_token(self.config, cfg.seq_len) * self.tokens_per_step
@@ -168,15 +183,13 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng,
-                "loader": self.loader.state_dict(), "nan_done": dict(self.nan_done)}
+                "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], *, data: bool = True) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        for step, n in state["nan_done"].items():  # a rollback must not re-inject
-            self.nan_done[step] = max(n, self.nan_done.get(step, 0))
         if data:
             self.loader.load_state_dict(state["loader"])
 
@@ -257,7 +270,8 @@ class Trainer:
                 watchdog.beat(f"checkpoint at step {self.step}")
                 self.save()
             watchdog.beat(f"step {self.step} done")
-            self._maybe_crash()
+            for hook in self.hooks:
+                hook.after_step(self)
         watchdog.stop()
         if bar is not None:
             bar.close()
@@ -276,7 +290,6 @@ class Trainer:
             group["lr"] = lr
         sums = torch.zeros(3, device=self.device)  # ce, balance, z (detached, summed)
         util = None
-        inject = cfg.inject_nan_steps.count(self.step + 1) > self.nan_done.get(self.step + 1, 0)
         for micro in range(cfg.grad_accum):
             x, y = next(self.loader)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -287,8 +300,8 @@ class Trainer:
                 else contextlib.nullcontext()
             with no_sync:
                 ce = cross_entropy(self.model(x), y)
-                if inject:
-                    ce = ce * float("nan")  # fault injection (tests)
+                for hook in self.hooks:
+                    ce = hook.after_loss(self, micro, ce)
                 router = router_losses(self.core.layers)
                 loss = ce + cfg.aux_loss_coef * router.balance + cfg.z_loss_coef * router.z
                 (loss / cfg.grad_accum).backward()
@@ -296,8 +309,8 @@ class Trainer:
             u = torch.cat([torch.stack(router.utilisation_per_layer),  # [L, E] shares
                            torch.stack(router.balance_per_layer)[:, None]], dim=1)  # + balance
             util = u if util is None else util + u
-        if inject:
-            self.nan_done[self.step + 1] = self.nan_done.get(self.step + 1, 0) + 1
+        for hook in self.hooks:
+            hook.after_backward(self)
         sums /= cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -362,23 +375,10 @@ class Trainer:
         self.model.train()
         return total.item() / (n * self.dist.world_size)
 
-    def _maybe_crash(self) -> None:
-        """Fault injection (tests): the last rank dies after step crash_at_step, once."""
-        cfg = self.cfg
-        if cfg.crash_at_step != self.step or self.dist.rank != self.dist.world_size - 1:
-            return
-        marker = Path(cfg.crash_marker or self.out_dir / "crash.marker")
-        if marker.exists():
-            return
-        marker.write_text(f"crashed after step {self.step}\n")
-        sys.stderr.write(f"fault injection: rank {self.dist.rank} exits after step {self.step}\n")
-        sys.stderr.flush()
-        os._exit(CRASH_EXIT_CODE)
 
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
     """Build a Trainer, run it, and leave the process group."""
     try:
-        return Trainer(cfg).train()
+        return Trainer(cfg, hooks).train()
     finally:
         fsdp.teardown_distributed()
