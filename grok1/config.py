@@ -124,15 +124,15 @@ class GrokConfig:
 
     @classmethod
     def resolve(cls, spec: GrokConfig | str | Path, overrides: Sequence[str] = ()) -> GrokConfig:
-        """The config `spec` names: a GrokConfig as is, a JSON file (a path ending in .json, or
-        an existing file), else a preset name; then `field=value` overrides (ints, floats).
+        """The config `spec` names: a GrokConfig as is, a JSON file (a Path, or a string ending
+        in .json), else a preset name; then `field=value` overrides (ints, floats).
 
         The one reading of a `--config` option. Raises ConfigError naming a bad preset, file,
         override or value.
         """
         if isinstance(spec, GrokConfig):
             config = spec
-        elif str(spec).endswith(".json") or Path(spec).is_file():
+        elif isinstance(spec, Path) or spec.endswith(".json"):
             config = cls.from_json(spec)
         else:
             config = cls.preset(str(spec))

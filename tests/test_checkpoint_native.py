@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import grok1.checkpoint
+import grok1
 from grok1.checkpoint import CheckpointError
 from grok1.checkpoint.native import load_native, save_native, write_safetensors
 from grok1.model import Grok1
@@ -62,7 +62,7 @@ def test_dense_model_round_trips_exactly_and_converts_on_request(tiny_config, tm
 def test_public_load_reads_a_native_folder_in_eval_mode(tiny_config, tmp_path):
     model = random_quantized(tiny_config, seed=4)
     save_native(model, tmp_path / "m")
-    loaded = grok1.checkpoint.load(tmp_path / "m")
+    loaded = grok1.load(tmp_path / "m")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert_same_state(loaded, model)
     tokens = torch.randint(1, tiny_config.vocab_size, (2, 7),
@@ -72,10 +72,10 @@ def test_public_load_reads_a_native_folder_in_eval_mode(tiny_config, tmp_path):
 
 
 def test_release_checkpoint_converts_to_native_unchanged(golden_dir, tmp_path):
-    release = grok1.checkpoint.load(golden_dir / "checkpoint", golden_dir / "config.json",
-                                    progress=False)
+    release = grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
+                         progress=False)
     save_native(release, tmp_path / "golden")
-    assert_same_state(grok1.checkpoint.load(tmp_path / "golden"), release)
+    assert_same_state(grok1.load(tmp_path / "golden"), release)
 
 
 def test_file_is_standard_safetensors_with_grok1_metadata(tiny_config, tmp_path):
