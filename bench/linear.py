@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from grok1.engine.bench_cli import measure_ceilings, staged_sweep, time_graph_ms
+from bench._common import measure_ceilings, staged_sweep, time_graph_ms
 from grok1.ops._triton import CONFIG_DIR, device_name
 from grok1.ops.linear import GEMV_CONFIG, gemv_key, int8_gemv
 
