@@ -3,8 +3,8 @@
 The golden folder (../shared/grok1/golden) holds a small Grok-1-architecture checkpoint in the
 release format and the logits xAI's JAX code computed for it. A path (the plain model, torchrun
 ranks, the engine on a GPU) yields, per case, (our logits, golden logits) pairs over the
-meaningful positions (`golden_pairs` for the plain model); `golden_metrics` turns them into the README's figures and `golden_pass`
-applies its bounds:
+meaningful positions (`golden_pairs` for the plain model); `golden_metrics` turns them into
+the README's figures and `golden_pass` applies its bounds:
 1. each case: relative L2 <= 0.15;
 2. pooled: share of positions whose own relative L2 <= 0.02 is >= 0.65;
 3. pooled: share of positions where the golden logit of our argmax is within one bf16 ulp of the

@@ -33,7 +33,14 @@ from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import GrokConfig
 from grok1.model import BF16, Grok1
 from grok1.parallel.mesh import Mesh
-from grok1.parallel.tensor import Layout, parallelize, plan, shard_model_, slice_scales, slice_weight
+from grok1.parallel.tensor import (
+    Layout,
+    parallelize,
+    plan,
+    shard_model_,
+    slice_scales,
+    slice_weight,
+)
 
 __all__ = ["FORMATS", "Format", "ReadRequest", "detect_format", "load", "random_weights",
            "rank_layout", "rank_slicer"]

@@ -140,7 +140,8 @@ def test_gpu_engine_with_kernels_and_graphs_matches_plain_model():
     config = GrokConfig.preset("debug").replace(emb_size=768, key_size=64, num_q_heads=12,
                                                 num_kv_heads=2, sequence_len=256)
     model = random_weights(config, quantized=True, device=DEV, **(PEAKED | {"std": 0.2}))
-    plain = random_weights(config, quantized=True, device=DEV, **(PEAKED | {"std": 0.2}))  # twin, not swapped
+    # the twin, not swapped
+    plain = random_weights(config, quantized=True, device=DEV, **(PEAKED | {"std": 0.2}))
     engine = Engine(model, max_batch_size=8, block_size=16, num_blocks=40, max_model_len=256,
                     max_num_batched_tokens=64, record_logits=True)
     assert engine.runner.use_graphs

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.generation import generate

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.model import KVCache, apply_rope, moe_ref, rope_cos_sin, route

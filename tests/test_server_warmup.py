@@ -39,7 +39,7 @@ serve_load = sys.modules.setdefault("serve_load", importlib.util.module_from_spe
 if not hasattr(serve_load, "run_load"):
     _spec.loader.exec_module(serve_load)
 
-STEP_S = 0.010     # the H100's decode step at batch 32 (grok1 bench, 4 full-width layers)
+STEP_S = 0.010     # the H100's decode step at batch 32 (bench/engine_bench.py, 4 full-width layers)
 COMPILE_S = 0.4    # first use of a bucket; a real Triton compile or capture is 0.3 s to seconds
 CONCURRENCY, REQUESTS, MAX_TOKENS = 32, 64, 32
 
