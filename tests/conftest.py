@@ -36,3 +36,11 @@ def tokenizer_path() -> Path:
 @pytest.fixture
 def tiny_config() -> GrokConfig:
     return GrokConfig.preset("tiny")
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same state-dict keys, and every tensor of the same dtype and values."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k

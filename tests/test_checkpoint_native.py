@@ -4,19 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_state
 from safetensors.torch import load_file
 
 import grok1
 from grok1 import random_weights
 from grok1.checkpoint import CheckpointError
 from grok1.checkpoint.native import load_native, save_native, write_safetensors
-
-
-def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
 def test_quantized_model_round_trips_exactly(tiny_config, tmp_path):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_same_state
 
 import grok1
 from grok1.checkpoint import CheckpointError, save_native
@@ -16,13 +17,6 @@ from grok1.parallel.tensor import Layout, shard_model_
 
 LAYOUTS = [Layout(2, 1), Layout(2, 0, moe="ep"), Layout(2, 1, unembed="dim"),
            Layout(4, 3, attn="none", moe="ep", unembed="none")]
-
-
-def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
 
 
 def test_each_source_kind_is_detected(golden_dir, tmp_path):
@@ -68,7 +62,7 @@ def test_the_golden_through_the_front_door_gives_the_release_readers_logits(gold
     direct = load_xai_checkpoint(golden_dir / "checkpoint", config, progress=False)
     model = grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
                        progress=False)
-    assert_same_tensors(model, direct)
+    assert_same_state(model, direct)
     tokens = torch.randint(1, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(tokens), direct(tokens))
@@ -79,7 +73,7 @@ def test_a_grok1_folder_read_for_one_rank_equals_slicing_the_whole(tmp_path, lay
     whole = grok1.random_weights("tiny", seed=5)
     save_native(whole, tmp_path / "m")
     shard = grok1.load(tmp_path / "m", layout=layout)
-    assert_same_tensors(shard, shard_model_(copy.deepcopy(whole), layout))
+    assert_same_state(shard, shard_model_(copy.deepcopy(whole), layout))
     assert shard.layers[0].attn.wq.weight.is_contiguous()  # copied out of the file's map
 
 
@@ -88,7 +82,7 @@ def test_a_grok1_folder_read_for_one_rank_equals_slicing_the_whole(tmp_path, lay
 def test_random_weights_of_one_rank_are_the_slices_of_the_one_process_model(layout, quantized):
     whole = grok1.random_weights("tiny", quantized=quantized, seed=2)
     shard = grok1.random_weights("tiny", quantized=quantized, seed=2, layout=layout)
-    assert_same_tensors(shard, shard_model_(copy.deepcopy(whole), layout))
+    assert_same_state(shard, shard_model_(copy.deepcopy(whole), layout))
 
 
 def test_random_weights_are_drawn_tensor_by_tensor_from_the_seed():
