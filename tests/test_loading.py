@@ -69,8 +69,9 @@ def test_the_golden_through_the_front_door_gives_the_release_readers_logits(gold
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_grok1_folder_read_for_one_rank_equals_slicing_the_whole(tmp_path, layout):
-    whole = grok1.random_weights("tiny", seed=5)
+@pytest.mark.parametrize("quantized", [True, False])
+def test_a_grok1_folder_read_for_one_rank_equals_slicing_the_whole(tmp_path, layout, quantized):
+    whole = grok1.random_weights("tiny", quantized=quantized, seed=5)
     save_native(whole, tmp_path / "m")
     shard = grok1.load(tmp_path / "m", layout=layout)
     assert_same_state(shard, shard_model_(copy.deepcopy(whole), layout))
