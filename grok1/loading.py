@@ -110,7 +110,7 @@ def _read_release(path: Path, req: ReadRequest) -> Grok1:
     return load_xai_checkpoint(path, config, device=req.device, dtype=dtype,
                                model=req.empty_model(config, True, dtype),
                                shard_fn=req.shard_fn(config), progress=req.progress,
-                               # 8 threads per process at most: under torchrun, 4 per rank
+                               # the ranks of a node share its disks: 4 reader threads each
                                workers=8 if req.layout is None else 4)
 
 
