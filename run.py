@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from grok1.checkpoint import CheckpointError, load
+from grok1.checkpoint import CheckpointError
 from grok1.generation import generate
+from grok1.loading import load
 from grok1.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer, TokenizerError
 

@@ -57,8 +57,7 @@ def run_gpu_tests(out: Path, timeout_s: int) -> dict:
 def golden_through_engine(golden: Path) -> dict:
     import grok1
     from grok1.engine.golden import engine_golden_pairs, engine_runner
-    from grok1.golden import golden_metrics, golden_pass, load_cases
-    from grok1.parallel.launch import golden_pairs
+    from grok1.golden import golden_metrics, golden_pairs, golden_pass, load_cases
 
     cases = load_cases(golden)
     load = lambda: grok1.load(golden / "checkpoint", config=golden / "config.json",  # noqa: E731
@@ -76,7 +75,7 @@ def main() -> None:
     p.add_argument("--tests-timeout", type=int, default=420)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from grok1.engine.bench_cli import git_sha
+    from bench._common import git_sha
 
     result = {"kind": "gate", "git_sha": git_sha(), "gpu": torch.cuda.get_device_name(),
               "num_gpus": torch.cuda.device_count(), "torch": torch.__version__,

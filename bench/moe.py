@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from grok1.engine.bench_cli import measure_ceilings, staged_sweep, time_graph_ms, time_ms
+from bench._common import measure_ceilings, staged_sweep, time_graph_ms, time_ms
 from grok1.ops._triton import device_name
 from grok1.ops.moe import fused_moe, moe_config
 from grok1.ops.tile_config import CONFIG_DIR, moe_key

@@ -125,8 +125,8 @@ def build(args) -> grok1.model.Grok1:
     if args.golden:
         g = Path(args.golden)
         return grok1.load(g / "checkpoint", config=g / "config.json", device=args.device)
-    from grok1.engine.dummy import dummy_model
-    return dummy_model(args.layers, device=args.device)
+    config = grok1.GrokConfig.preset("grok-1").replace(num_layers=args.layers)
+    return grok1.random_weights(config, device=args.device)
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """Decode and prefill of tensor-/expert-parallel Grok-1 across GPUs, on the engine's runner (paged
 KV cache, fused int8 kernels, one CUDA graph per decode batch bucket with the NCCL all-reduces
 captured inside), each figure beside its roofline: the step's bytes (or FLOPs) spread over all
-GPUs, / (num_gpus x copy bandwidth) measured in the same run (ANCHORS.md; grok1.engine.bench_cli).
+GPUs, / (num_gpus x copy bandwidth) measured in the same run (ANCHORS.md; bench/engine_bench.py).
 
     torchrun --nproc-per-node 4 bench/parallel_decode.py --layers 4 --moe tp ep --verify --out DIR
     torchrun --nproc-per-node 4 bench/parallel_decode.py --layers 64 --moe tp --out DIR  # 4 x H200
 
-Weights are random int8 built directly on each GPU, already sharded (no rank ever holds the whole
-model). `--verify` (reduced depth only) first builds the whole model on every GPU, runs prompts
+Weights are random int8 (grok1.random_weights) built directly on each GPU, already sharded (no
+rank ever holds the whole model). `--verify` (reduced depth only) first builds the whole model on every GPU, runs prompts
 through the one-GPU runner, then shards that same model and checks the parallel runner's logits
 (prefill, then decode steps replayed from CUDA graphs) against it. Rank 0 prints one line per
 figure and appends JSON objects (the engine bench's fields plus num_gpus, tp, moe,
@@ -30,9 +30,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import grok1
+from bench._common import compare_logits
 from grok1.config import GrokConfig
 from grok1.model import Grok1
-from grok1.parallel.launch import build_random, compare, init_random_, parse_config
 from grok1.parallel.mesh import Mesh, init_distributed, shutdown
 from grok1.parallel.tensor import Layout, local_config, parallelize, shard_model_
 
@@ -41,7 +42,7 @@ REF_DECODE_MS = 40.1  # ANCHORS.md: the JAX reference, 4 full-width layers, batc
 
 
 def log(mesh: Mesh, text: str) -> None:
-    if mesh.is_first:
+    if mesh.is_main:
         print(text, flush=True)
 
 
@@ -62,15 +63,6 @@ def kv_bytes(config: GrokConfig, layout: Layout, batch: int, tokens: int) -> int
     """One rank's paged KV cache for `batch` sequences of `tokens` (bf16 K and V)."""
     kv_heads = local_config(config, layout).num_kv_heads
     return config.num_layers * batch * (tokens + 32) * 2 * kv_heads * config.key_size * 2
-
-
-def build_sharded(config: GrokConfig, layout: Layout, mesh: Mesh, seed: int) -> Grok1:
-    """This rank's shard with random weights, made on its device (replicated tensors alike on
-    every rank: each tensor is seeded by its name)."""
-    with torch.device("meta"):
-        model = shard_model_(Grok1(config, quantized=True), layout)
-    model.to_empty(device=mesh.device)
-    return init_random_(model, seed).eval()
 
 
 # ---- engine-path verification -----------------------------------------------------------------
@@ -113,7 +105,8 @@ def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1,
     """One-GPU runner vs the parallel runner on the same random model; returns the shard."""
     # decisive routing: the larger the router's scale, the rarer a top-2 choice that bf16
     # noise can flip between the two runs (one flip changes that token's output entirely)
-    full = build_random(config, args.seed, mesh.device, router_std=args.router_std)
+    full = grok1.random_weights(config, seed=args.seed, device=mesh.device,
+                                router_std=args.router_std)
     g = torch.Generator().manual_seed(args.seed + 7)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
                for n in (args.verify_tokens, args.verify_tokens // 2 + 1, 5)]
@@ -130,10 +123,10 @@ def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1,
     model = parallelize(full, mesh.tp_group, layout)
     out = run_prompts(model, prompts, decode)
     results = []
-    one_vs_plain = compare(ref[0], plain)["rel_l2"]
-    par_vs_plain = compare(out[0], plain)["rel_l2"]
+    one_vs_plain = compare_logits(ref[0], plain)["rel_l2"]
+    par_vs_plain = compare_logits(out[0], plain)["rel_l2"]
     for name, sl in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
-        c = compare(out[sl], ref[sl])
+        c = compare_logits(out[sl], ref[sl])
         results.append({"kind": "verify", "case": name, **c,
                         "ok": c["rel_l2"] <= args.rtol and one_vs_plain <= args.rtol
                         and c["top1_close"] >= 0.95,
@@ -146,7 +139,7 @@ def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1,
 
 def allreduce_us(mesh: Mesh, numel: int, graph: bool) -> float:
     """Latency of one f32 all-reduce of `numel` values (a decode step's partial sums)."""
-    from grok1.engine.bench_cli import time_ms
+    from bench._common import time_ms
 
     t = torch.randn(numel, device=mesh.device)
     if not graph:
@@ -167,7 +160,8 @@ def allreduce_us(mesh: Mesh, numel: int, graph: bool) -> float:
 
 
 def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
-    from grok1.engine.bench_cli import bench_decode, bench_prefill, environment, measure_ceilings
+    from bench._common import environment, measure_ceilings
+    from bench.engine_bench import bench_decode, bench_prefill
 
     N = mesh.world_size
     ceilings = measure_ceilings(str(mesh.device))
@@ -211,7 +205,7 @@ def profile_decode(model: Grok1, mesh: Mesh, moe: str, context: int, out: Path |
     over 10 CUDA-graph replays (every rank replays: the step holds collectives)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from grok1.engine.bench_cli import _sequences
+    from bench.engine_bench import _sequences
 
     runner = _runner(model, 1, context + 64)
     chunks = _sequences(1, context, runner.block_size, model.config.vocab_size,
@@ -225,7 +219,7 @@ def profile_decode(model: Grok1, mesh: Mesh, moe: str, context: int, out: Path |
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
                                       max_name_column_width=70)
-    if mesh.is_first:
+    if mesh.is_main:
         print(f"== profile: decode b=1, 10 steps, {mesh.world_size} GPU(s), moe {moe}\n{table}",
               flush=True)
         if out is not None:
@@ -264,7 +258,7 @@ def report(mesh: Mesh, results: list[dict], moe: str, config: GrokConfig,
         r.setdefault("moe", moe)
         r.setdefault("layers", config.num_layers)
         log(mesh, describe(r))
-    if out and mesh.is_first and results:
+    if out and mesh.is_main and results:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "parallel_decode.jsonl", "a") as f:
             for r in results:
@@ -291,7 +285,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="kernel table of a b=1 decode step")
     args = p.parse_args()
     mesh = init_distributed()
-    config = parse_config(args.config, args.set).replace(num_layers=args.layers)
+    config = GrokConfig.resolve(args.config, args.set).replace(num_layers=args.layers)
     ok = True
     try:
         for moe in args.moe:
@@ -313,10 +307,9 @@ def main() -> int:
             if args.verify and mesh.world_size > 1:
                 model, results = verify(config, layout, mesh, args)
             elif mesh.world_size > 1:
-                model = parallelize(build_sharded(config, layout, mesh, args.seed),
-                                    mesh.tp_group, layout)
-            else:  # one GPU: the engine's own path, the baseline of the scaling figures
-                model = build_random(config, args.seed, mesh.device)
+                model = grok1.random_weights(config, seed=args.seed, mesh=mesh, layout=layout)
+            else:  # one GPU: the engine's own path (no parallel modules), the scaling's baseline
+                model = grok1.random_weights(config, seed=args.seed, device=mesh.device)
             log(mesh, f"built {config.num_layers}-layer model, moe {moe}: {need / GIB:.1f} GiB "
                       f"of weights per rank, {time.perf_counter() - start:.0f} s")
             ok &= report(mesh, results, moe, config, args.out)  # --verify's, before timing

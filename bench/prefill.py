@@ -1,17 +1,14 @@
 """prefill latency on random full-width int8 weights, beside its roofline and the anchors.
 
-Usage: python bench/prefill.py [--layers 4] [--out DIR]   (same as `grok1 bench prefill`)
+Usage: python bench/prefill.py [--layers 4] [--out DIR]   (= python bench/engine_bench.py prefill)
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grok1.engine.bench_cli import add_bench_args, run_bench
+from bench.engine_bench import main
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    add_bench_args(p)
-    run_bench(p.parse_args(["prefill", *sys.argv[1:]]))
+    main(["prefill", *sys.argv[1:]])

@@ -9,12 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from grok1.engine.bench_cli import _runner, _sequences
-from grok1.engine.dummy import dummy_model
+import grok1
+from bench.engine_bench import _runner, _sequences, bench_config
 from grok1.engine.scheduler import ScheduledChunk, Sequence
 
 if __name__ == "__main__":
-    model = dummy_model(4)
+    model = grok1.random_weights(bench_config(4), device="cuda")
     runner = _runner(model, 1, 1100)
     runner.use_graphs = False
     gen = torch.Generator().manual_seed(0)

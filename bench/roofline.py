@@ -1,14 +1,15 @@
 """Ceilings measured on this GPU (copy bandwidth, bf16 matmul rate) and the rooflines they give
-for the 4-layer full-width config. The measurement, roofline arithmetic and JSON writer live in
-grok1.engine.bench_cli (so `grok1 bench` has them too); this script prints them."""
+for the 4-layer full-width config. The measurement lives in bench/_common.py and the roofline
+arithmetic in bench/engine_bench.py (whose figures stand beside them); this script prints them."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import measure_ceilings
+from bench.engine_bench import decode_roofline_ms, prefill_roofline_ms
 from grok1.config import GrokConfig
-from grok1.engine.bench_cli import decode_roofline_ms, measure_ceilings, prefill_roofline_ms
 
 if __name__ == "__main__":
     ceilings = measure_ceilings()

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call: GPU tests, then the MoE sweep, then `grok1 bench` (decode + prefill).
+# One device call: GPU tests, then the MoE sweep, then bench/engine_bench.py (decode + prefill).
 # Logs and JSON go to $OUT (or /tmp/grok1_out). Usage: bash bench/run_device.sh [STEP]...
 # Steps: gate (every GPU test + the engine on the golden: bench/gate.py), opdiff (each engine op
 # beside its twin: bench/op_diff.py), tests (kernel + engine GPU tests), gputests (every GPU test), moe (sweep; MOE_ARGS

@@ -24,16 +24,11 @@ _EXPORTS = {
     "TokenizerError": "grok1.tokenizer",
     "CheckpointError": "grok1.checkpoint",
     "default_model_dir": "grok1.assets",
+    "load": "grok1.loading",  # the one way to build a model from weights
+    "random_weights": "grok1.loading",  # ... or from random ones (benchmarks, tests)
 }
 
-__all__ = sorted([*_EXPORTS, "load"])
-
-
-def load(checkpoint_dir, config=None, device="cpu"):
-    """The Grok1 model in `checkpoint_dir` (see grok1.checkpoint.load)."""
-    from grok1.checkpoint import load as load_checkpoint
-
-    return load_checkpoint(checkpoint_dir, config=config, device=device)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

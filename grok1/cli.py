@@ -133,21 +133,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
-    """(model, tokenizer, mesh): under torchrun (or --tp > 1) this rank's shard and its mesh,
-    with args.seed agreed across ranks; else the whole model and mesh None."""
+    """(model, tokenizer, mesh) through grok1.load: under torchrun (or --tp > 1) this rank's
+    shard and its mesh, with args.seed agreed across ranks; else the whole model and mesh None."""
     from grok1.assets import model_dir_or_default
-    from grok1.checkpoint import load
-    from grok1.parallel.launch import agree_seed, load_for_args, wants_parallel
+    from grok1.loading import load
+    from grok1.parallel.launch import agree_seed
+    from grok1.parallel.mesh import init_distributed
+    from grok1.parallel.options import wants_parallel
     from grok1.tokenizer import Tokenizer, find_tokenizer
 
     model_dir = model_dir_or_default(args.checkpoint)
     tokenizer = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
-    mesh = None
-    if wants_parallel(args):
-        model, mesh = load_for_args(args, model_dir)
+    mesh = init_distributed(args.tp, device=args.device) if wants_parallel(args) else None
+    model = load(model_dir, config=args.config, device=None if mesh else _device(args.device),
+                 mesh=mesh, moe=args.moe, unembed=args.unembed)
+    if mesh is not None:
         args.seed = agree_seed(args.seed, mesh)
-    else:
-        model = load(model_dir, config=args.config, device=_device(args.device))
     tokenizer.require_vocab(model.config.vocab_size)
     return model, tokenizer, mesh
 
@@ -155,7 +156,8 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer, mesh = load_model_and_tokenizer(args)
     try:
-        _generate_and_print(model, tokenizer, args, quiet=mesh is not None and not mesh.is_first)
+        _generate_and_print(model, tokenizer, args, sharded=mesh is not None,
+                            quiet=mesh is not None and not mesh.is_main)
     finally:
         if mesh is not None:
             from grok1.parallel.mesh import shutdown
@@ -163,7 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             shutdown()
 
 
-def _generate_and_print(model, tokenizer, args: argparse.Namespace, quiet: bool) -> None:
+def _generate_and_print(model, tokenizer, args: argparse.Namespace, sharded: bool,
+                        quiet: bool) -> None:
     import torch
 
     from grok1.generation import generate
@@ -174,8 +177,8 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, quiet: bool)
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     prompts = [tokenizer.encode(p) for p in args.prompt]
-    use_engine = args.engine == "on" or (args.engine == "auto" and quiet is False
-                                         and model.embed.is_cuda and model.layout is None)
+    use_engine = args.engine == "on" or (args.engine == "auto" and not sharded
+                                         and model.embed.is_cuda)
 
     def run(on_token=None) -> list[list[int]]:
         if use_engine:
@@ -213,8 +216,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from grok1.config import GrokConfig
     from grok1.info import format_info
 
-    config = GrokConfig.from_json(args.config) if args.config else GrokConfig.preset(args.preset)
-    print(format_info(config, gpu_gib=args.gpu_gib))
+    print(format_info(GrokConfig.resolve(args.config or args.preset), gpu_gib=args.gpu_gib))
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -253,8 +255,6 @@ COMMANDS = {
                     "grok1.cli:add_info_args:cmd_info", checks_model_paths=True),
     "serve": Command("OpenAI-compatible HTTP server (default: the embedded model)",
                      "grok1.server.cli_serve:add_serve_args:run_serve", SERVE_EPILOG, True),
-    "bench": Command("decode / prefill speed beside the roofline (needs a CUDA GPU)",
-                     "grok1.engine.bench_cli:add_bench_args:run_bench"),
     "train": Command("train a Grok-architecture model (torchrun for several GPUs)",
                      "grok1.train.cli_train:add_train_args:run_train"),
     "tokenize": Command("turn text files into memory-mapped token shards",
@@ -265,8 +265,6 @@ COMMANDS = {
     "export": Command("export a training run to grok1's native format",
                       "grok1.train.cli_train:add_export_args:run_export"),
 }
-# help for positionals whose layer leaves it out: (command, dest) -> text
-POSITIONAL_HELP = {("bench", "what"): "what to measure: decode steps, prefill, or both"}
 
 
 def chosen_command(argv: list[str]) -> str | None:
@@ -274,10 +272,10 @@ def chosen_command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _help_with_default(command: str, action: argparse.Action) -> str | None:
+def _help_with_default(action: argparse.Action) -> str | None:
     """The action's help, ending with its default unless it states one already (argparse's
     ArgumentDefaultsHelpFormatter skips options without help and repeats stated defaults)."""
-    help_text = POSITIONAL_HELP.get((command, action.dest), action.help)
+    help_text = action.help
     meaningless = (None, False, argparse.SUPPRESS)
     if (not action.option_strings or any(action.default is d for d in meaningless)
             or "default" in (help_text or "")):
@@ -300,7 +298,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             add, run = command.load()
             add(p)
             for action in p._actions:  # argparse has no public way to reach an added argument
-                action.help = _help_with_default(name, action)
+                action.help = _help_with_default(action)
             p.set_defaults(func=run)
     return parser
 

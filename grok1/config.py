@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,38 @@ class GrokConfig:
         if not isinstance(fields, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields")
         return cls.from_dict(fields, source=str(path), ignore=("seed", "parameter_order"))
+
+    @classmethod
+    def resolve(cls, spec: GrokConfig | str | Path, overrides: Sequence[str] = ()) -> GrokConfig:
+        """The config `spec` names: a GrokConfig as is, a JSON file (a Path, or a string ending
+        in .json), else a preset name; then `field=value` overrides (ints, floats).
+
+        The one reading of a `--config` option. Raises ConfigError naming a bad preset, file,
+        override or value.
+        """
+        if isinstance(spec, GrokConfig):
+            config = spec
+        elif isinstance(spec, Path) or spec.endswith(".json"):
+            config = cls.from_json(spec)
+        else:
+            config = cls.preset(str(spec))
+        changes: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for item in overrides:
+            key, _, value = item.partition("=")
+            if key not in known or not value:
+                raise ConfigError(f"override {item!r}: expected field=value with a field of "
+                                  f"{', '.join(sorted(known))}")
+            try:
+                changes[key] = float(value) if "." in value or "e" in value else int(value)
+            except ValueError:
+                raise ConfigError(f"override {item!r}: {value!r} is not a number") from None
+        if not changes:
+            return config
+        try:
+            return config.replace(**changes)
+        except ConfigError as e:
+            raise ConfigError(f"{spec} with {', '.join(overrides)}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,8 +3,8 @@
 The golden folder (../shared/grok1/golden) holds a small Grok-1-architecture checkpoint in the
 release format and the logits xAI's JAX code computed for it. A path (the plain model, torchrun
 ranks, the engine on a GPU) yields, per case, (our logits, golden logits) pairs over the
-meaningful positions; `golden_metrics` turns them into the README's figures and `golden_pass`
-applies its bounds:
+meaningful positions (`golden_pairs` for the plain model); `golden_metrics` turns them into
+the README's figures and `golden_pass` applies its bounds:
 1. each case: relative L2 <= 0.15;
 2. pooled: share of positions whose own relative L2 <= 0.02 is >= 0.65;
 3. pooled: share of positions where the golden logit of our argmax is within one bf16 ulp of the
@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grok1.config import GrokConfig
+from grok1.model import Grok1, KVCache
+
 CASE_BOUND = 0.15
 SHARE_BOUND = 0.65
 TOP1_BOUND = 0.85
@@ -29,6 +32,43 @@ Pairs = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 def load_cases(folder: str | Path) -> dict[str, np.ndarray]:
     return dict(np.load(Path(folder) / "golden.npz"))
+
+
+def golden_pairs(model: Grok1, cases: dict[str, np.ndarray],
+                 kv_config: GrokConfig | None = None) -> Pairs:
+    """(our logits, golden logits) per meaningful position of each golden case, through the
+    plain model: `full` and `padded` (the pad row's real positions) in one forward each, then
+    the golden's cache case, `prefill` (last position) and `decode` (one token a step).
+    `kv_config`: what the KV cache is allocated from (a sharded model's local head counts);
+    default the model's config. Logits are f32 on the CPU."""
+    device = model.embed.device
+
+    def tok(a) -> torch.Tensor:
+        return torch.as_tensor(a).long().to(device)
+
+    def ref(name: str) -> torch.Tensor:
+        return torch.as_tensor(cases[name]).float()
+
+    pairs: Pairs = {}
+    with torch.no_grad():
+        full = model(tok(cases["full_tokens"])).float().cpu()
+        pairs["full"] = [(full[b, t], ref("full_logits")[b, t]) for b in range(full.shape[0])
+                         for t in range(full.shape[1])]
+        padded_tokens = tok(cases["padded_tokens"])
+        padded = model(padded_tokens).float().cpu()
+        real = int((padded_tokens[0] != model.config.pad_token).sum())
+        pairs["padded"] = [(padded[0, t], ref("padded_logits")[0, t]) for t in range(real)]
+        cache = KVCache.allocate(kv_config or model.config, 1, model.config.sequence_len, device)
+        length = tok(cases["prefill_length"])
+        prefill = model(tok(cases["prefill_tokens"]), cache, lengths_B=length,
+                        last_only=True).float().cpu()
+        pairs["prefill"] = [(prefill[0, 0], ref("prefill_last_logits")[0, 0])]
+        pairs["decode"] = []
+        for i, token in enumerate(cases["decode_tokens"].tolist()):
+            logits = model(torch.tensor([[token]], device=device), cache).float().cpu()
+            pairs["decode"].append((logits[0, 0], ref("decode_logits")[i]))
+        assert int(cache.lengths_B[0]) == int(length[0]) + len(pairs["decode"])
+    return pairs
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

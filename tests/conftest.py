@@ -38,23 +38,9 @@ def tiny_config() -> GrokConfig:
     return GrokConfig.preset("tiny")
 
 
-def random_model(config: GrokConfig, *, quantized: bool = True, seed: int = 0):
-    """A Grok1 with seeded random weights of realistic scale (int8 + bf16 scales if quantized)."""
-    from grok1.model import Grok1
-
-    gen = torch.Generator().manual_seed(seed)
-    model = Grok1(config, quantized=quantized)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.dtype == torch.int8:
-                t.copy_(torch.randint(-127, 128, t.shape, generator=gen, dtype=torch.int8))
-            elif name.endswith("scales"):
-                fan_in = model.get_submodule(name.rsplit(".", 1)[0]).weight.shape[-2]
-                t.copy_((torch.rand(t.shape, generator=gen) + 0.5) / (127 * fan_in ** 0.5))
-            elif name.endswith("scale"):
-                t.copy_(1 + 0.1 * torch.randn(t.shape, generator=gen))
-            else:
-                dense_matrix = t.dim() > 1 and name != "embed"
-                scale = 1 / t.shape[-2] ** 0.5 if dense_matrix else 0.5
-                t.copy_(torch.randn(t.shape, generator=gen) * scale)
-    return model.eval()
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same state-dict keys, and every tensor of the same dtype and values."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k

@@ -4,36 +4,17 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_state
 from safetensors.torch import load_file
 
-import grok1.checkpoint
+import grok1
+from grok1 import random_weights
 from grok1.checkpoint import CheckpointError
 from grok1.checkpoint.native import load_native, save_native, write_safetensors
-from grok1.model import Grok1
-
-
-def random_quantized(config, seed: int) -> Grok1:
-    """A quantized model with random int8 weights, bf16 scales, f32 norms/router, bf16 embed."""
-    g = torch.Generator().manual_seed(seed)
-    model = Grok1(config, quantized=True)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.dtype == torch.int8:
-                t.copy_(torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8))
-            else:
-                t.copy_(torch.rand(t.shape, generator=g) * 0.02 + 0.001)
-    return model
-
-
-def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
 def test_quantized_model_round_trips_exactly(tiny_config, tmp_path):
-    model = random_quantized(tiny_config, seed=1)
+    model = random_weights(tiny_config, seed=1)
     tokenizer = tmp_path / "sp.model"
     tokenizer.write_bytes(torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(2),
                                         dtype=torch.uint8).numpy().tobytes())
@@ -48,8 +29,7 @@ def test_quantized_model_round_trips_exactly(tiny_config, tmp_path):
 
 
 def test_dense_model_round_trips_exactly_and_converts_on_request(tiny_config, tmp_path):
-    model = Grok1(tiny_config)  # bf16 matrices and embedding, f32 norms
-    model.init_weights(torch.Generator().manual_seed(3))
+    model = random_weights(tiny_config, quantized=False, seed=3)  # bf16 matrices, f32 norms
     save_native(model, tmp_path / "m")
     loaded = load_native(tmp_path / "m")
     assert not loaded.quantized
@@ -60,9 +40,9 @@ def test_dense_model_round_trips_exactly_and_converts_on_request(tiny_config, tm
 
 
 def test_public_load_reads_a_native_folder_in_eval_mode(tiny_config, tmp_path):
-    model = random_quantized(tiny_config, seed=4)
+    model = random_weights(tiny_config, seed=4)
     save_native(model, tmp_path / "m")
-    loaded = grok1.checkpoint.load(tmp_path / "m")
+    loaded = grok1.load(tmp_path / "m")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert_same_state(loaded, model)
     tokens = torch.randint(1, tiny_config.vocab_size, (2, 7),
@@ -72,14 +52,14 @@ def test_public_load_reads_a_native_folder_in_eval_mode(tiny_config, tmp_path):
 
 
 def test_release_checkpoint_converts_to_native_unchanged(golden_dir, tmp_path):
-    release = grok1.checkpoint.load(golden_dir / "checkpoint", golden_dir / "config.json",
-                                    progress=False)
+    release = grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
+                         progress=False)
     save_native(release, tmp_path / "golden")
-    assert_same_state(grok1.checkpoint.load(tmp_path / "golden"), release)
+    assert_same_state(grok1.load(tmp_path / "golden"), release)
 
 
 def test_file_is_standard_safetensors_with_grok1_metadata(tiny_config, tmp_path):
-    model = random_quantized(tiny_config, seed=6)
+    model = random_weights(tiny_config, seed=6)
     save_native(model, tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"
     n = int.from_bytes(path.read_bytes()[:8], "little")
@@ -92,7 +72,7 @@ def test_file_is_standard_safetensors_with_grok1_metadata(tiny_config, tmp_path)
 
 
 def test_save_refuses_an_existing_folder_and_overwrite_replaces_it(tiny_config, tmp_path):
-    first, second = random_quantized(tiny_config, seed=7), random_quantized(tiny_config, seed=8)
+    first, second = random_weights(tiny_config, seed=7), random_weights(tiny_config, seed=8)
     save_native(first, tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"m exists; pass overwrite=True to replace it$"):
         save_native(second, tmp_path / "m")
@@ -103,7 +83,7 @@ def test_save_refuses_an_existing_folder_and_overwrite_replaces_it(tiny_config, 
 
 
 def test_failed_save_leaves_nothing_behind(tiny_config, tmp_path):
-    model = random_quantized(tiny_config, seed=9)
+    model = random_weights(tiny_config, seed=9)
     with pytest.raises(FileNotFoundError):
         save_native(model, tmp_path / "m", tokenizer_path=tmp_path / "absent.model")
     assert list(tmp_path.iterdir()) == []
@@ -117,7 +97,7 @@ def _rewrite(folder, change):
 
 
 def test_missing_and_unexpected_names_are_listed_with_counts(tiny_config, tmp_path):
-    save_native(random_quantized(tiny_config, seed=10), tmp_path / "m")
+    save_native(random_weights(tiny_config, seed=10), tmp_path / "m")
 
     def change(tensors):
         for i in range(tiny_config.num_layers):
@@ -137,7 +117,7 @@ def test_missing_and_unexpected_names_are_listed_with_counts(tiny_config, tmp_pa
 
 
 def test_wrong_shape_and_dtype_name_the_tensor(tiny_config, tmp_path):
-    save_native(random_quantized(tiny_config, seed=11), tmp_path / "m")
+    save_native(random_weights(tiny_config, seed=11), tmp_path / "m")
     _rewrite(tmp_path / "m",
              lambda t: t.update({"layers.1.moe.router": t["layers.1.moe.router"][:, :7]}))
     with pytest.raises(CheckpointError, match=r"^m/model.safetensors: layers\.1\.moe\.router shape "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers_ckpt import QuantizedWeight8bit, read_xai_file, to_torch, write_xai_file
 
-import grok1.checkpoint
+import grok1
 from grok1.checkpoint import CheckpointError, UnsafePickleError
 from grok1.checkpoint.names import (
     from_xai_name,
@@ -43,8 +43,8 @@ def golden_config(golden_dir):
 
 @pytest.fixture(scope="module")
 def golden_model(golden_dir):
-    return grok1.checkpoint.load(golden_dir / "checkpoint", golden_dir / "config.json",
-                                 progress=False)
+    return grok1.load(golden_dir / "checkpoint", config=golden_dir / "config.json",
+                      progress=False)
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def ckpt(golden_dir, tmp_path):
 
 
 def load_copy(ckpt, golden_dir):
-    return grok1.checkpoint.load(ckpt.parent, golden_dir / "config.json", progress=False)
+    return grok1.load(ckpt.parent, config=golden_dir / "config.json", progress=False)
 
 
 # ---- names and file order ----------------------------------------------------------------------
@@ -126,8 +126,8 @@ def test_golden_checkpoint_loads_bit_exact_through_the_public_api(golden_model, 
 
 
 def test_load_accepts_the_ckpt0_folder_itself(golden_model, golden_dir):
-    model = grok1.checkpoint.load(golden_dir / "checkpoint" / "ckpt-0",
-                                  golden_dir / "config.json", progress=False)
+    model = grok1.load(golden_dir / "checkpoint" / "ckpt-0", config=golden_dir / "config.json",
+                       progress=False)
     ours, ref = model.state_dict(), golden_model.state_dict()
     assert ours.keys() == ref.keys()
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
@@ -276,7 +276,7 @@ def test_wrong_config_reports_the_files_it_expected(golden_dir):
     with pytest.raises(CheckpointError, match=r"^ckpt-0/tensor00134_000 \(layers\.19\.moe\."
                        r"w_gate\) missing; expected 770 files for 64 layers; 636 files missing "
                        r"in all$"):
-        grok1.checkpoint.load(golden_dir / "checkpoint")  # the grok-1 preset
+        grok1.load(golden_dir / "checkpoint")  # the grok-1 preset
 
 
 def test_more_files_than_the_config_implies_is_an_error(ckpt, golden_dir):
@@ -346,7 +346,8 @@ def test_corrupted_files_fail_with_checkpoint_errors_only(golden_dir, tmp_path, 
 
 
 def test_a_folder_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a release checkpoint"):
-        grok1.checkpoint.load(tmp_path)
+    with pytest.raises(CheckpointError, match="not a checkpoint grok1 reads; expected a grok1 "
+                                              "folder"):
+        grok1.load(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
-        grok1.checkpoint.load(tmp_path / "absent")
+        grok1.load(tmp_path / "absent")

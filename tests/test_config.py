@@ -45,3 +45,27 @@ def test_not_json_and_missing_file(tmp_path):
         GrokConfig.from_json(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="not found"):
         GrokConfig.from_json(tmp_path / "none.json")
+
+
+def test_resolve_reads_a_preset_a_json_file_or_a_config_then_overrides(tmp_path):
+    tiny = GrokConfig.preset("tiny")
+    tiny.save_json(tmp_path / "c.json")
+    assert GrokConfig.resolve("tiny") is tiny
+    assert GrokConfig.resolve(tmp_path / "c.json") == tiny
+    assert GrokConfig.resolve(str(tmp_path / "c.json")) == tiny
+    assert GrokConfig.resolve(tiny, ["num_layers=4", "widening_factor=2.5"]) == tiny.replace(
+        num_layers=4, widening_factor=2.5)
+
+
+def test_resolve_names_a_bad_preset_override_or_value(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'grok-3'; known: debug, grok-1, tiny"):
+        GrokConfig.resolve("grok-3")
+    with pytest.raises(ConfigError, match="override 'layers=4': expected field=value"):
+        GrokConfig.resolve("tiny", ["layers=4"])
+    with pytest.raises(ConfigError, match="override 'num_layers=four': 'four' is not a number"):
+        GrokConfig.resolve("tiny", ["num_layers=four"])
+    with pytest.raises(ConfigError, match="tiny with num_kv_heads=4: num_q_heads=6 must be a "
+                                          "multiple of num_kv_heads=4"):
+        GrokConfig.resolve("tiny", ["num_kv_heads=4"])
+    with pytest.raises(ConfigError, match="none.json: config file not found"):
+        GrokConfig.resolve(tmp_path / "none.json")

@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 import torch
-from _engine_helpers import check_against_plain_model, drive, random_model
+from _engine_helpers import PEAKED, check_against_plain_model, drive
 
+from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.engine.llm import LLM, Engine, SamplingParams
 
@@ -21,7 +22,7 @@ def random_prompts(n, vocab, max_len, seed):
 
 def test_cpu_engine_equals_plain_model_with_joins_chunks_and_preemption():
     config = GrokConfig.preset("tiny").replace(sequence_len=64)
-    model = random_model(config, quantized=True)
+    model = random_weights(config, quantized=True, **PEAKED)
     # 14 blocks of 4 = 56 positions for up to 4 running requests of up to 36: forces preemption
     engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=16, max_model_len=64,
                     max_num_batched_tokens=12, record_logits=True)
@@ -49,7 +50,7 @@ def prompts_with_pad_tokens(n, vocab, max_len, seed):
 
 def test_cpu_engine_masks_pad_tokens_as_keys_like_plain_model():
     config = GrokConfig.preset("tiny").replace(sequence_len=64)
-    model = random_model(config, quantized=True, seed=2)
+    model = random_weights(config, quantized=True, seed=2, **PEAKED)
     prompts = prompts_with_pad_tokens(4, config.vocab_size, 24, seed=5)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     engine = Engine(model, max_batch_size=4, block_size=4, max_model_len=64,
@@ -71,7 +72,7 @@ def test_cpu_engine_masks_pad_tokens_as_keys_like_plain_model():
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
     config = GrokConfig.preset("tiny")
-    model = random_model(config, quantized=False)
+    model = random_weights(config, quantized=False, **PEAKED)
     prompt = [5, 9, 17, 33]
     runs = []
     for _ in range(2):
@@ -87,7 +88,7 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
 
 def test_stop_tokens_abort_logprobs_and_streaming():
     config = GrokConfig.preset("tiny")
-    model = random_model(config, quantized=False)
+    model = random_weights(config, quantized=False, **PEAKED)
     llm = LLM(model, max_model_len=64)
     free = llm.generate([[7, 8, 9]], SamplingParams(max_tokens=5, temperature=0.0,
                                                     ignore_eos=True))[0]
@@ -116,7 +117,7 @@ def test_stop_tokens_abort_logprobs_and_streaming():
 
 
 def test_add_request_rejects_bad_input_with_clear_messages():
-    model = random_model(GrokConfig.preset("tiny"), quantized=False)
+    model = random_weights(GrokConfig.preset("tiny"), quantized=False, **PEAKED)
     engine = Engine(model, max_model_len=32)
     p = SamplingParams(max_tokens=4)
     with pytest.raises(ValueError, match="empty prompt"):
@@ -138,8 +139,9 @@ def test_gpu_engine_with_kernels_and_graphs_matches_plain_model():
     # F = 4096: each of the 8 down-projection scale groups holds whole 128-wide K tiles
     config = GrokConfig.preset("debug").replace(emb_size=768, key_size=64, num_q_heads=12,
                                                 num_kv_heads=2, sequence_len=256)
-    model = random_model(config, quantized=True, std=0.2, device=DEV)
-    plain = random_model(config, quantized=True, std=0.2, device=DEV)  # twin, not swapped
+    model = random_weights(config, quantized=True, device=DEV, **(PEAKED | {"std": 0.2}))
+    # the twin, not swapped
+    plain = random_weights(config, quantized=True, device=DEV, **(PEAKED | {"std": 0.2}))
     engine = Engine(model, max_batch_size=8, block_size=16, num_blocks=40, max_model_len=256,
                     max_num_batched_tokens=64, record_logits=True)
     assert engine.runner.use_graphs
@@ -164,7 +166,7 @@ def test_prompt_logprobs_come_from_the_prefill_and_match_the_plain_model():
     equal the plain model's; max_tokens=0 scores the prompt and stops; each position goes
     through the model once (no second pass for the scores)."""
     config = GrokConfig.preset("tiny").replace(sequence_len=64)
-    model = random_model(config, quantized=True, seed=3)
+    model = random_weights(config, quantized=True, seed=3, **PEAKED)
     prompts = random_prompts(5, config.vocab_size, 20, seed=7)
     prompts["one"] = [11]  # nothing to score but its (absent) first token
     engine = Engine(model, max_batch_size=4, block_size=4, max_model_len=64,
@@ -205,7 +207,7 @@ def test_prompt_logprobs_come_from_the_prefill_and_match_the_plain_model():
 
 def test_prompt_logprobs_survive_preemption_after_they_are_sent():
     config = GrokConfig.preset("tiny").replace(sequence_len=64)
-    model = random_model(config, quantized=True)
+    model = random_weights(config, quantized=True, **PEAKED)
     # too few blocks for 4 running requests: decoding ones are preempted after their prompt
     # logprobs went out, and recomputed from their prompt (which must not be scored again)
     engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=16, max_model_len=64,

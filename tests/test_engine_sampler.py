@@ -5,8 +5,9 @@ generates."""
 import math
 
 import torch
-from _engine_helpers import random_model
+from _engine_helpers import PEAKED
 
+from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.engine.llm import LLM
 from grok1.engine.sampler import process_logits
@@ -52,7 +53,7 @@ def test_min_tokens_holds_back_stops_and_min_p_keeps_draws_near_the_top():
 
 
 def test_extras_change_what_the_engine_generates():
-    model = random_model(GrokConfig.preset("tiny"), quantized=False)
+    model = random_weights(GrokConfig.preset("tiny"), quantized=False, **PEAKED)
     llm = LLM(model, max_model_len=64)
     prompt = [5, 9, 17, 33]
     base = dict(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import random_model
 
+from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.generation import generate
 from grok1.sampling import SamplingParams
@@ -9,7 +9,7 @@ from grok1.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(GrokConfig.preset("tiny"), seed=3)
+    return random_weights(GrokConfig.preset("tiny"), seed=3)
 
 
 def greedy_alone(model, prompt, n):

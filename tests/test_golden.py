@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import grok1
-from grok1.golden import golden_metrics, load_cases
-from grok1.model import KVCache
+from grok1.golden import golden_metrics, golden_pairs, load_cases
 
 
 @pytest.fixture(scope="module")
@@ -26,28 +25,7 @@ def golden(golden_dir):
 def cases(golden):
     """(name, [(our logits, golden logits) per meaningful position])."""
     model, g = golden
-    ref = {k: torch.from_numpy(v).float() for k, v in g.items() if k.endswith("logits")}
-    out = {}
-    with torch.no_grad():
-        full = model(torch.from_numpy(g["full_tokens"]).long()).float()
-        out["full"] = [(full[b, t], ref["full_logits"][b, t])
-                       for b in range(full.shape[0]) for t in range(full.shape[1])]
-        padded_tokens = torch.from_numpy(g["padded_tokens"]).long()
-        padded = model(padded_tokens).float()
-        real = int((padded_tokens[0] != model.config.pad_token).sum())
-        out["padded"] = [(padded[0, t], ref["padded_logits"][0, t]) for t in range(real)]
-        cache = KVCache.allocate(model.config, 1, model.config.sequence_len)
-        length = torch.from_numpy(g["prefill_length"]).long()
-        prefill = model(torch.from_numpy(g["prefill_tokens"]).long(), cache, lengths_B=length,
-                        last_only=True).float()
-        out["prefill"] = [(prefill[0, 0], ref["prefill_last_logits"][0, 0])]
-        decode = []
-        for i, token in enumerate(g["decode_tokens"].tolist()):
-            logits = model(torch.tensor([[token]]), cache).float()
-            decode.append((logits[0, 0], ref["decode_logits"][i]))
-        out["decode"] = decode
-        assert int(cache.lengths_B[0]) == int(length[0]) + len(decode)
-    return out
+    return golden_pairs(model, g)
 
 
 @pytest.fixture(scope="module")

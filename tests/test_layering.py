@@ -14,9 +14,10 @@ LEVELS = {
     "model": 1, "sampling": 1,
     "ops": 2, "checkpoint": 2, "info": 2, "generation": 2, "assets": 2, "golden": 2,
     "parallel": 3,
-    "engine": 4, "train": 4,
-    "server": 5, "eval": 5,
-    "cli": 6, "__main__": 7, "__init__": 7,
+    "loading": 4,  # grok1.load / random_weights: formats (checkpoint) + sharding (parallel)
+    "engine": 5, "train": 5,
+    "server": 6, "eval": 6,
+    "cli": 7, "__main__": 8, "__init__": 8,
 }
 # third-party modules allowed only below these grok1 packages
 CONFINED = {"triton": {"ops"}, "torch.distributed": {"parallel", "train"},

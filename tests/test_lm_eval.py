@@ -20,8 +20,9 @@ yaml = pytest.importorskip("yaml")
 
 from _processes import free_port, wait_until_healthy
 
+import grok1
 from grok1.engine.llm import Engine, SamplingParams
-from grok1.server.cli_serve import DEFAULT_MODEL_NAME, load_model
+from grok1.server.cli_serve import DEFAULT_MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "data" / "lm_eval"
@@ -41,7 +42,8 @@ def served():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_healthy(url, proc)
-        model, tokenizer, _, _ = load_model(None, device="cpu")
+        model = grok1.load(grok1.default_model_dir(), device="cpu", progress=False)
+        tokenizer = grok1.Tokenizer(grok1.default_model_dir() / "tokenizer.model")
         yield url + "/v1/completions", tokenizer, Engine(model)
     finally:
         proc.terminate()

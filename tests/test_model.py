@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import random_model
 
+from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.model import KVCache, apply_rope, moe_ref, rope_cos_sin, route
 from grok1.quant import dequantize, quantize
@@ -17,7 +17,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(GrokConfig.preset("tiny"), seed=1)
+    return random_weights(GrokConfig.preset("tiny"), seed=1)
 
 
 def test_decode_through_cache_equals_full_forward(model):
@@ -135,7 +135,7 @@ def test_gates_are_not_renormalised(model):
 
 
 def test_embedding_and_output_multipliers_are_bf16_rounded():
-    m = random_model(GrokConfig.preset("grok-1").replace(num_layers=1, vocab_size=8, emb_size=128,
+    m = random_weights(GrokConfig.preset("grok-1").replace(num_layers=1, vocab_size=8, emb_size=128,
                                                          num_q_heads=2, num_kv_heads=1, key_size=64,
                                                          widening_factor=0.1), seed=0)
     assert m.embedding_multiplier == 78.5 and math.isclose(math.sqrt(6144), 78.38367176906169)

@@ -75,7 +75,7 @@ def test_tuned_moe_configs_fall_back_to_the_architecture_then_to_gemv_defaults()
 
 
 def test_staged_sweep_builds_each_stage_on_the_best_before_it_and_skips_failures():
-    from grok1.engine.bench_cli import staged_sweep
+    from bench._common import staged_sweep
 
     times = {(1, 1): 5.0, (2, 1): 3.0, (2, 2): 4.0, (2, 3): 2.0}
     tried = []

@@ -114,9 +114,9 @@ def test_sharding_a_meta_grok1_gives_each_rank_its_local_shapes():
 
 
 def _random_moe(config: GrokConfig, seed: int):
-    from conftest import random_model
+    from grok1 import random_weights
 
-    model = random_model(config.replace(num_layers=1), seed=seed)
+    model = random_weights(config.replace(num_layers=1), seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(37, config.emb_size, generator=g).to(torch.bfloat16)
     return model, x
@@ -168,11 +168,12 @@ def golden_full(golden_dir):
 ])
 def test_sharded_load_equals_slicing_the_full_load(golden_dir, golden_full, ranks, rank, moe,
                                                     unembed):
-    from grok1.parallel.load import load_sharded
+    import grok1
 
     config, full = golden_full
     layout = Layout(ranks, rank, moe=moe, unembed=unembed)
-    loaded = load_sharded(golden_dir / "checkpoint", config, layout, progress=False).state_dict()
+    loaded = grok1.load(golden_dir / "checkpoint", config=config, layout=layout,
+                        progress=False).state_dict()
     sliced = shard_model_(copy.deepcopy(full), layout).state_dict()
     assert loaded.keys() == sliced.keys()
     for key in sliced:

@@ -1,6 +1,7 @@
 """Tensor and expert parallelism across real processes: torchrun starts 2 or 4 CPU ranks (gloo)
-running `python -m grok1.parallel.launch check`, which compares the parallel model with the one
--process model on every rank and prints one JSON line per comparison (rank 0).
+running `bench/parallel_check.py`, which builds each rank's model through grok1.load /
+grok1.random_weights with a mesh, compares it with the one-process model on every rank and
+prints one JSON line per comparison (rank 0).
 
 Tolerances: with every partial sum kept in f32 until the all-reduce, a split changes only the
 order of f32 additions, so logits equal one process's except where that reordering flips a bf16
@@ -38,8 +39,7 @@ def _results(out: str) -> list[dict]:
 def torchrun_check(ranks: int, *args: str, timeout: float = 120,
                    backend: str = "gloo") -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={ranks}", "-m", "grok1.parallel.launch", "check",
-           "--backend", backend, *args]
+           f"--nproc-per-node={ranks}", "bench/parallel_check.py", "--backend", backend, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=timeout, check=False)
     results = _results(proc.stdout)
@@ -86,11 +86,13 @@ def test_golden_on_two_gloo_ranks_matches_the_golden_logits_and_one_process(gold
     assert set(greedy) == {"tp", "ep"} and all(r["ok"] for r in greedy.values())
 
 
-def test_a_grok1_folder_is_loaded_whole_then_sliced_on_two_ranks(golden_dir, tmp_path):
-    from grok1.checkpoint import load, save_native
+def test_a_grok1_folder_is_read_slice_by_slice_on_two_ranks(golden_dir, tmp_path):
+    import grok1
+    from grok1.checkpoint import save_native
 
     config = golden_dir / "config.json"
-    save_native(load(golden_dir / "checkpoint", config, progress=False), tmp_path / "native")
+    save_native(grok1.load(golden_dir / "checkpoint", config=config, progress=False),
+                tmp_path / "native")
     results = torchrun_check(2, "--golden", str(golden_dir), "--checkpoint",
                              str(tmp_path / "native"), "--variants", "tp:ep:dim", "--check-slices")
     golden = by_variant(results, "golden")
@@ -163,7 +165,7 @@ def test_two_nodes_on_one_host_meet_through_the_c10d_rendezvous(golden_dir):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
-           "-m", "grok1.parallel.launch", "check", "--backend", "gloo",
+           "bench/parallel_check.py", "--backend", "gloo",
            "--golden", str(golden_dir), "--variants", "tp"]
     nodes = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -180,7 +182,7 @@ def test_two_nodes_on_one_host_meet_through_the_c10d_rendezvous(golden_dir):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_ranks_on_two_gpus_equal_one_gpu_through_the_same_kernels():
     # on a GPU the parallel modules run grok1.ops' fused MoE and int8 wo kernels with f32
-    # partial sums; the one-GPU model runs the same kernels (launch.with_kernels_)
+    # partial sums; the one-GPU model runs the same kernels (parallel_check.with_kernels_)
     results = torchrun_check(2, "--config", "debug", "--variants", "tp,ep,tp:tp:dim",
                              "--tokens", "16", "--decode-steps", "4", backend="nccl",
                              timeout=300)
@@ -192,10 +194,10 @@ def test_nccl_ranks_on_two_gpus_equal_one_gpu_through_the_same_kernels():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_grok1_bench_under_torchrun_times_the_sharded_model_and_rank_0_reports(tmp_path):
-    # grok1.engine.bench_cli.run_bench_ranks: one full-width layer, random int8 weights
+def test_the_engine_bench_under_torchrun_times_the_sharded_model_and_rank_0_reports(tmp_path):
+    # bench/engine_bench.py's run_bench_ranks: one full-width layer, random int8 weights
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "grok1", "bench", "decode", "--tp", "2", "--moe", "ep", "--layers", "1",
+           "bench/engine_bench.py", "decode", "--tp", "2", "--moe", "ep", "--layers", "1",
            "--batch", "1", "8", "--context", "64", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=300, check=False)

@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -17,12 +16,11 @@ httpx = pytest.importorskip("httpx")
 from test_server_bridge import FakeEngine
 from test_server_units import ByteTokenizer
 
+import grok1
 from grok1.assets import default_model_dir
-from grok1.config import GrokConfig
 from grok1.engine.llm import Engine
-from grok1.model import Grok1
 from grok1.server.app import create_app
-from grok1.server.cli_serve import load_model, serve_in_thread
+from grok1.server.cli_serve import serve_in_thread
 from grok1.server.protocol import ChatMessage
 from grok1.server.serving import chat_prompt
 
@@ -38,11 +36,10 @@ def make_engine_and_tokenizer(**engine_kwargs):
     """The real engine on the embedded default model (a tiny random Grok1 with a byte-level
     tokenizer until the default model exists)."""
     if (DEFAULT_MODEL / "model.safetensors").exists():
-        model, tokenizer, _, _ = load_model(None, device="cpu")
+        model = grok1.load(DEFAULT_MODEL, device="cpu", progress=False)
+        tokenizer = grok1.Tokenizer(DEFAULT_MODEL / "tokenizer.model")
     else:
-        model = Grok1(GrokConfig.preset("tiny"))
-        model.init_weights(torch.Generator().manual_seed(0))
-        tokenizer = ByteTokenizer()
+        model, tokenizer = grok1.random_weights("tiny", quantized=False), ByteTokenizer()
     return Engine(model, **engine_kwargs), tokenizer
 
 

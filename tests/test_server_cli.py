@@ -9,16 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from _processes import free_port, wait_until_healthy
 
+from grok1 import random_weights
 from grok1.checkpoint import save_native
 from grok1.config import GrokConfig
-from grok1.model import Grok1
 from grok1.server.cli_serve import DEFAULT_MODEL_NAME, add_serve_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def checkpoint(tmp_path_factory, tokenizer_path):
     """A tiny random Grok1 with the real 131072-token vocabulary, as a grok1 folder."""
     config = GrokConfig.preset("tiny").replace(vocab_size=131072, sequence_len=256)
-    model = Grok1(config)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model = random_weights(config, quantized=False)
     return save_native(model, tmp_path_factory.mktemp("serve") / "tiny-grok", tokenizer_path)
 
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -19,9 +18,8 @@ from _processes import free_port, wait_until_healthy
 from test_server_bridge import _collect, _run
 
 import grok1.engine.llm as llm
-from grok1.config import GrokConfig
+from grok1 import random_weights
 from grok1.engine.llm import Engine, SamplingParams
-from grok1.model import Grok1
 from grok1.server.bridge import (
     EngineBridge,
     EngineStepError,
@@ -35,8 +33,7 @@ POISON_SEED = 666  # the injected sampler failure hits rows with this seed only
 
 
 def real_engine() -> Engine:
-    model = Grok1(GrokConfig.preset("tiny"))
-    model.init_weights(torch.Generator().manual_seed(0))
+    model = random_weights("tiny", quantized=False)
     return Engine(model, max_batch_size=8, use_cuda_graphs=False)
 
 

@@ -49,7 +49,7 @@ class QueueChannel:
 
 @needs_default
 def test_a_follower_replays_the_leaders_adds_aborts_and_steps_token_for_token():
-    from grok1.checkpoint import load
+    from grok1.loading import load
     from grok1.engine.llm import Engine
 
     model = load(DEFAULT_MODEL, device="cpu", progress=False)
@@ -122,7 +122,7 @@ def _complete(url: str, **body) -> dict:
 def _reference(prompts: list[str], max_tokens: int) -> tuple[list[str], list[torch.Tensor]]:
     """One process's greedy texts of the prompts, and each prompt's token logprobs (after the
     first token) from the plain model."""
-    from grok1.checkpoint import load
+    from grok1.loading import load
     from grok1.generation import generate
     from grok1.server.detokenize import IncrementalDetokenizer
     from grok1.tokenizer import Tokenizer

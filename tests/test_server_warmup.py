@@ -23,10 +23,11 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from _engine_helpers import random_model
+from _engine_helpers import PEAKED
 from test_server_bridge import FakeEngine
 from test_server_units import ByteTokenizer
 
+from grok1 import random_weights
 from grok1.config import GrokConfig
 from grok1.engine.llm import Engine, SamplingParams, warmup_sizes
 from grok1.server.app import create_app
@@ -38,7 +39,7 @@ serve_load = sys.modules.setdefault("serve_load", importlib.util.module_from_spe
 if not hasattr(serve_load, "run_load"):
     _spec.loader.exec_module(serve_load)
 
-STEP_S = 0.010     # the H100's decode step at batch 32 (grok1 bench, 4 full-width layers)
+STEP_S = 0.010     # the H100's decode step at batch 32 (bench/engine_bench.py, 4 full-width layers)
 COMPILE_S = 0.4    # first use of a bucket; a real Triton compile or capture is 0.3 s to seconds
 CONCURRENCY, REQUESTS, MAX_TOKENS = 32, 64, 32
 
@@ -108,7 +109,7 @@ def test_failed_warmup_fails_start_up_instead_of_serving():
 
 def _engine(**kw):
     config = GrokConfig.preset("tiny").replace(sequence_len=128)
-    model = random_model(config, quantized=False, seed=7)
+    model = random_weights(config, quantized=False, seed=7, **PEAKED)
     return Engine(model, max_batch_size=8, block_size=16, num_blocks=64,
                   max_num_batched_tokens=64, **kw)
 
@@ -170,7 +171,7 @@ def test_engine_warmup_refuses_with_requests_in_flight_and_bad_sizes():
 def test_gpu_engine_warmup_captures_all_buckets_so_serving_captures_none():
     config = GrokConfig.preset("debug").replace(emb_size=768, key_size=64, num_q_heads=12,
                                                 num_kv_heads=2, sequence_len=256)
-    model = random_model(config, quantized=True, std=0.2, device="cuda")
+    model = random_weights(config, quantized=True, device="cuda", **(PEAKED | {"std": 0.2}))
     engine = Engine(model, max_batch_size=8, block_size=16, num_blocks=40, max_model_len=256,
                     max_num_batched_tokens=64)
     assert engine.runner.use_graphs

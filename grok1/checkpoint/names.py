@@ -17,6 +17,7 @@ loaded tensor under its state-dict key into a model built on the meta device.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,11 @@ _TOP_FROM_XAI = dict(TOP_NAMES)
 _TOP_TO_XAI = {ours: ref for ref, ours in TOP_NAMES}
 _XAI_LAYER = re.compile(r"transformer/decoder_layer_(\d+)/(.+)")
 _GROK1_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+# shard_fn(state-dict key, the tensor as stored) -> this rank's piece (a view is fine): how a
+# reader loads one rank's slices (grok1.loading builds it from the parallel plan)
+ShardFn = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class CheckpointError(Exception):

@@ -28,12 +28,13 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from grok1.checkpoint.names import CheckpointError, assign_tensor
+from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
 from grok1.config import GrokConfig
 from grok1.model import Grok1
 
@@ -112,26 +113,42 @@ def _names(keys: list[str]) -> str:
     return ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
 
 
+def native_config(path: str | Path) -> GrokConfig:
+    """The config.json of the grok1 folder `path`; CheckpointError when it has none."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
+    return GrokConfig.from_json(path / CONFIG_FILE)
+
+
+def _whole_model(config: GrokConfig, quantized: bool, dtype: torch.dtype) -> Grok1:
+    with torch.device("meta"):
+        return Grok1(config, quantized=quantized, dtype=dtype)
+
+
 def load_native(path: str | Path, config: GrokConfig | None = None, *,
-                device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Grok1:
+                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                build: Callable[[GrokConfig, bool, torch.dtype], Grok1] | None = None,
+                shard_fn: ShardFn | None = None) -> Grok1:
     """The Grok1 saved in the grok1 folder `path` (config from its config.json unless given).
 
     Quantized or dense as saved; `dtype` is the dtype of the embedding and dense matrices
-    (default: as saved). Raises CheckpointError for missing or unexpected names, wrong shapes
-    or int8/scale dtypes, ConfigError for a bad config.json.
+    (default: as saved). For one rank of several (grok1.load with a mesh), `build(config,
+    quantized, dtype)` makes the meta model of the rank's shapes and `shard_fn(key, tensor)`
+    cuts the rank's piece from each memory-mapped tensor, as for the release
+    (xai_pickle.load_xai_checkpoint); the pieces are copied out of the file.
+    Raises CheckpointError for missing or unexpected names, wrong shapes or int8/scale dtypes,
+    ConfigError for a bad config.json.
     """
     path = Path(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; not a grok1 checkpoint folder")
-    if config is None:
-        if not (path / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{path}: no {CONFIG_FILE} beside {WEIGHTS_FILE}")
-        config = GrokConfig.from_json(path / CONFIG_FILE)
+    config = config or native_config(path)
     where = f"{path.name}/{WEIGHTS_FILE}"
     device = torch.device(device)
-    try:
-        f = safe_open(weights, framework="pt", device=str(device))
+    try:  # a rank's pieces are cut on the CPU (memory-mapped), then moved
+        f = safe_open(weights, framework="pt", device="cpu" if shard_fn else str(device))
     except SafetensorError as e:
         raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from e
     with f:
@@ -140,9 +157,8 @@ def load_native(path: str | Path, config: GrokConfig | None = None, *,
         if dtype is None:
             dtype = _TORCH_DTYPES.get(f.get_slice("embed").get_dtype(), torch.bfloat16) \
                 if "embed" in keys else torch.bfloat16
-        with torch.device("meta"):
-            model = Grok1(config, quantized=quantized, dtype=dtype)
-        targets = dict(model.state_dict(keep_vars=True))
+        whole = _whole_model(config, quantized, dtype)  # the file's shapes
+        targets = dict(whole.state_dict(keep_vars=True))
         missing = [k for k in targets if k not in set(keys)]
         unexpected = [k for k in keys if k not in targets]
         if missing or unexpected:
@@ -165,7 +181,17 @@ def load_native(path: str | Path, config: GrokConfig | None = None, *,
                     not exact and not file_dtype.is_floating_point):
                 raise CheckpointError(f"{where}: {key} dtype {target.dtype} expected, file has "
                                       f"{s.get_dtype()}")
-        for key, target in targets.items():
-            assign_tensor(model, key, f.get_tensor(key).to(device=device, dtype=target.dtype))
+        model = whole if build is None else build(config, quantized, dtype)
+        local = dict(model.state_dict(keep_vars=True))
+        for key, target in local.items():
+            t = f.get_tensor(key)
+            if shard_fn is not None:
+                t = shard_fn(key, t)
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)} after "
+                                          f"shard_fn, the model expects {tuple(target.shape)}")
+            moved = t.to(device=device, dtype=target.dtype)
+            if shard_fn is not None and moved.data_ptr() == t.data_ptr():
+                moved = moved.clone()  # a rank's piece owns its memory, not the file's map
+            assign_tensor(model, key, moved)
     return model
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from grok1.checkpoint.names import (
     CheckpointError,
+    ShardFn,
     XaiEntry,
     assign_tensor,
     is_quantized_name,
@@ -44,23 +45,30 @@ from grok1.config import GrokConfig
 from grok1.model import Grok1
 from grok1.quant import dequantize
 
-__all__ = ["ShardFn", "UnsafePickleError", "check_file_set", "iter_xai_tensors",
+__all__ = ["ShardFn", "UnsafePickleError", "check_file_set", "find_ckpt0", "iter_xai_tensors",
            "load_xai_checkpoint", "release_specs", "resolve_ckpt0", "scan_xai_checkpoint",
            "scan_xai_file"]
 
-ShardFn = Callable[[str, torch.Tensor], torch.Tensor]
 _TENSOR_FILE = re.compile(r"tensor\d{5}_\d{3}")
 
 
 # ---- the checkpoint: file set, expected shapes, streaming ----------------------------------------
 
-def resolve_ckpt0(path: str | Path) -> Path:
-    """`path/ckpt-0` if there is one, else `path` itself when it holds tensor files."""
+def find_ckpt0(path: str | Path) -> Path | None:
+    """`path/ckpt-0` if there is one, else `path` itself when it holds tensor files, else None."""
     path = Path(path)
     if (path / "ckpt-0").is_dir():
         return path / "ckpt-0"
     if path.is_dir() and any(_TENSOR_FILE.fullmatch(p.name) for p in path.iterdir()):
         return path
+    return None
+
+
+def resolve_ckpt0(path: str | Path) -> Path:
+    """find_ckpt0, or CheckpointError saying where the release's files go."""
+    found = find_ckpt0(path)
+    if found is not None:
+        return found
     raise CheckpointError(f"{path}: no ckpt-0/ folder and no tensorNNNNN_000 files in it; the "
                           "release's 770 files tensor00000_000 ... tensor00769_000 go in "
                           "checkpoints/ckpt-0/")

@@ -89,25 +89,29 @@ def _model_dir_and_name(checkpoint: Path | None) -> tuple[Path, str]:
     return model_dir_or_default(checkpoint), name
 
 
-def load_model(checkpoint: Path | None = None, *, config: Path | None = None,
-               tokenizer: Path | None = None, device: str = "cpu",
-               dummy_layers: int | None = None):
-    """(model, tokenizer, served model name, where it came from) as `grok1 serve` loads them:
-    the checkpoint folder, random full-width weights, or the embedded default model."""
-    from grok1.checkpoint import load
+def load_served_model(args: argparse.Namespace, mesh=None, device: str | None = None):
+    """(model, tokenizer, served model name, where it came from) for `grok1 serve`'s options,
+    through grok1.load or grok1.random_weights: the checkpoint folder, random full-width
+    weights (--dummy-layers), or the embedded default model; with a mesh (under torchrun) this
+    rank's shard with its collectives, else the whole model on `device`."""
+    from grok1.config import GrokConfig
+    from grok1.loading import load, random_weights
     from grok1.tokenizer import Tokenizer, find_tokenizer
 
-    if dummy_layers is not None:
-        from grok1.engine.dummy import dummy_model
-        _check_dummy_args(tokenizer, checkpoint)
-        model, tok = dummy_model(dummy_layers, device=device), Tokenizer(tokenizer)
-        tok.require_vocab(model.config.vocab_size)
-        return model, tok, f"grok-1-dummy-{dummy_layers}l", "random weights"
-    model_dir, name = _model_dir_and_name(checkpoint)
-    tok = Tokenizer(find_tokenizer(tokenizer, model_dir))
-    model = load(model_dir, config=config, device=device, progress=False)
+    split = {"mesh": mesh, "moe": args.moe, "unembed": args.unembed,
+             "device": None if mesh is not None else device}
+    if args.dummy_layers is not None:
+        _check_dummy_args(args.tokenizer, args.checkpoint)
+        config = GrokConfig.preset("grok-1").replace(num_layers=args.dummy_layers)
+        model, tok = random_weights(config, **split), Tokenizer(args.tokenizer)
+        name, source = f"grok-1-dummy-{args.dummy_layers}l", "random weights"
+    else:
+        model_dir, name = _model_dir_and_name(args.checkpoint)
+        tok = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
+        model = load(model_dir, config=args.config, progress=mesh is not None, **split)
+        source = str(model_dir)
     tok.require_vocab(model.config.vocab_size)
-    return model, tok, name, str(model_dir)
+    return model, tok, name, source
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -141,9 +145,7 @@ def build_app(args: argparse.Namespace):
     from grok1.engine.llm import Engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, name, source = load_model(args.checkpoint, config=args.config,
-                                                tokenizer=args.tokenizer, device=device,
-                                                dummy_layers=args.dummy_layers)
+    model, tokenizer, name, source = load_served_model(args, device=device)
     engine = Engine(model, **_engine_kwargs(args))
     return _create_app(args, engine, tokenizer, name, source, device)
 
@@ -151,7 +153,7 @@ def build_app(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> None:
     """`grok1 serve`: blocks until Ctrl-C/SIGTERM, then shuts down gracefully. Under torchrun
     (or --tp > 1) every rank serves its shard, rank 0 alone over HTTP (`run_serve_ranks`)."""
-    from grok1.parallel.launch import wants_parallel
+    from grok1.parallel.options import wants_parallel
 
     if wants_parallel(args):
         run_serve_ranks(args)
@@ -200,38 +202,6 @@ def serve_until_stopped(app, args: argparse.Namespace) -> None:
         raise SystemExit(f"grok1 serve: exiting with status 1, {app.state.bridge.dead_reason}")
 
 
-def load_shard(args: argparse.Namespace, mesh):
-    """(this rank's shard with its collectives, tokenizer, served name, where it came from):
-    the checkpoint folder (each rank reads its slices), random full-width weights made already
-    sharded (--dummy-layers), or the embedded default model."""
-    import torch
-
-    from grok1.config import GrokConfig
-    from grok1.model import Grok1
-    from grok1.parallel.launch import init_random_, load_parallel_model
-    from grok1.parallel.tensor import Layout, parallelize, shard_model_
-    from grok1.tokenizer import Tokenizer, find_tokenizer
-
-    if args.dummy_layers is not None:
-        _check_dummy_args(args.tokenizer, args.checkpoint)
-        layout = Layout(mesh.tp_size, mesh.tp_rank, moe=args.moe, unembed=args.unembed)
-        config = GrokConfig.preset("grok-1").replace(num_layers=args.dummy_layers)
-        with torch.device("meta"):
-            model = shard_model_(Grok1(config, quantized=True), layout)
-        model.to_empty(device=mesh.device)
-        model = parallelize(init_random_(model, seed=0), mesh.tp_group, layout).eval()
-        tok = Tokenizer(args.tokenizer)
-        name, source = f"grok-1-dummy-{args.dummy_layers}l", "random weights"
-    else:
-        model_dir, name = _model_dir_and_name(args.checkpoint)
-        tok = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
-        model = load_parallel_model(model_dir, args.config, mesh, moe=args.moe,
-                                    unembed=args.unembed)
-        source = str(model_dir)
-    tok.require_vocab(model.config.vocab_size)
-    return model, tok, name, source
-
-
 def run_serve_ranks(args: argparse.Namespace) -> None:
     """`torchrun --nproc-per-node N -m grok1 serve --tp N ...` on every rank: load this rank's
     shard, build the engine (KV blocks: the fewest that fit any rank), then rank 0 serves HTTP
@@ -244,9 +214,9 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
     from grok1.parallel.control import ControlChannel, LeaderEngine, follow
     from grok1.parallel.mesh import init_distributed, shutdown
 
-    mesh = init_distributed(args.tp, backend="gloo" if args.device == "cpu" else None)
+    mesh = init_distributed(args.tp, device=args.device)
     channel = ControlChannel()
-    model, tokenizer, name, source = load_shard(args, mesh)
+    model, tokenizer, name, source = load_served_model(args, mesh)
     kwargs = _engine_kwargs(args)
     if args.num_blocks is None:  # sized by each rank's free memory: every rank takes the least
         max_len = args.max_model_len or model.config.sequence_len
@@ -259,7 +229,7 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
     # must not kill rank 0 before it has released the followers
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if mesh.is_first:
+        if mesh.is_main:
             leader = LeaderEngine(engine, channel)
             app = _create_app(args, leader, tokenizer, name, f"{source}, {mesh.world_size} "
                               f"ranks, moe {args.moe}", str(mesh.device))
@@ -272,7 +242,7 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
     finally:                                 # barrier, exit, and torchrun stops the job
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if mesh.is_first or steps is not None:  # everyone has been released: leave together
+        if mesh.is_main or steps is not None:  # everyone has been released: leave together
             engine.runner.free_graphs()  # graphs holding captured NCCL calls hang the teardown
             del engine
             gc.collect()

@@ -9,10 +9,7 @@ keeps the router and norms f32), so FSDP's MixedPrecisionPolicy would change the
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,62 +17,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from grok1.model import Grok1
+from grok1.parallel.mesh import Mesh, init_distributed, shutdown
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
+# The trainer's names for the one bootstrap, grok1.parallel.mesh (serving uses it too).
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group torchrun describes (RANK/WORLD_SIZE/...; nccl on CUDA, else gloo);
-    a plain single process when WORLD_SIZE is unset or 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world_size,
-                                store=_attempt_store(rank, world_size, timeout),
-                                device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, world_size, local_rank, dev)
-
-
-def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """The rendezvous store, under a prefix unique to this torchrun attempt.
-
-    torchrun's agent keeps one store across `--max-restarts` restarts; without a prefix a
-    restarted rank can read the previous attempt's gloo addresses and fail to connect
-    ("connectFullMesh failed ... Connection refused", seen with torch 2.13).
-    """
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set; "
-                           f"launch with torchrun")
-    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and not agent_hosts, timeout=timeout,
-                          wait_for_workers=False)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"grok1/attempt-{attempt}", store)
+def setup_distributed(device: str | None = None, timeout_s: float = 600.0) -> Mesh:
+    """Join torchrun's process group (parallel.mesh.init_distributed); one process without it."""
+    return init_distributed(device=device, timeout_s=timeout_s)
 
 
 def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group without waiting for peers: one may have died (a fault)."""
+    shutdown(barrier=False)
 
 
 def apply_activation_checkpointing(model: Grok1) -> None:

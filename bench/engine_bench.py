@@ -1,30 +1,33 @@
-"""`grok1 bench`: decode and prefill latency on random full-width weights, each printed beside
-its roofline (from ceilings measured in the same run) and the reference's anchor figures, and
-written as JSON (one object per measurement) under bench/results/<gpu>/.
+"""Decode and prefill latency of the engine on random full-width int8 weights, each printed
+beside its roofline (from ceilings measured in the same run) and the reference's anchor figures,
+and written as JSON (one object per measurement) under bench/results/<gpu>/.
+
+    python bench/engine_bench.py [all|decode|prefill] --layers 4 [--out DIR]
+    torchrun --nproc-per-node N bench/engine_bench.py decode --tp N --moe tp|ep
 
 Roofline = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), from the config:
 - decode at batch B: attention weights + the experts the batch touches (8 * (1 - (6/8)^B) per
   layer for uniform top-2 routing; 2 at B=1) + the bf16 unembedding + the KV cache read.
 - prefill of T tokens: 2 * T * active parameters (2 of 8 experts) + causal attention FLOPs +
   the last token's unembedding; bytes: every weight once.
+The model is grok1.random_weights (std 0.02, router std 0.5; sharded under torchrun: each rank
+makes only its slices).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without an install
+
 import torch
 
+import grok1
+from bench._common import environment, measure_ceilings, time_ms, write_results
 from grok1.config import GrokConfig
+from grok1.parallel.options import add_parallel_args, wants_parallel
 
 # issue 4's targets (one H100, 4 layers): decode b=1 <= 2.65 ms, prefill 1024 <= 22 ms,
 # batch-64 decode >= 60 % of its roofline
@@ -35,74 +38,6 @@ ANCHORS = {  # ../shared/grok1/ANCHORS.md: reference JAX on one H100, 4 full-wid
     "decode_ms": 40.1, "prefill_1024_ms": 1650.0,
     "decode_roofline_ms": 2.25, "prefill_1024_roofline_ms": 13.4,
 }
-
-
-# ---- ceilings ------------------------------------------------------------------------------
-
-def measure_ceilings(device: str = "cuda") -> dict:
-    """Copy bandwidth (bytes read + written, 2 GiB device-to-device) and bf16 matmul rate
-    (8192^3, random data), medians over 20 timed runs."""
-    src = torch.randn(2 << 30 >> 1, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), reps=20)
-    nbytes = 2 * src.numel() * src.element_size()
-    src = dst = None  # free 4 GiB before the matmul
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    mm_ms = time_ms(lambda: a @ b, reps=20)
-    return {"copy_gbps": nbytes / copy_ms / 1e6, "bf16_tflops": 2 * 8192**3 / mm_ms / 1e9}
-
-
-def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median of `reps` CUDA-event timings of fn()."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def time_graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
-    """Milliseconds per fn() with `calls` of them captured in one CUDA graph (median of `reps`
-    replays): a kernel's own time, as the engine's graph replay sees it, without the Python
-    launch cost that per-call events would include for kernels of a few microseconds."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and autotune outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return time_ms(graph.replay, reps=reps) / calls
-
-
-def staged_sweep(base: dict, stages: list[list[dict]], measure) -> tuple[float, dict] | None:
-    """Coordinate search over launch configs (bench/moe.py, bench/linear.py): each stage tries
-    its changes on the fastest config of the stages before it (`base` at first); measure(cfg)
-    -> ms; a config that fails to compile or launch is reported and skipped. Returns
-    (ms, config) of the fastest, or None if none ran."""
-    best = None
-    for stage in stages:
-        start = dict(best[1]) if best else base
-        for change in stage:
-            cfg = {**start, **change}
-            try:
-                ms = measure(cfg)
-            except Exception as e:  # noqa: BLE001 (a config that does not fit is skipped)
-                print(f"{cfg}: failed ({type(e).__name__}: {e})", flush=True)
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-    return best
 
 
 # ---- rooflines -----------------------------------------------------------------------------
@@ -197,42 +132,6 @@ def bench_prefill(model, lengths: list[int], ceilings: dict) -> list[dict]:
 
 # ---- reporting -----------------------------------------------------------------------------
 
-def git_sha() -> str | None:
-    """The commit the code runs at, for result JSON: GROK1_GIT_SHA when set, else git's HEAD,
-    marked "-dirty" when tracked files differ from it. (The device's copy of the working tree
-    carries the session's starting .git, so there HEAD names an older commit: dirty says so.)"""
-    sha = os.environ.get("GROK1_GIT_SHA")
-    if sha:
-        return sha
-
-    def git(*args: str) -> str | None:
-        r = subprocess.run(["git", *args], capture_output=True, text=True, check=False,
-                           cwd=Path(__file__).parent)
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except OSError:
-        return None
-    return head and head + ("-dirty" if dirty else "")
-
-
-def environment() -> dict:
-    sha = git_sha()
-    try:  # the version without importing triton (only grok1.ops may)
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    return {"gpu": torch.cuda.get_device_name(), "num_gpus": 1, "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "git_sha": sha, "command": " ".join(sys.argv),
-            # the kernels' numerics: the reference's (bf16(w * s) weights, f32 expert activations,
-            # softmax rounded after normalising); no faster numerics is selectable by the bench
-            "numerics": "reference",
-            "timestamp": datetime.datetime.now(datetime.UTC).isoformat()}
-
-
 def describe(r: dict) -> str:
     if r["kind"] == "decode":
         ref = f" | reference {ANCHORS['decode_ms']} ms ({ANCHORS['decode_ms'] / r['decode_step_ms']:.1f}x)" \
@@ -246,38 +145,31 @@ def describe(r: dict) -> str:
             f"roofline {r['roofline_ms']:.2f} ms ({r['pct_of_roofline']:.0f}%){ref}")
 
 
-def write_results(results: list[dict], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    path = out_dir / f"bench_{stamp}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    return path
-
-
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", default="all", choices=["all", "decode", "prefill"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "decode", "prefill"],
+                   help="what to measure: decode steps, prefill, or both")
     p.add_argument("--layers", type=int, default=4, help="full-width layers (random int8 weights)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     p.add_argument("--context", type=int, default=512, help="cached tokens per sequence in decode")
     p.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--out", type=Path, default=None, help="default bench/results/<gpu>/")
-    from grok1.parallel.launch import add_parallel_args
+    add_parallel_args(p)  # torchrun --nproc-per-node N bench/engine_bench.py --tp N: sharded
 
-    add_parallel_args(p)  # torchrun --nproc-per-node N -m grok1 bench --tp N: sharded weights
+
+def bench_config(layers: int) -> GrokConfig:
+    return GrokConfig.preset("grok-1").replace(num_layers=layers)
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    from grok1.engine.dummy import dummy_model
-    from grok1.parallel.launch import wants_parallel
     if not torch.cuda.is_available():
-        raise SystemExit("grok1 bench needs a CUDA GPU")
+        raise SystemExit("bench/engine_bench.py needs a CUDA GPU")
     if wants_parallel(args):
         return run_bench_ranks(args)
     env = environment()
     ceilings = measure_ceilings()
     print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} "
           f"TFLOP/s ({env['gpu']})", flush=True)
-    model = dummy_model(args.layers)
+    model = grok1.random_weights(bench_config(args.layers), device="cuda")
     results = []
     if args.what in ("all", "decode"):
         results += bench_decode(model, args.batch, args.context, ceilings)
@@ -301,31 +193,25 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
 
 
 def run_bench_ranks(args: argparse.Namespace) -> list[dict]:
-    """`torchrun --nproc-per-node N -m grok1 bench --tp N [--moe tp|ep]`: the same decode and
-    prefill measurements on each rank's shard of random int8 weights (made sharded on its GPU:
-    no rank holds the whole model), every rank timing the same steps; each roofline is the
-    one-GPU one spread over N GPUs. Rank 0 prints and writes the JSON, with num_gpus, tp, moe,
-    decode_tok_per_s and the peak memory per GPU added (bench/parallel_decode.py's fields)."""
+    """`torchrun --nproc-per-node N bench/engine_bench.py --tp N [--moe tp|ep]`: the same
+    decode and prefill measurements on each rank's shard of random int8 weights (made sharded
+    on its GPU: no rank holds the whole model), every rank timing the same steps; each roofline
+    is the one-GPU one spread over N GPUs. Rank 0 prints and writes the JSON, with num_gpus,
+    tp, moe, decode_tok_per_s and the peak memory per GPU added (bench/parallel_decode.py's
+    fields)."""
     import gc
 
-    from grok1.model import Grok1
-    from grok1.parallel.launch import init_random_
     from grok1.parallel.mesh import all_gather_last, init_distributed, shutdown
-    from grok1.parallel.tensor import Layout, parallelize, shard_model_
 
     mesh = init_distributed(args.tp)
     N = mesh.world_size
     try:
-        layout = Layout(N, mesh.tp_rank, moe=args.moe, unembed=args.unembed)
-        config = GrokConfig.preset("grok-1").replace(num_layers=args.layers)
-        with torch.device("meta"):
-            model = shard_model_(Grok1(config, quantized=True), layout)
-        model.to_empty(device=mesh.device)
-        model = parallelize(init_random_(model, seed=0), mesh.tp_group, layout).eval()
+        model = grok1.random_weights(bench_config(args.layers), mesh=mesh, moe=args.moe,
+                                     unembed=args.unembed)
         env = environment()
         ceilings = measure_ceilings(str(mesh.device))
         torch.cuda.reset_peak_memory_stats(mesh.device)
-        if mesh.is_first:
+        if mesh.is_main:
             print(f"ceilings (rank 0): copy {ceilings['copy_gbps']:.0f} GB/s, bf16 "
                   f"{ceilings['bf16_tflops']:.0f} TFLOP/s ({env['gpu']}) x {N} GPUs", flush=True)
         results = []
@@ -346,12 +232,23 @@ def run_bench_ranks(args: argparse.Namespace) -> list[dict]:
             r["pct_of_roofline"] = 100 * r["roofline_ms"] / step
             if r["kind"] == "decode":
                 r["decode_tok_per_s"] = 1e3 * r["batch"] / r["decode_step_ms"]
-            if mesh.is_first:
+            if mesh.is_main:
                 print(f"[{N} GPUs, moe {args.moe}] " + describe(r), flush=True)
-        if mesh.is_first:
+        if mesh.is_main:
             out = args.out or Path("bench/results") / env["gpu"].replace(" ", "_")
             print(f"wrote {write_results(results, out)}")
         return results
     finally:
         gc.collect()
         shutdown()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(p)
+    return run_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

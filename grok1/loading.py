@@ -1,0 +1,251 @@
+"""The one way to build a model: `load` reads weights from a checkpoint, `random_weights` makes
+them up (benchmarks, tests). Both build the model on the meta device with this rank's shapes,
+fill it tensor by tensor and, given a mesh, add the collectives (parallel.tensor.parallelize):
+
+    model = grok1.load("checkpoints", device="cuda")                   # one process
+    mesh = init_distributed(tp=8)                                      # under torchrun
+    model = grok1.load("checkpoints", mesh=mesh, moe="tp")             # this rank's slices
+    model = grok1.random_weights(GrokConfig.preset("grok-1").replace(num_layers=4), device="cuda")
+
+A source is recognised by FORMATS, a table of (name, what it looks like, detect, read): a new
+format is one more entry and no caller changes. A reader gets a ReadRequest: the caller's config
+(or None: the source's own), device, dtype, and the rank's place as two helpers, `empty_model`
+(meta, the rank's shapes) and `shard_fn` (the stored tensor -> the rank's piece, a view, so a
+memory-mapped file is read only where the piece lies). Sharded, a rank's tensors are exactly the
+slices of the one-process model (parallel.tensor.plan is the one table of who holds what).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
+from grok1.checkpoint.native import WEIGHTS_FILE, load_native, native_config
+from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
+from grok1.config import GrokConfig
+from grok1.model import BF16, Grok1
+from grok1.parallel.mesh import Mesh
+from grok1.parallel.tensor import (
+    Layout,
+    parallelize,
+    plan,
+    shard_model_,
+    slice_scales,
+    slice_weight,
+)
+
+__all__ = ["FORMATS", "Format", "ReadRequest", "detect_format", "load", "random_weights",
+           "rank_layout", "rank_slicer"]
+
+
+# ---- this rank's place ---------------------------------------------------------------------------
+
+def rank_layout(mesh: Mesh | None, layout: Layout | None = None, *, moe: str = "tp",
+                unembed: str = "vocab") -> Layout | None:
+    """The layout a rank loads: `layout` if given, else the mesh's tp axis split as `moe` and
+    `unembed` say (attention by heads), else None (the whole model)."""
+    if layout is not None or mesh is None:
+        return layout
+    return Layout(mesh.tp_size, mesh.tp_rank, moe=moe, unembed=unembed)
+
+
+_MATRIX_KEY = re.compile(r"layers\.\d+\.(.+)\.(weight|scales)")
+
+
+def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
+    """shard_fn(state-dict key, stored tensor) -> `layout.rank`'s piece, a view, cut by
+    parallel.tensor.plan (the table `shard_model_` cuts a loaded model by). Quantized matrices
+    split along their input dim take their scale groups with them (8 groups over 2 ranks: 4
+    each); the embedding, norms and routers are whole on every rank."""
+    table = plan(config, layout)
+    with torch.device("meta"):  # the stored matrices' input dims, for the scale groups
+        d_in = {k: v.shape[-2] for k, v in Grok1(config, quantized=True).state_dict().items()
+                if k.endswith(".weight")}
+
+    def shard_fn(key: str, t: torch.Tensor) -> torch.Tensor:
+        m = _MATRIX_KEY.fullmatch(key)
+        if m is None or m.group(1) not in table:
+            return t
+        split = table[m.group(1)]
+        if m.group(2) == "weight":
+            return slice_weight(t, split)
+        return slice_scales(t, split, d_in[key.removesuffix("scales") + "weight"], key)
+
+    return shard_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadRequest:
+    """What a format's reader is asked for."""
+    config: GrokConfig | None  # the caller's; None: the source's own, or its format's default
+    device: torch.device
+    dtype: torch.dtype | None  # of the embedding and dense matrices; None: the format's default
+    layout: Layout | None  # this rank's place; None: the whole model
+    progress: bool  # show a progress bar (one rank of several shows it)
+
+    def empty_model(self, config: GrokConfig, quantized: bool, dtype: torch.dtype) -> Grok1:
+        """The model to fill: on the meta device, with this rank's shapes."""
+        with torch.device("meta"):
+            model = Grok1(config, quantized=quantized, dtype=dtype)
+        return model if self.layout is None else shard_model_(model, self.layout)
+
+    def shard_fn(self, config: GrokConfig) -> ShardFn | None:
+        """The stored tensor -> this rank's piece; None for the whole model."""
+        return None if self.layout is None else rank_slicer(config, self.layout)
+
+
+# ---- formats -------------------------------------------------------------------------------------
+
+def _read_release(path: Path, req: ReadRequest) -> Grok1:
+    config = req.config or GrokConfig.preset("grok-1")  # the release ships no config
+    dtype = req.dtype or BF16  # the reference casts the f32 embedding to bf16 before use
+    return load_xai_checkpoint(path, config, device=req.device, dtype=dtype,
+                               model=req.empty_model(config, True, dtype),
+                               shard_fn=req.shard_fn(config), progress=req.progress,
+                               # the ranks of a node share its disks: 4 reader threads each
+                               workers=8 if req.layout is None else 4)
+
+
+def _read_native(path: Path, req: ReadRequest) -> Grok1:
+    config = req.config or native_config(path)
+    return load_native(path, config, device=req.device, dtype=req.dtype,
+                       build=req.empty_model if req.layout else None,
+                       shard_fn=req.shard_fn(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    looks_like: str  # for the error that names what a folder should hold
+    detect: Callable[[Path], bool]  # cheap: file names only, no tensor data
+    read: Callable[[Path, ReadRequest], Grok1]  # the filled model, sharded per request.layout
+
+
+# The first whose detect claims a folder reads it: specific formats before general ones.
+FORMATS: tuple[Format, ...] = (
+    Format("grok1", f"a grok1 folder ({WEIGHTS_FILE} + config.json)",
+           lambda path: (path / WEIGHTS_FILE).is_file(), _read_native),
+    Format("xai-release", "a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)",
+           lambda path: find_ckpt0(path) is not None, _read_release),
+)
+
+
+def detect_format(path: str | Path) -> Format:
+    """The format of the checkpoint folder `path`; CheckpointError naming it when none fits."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder; expected {_expected()}")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt
+    raise CheckpointError(f"{path}: not a checkpoint grok1 reads; expected {_expected()}")
+
+
+def _expected() -> str:
+    *head, last = [fmt.looks_like for fmt in FORMATS]
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+def _place(device: torch.device | str | None, mesh: Mesh | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return mesh.device if mesh is not None else torch.device("cpu")
+
+
+def _finish(model: Grok1, mesh: Mesh | None, layout: Layout | None) -> Grok1:
+    if mesh is not None:
+        model = parallelize(model, mesh.tp_group, layout)
+    return model.eval().requires_grad_(False)
+
+
+# ---- the front door ------------------------------------------------------------------------------
+
+def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         mesh: Mesh | None = None, layout: Layout | None = None, moe: str = "tp",
+         unembed: str = "vocab", progress: bool = True) -> Grok1:
+    """The Grok1 in the checkpoint folder `source`, in eval mode with gradients off.
+
+    `source` is a folder holding the release's ckpt-0/ (or ckpt-0 itself), or a grok1 folder
+    (model.safetensors + config.json); FORMATS lists what is recognised. `config`: a GrokConfig,
+    a preset name or a JSON file (GrokConfig.resolve), or None for the source's own (the grok-1
+    preset for the release). `dtype`: of the embedding and dense matrices (default bf16 for the
+    release, as saved for a grok1 folder); the release's int8 matrices stay int8 with their
+    bf16 scales. `device`: default the mesh's device, else the CPU.
+
+    With a `mesh` (parallel.mesh.init_distributed, under torchrun) this rank reads only its
+    slices (split by `moe` "tp"|"ep" and `unembed` "vocab"|"dim", or as `layout` says) and the
+    model gets its collectives over the mesh's tp axis; only the first rank shows progress.
+    A `layout` without a mesh gives that rank's slices without collectives (to inspect them).
+
+    Raises CheckpointError naming the folder or file (UnsafePickleError for a pickle that would
+    run code), ConfigError for a bad config or a split the model does not allow.
+    """
+    path = Path(source)
+    fmt = detect_format(path)
+    layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
+    request = ReadRequest(None if config is None else GrokConfig.resolve(config),
+                          _place(device, mesh), dtype, layout,
+                          progress and (mesh is None or mesh.is_main))
+    return _finish(fmt.read(path, request), mesh, layout)
+
+
+def random_weights(config: GrokConfig | str | Path, *, quantized: bool = True, seed: int = 0,
+                   std: float = 0.02, router_std: float = 0.5,
+                   device: torch.device | str | None = None, dtype: torch.dtype = BF16,
+                   mesh: Mesh | None = None, layout: Layout | None = None, moe: str = "tp",
+                   unembed: str = "vocab") -> Grok1:
+    """A Grok1 of random weights: int8 matrices with bf16 scales (`quantized`, the release's
+    form) or `dtype` ones, of about `std` per entry; the embedding normal(std), norm scales
+    1 + normal(0.1), and routers of std `router_std / sqrt(emb_size)`, so that router logits
+    have std about `router_std` (a decisive router keeps bf16 noise from swapping experts).
+
+    Each tensor is drawn whole on `device` from its own generator, seeded by `seed` and its
+    name, then cut to this rank's piece: a tensor's values do not depend on the others', and a
+    rank's model (`mesh`, `layout`, `moe`, `unembed` as for `load`) is exactly the slice of the
+    one-process model of the same seed, while no rank ever holds more than one whole tensor
+    beyond its own slices. Values depend on the device's generator (CPU and CUDA differ).
+    """
+    config = GrokConfig.resolve(config)
+    layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
+    device = _place(device, mesh)
+    request = ReadRequest(config, device, dtype, layout, progress=False)
+    model = request.empty_model(config, quantized, dtype)
+    shard_fn = request.shard_fn(config)
+    with torch.device("meta"):
+        whole = Grok1(config, quantized=quantized, dtype=dtype)
+    g = torch.Generator(device)
+    with torch.no_grad():
+        for name, spec in itertools.chain(whole.named_parameters(), whole.named_buffers()):
+            g.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            t = _draw(name, spec.shape, spec.dtype, g, device, std=std, router_std=router_std,
+                      emb_size=config.emb_size)
+            if shard_fn is not None:  # a copy of the piece: the whole tensor is freed
+                t = shard_fn(name, t).clone(memory_format=torch.contiguous_format)
+            assign_tensor(model, name, t)
+    return _finish(model, mesh, layout)
+
+
+def _draw(name: str, shape: torch.Size, dtype: torch.dtype, g: torch.Generator,
+          device: torch.device, *, std: float, router_std: float, emb_size: int) -> torch.Tensor:
+    """One tensor of random_weights, by the role its name says."""
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, shape, generator=g, device=device, dtype=torch.int8)
+    if name.endswith("scales"):  # uniform int8 has std 127 / sqrt(3): entries of std ~`std`
+        u = torch.rand(shape, generator=g, device=device, dtype=torch.float32)
+        t = (std * math.sqrt(3) / 127) * (0.5 + u)
+    elif name.endswith("norm.scale"):
+        t = 1 + 0.1 * torch.randn(shape, generator=g, device=device)
+    elif name.endswith("router"):
+        t = torch.randn(shape, generator=g, device=device) * router_std / math.sqrt(emb_size)
+    else:  # the embedding and dense matrices
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std
+    return t.to(dtype)
