@@ -141,9 +141,9 @@ def main() -> None:
         path = out / f"train_throughput_{world}gpu.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
-    from grok1.train.fsdp import teardown_distributed
+    from grok1.parallel.mesh import shutdown
 
-    teardown_distributed()
+    shutdown(barrier=False)
 
 
 if __name__ == "__main__":

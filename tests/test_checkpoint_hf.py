@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import random_model
+from grok1 import random_weights
 from safetensors.torch import load_file, save_file
 
 from grok1.checkpoint import hf
@@ -22,7 +22,7 @@ CONFIG = GrokConfig.preset("tiny")
 
 @pytest.fixture(scope="module")
 def original() -> Grok1:
-    return random_model(CONFIG, quantized=False, seed=3)
+    return random_weights(CONFIG, quantized=False, seed=3)
 
 
 def write_hf(folder, state, scheme, fmt="safetensors", shards=3, lm_head=True, index=True):

@@ -17,19 +17,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from grok1.model import Grok1
-from grok1.parallel.mesh import Mesh, init_distributed, shutdown
-
-
-# The trainer's names for the one bootstrap, grok1.parallel.mesh (serving uses it too).
-
-def setup_distributed(device: str | None = None, timeout_s: float = 600.0) -> Mesh:
-    """Join torchrun's process group (parallel.mesh.init_distributed); one process without it."""
-    return init_distributed(device=device, timeout_s=timeout_s)
-
-
-def teardown_distributed() -> None:
-    """Leave the process group without waiting for peers: one may have died (a fault)."""
-    shutdown(barrier=False)
 
 
 def apply_activation_checkpointing(model: Grok1) -> None:

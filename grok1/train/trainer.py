@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from grok1.config import ConfigError, GrokConfig
 from grok1.model import Grok1
+from grok1.parallel.mesh import init_distributed, shutdown
 from grok1.train import fsdp
 from grok1.train.checkpoints import CheckpointManager
 from grok1.train.data import DataError, TokenLoader, load_meta
@@ -47,11 +48,6 @@ from grok1.train.train_config import TrainConfig, get_lr
 log = logging.getLogger(__name__)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
-
-
-def load_model_config(spec: str) -> GrokConfig:
-    """A preset name or a config.json path."""
-    return GrokConfig.from_json(spec) if spec.endswith(".json") else GrokConfig.preset(spec)
 
 
 def flops_per_token(config: GrokConfig, seq_len: int) -> float:
@@ -117,10 +113,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, hooks: Sequence[TrainerHook] = ()):
         self.cfg = cfg
         self.hooks = list(hooks)
-        self.dist = fsdp.setup_distributed(cfg.device)
+        self.dist = init_distributed(device=cfg.device)
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
-        self.config = load_model_config(cfg.model)
+        self.config = GrokConfig.resolve(cfg.model)
         meta = load_meta(cfg.data_dir)
         if meta["vocab_size"] != self.config.vocab_size:
             raise DataError(f"{cfg.data_dir}: tokens from a vocabulary of {meta['vocab_size']}, "
@@ -381,4 +377,4 @@ def train(cfg: TrainConfig, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]
     try:
         return Trainer(cfg, hooks).train()
     finally:
-        fsdp.teardown_distributed()
+        shutdown(barrier=False)  # without waiting for peers: one may have died (a fault)
