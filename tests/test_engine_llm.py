@@ -236,7 +236,7 @@ def test_engine_runs_the_models_own_layers_through_its_paged_context():
     model once (forward hooks fire), through grok1.engine.runner.PagedContext."""
     from grok1.engine.runner import PagedContext
     config = GrokConfig.preset("tiny").replace(sequence_len=64)
-    model = random_model(config, quantized=True)
+    model = random_weights(config, quantized=True, **PEAKED)
     contexts = []
     for layer in model.layers:
         layer.register_forward_hook(lambda _m, args, _out: contexts.append(type(args[1])))
