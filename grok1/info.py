@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from grok1.config import GrokConfig
+from grok1.quant import FP8, QUANT_GROUPS, WeightFormat, int4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +17,8 @@ class ModelSize:
     bytes_bf16: int  # every tensor in bf16
     bytes_released: int  # int8 matrices + bf16 scales, the rest f32 (the release checkpoint)
     bytes_int8: int  # int8 matrices + bf16 scales, the rest bf16 (grok1 in memory)
-    bytes_int4: int  # 4-bit matrices + bf16 scales per 8 groups as released, the rest bf16
+    bytes_int4: int  # int4 matrices (groups of 128 inputs) + bf16 scales, the rest bf16
+    bytes_fp8: int  # fp8 e4m3 matrices + a bf16 scale per output column, the rest bf16
     kv_bytes_per_token: int  # bf16 K and V of every layer
 
     def gpus_needed(self, gpu_bytes: int, weight_bytes: int | None = None,
@@ -47,9 +49,30 @@ def model_size(c: GrokConfig) -> ModelSize:
         bytes_bf16=2 * total,
         bytes_released=quantized + 2 * scales + 4 * unquantized,
         bytes_int8=quantized + 2 * scales + 2 * unquantized,
-        bytes_int4=quantized // 2 + 2 * scales + 2 * unquantized,
+        bytes_int4=weight_bytes(c, int4()),
+        bytes_fp8=weight_bytes(c, FP8),
         kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * H * 2,
     )
+
+
+def weight_bytes(c: GrokConfig, weights: WeightFormat | None) -> int:
+    """Bytes of every weight with the attention and expert matrices in format `weights`
+    (stored weight + scales, grok1.quant; None: bf16) and the other tensors in bf16."""
+    D, H, Fw, E = c.emb_size, c.key_size, c.ffn_size, c.num_experts
+    shapes = {"attn.wq": (1, D, c.num_q_heads * H), "attn.wk": (1, D, c.num_kv_heads * H),
+              "attn.wv": (1, D, c.num_kv_heads * H), "attn.wo": (1, c.num_q_heads * H, D),
+              "moe.w_gate": (E, D, Fw), "moe.w_up": (E, D, Fw), "moe.w_down": (E, Fw, D)}
+    matrices = 0
+    for name, (experts, d_in, d_out) in shapes.items():
+        if weights is None:
+            matrices += 2 * experts * d_in * d_out
+            continue
+        stored = math.prod(weights.weight_shape((experts,), d_in, d_out))
+        groups = weights.num_groups(d_in, QUANT_GROUPS[name])
+        matrices += (stored * weights.storage_dtype.itemsize
+                     + experts * groups * d_out * weights.scale_dtype.itemsize)
+    unquantized = c.vocab_size * D + D + c.num_layers * (D * E + 4 * D)
+    return c.num_layers * matrices + 2 * unquantized
 
 
 def tensor_parallel_sizes(c: GrokConfig) -> list[int]:
@@ -74,7 +97,8 @@ def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
         f"weights, bf16:              {gb(s.bytes_bf16)}",
         f"weights, as released:       {gb(s.bytes_released)}",
         f"weights, int8 (in memory):  {gb(s.bytes_int8)}",
-        f"weights, int4:              {gb(s.bytes_int4)}",
+        f"weights, int4 (groups 128): {gb(s.bytes_int4)}",
+        f"weights, fp8:               {gb(s.bytes_fp8)}",
         (f"KV cache per token:         {s.kv_bytes_per_token:,} B; per {c.sequence_len}-token "
          f"sequence {s.kv_bytes_per_token * c.sequence_len / 2**30:.2f} GiB"),
     ]
@@ -82,7 +106,8 @@ def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
     lines.append(f"tensor-parallel sizes (--tp): {', '.join(map(str, tp_sizes))} (each divides "
                  f"the {c.num_kv_heads} KV heads or is a multiple of {c.num_kv_heads} dividing the "
                  f"{c.num_q_heads} query heads, and splits the expert width and vocabulary evenly)")
-    for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("bf16", s.bytes_bf16)):
+    for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("fp8", s.bytes_fp8),
+                    ("bf16", s.bytes_bf16)):
         needed = s.gpus_needed(gpu_bytes, n)
         tp = next((r for r in tp_sizes if r >= needed), None)
         lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): {needed}, "
