@@ -106,8 +106,11 @@ def measure_random_layer(work: Path, seed: int = 0) -> dict[str, dict]:
                 t.copy_((torch.rand(t.shape, generator=gen) + 0.5) / (73 * fan_in ** 0.5))
             elif name.endswith("scale"):
                 t.copy_(1 + 0.1 * torch.randn(t.shape, generator=gen))
-            else:  # embedding 1, router std 2 / sqrt(D): decisive routing, as bench/parallel's
-                std = 2 / config.emb_size ** 0.5 if name.endswith("router") else 1.0
+            elif name.endswith("router"):  # std 2 / sqrt(D): decisive, as bench/parallel's
+                t.copy_(torch.randn(t.shape, generator=gen) * 2 / config.emb_size ** 0.5)
+            else:  # embedding: rms 1 after the x78.4 multiplier, so the layer's output (rms
+                # ~1 after its sandwich norm) is not drowned in the residual stream
+                std = 1 / config.embedding_multiplier_scale
                 t.copy_(torch.randn(t.shape, generator=gen) * std)
     src = save_native(model, work / "random-native")
     tokens = torch.randint(3, config.vocab_size, (1, 128), generator=gen)
@@ -176,7 +179,7 @@ def main() -> None:
     p.add_argument("--golden", type=Path, default=REPO.parent / "shared" / "grok1" / "golden")
     p.add_argument("--val-tokens", type=Path, default=None,
                    help="token folder of scripts/train_default_model.sh step 3 (val_*.bin)")
-    p.add_argument("--val-windows", type=int, default=40)
+    p.add_argument("--val-windows", type=int, default=32)
     p.add_argument("--skip-random-layer", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()

@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 from grok1.config import GrokConfig
-from grok1.quant import FP8, QUANT_GROUPS, WeightFormat, int4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,30 +48,36 @@ def model_size(c: GrokConfig) -> ModelSize:
         bytes_bf16=2 * total,
         bytes_released=quantized + 2 * scales + 4 * unquantized,
         bytes_int8=quantized + 2 * scales + 2 * unquantized,
-        bytes_int4=weight_bytes(c, int4()),
-        bytes_fp8=weight_bytes(c, FP8),
+        bytes_int4=weight_bytes(c, "int4"),
+        bytes_fp8=weight_bytes(c, "fp8"),
         kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * H * 2,
     )
 
 
-def weight_bytes(c: GrokConfig, weights: WeightFormat | None) -> int:
-    """Bytes of every weight with the attention and expert matrices in format `weights`
-    (stored weight + scales, grok1.quant; None: bf16) and the other tensors in bf16."""
+def weight_bytes(c: GrokConfig, weights: str | None, group_size: int = 128) -> int:
+    """Bytes of every weight with the attention and expert matrices stored as `weights` ("int8",
+    "int4" in groups of `group_size` inputs, "fp8"; None: bf16; grok1.quant's formats, each
+    with bf16 scales) and the other tensors in bf16. Torch-free, so `grok1 info` stays quick."""
     D, H, Fw, E = c.emb_size, c.key_size, c.ffn_size, c.num_experts
-    shapes = {"attn.wq": (1, D, c.num_q_heads * H), "attn.wk": (1, D, c.num_kv_heads * H),
-              "attn.wv": (1, D, c.num_kv_heads * H), "attn.wo": (1, c.num_q_heads * H, D),
-              "moe.w_gate": (E, D, Fw), "moe.w_up": (E, D, Fw), "moe.w_down": (E, Fw, D)}
-    matrices = 0
-    for name, (experts, d_in, d_out) in shapes.items():
+    # (experts, input dim, output dim, the release's int8 scale groups: SPEC 3)
+    matrices = ((1, D, c.num_q_heads * H, 1), (1, D, c.num_kv_heads * H, 1),
+                (1, D, c.num_kv_heads * H, 1), (1, c.num_q_heads * H, D, 8),
+                (E, D, Fw, 1), (E, D, Fw, 1), (E, Fw, D, 8))
+    per_layer = 0
+    for experts, d_in, d_out, int8_groups in matrices:
+        n = experts * d_in * d_out
         if weights is None:
-            matrices += 2 * experts * d_in * d_out
-            continue
-        stored = math.prod(weights.weight_shape((experts,), d_in, d_out))
-        groups = weights.num_groups(d_in, QUANT_GROUPS[name])
-        matrices += (stored * weights.storage_dtype.itemsize
-                     + experts * groups * d_out * weights.scale_dtype.itemsize)
+            per_layer += 2 * n
+        elif weights == "int8":
+            per_layer += n + 2 * experts * int8_groups * d_out
+        elif weights == "int4":
+            per_layer += n // 2 + 2 * experts * -(-d_in // group_size) * d_out
+        elif weights == "fp8":
+            per_layer += n + 2 * experts * d_out
+        else:
+            raise ValueError(f"weights={weights!r}: expected one of int8, int4, fp8 or None")
     unquantized = c.vocab_size * D + D + c.num_layers * (D * E + 4 * D)
-    return c.num_layers * matrices + 2 * unquantized
+    return c.num_layers * per_layer + 2 * unquantized
 
 
 def tensor_parallel_sizes(c: GrokConfig) -> list[int]:
