@@ -154,9 +154,9 @@ def test_int4_and_fp8_conversions_hold_the_requantized_release(int8_folder, tmp_
     model = load_sharded_native(out)
     ref = load_sharded_native(int8_folder)
     assert model.weights.name == weights
-    # golden widths: D = 64, F = 344 -> int4 groups of 64 (or 128: one of 64) on D, 3 or 6 on F
-    d_groups = 1 if group_size == 128 else 1
-    f_groups = -(-344 // group_size)
+    # golden widths: D = 64 -> one int4 group (of 64); F = 344 -> 3 groups of 128 (the last of
+    # 88) or 6 of 64 (the last of 24)
+    d_groups, f_groups = 1, -(-344 // group_size)
     lin = model.layers[3].moe
     if weights == "int4":
         assert model.weights == int4(group_size)
