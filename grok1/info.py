@@ -16,7 +16,8 @@ class ModelSize:
     bytes_bf16: int  # every tensor in bf16
     bytes_released: int  # int8 matrices + bf16 scales, the rest f32 (the release checkpoint)
     bytes_int8: int  # int8 matrices + bf16 scales, the rest bf16 (grok1 in memory)
-    bytes_int4: int  # 4-bit matrices + bf16 scales per 8 groups as released, the rest bf16
+    bytes_int4: int  # int4 matrices (groups of 128 inputs) + bf16 scales, the rest bf16
+    bytes_fp8: int  # fp8 e4m3 matrices + a bf16 scale per output column, the rest bf16
     kv_bytes_per_token: int  # bf16 K and V of every layer
 
     def gpus_needed(self, gpu_bytes: int, weight_bytes: int | None = None,
@@ -47,9 +48,36 @@ def model_size(c: GrokConfig) -> ModelSize:
         bytes_bf16=2 * total,
         bytes_released=quantized + 2 * scales + 4 * unquantized,
         bytes_int8=quantized + 2 * scales + 2 * unquantized,
-        bytes_int4=quantized // 2 + 2 * scales + 2 * unquantized,
+        bytes_int4=weight_bytes(c, "int4"),
+        bytes_fp8=weight_bytes(c, "fp8"),
         kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * H * 2,
     )
+
+
+def weight_bytes(c: GrokConfig, weights: str | None, group_size: int = 128) -> int:
+    """Bytes of every weight with the attention and expert matrices stored as `weights` ("int8",
+    "int4" in groups of `group_size` inputs, "fp8"; None: bf16; grok1.quant's formats, each
+    with bf16 scales) and the other tensors in bf16. Torch-free, so `grok1 info` stays quick."""
+    D, H, Fw, E = c.emb_size, c.key_size, c.ffn_size, c.num_experts
+    # (experts, input dim, output dim, the release's int8 scale groups: SPEC 3)
+    matrices = ((1, D, c.num_q_heads * H, 1), (1, D, c.num_kv_heads * H, 1),
+                (1, D, c.num_kv_heads * H, 1), (1, c.num_q_heads * H, D, 8),
+                (E, D, Fw, 1), (E, D, Fw, 1), (E, Fw, D, 8))
+    per_layer = 0
+    for experts, d_in, d_out, int8_groups in matrices:
+        n = experts * d_in * d_out
+        if weights is None:
+            per_layer += 2 * n
+        elif weights == "int8":
+            per_layer += n + 2 * experts * int8_groups * d_out
+        elif weights == "int4":
+            per_layer += n // 2 + 2 * experts * -(-d_in // group_size) * d_out
+        elif weights == "fp8":
+            per_layer += n + 2 * experts * d_out
+        else:
+            raise ValueError(f"weights={weights!r}: expected one of int8, int4, fp8 or None")
+    unquantized = c.vocab_size * D + D + c.num_layers * (D * E + 4 * D)
+    return c.num_layers * per_layer + 2 * unquantized
 
 
 def tensor_parallel_sizes(c: GrokConfig) -> list[int]:
@@ -74,7 +102,8 @@ def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
         f"weights, bf16:              {gb(s.bytes_bf16)}",
         f"weights, as released:       {gb(s.bytes_released)}",
         f"weights, int8 (in memory):  {gb(s.bytes_int8)}",
-        f"weights, int4:              {gb(s.bytes_int4)}",
+        f"weights, int4 (groups 128): {gb(s.bytes_int4)}",
+        f"weights, fp8:               {gb(s.bytes_fp8)}",
         (f"KV cache per token:         {s.kv_bytes_per_token:,} B; per {c.sequence_len}-token "
          f"sequence {s.kv_bytes_per_token * c.sequence_len / 2**30:.2f} GiB"),
     ]
@@ -82,7 +111,8 @@ def format_info(c: GrokConfig, gpu_gib: float = 80.0) -> str:
     lines.append(f"tensor-parallel sizes (--tp): {', '.join(map(str, tp_sizes))} (each divides "
                  f"the {c.num_kv_heads} KV heads or is a multiple of {c.num_kv_heads} dividing the "
                  f"{c.num_q_heads} query heads, and splits the expert width and vocabulary evenly)")
-    for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("bf16", s.bytes_bf16)):
+    for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("fp8", s.bytes_fp8),
+                    ("bf16", s.bytes_bf16)):
         needed = s.gpus_needed(gpu_bytes, n)
         tp = next((r for r in tp_sizes if r >= needed), None)
         lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): {needed}, "

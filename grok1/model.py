@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grok1.config import GrokConfig
-from grok1.quant import QUANT_GROUPS, dequantize
+from grok1.quant import INT8, QUANT_GROUPS, WeightFormat, dequantize_as, weight_format
 from grok1.sharding import Layout, local_config
 
 BF16 = torch.bfloat16
@@ -189,31 +189,42 @@ def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
 class Linear(nn.Module):
     """x @ W with W stored [(E,) in, out] as in the reference, no bias.
 
-    W is a bf16 (or f32, for training) parameter, or, with `quant_groups`, an int8 buffer plus
-    bf16 scales [(E,) G, out] dequantized on every call, so int8 stays int8 in memory.
+    W is a bf16 (or f32, for training) parameter, or, with a weight format (`weights`, see
+    grok1.quant.WeightFormat; `quant_groups` alone means the release's int8 with that many scale
+    groups), a `weight` buffer of the format's storage dtype (int8; uint8 of packed int4 codes;
+    float8_e4m3fn) plus bf16 `scales` [(E,) G, out], dequantized on every call (`dense`), so the
+    stored weights stay as small in memory as on disk.
     """
 
     def __init__(self, d_in: int, d_out: int, *, experts: int | None = None,
-                 quant_groups: int | None = None, dtype: torch.dtype = BF16):
+                 quant_groups: int | None = None, weights: WeightFormat | None = None,
+                 dtype: torch.dtype = BF16):
         super().__init__()
         lead = (experts,) if experts else ()
-        if quant_groups:
-            self.register_buffer("weight", torch.empty(*lead, d_in, d_out, dtype=torch.int8))
-            self.register_buffer("scales", torch.empty(*lead, quant_groups, d_out, dtype=BF16))
+        self.weights = weights or (INT8 if quant_groups else None)  # declared: None is dense
+        if self.weights is not None:
+            fmt = self.weights
+            groups = fmt.num_groups(d_in, quant_groups or 1)
+            self.register_buffer("weight", torch.empty(fmt.weight_shape(lead, d_in, d_out),
+                                                       dtype=fmt.storage_dtype))
+            self.register_buffer("scales", torch.empty(*lead, groups, d_out,
+                                                       dtype=fmt.scale_dtype))
         else:
             self.weight = nn.Parameter(torch.empty(*lead, d_in, d_out, dtype=dtype))
             self.scales = None
 
     @property
     def quantized(self) -> bool:
-        return self.scales is not None
+        """Int8 with bf16 scales as released: what the engine's int8 kernels take."""
+        return self.weights == INT8
 
     def dense(self, expert: int | None = None) -> torch.Tensor:
         """The bf16 matrix [in, out] (of one expert when given)."""
         w = self.weight if expert is None else self.weight[expert]
-        if self.scales is None:
+        if self.weights is None:
             return w.to(BF16)
-        return dequantize(w, self.scales if expert is None else self.scales[expert])
+        return dequantize_as(self.weights, w, self.scales if expert is None
+                             else self.scales[expert])
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         return matmul_bf16(x, self.dense(expert))
@@ -313,16 +324,22 @@ class DenseContext(ForwardContext):
         return attention_ref(q, k, v, self.mask_BTS, multiplier)
 
 
+def _quantized_linear(name: str, d_in: int, d_out: int, weights: WeightFormat | None,
+                      dtype: torch.dtype, experts: int | None = None) -> Linear:
+    """The Linear of one of the seven quantizable matrices (`attn.wq`, ..., `moe.w_down`)."""
+    return Linear(d_in, d_out, experts=experts, weights=weights,
+                  quant_groups=QUANT_GROUPS[name] if weights else None, dtype=dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
+    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype):
         super().__init__()
         D, H = config.emb_size, config.key_size
-        q = QUANT_GROUPS if quantized else {}
         self.config = config  # a tensor-parallel rank's: its local head counts (grok1.sharding)
-        self.wq = Linear(D, config.num_q_heads * H, quant_groups=q.get("attn.wq"), dtype=dtype)
-        self.wk = Linear(D, config.num_kv_heads * H, quant_groups=q.get("attn.wk"), dtype=dtype)
-        self.wv = Linear(D, config.num_kv_heads * H, quant_groups=q.get("attn.wv"), dtype=dtype)
-        self.wo = Linear(config.num_q_heads * H, D, quant_groups=q.get("attn.wo"), dtype=dtype)
+        self.wq = _quantized_linear("attn.wq", D, config.num_q_heads * H, weights, dtype)
+        self.wk = _quantized_linear("attn.wk", D, config.num_kv_heads * H, weights, dtype)
+        self.wv = _quantized_linear("attn.wv", D, config.num_kv_heads * H, weights, dtype)
+        self.wo = _quantized_linear("attn.wo", config.num_q_heads * H, D, weights, dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int
                 ) -> torch.Tensor | PartialSums:
@@ -336,15 +353,14 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
+    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype):
         super().__init__()
         D, E, Fw = config.emb_size, config.num_experts, config.ffn_size
-        q = QUANT_GROUPS if quantized else {}
         self.top_k = config.num_selected_experts
         self.router = nn.Parameter(torch.empty(D, E, dtype=torch.float32))  # f32 (SPEC 2.6)
-        self.w_gate = Linear(D, Fw, experts=E, quant_groups=q.get("moe.w_gate"), dtype=dtype)
-        self.w_up = Linear(D, Fw, experts=E, quant_groups=q.get("moe.w_up"), dtype=dtype)
-        self.w_down = Linear(Fw, D, experts=E, quant_groups=q.get("moe.w_down"), dtype=dtype)
+        self.w_gate = _quantized_linear("moe.w_gate", D, Fw, weights, dtype, experts=E)
+        self.w_up = _quantized_linear("moe.w_up", D, Fw, weights, dtype, experts=E)
+        self.w_down = _quantized_linear("moe.w_down", Fw, D, weights, dtype, experts=E)
         # Set while training: the router's logits and choices of the last call, for the
         # load-balancing and z losses (the reference's inference path has none).
         self.last_router_logits: torch.Tensor | None = None
@@ -363,13 +379,13 @@ class MoE(nn.Module):
 class DecoderLayer(nn.Module):
     """Sandwich norms: a norm before and after attention, and before and after the MoE."""
 
-    def __init__(self, config: GrokConfig, quantized: bool, dtype: torch.dtype):
+    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype):
         super().__init__()
         D = config.emb_size
         self.attn_norm, self.attn_out_norm = RMSNorm(D), RMSNorm(D)
         self.moe_norm, self.moe_out_norm = RMSNorm(D), RMSNorm(D)
-        self.attn = Attention(config, quantized, dtype)
-        self.moe = MoE(config, quantized, dtype)
+        self.attn = Attention(config, weights, dtype)
+        self.moe = MoE(config, weights, dtype)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         x = ctx.norm(h, self.attn_norm)
@@ -388,17 +404,23 @@ class TiedUnembedding(nn.Module):
 
 
 class Grok1(nn.Module):
-    """The Grok-1 language model. `quantized` keeps the attention and expert matrices int8 with
-    bf16 scales (the release format); `dtype` is the dtype of the other (dense) matrices.
-    `layout` is None for a whole model, or the tensor-parallel slice this process holds
-    (set by grok1.parallel.shard_model_, which cuts the tensors)."""
+    """The Grok-1 language model. `weights` is the format of the attention and expert matrices:
+    "int8" (int8 with bf16 scales, the release's; also `quantized=True`), "int4", "fp8" (or a
+    grok1.quant.WeightFormat, e.g. int4(64)), or None for dense matrices of `dtype`, which is
+    also the dtype of the embedding. `layout` is None for a whole model, or the tensor-parallel
+    slice this process holds (set by grok1.parallel.shard_model_, which cuts the tensors)."""
 
-    def __init__(self, config: GrokConfig, *, quantized: bool = False, dtype: torch.dtype = BF16):
+    def __init__(self, config: GrokConfig, *, quantized: bool = False,
+                 weights: str | WeightFormat | None = None, dtype: torch.dtype = BF16):
         super().__init__()
+        fmt = weight_format(weights)
+        if quantized and fmt not in (None, INT8):
+            raise ValueError(f"quantized=True means int8 weights, but weights={fmt.label()}")
+        fmt = INT8 if quantized else fmt
         self.config = config
         self.layout: Layout | None = None
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.emb_size, dtype=dtype))
-        self.layers = nn.ModuleList(DecoderLayer(config, quantized, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, fmt, dtype)
                                     for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size)
         # the tied output projection (grok1.parallel puts a sharded one in its place)
@@ -467,12 +489,18 @@ class Grok1(nn.Module):
 
     @property
     def quantized(self) -> bool:
+        """Int8 matrices as released (what the engine's kernels take)."""
         return self.layers[0].attn.wq.quantized
+
+    @property
+    def weights(self) -> WeightFormat | None:
+        """The format of the attention and expert matrices; None: dense."""
+        return self.layers[0].attn.wq.weights
 
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Random weights for training from scratch: normal(std) matrices, scaled-down outputs,
         unit norms. Quantized models are made by quantizing trained weights, not initialised."""
-        if self.quantized:
+        if self.weights is not None:
             raise ValueError("init_weights works on a dense model; quantize trained weights instead")
         out_std = std / math.sqrt(2 * self.config.num_layers)
         with torch.no_grad():

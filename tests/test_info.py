@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from grok1.config import GrokConfig
 from grok1.info import model_size
 
@@ -16,6 +18,42 @@ def test_grok1_preset_counts_match_spec_section_9():
     assert s.bytes_released == 318_239_694_848
     assert s.bytes_int8 == 316_619_632_640
     assert s.kv_bytes_per_token == 262_144
+
+
+def test_weight_bytes_per_format_count_stored_weights_and_scales():
+    from grok1.info import weight_bytes
+
+    c = GrokConfig.preset("grok-1")
+    s = model_size(c)
+    assert weight_bytes(c, "int8") == s.bytes_int8 == 316_619_632_640
+    assert weight_bytes(c, None) == s.bytes_bf16
+    # int4: 314,874,789,888 / 2 B of codes + 64 x 38,436,864 bf16 scales (groups of 128:
+    # 48 x (6144 + 1024 + 1024 + 6144) + 8 x (48 x 32768 x 2 + 256 x 6144)) + 1,620,062,208 B
+    # of bf16 embedding, routers and norms
+    assert s.bytes_int4 == 157_437_394_944 + 4_919_918_592 + 1_620_062_208 == 163_977_375_744
+    assert weight_bytes(c, "int4", 64) == s.bytes_int4 + 4_919_918_592  # twice the scales
+    # fp8: a byte a weight + one bf16 scale per output column (64 x 587,776)
+    assert s.bytes_fp8 == 314_874_789_888 + 75_235_328 + 1_620_062_208
+    assert s.gpus_needed(141 * 2**30, s.bytes_int4) == 2  # 152.7 GiB on 2 x H200
+    assert s.gpus_needed(80 * 2**30, s.bytes_int4) == 3
+
+
+@pytest.mark.parametrize("weights,group_size", [("int8", 128), ("int4", 128), ("int4", 32),
+                                                ("fp8", 128), (None, 128)])
+def test_weight_bytes_equal_a_models_state_dict_in_that_format(weights, group_size):
+    import torch
+
+    from grok1.info import weight_bytes
+    from grok1.model import Grok1
+    from grok1.quant import weight_format
+
+    c = GrokConfig.preset("tiny")
+    with torch.device("meta"):
+        model = Grok1(c, weights=weight_format(weights, group_size))
+    # the model keeps norms and routers f32; weight_bytes counts every unquantized tensor bf16
+    stored = sum(t.numel() * (2 if t.dtype == torch.float32 else t.element_size())
+                 for t in model.state_dict().values())
+    assert weight_bytes(c, weights, group_size) == stored
 
 
 def test_gpus_needed_grows_as_gpus_shrink():

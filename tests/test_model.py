@@ -146,3 +146,74 @@ def test_cache_overflow_is_a_clear_error(model):
     cache = KVCache.allocate(model.config, 1, 4)
     with torch.no_grad(), pytest.raises(ValueError, match="KV cache of 4 positions is full"):
         model(torch.randint(1, 10, (1, 5)), cache)
+
+
+@pytest.mark.parametrize("weights", ["int4", "fp8"])
+def test_int4_and_fp8_models_compute_the_dense_model_of_their_dequantized_weights(weights):
+    from grok1.model import Grok1
+    from grok1.quant import QUANT_GROUPS, quantize_as, weight_format
+
+    config = GrokConfig.preset("tiny")
+    int8 = random_model(config, quantized=True, seed=4)
+    fmt = weight_format(weights)
+    model = Grok1(config, weights=weights).eval()
+    dense = Grok1(config).eval()
+    with torch.no_grad():
+        for key, t in int8.state_dict().items():
+            module, _, attr = key.rpartition(".")
+            if module.endswith(tuple(QUANT_GROUPS)) and attr == "weight":
+                name = next(k for k in QUANT_GROUPS if module.endswith(k))
+                q, s = quantize_as(fmt, int8.get_submodule(module).dense(), QUANT_GROUPS[name])
+                model.get_submodule(module).weight.copy_(q)
+                model.get_submodule(module).scales.copy_(s)
+                dense.get_submodule(module).weight.copy_(model.get_submodule(module).dense())
+            elif attr != "scales":
+                model.state_dict()[key].copy_(t)
+                dense.state_dict()[key].copy_(t)
+    state = model.state_dict()
+    assert model.weights == fmt and not model.quantized
+    assert state["layers.0.moe.w_down.weight"].dtype == fmt.storage_dtype
+    assert state["layers.0.moe.w_down.scales"].dtype == torch.bfloat16
+    F, D = config.ffn_size, config.emb_size
+    if weights == "int4":  # packed input rows; tiny widths fit one group of 128
+        assert state["layers.0.moe.w_down.weight"].shape == (8, F // 2, D)
+        assert state["layers.0.moe.w_down.scales"].shape == (8, -(-F // 128), D)
+    else:
+        assert state["layers.0.moe.w_down.scales"].shape == (8, 1, D)
+    tokens = torch.randint(1, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out, ref, base = model(tokens), dense(tokens), int8(tokens)
+    assert torch.equal(out, ref)  # the formats' twin is their dequantization, nothing else
+    assert not torch.equal(out, base)  # and they are not int8 in disguise
+
+
+def test_quantized_true_still_means_int8_and_contradictions_are_refused():
+    from grok1.model import Grok1
+    from grok1.quant import INT8
+
+    config = GrokConfig.preset("tiny")
+    model = Grok1(config, quantized=True)
+    assert model.weights == INT8 and model.quantized
+    assert Grok1(config, weights="int8").state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match="quantized=True means int8 weights, but weights=int4-g"):
+        Grok1(config, quantized=True, weights="int4")
+    with pytest.raises(ValueError, match="init_weights works on a dense model"):
+        Grok1(config, weights="fp8").init_weights()
+
+
+def test_engine_keeps_int4_and_fp8_matrices_on_their_twins():
+    from grok1.engine.runner import apply_kernels
+    from grok1.model import Grok1, Linear, MoE
+    from grok1.ops.linear import Int8Linear
+    from grok1.ops.moe import FusedMoE
+
+    config = GrokConfig.preset("tiny")
+    for weights in ("int4", "fp8"):
+        with torch.device("meta"):
+            model = apply_kernels(Grok1(config, weights=weights))
+        assert all(type(layer.moe) is MoE and type(layer.attn.wq) is Linear
+                   for layer in model.layers)
+    with torch.device("meta"):
+        int8 = apply_kernels(Grok1(config, quantized=True))
+    assert all(type(layer.moe) is FusedMoE and type(layer.attn.wq) is Int8Linear
+               for layer in int8.layers)

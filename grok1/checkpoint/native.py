@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import struct
@@ -43,34 +44,49 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32",
-              torch.int64: "I64", torch.bool: "BOOL"}
+              torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8",
+              torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def safetensors_header(specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str]) -> bytes:
+    """A safetensors file's first bytes (length + JSON header, padded so the data starts
+    8-byte aligned, as safetensors writes it) for tensors (key, dtype, shape) in this order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key, dtype, shape in specs:
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{key}: dtype {dtype} cannot be saved in safetensors")
+        n = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str]) -> None:
     """A safetensors file written one tensor at a time (safetensors' own writer first copies
     every tensor to host bytes, which would double a 300 GB model in RAM); fsync'ed."""
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
     for key, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{key}: dtype {t.dtype} cannot be saved in safetensors")
         if t.is_meta:
             raise CheckpointError(f"{key} is on the meta device (never loaded); nothing to save")
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    header = safetensors_header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                                metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.write(header)
         for t in tensors.values():
             t = t.detach().to("cpu").contiguous()
             if t.numel():
-                f.write((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+                f.write(tensor_bytes(t))
         f.flush()
         os.fsync(f.fileno())
 

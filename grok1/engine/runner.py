@@ -36,15 +36,18 @@ from grok1.ops.linear import Int8Linear, project_many
 from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
 from grok1.ops.rope import rope_and_cache
+from grok1.quant import INT8
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
 def apply_kernels(model: Grok1) -> Grok1:
     """Swap the plain quantized Linears and MoEs for kernel-backed modules, in place; parameter
-    and buffer names stay the same. Subclasses (grok1.parallel's) run their kernels already."""
+    and buffer names stay the same. Subclasses (grok1.parallel's) run their kernels already.
+    The kernels take int8 (and the fused MoE bf16) weights only: int4 and fp8 matrices stay on
+    their twins (`Linear.dense`), and without the fused MoE no CUDA graph is captured."""
     for layer in model.layers:
-        if type(layer.moe) is MoE:
+        if type(layer.moe) is MoE and layer.moe.w_gate.weights in (None, INT8):
             layer.moe = FusedMoE(layer.moe)
         for name in ("wq", "wk", "wv", "wo"):
             lin = getattr(layer.attn, name)

@@ -82,6 +82,9 @@ def shard_linear_(lin: Linear, split: Split, name: str) -> None:
     d_in = lin.weight.shape[-2]
     if split.start == 0 and split.stop == lin.weight.shape[_WEIGHT_DIM[split.dim]]:
         return  # whole: nothing to cut
+    if lin.weights is not None and not lin.quantized:  # packed int4 rows, fp8: no slicer yet
+        raise ValueError(f"{name}: {lin.weights.label()} weights cannot be split over ranks yet; "
+                         "use int8 weights, or one process")
     w = _owned(slice_weight(lin.weight, split))
     if isinstance(lin.weight, nn.Parameter):
         lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
@@ -154,6 +157,7 @@ class RowParallelLinear(nn.Module):
             self.register_buffer("scales", linear.scales)
         else:
             self.scales = None
+        self.weights = linear.weights  # Linear.dense reads the format
         self.group = group
         self.kernel_ok = linear.quantized and kernel_supported(
             linear.weight.shape[0], linear.scales.shape[0])
