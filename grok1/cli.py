@@ -234,6 +234,25 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
 
 
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", type=Path, help="the release (folder of ckpt-0/) or a grok1 folder")
+    p.add_argument("dst", type=Path, help="the folder to write (resumes a killed conversion)")
+    p.add_argument("--weights", choices=("int8", "int4", "fp8", "bf16"), default="int8",
+                   help="format of the attention and expert matrices")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="int4: inputs per scale group")
+    p.add_argument("--config", default=None,
+                   help="preset or config JSON (default: the source's own, or grok-1)")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from grok1.checkpoint.convert import convert
+
+    out = convert(args.src, args.dst, None if args.weights == "bf16" else args.weights,
+                  group_size=args.group_size, config=args.config)
+    print(f"wrote {out}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     summary: str
@@ -255,6 +274,8 @@ COMMANDS = {
                     "grok1.cli:add_info_args:cmd_info", checks_model_paths=True),
     "serve": Command("OpenAI-compatible HTTP server (default: the embedded model)",
                      "grok1.server.cli_serve:add_serve_args:run_serve", SERVE_EPILOG, True),
+    "convert": Command("stream a checkpoint into grok1's sharded format (int8, int4, fp8)",
+                       "grok1.cli:add_convert_args:cmd_convert"),
     "train": Command("train a Grok-architecture model (torchrun for several GPUs)",
                      "grok1.train.cli_train:add_train_args:run_train"),
     "tokenize": Command("turn text files into memory-mapped token shards",

@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
-from grok1.checkpoint.native import WEIGHTS_FILE, load_native, native_config
+from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
+from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import GrokConfig
 from grok1.model import BF16, Grok1
+from grok1.quant import WeightFormat
 from grok1.parallel.mesh import Mesh
 from grok1.parallel.tensor import (
     Layout,
@@ -91,10 +93,13 @@ class ReadRequest:
     layout: Layout | None  # this rank's place; None: the whole model
     progress: bool  # show a progress bar (one rank of several shows it)
 
-    def empty_model(self, config: GrokConfig, quantized: bool, dtype: torch.dtype) -> Grok1:
-        """The model to fill: on the meta device, with this rank's shapes."""
+    def empty_model(self, config: GrokConfig, weights: bool | str | WeightFormat | None,
+                    dtype: torch.dtype) -> Grok1:
+        """The model to fill: on the meta device, with this rank's shapes. `weights`: the
+        matrices' format (True: the release's int8; False or None: dense)."""
         with torch.device("meta"):
-            model = Grok1(config, quantized=quantized, dtype=dtype)
+            model = Grok1(config, quantized=weights is True,
+                          weights=None if isinstance(weights, bool) else weights, dtype=dtype)
         return model if self.layout is None else shard_model_(model, self.layout)
 
     def shard_fn(self, config: GrokConfig) -> ShardFn | None:
@@ -121,6 +126,13 @@ def _read_native(path: Path, req: ReadRequest) -> Grok1:
                        shard_fn=req.shard_fn(config))
 
 
+def _read_sharded_native(path: Path, req: ReadRequest) -> Grok1:
+    config = req.config or GrokConfig.from_json(path / CONFIG_FILE)
+    return load_sharded_native(path, config, device=req.device, dtype=req.dtype,
+                               build=req.empty_model if req.layout else None,
+                               shard_fn=req.shard_fn(config))
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     name: str
@@ -133,6 +145,8 @@ class Format:
 FORMATS: tuple[Format, ...] = (
     Format("grok1", f"a grok1 folder ({WEIGHTS_FILE} + config.json)",
            lambda path: (path / WEIGHTS_FILE).is_file(), _read_native),
+    Format("grok1-sharded", f"a converted grok1 folder ({INDEX_FILE} + model-*.safetensors)",
+           is_sharded_native, _read_sharded_native),
     Format("xai-release", "a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)",
            lambda path: find_ckpt0(path) is not None, _read_release),
 )

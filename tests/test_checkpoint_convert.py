@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-import grok1.checkpoint
+import grok1
 from grok1.checkpoint import CheckpointError
 from grok1.checkpoint.convert import (
     INDEX_FILE,
@@ -54,7 +54,7 @@ def test_int8_conversion_loads_to_the_releases_tensors_and_logits(golden_dir, go
         8 + int.from_bytes((int8_folder / f).read_bytes()[:8], "little") for f in files)
     assert is_sharded_native(int8_folder) and not is_sharded_native(golden_release[0])
 
-    release = grok1.checkpoint.load(*golden_release, progress=False)
+    release = grok1.load(golden_release[0], config=golden_release[1], progress=False)
     ours = load_sharded_native(int8_folder, verify=True)
     assert ours.quantized and ours.config == release.config
     a, b = _state_bytes(release), _state_bytes(ours)
@@ -64,6 +64,23 @@ def test_int8_conversion_loads_to_the_releases_tensors_and_logits(golden_dir, go
     tokens = torch.tensor(load_cases(golden_dir)["full_tokens"][:1])  # 24 tokens, all layers
     with torch.no_grad():
         assert torch.equal(ours(tokens), release(tokens))
+
+
+def test_the_front_door_reads_a_converted_folder_whole_and_per_rank(golden_release, int8_folder):
+    """grok1.load detects the sharded folder; a rank's load equals slicing the whole model."""
+    from grok1.loading import detect_format
+    from grok1.parallel.tensor import shard_model_
+    from grok1.sharding import Layout
+
+    assert detect_format(int8_folder).name == "grok1-sharded"
+    whole = grok1.load(int8_folder)
+    for layout in (Layout(2, 1, moe="tp"), Layout(4, 3, moe="ep", unembed="dim")):
+        rank = grok1.load(int8_folder, layout=layout)
+        expected = shard_model_(grok1.load(int8_folder), layout)
+        assert rank.layout == layout and rank.state_dict().keys() == expected.state_dict().keys()
+        for k, t in rank.state_dict().items():
+            assert torch.equal(t, expected.state_dict()[k]), (layout, k)
+    assert whole.layout is None
 
 
 def test_interrupted_conversion_resumes_to_the_same_bytes(golden_release, int8_folder, tmp_path):
@@ -178,7 +195,7 @@ def test_dense_native_folder_converts_to_int8_by_the_release_rule(tmp_path):
     from grok1.assets import default_model_dir
 
     out = convert(default_model_dir(), tmp_path / "d8", "int8", progress=False)
-    dense = grok1.checkpoint.load(default_model_dir())
+    dense = grok1.load(default_model_dir())
     model = load_sharded_native(out)
     assert model.quantized and (out / "tokenizer.model").is_file()
     for name, groups in QUANT_GROUPS.items():
@@ -186,3 +203,15 @@ def test_dense_native_folder_converts_to_int8_by_the_release_rule(tmp_path):
         lin = model.layers[1].get_submodule(name)
         assert torch.equal(lin.weight, q) and torch.equal(lin.scales, s), name
         assert torch.equal(lin.dense(), dequantize(q, s))
+
+
+def test_grok1_convert_command_writes_what_the_library_writes(golden_release, int8_folder,
+                                                               tmp_path, capsys):
+    from grok1.cli import main
+
+    ckpt, config = golden_release
+    main(["convert", str(ckpt), str(tmp_path / "cli"), "--config", str(config)])
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'cli'}"
+    ours = _state_bytes(grok1.load(tmp_path / "cli"))
+    theirs = _state_bytes(grok1.load(int8_folder))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -154,7 +154,7 @@ def test_int4_and_fp8_models_compute_the_dense_model_of_their_dequantized_weight
     from grok1.quant import QUANT_GROUPS, quantize_as, weight_format
 
     config = GrokConfig.preset("tiny")
-    int8 = random_model(config, quantized=True, seed=4)
+    int8 = random_weights(config, quantized=True, seed=4)
     fmt = weight_format(weights)
     model = Grok1(config, weights=weights).eval()
     dense = Grok1(config).eval()

@@ -453,13 +453,15 @@ def verify_shards(folder: Path, index: dict) -> None:
 def load_sharded_native(folder: str | Path, config: GrokConfig | None = None, *,
                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                         shard_fn: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                        build: Callable[..., Grok1] | None = None,
                         verify: bool = False) -> Grok1:
     """The Grok1 in a sharded grok1 folder (written by `convert`), in its weight format.
 
     `config` defaults to the folder's config.json; `dtype` is the embedding's (default as
     stored). Each tensor is read from its file memory-mapped; `shard_fn(key, tensor)` (as in
     load_xai_checkpoint: the full stored tensor, mapped, so a slice reads only its pages)
-    returns this process's piece of it. `verify` checks every file's sha256 first (reads all).
+    returns this process's piece of it, and `build(config, weights, dtype)` the (meta) model of
+    this process's shapes to fill. `verify` checks every file's sha256 first (reads all).
     Raises CheckpointError naming the file and tensor for anything that does not fit the model.
     """
     folder = Path(folder)
@@ -470,8 +472,11 @@ def load_sharded_native(folder: str | Path, config: GrokConfig | None = None, *,
     if config is None:
         config = GrokConfig.from_json(folder / CONFIG_FILE)
     weight_map: dict[str, str] = index["weight_map"]
-    with torch.device("meta"):
-        model = Grok1(config, weights=fmt, dtype=dtype or torch.bfloat16)
+    if build is not None:
+        model = build(config, fmt, dtype or torch.bfloat16)
+    else:
+        with torch.device("meta"):
+            model = Grok1(config, weights=fmt, dtype=dtype or torch.bfloat16)
     targets = model.state_dict(keep_vars=True)
     missing = [k for k in targets if k not in weight_map]
     unexpected = [k for k in weight_map if k not in targets]

@@ -164,7 +164,7 @@ class RowParallelLinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return self.scales is not None
+        return Linear.quantized.fget(self)
 
     def dense(self) -> torch.Tensor:
         return Linear.dense(self)
