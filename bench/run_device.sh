@@ -44,8 +44,8 @@ for s in $steps; do
               --out "$OUT/op_diff_golden.json" 2>&1 | tail -45 | tee "$OUT/op_diff_golden.log"
             timeout 200 python3 bench/op_diff.py --layers 2 --out "$OUT/op_diff_full_width.json" \
               2>&1 | tail -45 | tee "$OUT/op_diff_full_width.log" ;;
-    tests) timeout 170 python3 -m pytest -q -m gpu tests/test_ops_moe.py tests/test_ops_attention.py \
-             tests/test_ops_small.py tests/test_engine_llm.py tests/test_engine_golden.py 2>&1 \
+    tests) timeout 170 python3 -m pytest -q -m gpu tests/ops/test_ops_moe.py tests/ops/test_ops_attention.py \
+             tests/ops/test_ops_small.py tests/engine/test_engine_llm.py tests/engine/test_engine_golden.py 2>&1 \
              | tail -40 | tee "$OUT/tests.log" ;;
     gputests) timeout 240 python3 -m pytest -q -m gpu tests 2>&1 | tail -40 | tee "$OUT/gputests.log" ;;
     reference) python3 -m pip install -q --no-index --no-deps --target /tmp/refsite .ref/*.whl
@@ -67,8 +67,8 @@ for s in $steps; do
                 bench/parallel_decode.py --layers "${LAYERS:-64}" --moe ${MOE:-tp ep} --profile \
                 ${PARALLEL_ARGS:-} --out "$OUT" > "$OUT/parallel_decode.log" 2>&1
               grep -E "^\[|built|skip" "$OUT/parallel_decode.log" ;;
-    ptests) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_parallel_dist.py \
-              tests/test_server_ranks.py 2>&1 | tail -15 | tee "$OUT/ptests.log" ;;
+    ptests) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -m gpu tests/parallel/test_parallel_dist.py \
+              tests/server/test_server_ranks.py 2>&1 | tail -15 | tee "$OUT/ptests.log" ;;
     bench) [ -s "$OUT/moe_tuned.json" ] && cp "$OUT/moe_tuned.json" grok1/ops/configs/moe.json
            [ -s "$OUT/linear_tuned.json" ] && cp "$OUT/linear_tuned.json" grok1/ops/configs/linear.json
            timeout 120 python3 bench/decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.log"

@@ -13,7 +13,7 @@ requests/s, the status counts and the server's /metrics snapshot; one line is pr
 This is an end-to-end serving measurement, so there is no roofline beside it: compare its
 tok/s with `bench/decode.py` at the same batch on the same GPU.
 
-`run_load` is also the soak test's client (tests/test_server_soak.py): a fraction of requests
+`run_load` is also the soak test's client (tests/server/test_server_soak.py): a fraction of requests
 can disconnect mid-stream (closing the connection after the first chunk).
 """
 

@@ -1,4 +1,4 @@
-"""`grok1 train` with a rank that dies, for torchrun in tests/test_train_faults.py: the same
+"""`grok1 train` with a rank that dies, for torchrun in tests/train/test_train_faults.py: the same
 arguments as `python -m grok1.train.cli_train train`, plus --crash-at-step, injected through a
 trainer hook so the fault switch stays out of grok1's own flags and TrainConfig."""
 

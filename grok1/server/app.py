@@ -267,7 +267,7 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
         # The start-up heap (torch, the model, the warm-up's objects: ~300k objects) is static
         # from here on; frozen, the oldest-generation collections while serving skip it. Scanned,
         # each one stops the event loop and the engine thread for 0.2-0.5 s on 2 CPU cores
-        # (measured, tests/test_server_warmup.py), a stall of every stream in flight. vLLM's
+        # (measured, tests/server/test_server_warmup.py), a stall of every stream in flight. vLLM's
         # server does the same after its start-up.
         gc.collect()
         gc.freeze()

@@ -20,7 +20,7 @@ from grok1.checkpoint import save_native
 from grok1.config import GrokConfig
 from grok1.server.cli_serve import DEFAULT_MODEL_NAME, add_serve_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 

@@ -24,7 +24,7 @@ LINEAR_SHAPES = [(M, K, N) for (K, N), M in itertools.product(
 GEMV_SHAPES = [(6144, (6144, 1024, 1024)), (6144, (6144,)), (6144, (3072, 512, 512)),
                (3072, (6144,)), (6144, (1536, 256, 256)), (1536, (6144,)),
                (6144, (768, 128, 128)), (768, (6144,)), (256, (192, 64, 64)), (384, (96, 200))]
-RESOLVED = Path(__file__).parent / "data" / "tile_configs_resolved.json"
+RESOLVED = Path(__file__).resolve().parents[1] / "data" / "tile_configs_resolved.json"
 
 
 def resolved_launch(op: str, device: str, args: tuple) -> dict:

@@ -2,7 +2,7 @@
 step (grok1.parallel.control). The protocol is tested in one process (two engines, a queue for
 the gloo group); the whole thing as 2 CPU ranks (gloo) on the embedded default model, whose
 greedy text must equal one process's (a trained model: the split's f32 reordering moves no
-argmax, tests/test_parallel_dist.py)."""
+argmax, tests/parallel/test_parallel_dist.py)."""
 
 import contextlib
 import dataclasses
@@ -28,7 +28,7 @@ from _processes import free_port, wait_until_healthy
 from grok1.parallel.control import LeaderEngine, RankDivergenceError, follow
 from grok1.sampling import SamplingParams
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "grok1" / "assets" / "default"
 needs_default = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(),
                                    reason="the embedded default model is not built yet")

@@ -24,7 +24,7 @@ import grok1
 from grok1.engine.llm import Engine, SamplingParams
 from grok1.server.cli_serve import DEFAULT_MODEL_NAME
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "tests" / "data" / "lm_eval"
 KINDS = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until")
 

@@ -28,7 +28,7 @@ from grok1.server.bridge import (
     SubRequest,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POISON_SEED = 666  # the injected sampler failure hits rows with this seed only
 
 

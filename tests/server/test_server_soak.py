@@ -19,7 +19,7 @@ from grok1.server.app import create_app
 from grok1.server.cli_serve import serve_in_thread
 
 _spec = importlib.util.spec_from_file_location(
-    "serve_load", Path(__file__).resolve().parents[1] / "bench" / "serve_load.py")
+    "serve_load", Path(__file__).resolve().parents[2] / "bench" / "serve_load.py")
 serve_load = sys.modules["serve_load"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_load)
 

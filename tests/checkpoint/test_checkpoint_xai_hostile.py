@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from grok1.checkpoint import CheckpointError
 from grok1.checkpoint.xai_pickle_reader import ArrayRef, QuantRef, scan_xai_file
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN_CKPT = Path(__file__).resolve().parents[2] / "shared" / "grok1" / "golden" / \
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN_CKPT = Path(__file__).resolve().parents[3] / "shared" / "grok1" / "golden" / \
     "checkpoint" / "ckpt-0"
 
 # the shape of a file that refers to itself: t = 1; then 40 times t = (t, t) via the memo

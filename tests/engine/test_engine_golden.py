@@ -74,7 +74,7 @@ def test_engine_logits_match_plain_model_on_golden_checkpoint(golden_dir):
     # (measured ~1e-3). On a GPU this random 11-layer model amplifies any last-bit difference of
     # the kernels (the golden README: accumulation order alone moves it 0.3-5 %), so there the
     # engine is judged by the golden's own bounds (test above) and, for requests joining and
-    # leaving, on models with real margins (tests/test_engine_llm.py). Random weights have few
+    # leaving, on models with real margins (tests/engine/test_engine_llm.py). Random weights have few
     # clear top-1 margins: greedy tokens are checked only where the margin is real.
     check_against_plain_model(plain, engine, prompts, got, tol=1e-2, min_clear=0.0)
 

@@ -22,7 +22,7 @@ from grok1.train.data import write_dataset
 from grok1.train.train_config import TrainConfig
 from grok1.train.trainer import Trainer, TrainerHook, TrainingDiverged
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 256  # the tiny preset's
 
 

@@ -24,7 +24,7 @@ from _processes import free_port
 
 from grok1.golden import golden_pass
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict:

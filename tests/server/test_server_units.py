@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 from grok1.server import protocol as P
 from grok1.server.detokenize import IncrementalDetokenizer, StopTextStream, token_text
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "grok1" / "tokenizer.model"
+TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "grok1" / "tokenizer.model"
 
 
 class ByteTokenizer:
