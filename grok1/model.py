@@ -134,7 +134,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = RMS_EPS) -> torc
 def rope_cos_sin(positions_BT: torch.Tensor, head_size: int, base: float = ROPE_BASE
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """f32 cos/sin [B, T, H] of the half-split (rotate_half) layout; never precomputed in bf16.
-    `base`: the config's rope_theta (Grok-2: plain RoPE too, base int(208533496), grok2 SPEC 2.7)."""
+    `base`: the config's rope_theta (Grok-2: plain RoPE, base int(208533496), grok2 SPEC 2.7)."""
     wide = wide_dtype(positions_BT.device)
     exponent = torch.arange(0, head_size, 2, dtype=wide, device=positions_BT.device) / head_size
     inv_freq = (1.0 / base ** exponent).float()
