@@ -30,6 +30,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def require_numbers(config: Any, names: tuple[str, ...], *, caps: bool) -> None:
+    """Each field a finite number, > 0 (or, for soft caps, >= 0 with 0 = no cap); ConfigError
+    naming the field and value otherwise."""
+    for name in names:
+        value = getattr(config, name)
+        if caps and (not _is_number(value) or value < 0):
+            raise ConfigError(f"{name}={value!r}: must be a number >= 0 (0 = no cap)")
+        if not caps and (not _is_number(value) or not value > 0):
+            raise ConfigError(f"{name}={value!r}: must be a positive number")
+
+
 @dataclasses.dataclass(frozen=True)
 class GrokConfig:
     vocab_size: int = 128 * 1024  # SentencePiece BPE vocabulary, tied input/output table
@@ -89,14 +100,9 @@ class GrokConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive number")
-        for name in ("rope_theta", "rms_norm_eps"):
-            value = getattr(self, name)
-            if not _is_number(value) or not value > 0:
-                raise ConfigError(f"{name}={value!r}: must be a positive number")
-        for name in ("attn_logit_softcap", "router_logit_softcap", "final_logit_softcap"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{name}={value!r}: must be a number >= 0 (0 = no cap)")
+        require_numbers(self, ("rope_theta", "rms_norm_eps"), caps=False)
+        require_numbers(self, ("attn_logit_softcap", "router_logit_softcap",
+                               "final_logit_softcap"), caps=True)
         for name, value in (("attn_temperature_len", self.attn_temperature_len),
                             ("dense_width", self.dense_width)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from grok1.config import ConfigError, GrokConfig
+from grok1.config import ConfigError, GrokConfig, require_numbers
 
 ARCHITECTURE = "Grok1ForCausalLM"  # the release's architectures[0]; SGLang's class (SPEC 3)
 # rope_type values SGLang's grok.py implements (SPEC 2.7); only "original" (plain RoPE) is ours
@@ -72,14 +72,10 @@ class Grok2Config:
                               f"num_experts={self.num_experts}")
         if self.key_size % 2:
             raise ConfigError(f"key_size={self.key_size}: RoPE needs an even head size")
-        for name in ("rms_norm_eps", "embedding_multiplier_scale", "output_multiplier_scale"):
-            value = getattr(self, name)
-            if not _is_number(value) or not value > 0:
-                raise ConfigError(f"{name}={value!r}: must be a positive number")
-        for name in ("attn_logit_softcap", "router_logit_softcap", "final_logit_softcap"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{name}={value!r}: must be a number >= 0 (0 = no cap)")
+        require_numbers(self, ("rms_norm_eps", "embedding_multiplier_scale",
+                               "output_multiplier_scale"), caps=False)
+        require_numbers(self, ("attn_logit_softcap", "router_logit_softcap",
+                               "final_logit_softcap"), caps=True)
         if self.checkpoint_dtype not in _DTYPES:
             raise ConfigError(f"checkpoint_dtype={self.checkpoint_dtype!r}: one of {_DTYPES}")
 

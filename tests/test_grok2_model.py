@@ -130,6 +130,25 @@ def test_features_off_match_the_reference_with_them_off(golden_case):
     assert f["rel"] <= 1e-5 and f["worst"] <= 1e-4, f
 
 
+def test_grok2_model_round_trips_through_the_native_format(tmp_path):
+    """A Grok-2-featured model (dense MLP, untied head, caps, temperature) saves and loads as a
+    grok1 folder: config.json carries the new fields, model.safetensors mlp.* and lm_head."""
+    from grok1.checkpoint.native import load_native, save_native
+
+    config = Grok2Config().replace(vocab_size=256, emb_size=64, key_size=8, num_q_heads=8,
+                                   num_kv_heads=2, num_layers=2, expert_width=32,
+                                   dense_width=48, attn_temperature_len=4).to_grok_config()
+    model = Grok1(config)
+    model.init_weights(torch.Generator().manual_seed(3))
+    save_native(model, tmp_path / "m")
+    loaded = load_native(tmp_path / "m")
+    assert loaded.config == config and loaded.lm_head is not None
+    assert loaded.layers[1].mlp.w_down.weight.shape == (config.dense_width, config.emb_size)
+    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
 # ---- Grok-1 unchanged ------------------------------------------------------------------------
 
 # sha256 (first 16 hex digits) of the bf16 logits' bytes at the base commit 42cf168, before
@@ -234,6 +253,17 @@ def test_a_grok1_math_only_context_refuses_grok2_features():
         model.run_layers(h, ForwardContext())
     with pytest.raises(NotImplementedError, match="compute_dtype=torch.float32"):
         plain.run_layers(h.float(), ForwardContext())
+
+
+def test_sharding_a_grok2_model_is_refused_until_built():
+    from grok1.parallel.tensor import shard_model_
+    from grok1.sharding import Layout
+
+    config = GrokConfig.preset("tiny").replace(router_logit_softcap=30.0, dense_width=64)
+    with torch.device("meta"):
+        model = Grok1(config)
+    with pytest.raises(NotImplementedError, match="router_logit_softcap=30.0, dense_width=64"):
+        shard_model_(model, Layout(size=2, rank=0))
 
 
 def test_compute_dtype_other_than_bf16_or_f32_is_refused():
