@@ -175,7 +175,7 @@ def attention_ref(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tens
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s = matmul(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")  # bf16 out, as the reference
+    s = matmul(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")  # rounded, as the reference (bf16)
     s = s.float() * multiplier
     s = softcap_f32(s, softcap)  # f32 steps
     if temperature_BT is not None:  # after the cap (grok2 SPEC 2.4 step 5)
@@ -527,7 +527,8 @@ class Grok1(nn.Module):
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None, *,
                 lengths_B: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (bf16 values, as the reference's), or [B, 1, V] with `last_only`.
+        """Logits [B, T, V] (bf16 values as the reference's; f32 in float32 compute or after a
+        final soft cap), or [B, 1, V] with `last_only`.
 
         With a cache, row b's tokens go to positions cache.lengths_B[b] + t, and the row then
         advances by lengths_B[b] (its real tokens; the rest is right padding), default T.
