@@ -149,6 +149,22 @@ def test_grok2_model_round_trips_through_the_native_format(tmp_path):
         assert torch.equal(loaded(tokens), model(tokens))
 
 
+@pytest.mark.parametrize("change", [
+    {"attn_temperature_len": 0}, {"final_logit_softcap": 0.0}, {"router_logit_softcap": 0.0},
+    {"attn_logit_softcap": 0.0}, {"gelu": "tanh"}, {"rope_theta": 10000.0},
+])
+def test_each_grok2_switch_is_wired_the_float32_check_sees_it_off(golden_case, change):
+    """Turning one Grok-2 field back to Grok-1's value moves the logits past the float32 bound
+    (the golden README's sensitivity table: every feature is caught)."""
+    tokens, golden = golden_case
+    config = Grok2Config.from_json(GOLDEN2 / "config.json")
+    tensors = dict(grok2.read(GOLDEN2, config))
+    model = from_tensors(config.to_grok_config().replace(**change), tensors, torch.float32)
+    with torch.no_grad():
+        f = figures(model(tokens[:1]), golden[:1])
+    assert f["rel"] > 1e-4, (change, f)
+
+
 # ---- Grok-1 unchanged ------------------------------------------------------------------------
 
 # sha256 (first 16 hex digits) of the bf16 logits' bytes at the base commit 42cf168, before
