@@ -169,18 +169,29 @@ def attention_temperature(positions_BT: torch.Tensor, length: int) -> torch.Tens
 
 def attention_ref(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tensor,
                   mask_BTS: torch.Tensor, multiplier: float, softcap: float = SOFTCAP,
-                  temperature_BT: torch.Tensor | None = None) -> torch.Tensor:
+                  temperature_BT: torch.Tensor | None = None, rounding: str = "jax"
+                  ) -> torch.Tensor:
     """GQA attention with the c*tanh soft-cap (c = `softcap`, 0 = none), then the query's
-    temperature (Grok-2; None = 1); query head n uses kv head n // G. -> [B, T, N*H]."""
+    temperature (Grok-2; None = 1); query head n uses kv head n // G. -> [B, T, N*H].
+    `rounding` "sglang": SGLang's triton kernels' points (grok2 SPEC 2.4 steps 3 and 6): f32
+    scores, exp(s - max) rounded unnormalised for p @ v, divided by the f32 row sum after."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s = matmul(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")  # rounded, as the reference (bf16)
+    sglang = rounding == "sglang"
+    scores = matmul_f32 if sglang else matmul  # the reference rounds them (bf16)
+    s = scores(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")
     s = s.float() * multiplier
     s = softcap_f32(s, softcap)  # f32 steps
     if temperature_BT is not None:  # after the cap (grok2 SPEC 2.4 step 5)
         s = s * temperature_BT[:, None, None, :, None]
     s = s.masked_fill(~mask_BTS[:, None, None], MASKED)
+    if sglang:
+        w = s.to(wide_dtype(s.device))
+        e = torch.exp(w - w.amax(-1, keepdim=True))
+        o = matmul_f32(e.float().to(v_BSKH.dtype), v_BSKH, "bkgts,bskh->bkgth")
+        o = (o / e.sum(-1, keepdim=True).float()).to(v_BSKH.dtype).permute(0, 3, 1, 2, 4)
+        return o.reshape(B, T, N * H)
     p = torch.softmax(s.to(wide_dtype(s.device)), dim=-1).float().to(v_BSKH.dtype)
     o = matmul(p, v_BSKH, "bkgts,bskh->btkgh")
     return o.reshape(B, T, N * H)
@@ -365,7 +376,7 @@ class DenseContext(ForwardContext):
         self.dtype = dtype
         self.cos_BTH, self.sin_BTH = rope_cos_sin(positions_BT, config.key_size,
                                                   config.rope_theta)
-        self.softcap = config.attn_logit_softcap
+        self.softcap, self.rounding = config.attn_logit_softcap, config.rounding
         self.temperature_BT = (attention_temperature(positions_BT, config.attn_temperature_len)
                                if config.attn_temperature_len else None)
 
@@ -382,7 +393,7 @@ class DenseContext(ForwardContext):
             S = self.mask_BTS.shape[-1]  # keys beyond the longest row are never visible
             k, v = cache.k_LBSKH[layer][:, :S], cache.v_LBSKH[layer][:, :S]
         return attention_ref(q, k, v, self.mask_BTS, multiplier, self.softcap,
-                             self.temperature_BT)
+                             self.temperature_BT, self.rounding)
 
 
 class Attention(nn.Module):
