@@ -19,6 +19,29 @@ class ConfigError(ValueError):
     """A config file or value that does not describe a valid Grok model."""
 
 
+GELUS = ("tanh", "erf")
+ROUNDINGS = ("jax", "sglang")
+# The fields Grok-2 added; a Grok-1 config.json may omit them (their defaults are Grok-1's).
+GROK2_FIELDS = ("rope_theta", "rms_norm_eps", "attn_logit_softcap", "router_logit_softcap",
+                "final_logit_softcap", "attn_temperature_len", "expert_width", "dense_width",
+                "tied_embeddings", "mask_pad_keys", "gelu", "rounding")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_numbers(config: Any, names: tuple[str, ...], *, caps: bool) -> None:
+    """Each field a finite number, > 0 (or, for soft caps, >= 0 with 0 = no cap); ConfigError
+    naming the field and value otherwise."""
+    for name in names:
+        value = getattr(config, name)
+        if caps and (not _is_number(value) or value < 0):
+            raise ConfigError(f"{name}={value!r}: must be a number >= 0 (0 = no cap)")
+        if not caps and (not _is_number(value) or not value > 0):
+            raise ConfigError(f"{name}={value!r}: must be a positive number")
+
+
 @dataclasses.dataclass(frozen=True)
 class GrokConfig:
     vocab_size: int = 128 * 1024  # SentencePiece BPE vocabulary, tied input/output table
@@ -36,6 +59,24 @@ class GrokConfig:
     embedding_multiplier_scale: float = 78.38367176906169  # sqrt(6144); 78.5 once rounded to bf16
     output_multiplier_scale: float = 0.5773502691896257  # 1/sqrt(3); 0.578125 in bf16
     attn_output_multiplier: float = 0.08838834764831845  # 1/sqrt(key_size), applied in f32
+    # Grok-2 (../shared/grok2/SPEC.md; names after its config.json). The defaults are Grok-1's
+    # values, so every Grok-1 config and checkpoint means what it meant; `grok2_features()`
+    # lists the fields a config sets away from them.
+    rope_theta: float = 10000.0  # RoPE base; Grok-2: int(208533496) (grok2 SPEC 2.7)
+    rms_norm_eps: float = 1e-5  # every norm
+    attn_logit_softcap: float = 30.0  # c * tanh(s / c) on attention scores; 0 = off
+    router_logit_softcap: float = 0.0  # on router logits before the softmax; 0 = off (Grok-2: 30)
+    final_logit_softcap: float = 0.0  # on the logits after the output multiplier (Grok-2: 50)
+    attn_temperature_len: int = 0  # L: scores * log2(n)/log2(L) for query position n > L; 0 = off
+    expert_width: int | None = None  # None: the widening_factor rule (ffn_size); Grok-2: 16384
+    dense_width: int = 0  # the dense MLP beside the MoE, FFN = (MLP + MoE) / sqrt(2); 0 = none
+    tied_embeddings: bool = True  # the output projection is the input table; Grok-2: lm_head
+    mask_pad_keys: bool = True  # pad tokens are masked as keys (SPEC 2.2); SGLang masks none
+    gelu: str = "tanh"  # "tanh" (jax.nn.gelu's default) or "erf" (SGLang's CUDA kernels)
+    # Whose bf16 rounding points: "jax" (xai-org/grok-1, SPEC 2.8: bf16-rounded multiplier
+    # constants and router gates, f32 expert activations) or "sglang" (grok2 SPEC 2: unrounded
+    # multipliers and gates, the expert activation and each expert's output stored bf16)
+    rounding: str = "jax"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
@@ -60,13 +101,44 @@ class GrokConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive number")
+        require_numbers(self, ("rope_theta", "rms_norm_eps"), caps=False)
+        require_numbers(self, ("attn_logit_softcap", "router_logit_softcap",
+                               "final_logit_softcap"), caps=True)
+        for name, value in (("attn_temperature_len", self.attn_temperature_len),
+                            ("dense_width", self.dense_width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 = off)")
+        if self.expert_width is not None and (not isinstance(self.expert_width, int) or isinstance(
+                self.expert_width, bool) or self.expert_width <= 0):
+            raise ConfigError(f"expert_width={self.expert_width!r}: must be a positive integer "
+                              "or None (the widening_factor rule)")
+        for name in ("tied_embeddings", "mask_pad_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
+        if self.gelu not in GELUS:
+            raise ConfigError(f"gelu={self.gelu!r}: expected one of {', '.join(GELUS)}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding={self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def ffn_size(self) -> int:
-        """Expert width F: the reference's ffn_size rule (SPEC section 1)."""
+        """Expert width F: `expert_width`, else the reference's ffn_size rule (SPEC section 1)."""
+        if self.expert_width is not None:
+            return self.expert_width
         f = int(self.widening_factor * self.emb_size) * 2 // 3
         return f + (8 - f) % 8
+
+    @property
+    def residual_moe(self) -> bool:
+        """Whether a dense MLP runs beside the MoE (Grok-2's residual_moe, grok2 SPEC 2.5)."""
+        return self.dense_width > 0
+
+    def grok2_features(self) -> list[str]:
+        """`field=value` for each Grok-2 field set away from Grok-1's value (empty for Grok-1):
+        what a context computing Grok-1's math only (the engine's kernels) must refuse."""
+        return [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if f.name in GROK2_FIELDS and getattr(self, f.name) != f.default]
 
     @property
     def q_per_kv(self) -> int:
@@ -92,11 +164,12 @@ class GrokConfig:
     @classmethod
     def from_dict(cls, fields: dict[str, Any], *, source: str = "config",
                   ignore: tuple[str, ...] = ()) -> GrokConfig:
-        """Strict: every field must be present and known (names in `ignore` are skipped)."""
+        """Strict: every field must be known and present, except Grok-2's (GROK2_FIELDS), which
+        default to Grok-1's values (names in `ignore` are skipped)."""
         known = {f.name for f in dataclasses.fields(cls)}
         given = {k: v for k, v in fields.items() if k not in ignore}
         unknown = sorted(set(given) - known)
-        missing = sorted(known - set(given))
+        missing = sorted(known - set(given) - set(GROK2_FIELDS))  # Grok-2's: Grok-1 defaults
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; "
                               f"known fields: {', '.join(sorted(known))}")

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from grok1.config import ConfigError
+from grok1.config import ConfigError, GrokConfig, require_numbers
 
 ARCHITECTURE = "Grok1ForCausalLM"  # the release's architectures[0]; SGLang's class (SPEC 3)
 # rope_type values SGLang's grok.py implements (SPEC 2.7); only "original" (plain RoPE) is ours
@@ -72,14 +72,10 @@ class Grok2Config:
                               f"num_experts={self.num_experts}")
         if self.key_size % 2:
             raise ConfigError(f"key_size={self.key_size}: RoPE needs an even head size")
-        for name in ("rms_norm_eps", "embedding_multiplier_scale", "output_multiplier_scale"):
-            value = getattr(self, name)
-            if not _is_number(value) or not value > 0:
-                raise ConfigError(f"{name}={value!r}: must be a positive number")
-        for name in ("attn_logit_softcap", "router_logit_softcap", "final_logit_softcap"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{name}={value!r}: must be a number >= 0 (0 = no cap)")
+        require_numbers(self, ("rms_norm_eps", "embedding_multiplier_scale",
+                               "output_multiplier_scale"), caps=False)
+        require_numbers(self, ("attn_logit_softcap", "router_logit_softcap",
+                               "final_logit_softcap"), caps=True)
         if self.checkpoint_dtype not in _DTYPES:
             raise ConfigError(f"checkpoint_dtype={self.checkpoint_dtype!r}: one of {_DTYPES}")
 
@@ -158,6 +154,31 @@ class Grok2Config:
 
     def replace(self, **changes: Any) -> Grok2Config:
         return dataclasses.replace(self, **changes)
+
+    def to_grok_config(self) -> GrokConfig:
+        """The GrokConfig model.py builds this model from: Grok-1's fields with Grok-2's values,
+        SGLang's math switched on (grok2 SPEC 2): its caps, temperature, RoPE base, dense MLP,
+        untied head, erf GELU, no pad-key masking and its bf16 rounding points."""
+        return GrokConfig(
+            vocab_size=self.vocab_size, pad_token=0, eos_token=2,  # <|eos|> = 2 (SPEC 5, S12)
+            sequence_len=self.sequence_len, emb_size=self.emb_size, key_size=self.key_size,
+            num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+            num_layers=self.num_layers, num_experts=self.num_experts,
+            num_selected_experts=self.num_selected_experts,
+            embedding_multiplier_scale=self.embedding_multiplier_scale,
+            output_multiplier_scale=self.output_multiplier_scale,
+            attn_output_multiplier=self.key_size ** -0.5,  # SGLang's scaling hd**-0.5 (SPEC 2.4)
+            rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+            attn_logit_softcap=self.attn_logit_softcap,
+            router_logit_softcap=self.router_logit_softcap,
+            final_logit_softcap=self.final_logit_softcap,
+            attn_temperature_len=max(self.attn_temperature_len, 0),  # <= 0: off (SPEC 2.4)
+            expert_width=self.expert_width,
+            dense_width=self.dense_width if self.residual_moe else 0,
+            tied_embeddings=False,  # lm_head.weight is its own tensor (SPEC 2.6)
+            mask_pad_keys=False,  # SGLang masks causally only (SPEC 2.4 step 6)
+            gelu="erf",  # SGLang's CUDA gelu_and_mul kernels (SPEC 2.5, S2/S6)
+            rounding="sglang")
 
 
 def _is_number(value: Any) -> bool:

@@ -1,4 +1,6 @@
-"""Grok-1 forward pass in plain PyTorch: the same function as xai-org/grok-1 model.py (SPEC section 2).
+"""Grok-1 and Grok-2 forward pass in plain PyTorch: the same function as xai-org/grok-1 model.py
+(SPEC section 2) and, switched by config fields, as SGLang's grok.py computes Grok-2
+(../shared/grok2/SPEC.md, "grok2 SPEC" below).
 
 Every bf16 rounding point of the reference is kept (SPEC 2.8, 10): projections and QK^T/PV in
 bf16, RoPE / attention scores / softmax / norms / router / the expert GeGLU and down-projection in
@@ -11,6 +13,12 @@ serving engine all run them, each through a `ForwardContext` that says where the
 Shape letters: B batch, T new tokens, S cached positions, D emb_size, N query heads, K kv heads,
 G query heads per kv head, H key_size, E experts, A selected experts, F expert width, V vocab,
 M flattened tokens (B*T).
+
+Compute dtype: bf16 (the default) rounds where the reference rounds; `Grok1(...,
+compute_dtype=torch.float32)` carries every activation in f32 instead, with no bf16 rounding
+anywhere, the weights' bf16 values taken exactly (the golden's float32 check, grok2 golden
+README). The functions below round to their inputs' dtype, so the activations' dtype is the
+compute dtype throughout.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ SOFTCAP = 30.0  # attention logits: 30 * tanh(s / 30), f32, before masking (SPEC
 MASKED = -1e30  # the reference's fill for masked scores
 RMS_EPS = 1e-5
 ROPE_BASE = 10000.0
+COMPUTE_DTYPES = (BF16, torch.float32)
 
 
 def bf16_constant(x: float) -> float:
@@ -75,6 +84,13 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) ->
     return _dot(a.to(wide), b.to(wide), equation).float()
 
 
+def matmul(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
+    """a @ b in the compute dtype (the operands'): `matmul_bf16` for bf16, else `matmul_f32`."""
+    if a.dtype == BF16:
+        return matmul_bf16(a, b, equation)
+    return matmul_f32(a, b, equation)
+
+
 @dataclasses.dataclass(frozen=True)
 class PartialSums:
     """A matmul's output not yet summed and rounded: f32 terms (f64 on the CPU) whose sum over
@@ -88,9 +104,9 @@ class PartialSums:
     terms: torch.Tensor
     sum_dims: tuple[int, ...] = (0,)
 
-    def value(self) -> torch.Tensor:
-        """The bf16 value (summed in the terms' dtype, rounded through f32 once)."""
-        return self.terms.sum(dim=self.sum_dims).float().to(BF16)
+    def value(self, dtype: torch.dtype = BF16) -> torch.Tensor:
+        """The value in the compute dtype (summed in the terms' dtype, rounded through f32)."""
+        return self.terms.sum(dim=self.sum_dims).float().to(dtype)
 
     def unflatten(self, dim: int, sizes: tuple[int, ...]) -> PartialSums:
         """The same sums with the last dim split (e.g. into heads); `dim` must be -1."""
@@ -99,12 +115,12 @@ class PartialSums:
         return PartialSums(self.terms.unflatten(-1, sizes), self.sum_dims)
 
 
-def summed(a: torch.Tensor | PartialSums) -> torch.Tensor:
-    """The bf16 value of a matmul output, whether summed already or not (an f64 CPU result
-    rounds through f32, as the reference's f32 accumulator)."""
+def summed(a: torch.Tensor | PartialSums, dtype: torch.dtype = BF16) -> torch.Tensor:
+    """The value of a matmul output in the compute dtype `dtype`, whether summed already or not
+    (an f64 CPU result rounds through f32, as the reference's f32 accumulator)."""
     if isinstance(a, PartialSums):
-        return a.value()
-    return a if a.dtype == BF16 else a.float().to(BF16)
+        return a.value(dtype)
+    return a if a.dtype == dtype else a.float().to(dtype)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
@@ -115,11 +131,13 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = RMS_EPS) -> torc
     return y.float().to(x.dtype)
 
 
-def rope_cos_sin(positions_BT: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """f32 cos/sin [B, T, H] of the half-split (rotate_half) layout; never precomputed in bf16."""
+def rope_cos_sin(positions_BT: torch.Tensor, head_size: int, base: float = ROPE_BASE
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """f32 cos/sin [B, T, H] of the half-split (rotate_half) layout; never precomputed in bf16.
+    `base`: the config's rope_theta (Grok-2: plain RoPE, base int(208533496), grok2 SPEC 2.7)."""
     wide = wide_dtype(positions_BT.device)
     exponent = torch.arange(0, head_size, 2, dtype=wide, device=positions_BT.device) / head_size
-    inv_freq = (1.0 / ROPE_BASE ** exponent).float()
+    inv_freq = (1.0 / base ** exponent).float()
     phase = positions_BT.float()[..., None] * inv_freq  # f32, as the reference
     phase = torch.cat([phase, phase], dim=-1).to(wide)
     return torch.cos(phase).float(), torch.sin(phase).float()
@@ -134,31 +152,69 @@ def apply_rope(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tenso
     return out.to(x_BTNH.dtype)
 
 
+def softcap_f32(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) in f32 (`wide_dtype` inside); a cap of 0 is none."""
+    if not cap:
+        return x
+    return cap * torch.tanh((x / cap).to(wide_dtype(x.device))).float()
+
+
+def attention_temperature(positions_BT: torch.Tensor, length: int) -> torch.Tensor:
+    """f32 [B, T]: SGLang's score multiplier of a query at position n, log2(n) / log2(L) for
+    n > L, else 1 (grok2 SPEC 2.4 step 5; keys do not enter it)."""
+    n = positions_BT.to(wide_dtype(positions_BT.device))
+    return torch.where(n > length, torch.log2(n.clamp_min(1)) / math.log2(length),
+                       torch.ones_like(n)).float()
+
+
 def attention_ref(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tensor,
-                  mask_BTS: torch.Tensor, multiplier: float) -> torch.Tensor:
-    """GQA attention with the 30*tanh soft-cap; query head n uses kv head n // G. -> [B, T, N*H]."""
+                  mask_BTS: torch.Tensor, multiplier: float, softcap: float = SOFTCAP,
+                  temperature_BT: torch.Tensor | None = None, rounding: str = "jax"
+                  ) -> torch.Tensor:
+    """GQA attention with the c*tanh soft-cap (c = `softcap`, 0 = none), then the query's
+    temperature (Grok-2; None = 1); query head n uses kv head n // G. -> [B, T, N*H].
+    `rounding` "sglang": SGLang's triton kernels' points (grok2 SPEC 2.4 steps 3 and 6): f32
+    scores, exp(s - max) rounded unnormalised for p @ v, divided by the f32 row sum after."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s = matmul_bf16(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")  # bf16 out, as the reference
+    sglang = rounding == "sglang"
+    scores = matmul_f32 if sglang else matmul  # the reference rounds them (bf16)
+    s = scores(q_BTKGH, k_BSKH, "btkgh,bskh->bkgts")
     s = s.float() * multiplier
-    s = SOFTCAP * torch.tanh((s / SOFTCAP).to(wide_dtype(s.device))).float()  # f32 steps
+    s = softcap_f32(s, softcap)  # f32 steps
+    if temperature_BT is not None:  # after the cap (grok2 SPEC 2.4 step 5)
+        s = s * temperature_BT[:, None, None, :, None]
     s = s.masked_fill(~mask_BTS[:, None, None], MASKED)
+    if sglang:
+        w = s.to(wide_dtype(s.device))
+        e = torch.exp(w - w.amax(-1, keepdim=True))
+        o = matmul_f32(e.float().to(v_BSKH.dtype), v_BSKH, "bkgts,bskh->bkgth")
+        o = (o / e.sum(-1, keepdim=True).float()).to(v_BSKH.dtype).permute(0, 3, 1, 2, 4)
+        return o.reshape(B, T, N * H)
     p = torch.softmax(s.to(wide_dtype(s.device)), dim=-1).float().to(v_BSKH.dtype)
-    o = matmul_bf16(p, v_BSKH, "bkgts,bskh->btkgh")
+    o = matmul(p, v_BSKH, "bkgts,bskh->btkgh")
     return o.reshape(B, T, N * H)
 
 
-def gelu_glu(gate_MF: torch.Tensor, up_MF: torch.Tensor) -> torch.Tensor:
-    """tanh-approximate GELU(gate) * up in f32 (jax.nn.gelu's default; SPEC 2.6)."""
-    gelu = F.gelu(gate_MF.to(wide_dtype(gate_MF.device)), approximate="tanh").float()
-    return gelu * up_MF.float()
+def gelu_f32(x: torch.Tensor, kind: str = "tanh") -> torch.Tensor:
+    """GELU in f32: "tanh"-approximate (jax.nn.gelu's default; SPEC 2.6) or exact "erf"
+    (SGLang's CUDA kernels; grok2 SPEC 2.5)."""
+    approximate = "tanh" if kind == "tanh" else "none"
+    return F.gelu(x.to(wide_dtype(x.device)), approximate=approximate).float()
 
 
-def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, ...]:
+def gelu_glu(gate_MF: torch.Tensor, up_MF: torch.Tensor, kind: str = "tanh") -> torch.Tensor:
+    """GELU(gate) * up in f32 (`gelu_f32`'s `kind`)."""
+    return gelu_f32(gate_MF, kind) * up_MF.float()
+
+
+def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int, softcap: float = 0.0
+          ) -> tuple[torch.Tensor, ...]:
     """f32 router: (logits [M, E], gates [M, A], expert ids [M, A]); gates are the softmax over
-    all experts, not renormalised over the selected ones (SPEC 2.6)."""
-    logits = matmul_f32(x_MD, router_DE)
+    all experts, not renormalised over the selected ones (SPEC 2.6). `softcap` caps the logits
+    first (Grok-2's 30, grok2 SPEC 2.5); the top-k by probability is the top-k by logit."""
+    logits = softcap_f32(matmul_f32(x_MD, router_DE), softcap)
     probs = torch.softmax(logits.to(wide_dtype(logits.device)), dim=-1).float()
     gates, ids = probs.topk(top_k, dim=-1)
     return logits, gates, ids
@@ -166,21 +222,33 @@ def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int) -> tuple[torc
 
 def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
             w_gate: Linear, w_up: Linear, w_down: Linear, *,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, gelu: str = "tanh",
+            rounding: str = "jax") -> torch.Tensor:
     """Sparse top-k dispatch, expert by expert; equal to the reference's all-experts one-hot
-    einsum. The gate/up matmuls are bf16, GELU, product, down-projection and the gated sum f32
-    (`wide_dtype`: f64 on the CPU, where the down-projection also stays unrounded until the
-    sum, so ranks' partial sums add up to one process's value). `out_dtype` (default: x's,
-    rounded from f32) keeps the sum unrounded for a sum across ranks (`wide_dtype`)."""
+    einsum. The gate/up matmuls are in the compute dtype (x's), GELU, product, down-projection
+    and the gated sum f32 (`wide_dtype`: f64 on the CPU, where the down-projection also stays
+    unrounded until the sum, so ranks' partial sums add up to one process's value). `out_dtype`
+    (default: x's, rounded from f32) keeps the sum unrounded for a sum across ranks
+    (`wide_dtype`). `rounding` "sglang" (grok2 SPEC 2.5) keeps the gates f32, stores the
+    GELU product and each expert's gated output in x's dtype and adds the slots in it."""
     wide = wide_dtype(x_MD.device)
-    out = torch.zeros(x_MD.shape, dtype=wide, device=x_MD.device)
-    gates = gates_MA.to(BF16).to(wide)  # the reference rounds the gate to bf16 first
+    sglang = rounding == "sglang"
+    per_slot = sglang and out_dtype is None  # SGLang's bf16 y_1 + y_2
+    out = torch.zeros(x_MD.shape, dtype=x_MD.dtype if per_slot else wide, device=x_MD.device)
+    # the reference rounds the gate to bf16 first; SGLang multiplies the f32 probability
+    # into the down-projection's f32 accumulator
+    gates = gates_MA.to(wide) if sglang else gates_MA.to(BF16).to(wide)
     for e in torch.unique(ids_MA).tolist():
         rows, slots = (ids_MA == e).nonzero(as_tuple=True)
         x = x_MD[rows]
-        h = gelu_glu(w_gate(x, expert=e), w_up(x, expert=e))
+        h = gelu_glu(w_gate(x, expert=e), w_up(x, expert=e), gelu)
+        if sglang:
+            h = h.to(x.dtype)  # gelu_and_mul stores its output (grok2 SPEC 2.5, S6)
         y = h.to(wide) @ w_down.dense(expert=e).to(wide)
-        out.index_add_(0, rows, y * gates[rows, slots, None])
+        y = y * gates[rows, slots, None]
+        out.index_add_(0, rows, y.float().to(out.dtype) if per_slot else y)
+    if per_slot:
+        return out
     return out.to(out_dtype) if out_dtype else out.float().to(x_MD.dtype)
 
 
@@ -227,16 +295,17 @@ class Linear(nn.Module):
                              else self.scales[expert])
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        return matmul_bf16(x, self.dense(expert))
+        return matmul(x, self.dense(expert).to(x.dtype))  # in the compute dtype (x's)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float = RMS_EPS):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))  # f32 in the checkpoint
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.scale)
+        return rms_norm(x, self.scale, self.eps)
 
 
 @dataclasses.dataclass
@@ -253,12 +322,13 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: GrokConfig, batch: int, max_len: int,
-                 device: torch.device | str = "cpu") -> KVCache:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = BF16) -> KVCache:
+        """Zeroed buffers; `dtype` is the model's compute dtype (Grok1.compute_dtype)."""
         if max_len > config.sequence_len:
             raise ValueError(f"cache length {max_len} exceeds sequence_len={config.sequence_len}")
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.key_size)
-        return cls(torch.zeros(shape, dtype=BF16, device=device),
-                   torch.zeros(shape, dtype=BF16, device=device),
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(batch, max_len, dtype=torch.bool, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device))
 
@@ -276,7 +346,12 @@ class ForwardContext:
 
     Hidden states are [..., D] (the dense context's [B, T, D], the engine's [M, D]); a matmul
     output may be `PartialSums` wherever the step consuming it takes them.
+
+    `grok1_math_only`: the context's steps compute Grok-1's math in bf16 only (the engine's
+    kernels, for now), so `Grok1.run_layers` refuses a config with Grok-2's features or a
+    float32 compute dtype rather than compute something else.
     """
+    grok1_math_only: bool = True
 
     def project(self, x: torch.Tensor, linears: tuple[nn.Module, ...]
                 ) -> list[torch.Tensor | PartialSums]:
@@ -297,20 +372,27 @@ class ForwardContext:
                  ) -> torch.Tensor:
         """The sandwich residual step h + out_norm(a), a bf16 add as the reference's. (The
         engine defers it into the norm that reads h next: one fused pass for both.)"""
-        return h + out_norm(summed(a).reshape(h.shape))
+        return h + out_norm(summed(a, h.dtype).reshape(h.shape))
 
 
 class DenseContext(ForwardContext):
     """The reference's positions and mask for a [B, T] batch, with or without a static KVCache
-    (`Grok1.forward` builds it). Every step is the plain twin."""
+    (`Grok1.forward` builds it). Every step is the plain twin, Grok-2's features included:
+    RoPE base, attention cap and temperature from `config`; activations in `dtype`."""
+    grok1_math_only = False
 
     def __init__(self, positions_BT: torch.Tensor, mask_BTS: torch.Tensor,
-                 cache: KVCache | None, head_size: int):
+                 cache: KVCache | None, config: GrokConfig, dtype: torch.dtype = BF16):
         self.positions_BT, self.mask_BTS, self.cache = positions_BT, mask_BTS, cache
-        self.cos_BTH, self.sin_BTH = rope_cos_sin(positions_BT, head_size)
+        self.dtype = dtype
+        self.cos_BTH, self.sin_BTH = rope_cos_sin(positions_BT, config.key_size,
+                                                  config.rope_theta)
+        self.softcap, self.rounding = config.attn_logit_softcap, config.rounding
+        self.temperature_BT = (attention_temperature(positions_BT, config.attn_temperature_len)
+                               if config.attn_temperature_len else None)
 
     def attention(self, layer: int, q, k, v, multiplier: float) -> torch.Tensor:
-        q, k, v = summed(q), summed(k), summed(v)
+        q, k, v = summed(q, self.dtype), summed(k, self.dtype), summed(v, self.dtype)
         k = apply_rope(k, self.cos_BTH, self.sin_BTH)  # the reference rotates k, then q
         q = apply_rope(q, self.cos_BTH, self.sin_BTH)  # v is not rotated
         cache = self.cache
@@ -321,7 +403,8 @@ class DenseContext(ForwardContext):
             cache.v_LBSKH[layer][rows_B1, self.positions_BT] = v
             S = self.mask_BTS.shape[-1]  # keys beyond the longest row are never visible
             k, v = cache.k_LBSKH[layer][:, :S], cache.v_LBSKH[layer][:, :S]
-        return attention_ref(q, k, v, self.mask_BTS, multiplier)
+        return attention_ref(q, k, v, self.mask_BTS, multiplier, self.softcap,
+                             self.temperature_BT, self.rounding)
 
 
 def _quantized_linear(name: str, d_in: int, d_out: int, weights: WeightFormat | None,
@@ -357,6 +440,8 @@ class MoE(nn.Module):
         super().__init__()
         D, E, Fw = config.emb_size, config.num_experts, config.ffn_size
         self.top_k = config.num_selected_experts
+        self.router_softcap, self.gelu = config.router_logit_softcap, config.gelu
+        self.rounding = config.rounding
         self.router = nn.Parameter(torch.empty(D, E, dtype=torch.float32))  # f32 (SPEC 2.6)
         self.w_gate = _quantized_linear("moe.w_gate", D, Fw, weights, dtype, experts=E)
         self.w_up = _quantized_linear("moe.w_up", D, Fw, weights, dtype, experts=E)
@@ -370,63 +455,104 @@ class MoE(nn.Module):
         """[..., D] bf16; kernel-backed replacements (grok1.ops, grok1.parallel) may return
         PartialSums of the flattened rows instead."""
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
-        logits, gates, ids = route(x, self.router, self.top_k)
+        logits, gates, ids = route(x, self.router, self.top_k, self.router_softcap)
         if self.training:
             self.last_router_logits, self.last_expert_ids = logits, ids
-        return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down).view_as(x_BTD)
+        return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down, gelu=self.gelu,
+                       rounding=self.rounding).view_as(x_BTD)
+
+
+class DenseMLP(nn.Module):
+    """Grok-2's dense MLP beside the MoE (grok2 SPEC 2.5): w_down(gelu(w_gate x) * w_up x), the
+    GELU rounded to the compute dtype before the product, as SGLang's gelu_and_mul kernel."""
+
+    def __init__(self, config: GrokConfig, dtype: torch.dtype):
+        super().__init__()
+        D, W = config.emb_size, config.dense_width
+        self.gelu = config.gelu
+        self.w_gate = Linear(D, W, dtype=dtype)
+        self.w_up = Linear(D, W, dtype=dtype)
+        self.w_down = Linear(W, D, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | PartialSums:
+        gate, up = (summed(a, x.dtype) for a in ctx.project(x, (self.w_gate, self.w_up)))
+        act = gelu_f32(gate, self.gelu).to(x.dtype) * up
+        return ctx.project(act, (self.w_down,))[0]
 
 
 class DecoderLayer(nn.Module):
-    """Sandwich norms: a norm before and after attention, and before and after the MoE."""
+    """Sandwich norms: a norm before and after attention, and before and after the FFN (the
+    MoE, or with a dense_width Grok-2's residual MoE: the dense MLP and the MoE averaged)."""
 
     def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype):
         super().__init__()
-        D = config.emb_size
-        self.attn_norm, self.attn_out_norm = RMSNorm(D), RMSNorm(D)
-        self.moe_norm, self.moe_out_norm = RMSNorm(D), RMSNorm(D)
+        D, eps = config.emb_size, config.rms_norm_eps
+        self.attn_norm, self.attn_out_norm = RMSNorm(D, eps), RMSNorm(D, eps)
+        self.moe_norm, self.moe_out_norm = RMSNorm(D, eps), RMSNorm(D, eps)
         self.attn = Attention(config, weights, dtype)
         self.moe = MoE(config, weights, dtype)
+        self.mlp = DenseMLP(config, dtype) if config.residual_moe else None
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         x = ctx.norm(h, self.attn_norm)
         h = ctx.residual(h, self.attn(x, ctx, layer), self.attn_out_norm)
         x = ctx.norm(h, self.moe_norm)
-        return ctx.residual(h, self.moe(x), self.moe_out_norm)
+        ffn = self.moe(x)
+        if self.mlp is not None:  # (MLP + MoE) / sqrt(2), adds in the compute dtype (SPEC 2.5)
+            mlp = summed(self.mlp(x, ctx), x.dtype).reshape(x.shape)
+            ffn = (mlp + summed(ffn, x.dtype).reshape(x.shape)) / math.sqrt(2)
+        return ctx.residual(h, ffn, self.moe_out_norm)
 
 
 class TiedUnembedding(nn.Module):
-    """logits = bf16(h @ embed^T) * the output multiplier; no parameter of its own (the table
-    is the input embedding's, SPEC 2.7)."""
+    """logits = round(h @ table^T) * the output multiplier, in the compute dtype (h's); no
+    parameter of its own: the table [V, D] is the input embedding (SPEC 2.7), or an untied
+    head's transposed weight (Grok-2's lm_head)."""
 
     def forward(self, h_BTD: torch.Tensor, embed_VD: torch.Tensor, multiplier: float
                 ) -> torch.Tensor:
-        return matmul_bf16(h_BTD, embed_VD.to(BF16).T) * multiplier
+        return matmul(h_BTD, embed_VD.to(h_BTD.dtype).T) * multiplier
 
 
 class Grok1(nn.Module):
-    """The Grok-1 language model. `weights` is the format of the attention and expert matrices:
-    "int8" (int8 with bf16 scales, the release's; also `quantized=True`), "int4", "fp8" (or a
-    grok1.quant.WeightFormat, e.g. int4(64)), or None for dense matrices of `dtype`, which is
-    also the dtype of the embedding. `layout` is None for a whole model, or the tensor-parallel
-    slice this process holds (set by grok1.parallel.shard_model_, which cuts the tensors)."""
+    """The Grok-1 language model (and Grok-2, by its config). `weights` is the format of the
+    attention and expert matrices: "int8" (int8 with bf16 scales, the release's; also
+    `quantized=True`), "int4", "fp8" (or a grok1.quant.WeightFormat, e.g. int4(64)), or None
+    for dense matrices of `dtype`, which is also the dtype of the embedding; every matmul takes
+    their bf16 values. `compute_dtype` is that of the activations: bf16 (the references'
+    rounding points) or float32 (no bf16 rounding; module docstring). `layout` is None for a
+    whole model, or the tensor-parallel slice this process holds (set by
+    grok1.parallel.shard_model_, which cuts the tensors)."""
 
     def __init__(self, config: GrokConfig, *, quantized: bool = False,
-                 weights: str | WeightFormat | None = None, dtype: torch.dtype = BF16):
+                 weights: str | WeightFormat | None = None, dtype: torch.dtype = BF16,
+                 compute_dtype: torch.dtype = BF16):
         super().__init__()
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype}: expected torch.bfloat16 or "
+                             "torch.float32")
         fmt = weight_format(weights)
         if quantized and fmt not in (None, INT8):
             raise ValueError(f"quantized=True means int8 weights, but weights={fmt.label()}")
         fmt = INT8 if quantized else fmt
         self.config = config
+        self.compute_dtype = compute_dtype
         self.layout: Layout | None = None
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.emb_size, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(config, fmt, dtype)
                                     for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.emb_size)
-        # the tied output projection (grok1.parallel puts a sharded one in its place)
+        self.norm = RMSNorm(config.emb_size, config.rms_norm_eps)
+        # Grok-2's untied head [D, V] (grok2 SPEC 2.6); None: the input table is the output's
+        self.lm_head = (None if config.tied_embeddings else
+                        Linear(config.emb_size, config.vocab_size, dtype=dtype))
+        # the output projection (grok1.parallel puts a sharded one in its place)
         self.unembedding: nn.Module = TiedUnembedding()
-        self.embedding_multiplier = bf16_constant(config.embedding_multiplier_scale)
-        self.output_multiplier = bf16_constant(config.output_multiplier_scale)
+        # The reference's multipliers are weakly typed bf16 literals (78.5, 0.578125; SPEC
+        # 2.1, 2.7); SGLang multiplies by the Python float (grok2 SPEC 2.1) and folds the
+        # output multiplier into lm_head (exact for Grok-2's 0.5, a power of two; SPEC 2.6).
+        constant = bf16_constant if config.rounding == "jax" else float
+        self.embedding_multiplier = constant(config.embedding_multiplier_scale)
+        self.output_multiplier = constant(config.output_multiplier_scale)
 
     @property
     def local_config(self) -> GrokConfig:
@@ -435,7 +561,8 @@ class Grok1(nn.Module):
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None, *,
                 lengths_B: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (bf16 values, as the reference's), or [B, 1, V] with `last_only`.
+        """Logits [B, T, V] (bf16 values as the reference's; f32 in float32 compute or after a
+        final soft cap), or [B, 1, V] with `last_only`.
 
         With a cache, row b's tokens go to positions cache.lengths_B[b] + t, and the row then
         advances by lengths_B[b] (its real tokens; the rest is right padding), default T.
@@ -443,7 +570,13 @@ class Grok1(nn.Module):
         """
         B, T = tokens_BT.shape
         device = tokens_BT.device
-        real_BT = tokens_BT != self.config.pad_token
+        if self.config.mask_pad_keys:
+            real_BT = tokens_BT != self.config.pad_token
+        else:  # every key is visible to the queries after it (SGLang, grok2 SPEC 2.4 step 6)
+            real_BT = torch.ones_like(tokens_BT, dtype=torch.bool)
+        if cache is not None and cache.k_LBSKH.dtype != self.compute_dtype:
+            raise ValueError(f"KV cache of {cache.k_LBSKH.dtype} for a model computing in "
+                             f"{self.compute_dtype}: allocate it with dtype=model.compute_dtype")
         t_T = torch.arange(T, device=device)
         if lengths_B is None:
             lengths_B = torch.full((B,), T, dtype=torch.long, device=device)
@@ -465,7 +598,7 @@ class Grok1(nn.Module):
             # not padding; keys past p belong to later tokens (or are stale) and stay hidden.
             mask_BTS = (s_S[None, None, :] <= positions_BT[:, :, None]) & cache.real_BS[:, None, :S]
 
-        ctx = DenseContext(positions_BT, mask_BTS, cache, self.config.key_size)
+        ctx = DenseContext(positions_BT, mask_BTS, cache, self.config, self.compute_dtype)
         x = self.run_layers(self.embed_tokens(tokens_BT), ctx)
         if cache is not None:
             cache.lengths_B += lengths_B
@@ -474,18 +607,34 @@ class Grok1(nn.Module):
         return self.unembed(x)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The input embedding, bf16, times the bf16-rounded multiplier (SPEC 2.1)."""
-        return self.embed[tokens].to(BF16) * self.embedding_multiplier
+        """The input embedding in the compute dtype, times the multiplier (SPEC 2.1)."""
+        return self.embed[tokens].to(self.compute_dtype) * self.embedding_multiplier
 
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """The decoder stack on embedded tokens h [..., D] -> the final norm's output."""
+        """The decoder stack on embedded tokens h [..., D] -> the final norm's output.
+        Raises NotImplementedError when `ctx` computes Grok-1's bf16 math only and this model
+        needs more (ForwardContext.grok1_math_only)."""
+        if ctx.grok1_math_only:
+            beyond = self.config.grok2_features()
+            if self.compute_dtype != BF16:
+                beyond.append(f"compute_dtype={self.compute_dtype}")
+            if beyond:
+                raise NotImplementedError(
+                    f"{type(ctx).__name__} computes Grok-1's bf16 math only (its kernels), and "
+                    f"this model sets {', '.join(beyond)}; run it through Grok1.forward")
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, i)
         return ctx.norm(h, self.norm)
 
     def unembed(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """Tied output projection, bf16, times the bf16-rounded output multiplier (SPEC 2.7)."""
-        return self.unembedding(h_BTD, self.embed, self.output_multiplier)
+        """The output projection in the compute dtype (the tied table, or Grok-2's lm_head)
+        times the output multiplier (SPEC 2.7); with a final_logit_softcap, the f32 logits
+        capped after the multiplier, as SGLang (grok2 SPEC 2.6)."""
+        table_VD = self.embed if self.lm_head is None else self.lm_head.dense().T
+        logits = self.unembedding(h_BTD, table_VD, self.output_multiplier)
+        if self.config.final_logit_softcap:
+            logits = softcap_f32(logits.float(), self.config.final_logit_softcap)
+        return logits
 
     @property
     def quantized(self) -> bool:

@@ -8,6 +8,7 @@ Reader API (the shape every format takes behind grok1.load):
         All files are checked against `config` (names, shapes, dtypes, the shard set) before
         anything is read; then each slice reads only the files and bytes it covers.
     tp_want(config, tp_rank, tp_size) -> list[TensorSlice]   SGLang's tensor-parallel split
+    load_grok2(path, config, device, dtype) -> Grok1          the whole model, ready to run
 
 Format (SPEC section 4): `pytorch_model-NNNNN-TP-common.safetensors` files hold whole tensors;
 `pytorch_model-NNNNN-TP-RRR.safetensors`, R = 0..n-1 (n = 8 in the release), hold pre-shard R of
@@ -42,11 +43,13 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from grok1.checkpoint.names import CheckpointError
+from grok1.checkpoint.names import CheckpointError, assign_tensor
 from grok1.checkpoint.slices import TensorSlice, normalize_want, split_evenly
 from grok1.config_grok2 import Grok2Config
+from grok1.model import BF16, Grok1
 
-__all__ = ["detect", "grok1_shapes", "read", "scan", "tp_want"]
+__all__ = ["detect", "grok1_shapes", "load_grok2", "read", "scan", "tp_want"]
+CONFIG_FILE = "config.json"
 
 _FILE = re.compile(r"pytorch_model-(\d{5})-TP-(common|\d{3})\.safetensors")
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -361,3 +364,33 @@ def tp_want(config: Grok2Config, tp_rank: int, tp_size: int) -> list[TensorSlice
         else:
             out.append(TensorSlice(name))
     return out
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+def load_grok2(path: str | Path, config: Grok2Config | None = None,
+               device: torch.device | str = "cpu", dtype: torch.dtype = BF16,
+               want: Iterable[TensorSlice | str] | None = None) -> Grok1:
+    """The Grok-2 model in the release folder `path` (config: its config.json unless given),
+    whole, in eval mode with gradients off. `dtype` is the compute dtype: bf16 (SGLang's
+    storage points) or torch.float32 (no bf16 rounding; the golden's float32 check). The
+    weights keep the files' bf16 values (router and norms as f32 parameters, exactly).
+    Raises CheckpointError (see `scan`), ConfigError for a bad config.json,
+    NotImplementedError for `want` (a tensor-parallel rank's slices: not built yet)."""
+    folder = Path(path)
+    if want is not None:
+        raise NotImplementedError("load_grok2: loading a tensor-parallel rank's slices (want) "
+                                  "is not implemented yet; load the whole model")
+    if config is None:
+        config = Grok2Config.from_json(folder / CONFIG_FILE)
+    with torch.device("meta"):
+        model = Grok1(config.to_grok_config(), compute_dtype=dtype)
+    targets = dict(model.state_dict(keep_vars=True))
+    shapes = grok1_shapes(config)
+    missing, unexpected = sorted(targets.keys() - shapes.keys()), sorted(shapes.keys() - targets)
+    assert not missing and not unexpected, (missing, unexpected)  # one table, two readers
+    for name, tensor in read(folder, config):
+        target = targets[name]
+        assert tensor.shape == target.shape, (name, tensor.shape, target.shape)  # scan checked
+        assign_tensor(model, name, tensor.to(device=device, dtype=target.dtype))
+    return model.eval().requires_grad_(False)

@@ -102,6 +102,11 @@ def shard_model_(model: Grok1, layout: Layout) -> Grok1:
     """
     if model.layout is not None:
         raise ValueError(f"model is already sharded ({model.layout}); shard it once")
+    if beyond := model.config.grok2_features():
+        # ParallelMoE's router and experts (and the dense MLP's split) are Grok-1's math only
+        raise NotImplementedError(f"tensor/expert parallelism of Grok-2's features is not built "
+                                  f"yet (this model sets {', '.join(beyond)}); run it on one "
+                                  "process")
     table = plan(model.config, layout)
     attn_config = local_config(model.config, layout)
     for i, layer in enumerate(model.layers):
