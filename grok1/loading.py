@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
+from grok1.checkpoint import grok2
 from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
 from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
-from grok1.config import GrokConfig
+from grok1.config import ConfigError, GrokConfig
+from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
 from grok1.quant import WeightFormat
 from grok1.parallel.mesh import Mesh
@@ -133,6 +135,17 @@ def _read_sharded_native(path: Path, req: ReadRequest) -> Grok1:
                                shard_fn=req.shard_fn(config))
 
 
+def _read_grok2(path: Path, req: ReadRequest) -> Grok1:
+    if req.layout is not None:  # the reader cuts slices (grok2.tp_want); the model can't run them
+        raise ConfigError(f"{path}: Grok-2 loads whole for now; tensor-parallel ranks of it "
+                          "are not supported yet")
+    if req.config is not None and not isinstance(req.config, Grok2Config):
+        raise ConfigError(f"{path}: a Grok-2 folder takes its own config.json (or a "
+                          f"Grok2Config), not {type(req.config).__name__}")
+    # dtype: the compute dtype, bf16 (SGLang's storage points) or float32 (the golden check)
+    return grok2.load_grok2(path, req.config, device=req.device, dtype=req.dtype or BF16)
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     name: str
@@ -147,6 +160,8 @@ FORMATS: tuple[Format, ...] = (
            lambda path: (path / WEIGHTS_FILE).is_file(), _read_native),
     Format("grok1-sharded", f"a converted grok1 folder ({INDEX_FILE} + model-*.safetensors)",
            is_sharded_native, _read_sharded_native),
+    Format("grok2", "a Grok-2 release folder (pytorch_model-*-TP-common.safetensors)",
+           grok2.detect, _read_grok2),
     Format("xai-release", "a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)",
            lambda path: find_ckpt0(path) is not None, _read_release),
 )
@@ -193,7 +208,9 @@ def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
     a preset name or a JSON file (GrokConfig.resolve), or None for the source's own (the grok-1
     preset for the release). `dtype`: of the embedding and dense matrices (default bf16 for the
     release, as saved for a grok1 folder); the release's int8 matrices stay int8 with their
-    bf16 scales. `device`: default the mesh's device, else the CPU.
+    bf16 scales. A Grok-2 release folder (its own config.json) loads whole, and there `dtype`
+    is the compute dtype: bf16 (SGLang's rounding points) or torch.float32 (no bf16 rounding,
+    for checking). `device`: default the mesh's device, else the CPU.
 
     With a `mesh` (parallel.mesh.init_distributed, under torchrun) this rank reads only its
     slices (split by `moe` "tp"|"ep" and `unembed` "vocab"|"dim", or as `layout` says) and the

@@ -36,8 +36,9 @@ def golden_case():
 
 @pytest.fixture(scope="module")
 def models(golden_case):
-    """The golden checkpoint through load_grok2, by compute dtype."""
-    return {dtype: grok2.load_grok2(GOLDEN2, dtype=dtype) for dtype in (torch.float32, BF16)}
+    """The golden checkpoint through the front door (grok1.load -> load_grok2), by compute
+    dtype."""
+    return {dtype: grok1.load(GOLDEN2, dtype=dtype) for dtype in (torch.float32, BF16)}
 
 
 def figures(out: torch.Tensor, golden: torch.Tensor) -> dict[str, float]:
@@ -285,3 +286,14 @@ def test_sharding_a_grok2_model_is_refused_until_built():
 def test_compute_dtype_other_than_bf16_or_f32_is_refused():
     with pytest.raises(ValueError, match="compute_dtype=torch.float16"):
         Grok1(GrokConfig.preset("tiny"), compute_dtype=torch.float16)
+
+
+def test_grok2_folder_is_detected_and_its_ranks_refused_until_the_model_runs_them(golden_case):
+    from grok1.loading import detect_format
+    from grok1.sharding import Layout
+
+    assert detect_format(GOLDEN2).name == "grok2"
+    with pytest.raises(ConfigError, match="Grok-2 loads whole for now"):
+        grok1.load(GOLDEN2, layout=Layout(2, 0))
+    with pytest.raises(ConfigError, match="takes its own config.json"):
+        grok1.load(GOLDEN2, config="grok-1")
