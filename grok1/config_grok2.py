@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from grok1.config import ConfigError, GrokConfig, require_numbers
+from grok1.config import ConfigError, GrokConfig
 
 ARCHITECTURE = "Grok1ForCausalLM"  # the release's architectures[0]; SGLang's class (SPEC 3)
 # rope_type values SGLang's grok.py implements (SPEC 2.7); only "original" (plain RoPE) is ours
@@ -53,31 +53,13 @@ class Grok2Config:
     checkpoint_dtype: str = "bfloat16"  # torch_dtype: what the files hold (checked by readers)
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "emb_size", "key_size", "num_q_heads", "num_kv_heads",
-                    "num_layers", "num_experts", "num_selected_experts", "expert_width",
-                    "rope_theta", "sequence_len")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}={value!r}: must be a positive integer")
         if not isinstance(self.dense_width, int) or self.dense_width < 0:
             raise ConfigError(f"dense_width={self.dense_width!r}: must be an integer >= 0")
         if self.residual_moe and self.dense_width == 0:
             raise ConfigError("residual_moe=True needs the dense MLP's width (intermediate_size)")
-        if self.num_q_heads % self.num_kv_heads:
-            raise ConfigError(f"num_q_heads={self.num_q_heads} must be a multiple of "
-                              f"num_kv_heads={self.num_kv_heads}")
-        if self.num_selected_experts > self.num_experts:
-            raise ConfigError(f"num_selected_experts={self.num_selected_experts} exceeds "
-                              f"num_experts={self.num_experts}")
-        if self.key_size % 2:
-            raise ConfigError(f"key_size={self.key_size}: RoPE needs an even head size")
-        require_numbers(self, ("rms_norm_eps", "embedding_multiplier_scale",
-                               "output_multiplier_scale"), caps=False)
-        require_numbers(self, ("attn_logit_softcap", "router_logit_softcap",
-                               "final_logit_softcap"), caps=True)
         if self.checkpoint_dtype not in _DTYPES:
             raise ConfigError(f"checkpoint_dtype={self.checkpoint_dtype!r}: one of {_DTYPES}")
+        self.to_grok_config()  # every field shared with Grok-1 is checked there, once
 
     # ---- derived sizes ---------------------------------------------------------------------
     @property

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from grok1.checkpoint.names import CheckpointError, assign_tensor
+from grok1.checkpoint.names import CheckpointError, assign_tensor, name_mismatch
 from grok1.checkpoint.slices import TensorSlice, normalize_want, split_evenly
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
@@ -196,15 +196,10 @@ def scan(path: str | Path, config: Grok2Config) -> dict[str, _Stored]:
     missing = [n for n in expected if n not in pieces]
     unexpected = [n for n in pieces if n not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_names(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
         raise CheckpointError(f"{folder.name} does not hold the model its config describes "
                               f"({config.num_layers} layers, {config.num_experts} experts"
                               f"{', dense MLP' if config.residual_moe else ''}): "
-                              + "; ".join(parts))
+                              + name_mismatch(missing, unexpected))
 
     want_dtype = _DTYPE_NAMES[config.checkpoint_dtype]
     stored = {}
@@ -252,10 +247,6 @@ def _expected_file_shapes(config: Grok2Config) -> dict[str, tuple[tuple[int, ...
         for theirs in src.sglang_names:
             out[theirs] = (_file_shape(src, shapes[ours]), src.width_dim)
     return out
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
 
 
 # ---- reading ---------------------------------------------------------------------------------

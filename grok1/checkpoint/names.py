@@ -141,3 +141,14 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     else:
         setattr(module, attr, tensor)
+
+
+def name_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """"N missing: a, b, ...; M unexpected: ..." (the first 10 of each) for an error naming
+    what a checkpoint lacks or holds beyond its model; "" when neither."""
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+
+    parts = ([f"{len(missing)} missing: {first(missing)}"] if missing else []) + \
+        ([f"{len(unexpected)} unexpected: {first(unexpected)}"] if unexpected else [])
+    return "; ".join(parts)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
+from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor, name_mismatch
 from grok1.config import GrokConfig
 from grok1.model import Grok1
 
@@ -125,10 +125,6 @@ def save_native(model: Grok1, out_dir: str | Path, tokenizer_path: str | Path | 
     return out_dir
 
 
-def _names(keys: list[str]) -> str:
-    return ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
-
-
 def native_config(path: str | Path) -> GrokConfig:
     """The config.json of the grok1 folder `path`; CheckpointError when it has none."""
     path = Path(path)
@@ -178,14 +174,9 @@ def load_native(path: str | Path, config: GrokConfig | None = None, *,
         missing = [k for k in targets if k not in set(keys)]
         unexpected = [k for k in keys if k not in targets]
         if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing: {_names(missing)}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
             raise CheckpointError(f"{where} does not match its config ({config.num_layers} layers"
                                   f", {'quantized' if quantized else 'dense'}): "
-                                  + "; ".join(parts))
+                                  + name_mismatch(missing, unexpected))
         for key, target in targets.items():
             s = f.get_slice(key)
             shape, file_dtype = tuple(s.get_shape()), _TORCH_DTYPES.get(s.get_dtype())
