@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import re
 import zlib
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
-from grok1.checkpoint import grok2
+from grok1.checkpoint import grok2, hf
 from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
 from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
@@ -135,6 +136,20 @@ def _read_sharded_native(path: Path, req: ReadRequest) -> Grok1:
                                shard_fn=req.shard_fn(config))
 
 
+def _read_hf(path: Path, req: ReadRequest) -> Grok1:
+    """A Hugging Face Grok-1 port: its bf16 matrices as they are (`grok1 convert` quantizes)."""
+    config = req.config or hf.config_from_hf(json.loads((path / CONFIG_FILE).read_text()),
+                                             source=f"{path.name}/{CONFIG_FILE}")
+    dtype = req.dtype or BF16
+    model = req.empty_model(config, False, dtype)
+    shard_fn = req.shard_fn(config)
+    targets = model.state_dict(keep_vars=True)
+    for key, t in hf.read(path, config):
+        t = shard_fn(key, t) if shard_fn else t
+        assign_tensor(model, key, t.to(device=req.device, dtype=targets[key].dtype))
+    return model
+
+
 def _read_grok2(path: Path, req: ReadRequest) -> Grok1:
     if req.layout is not None:  # the reader cuts slices (grok2.tp_want); the model can't run them
         raise ConfigError(f"{path}: Grok-2 loads whole for now; tensor-parallel ranks of it "
@@ -158,6 +173,9 @@ class Format:
 FORMATS: tuple[Format, ...] = (
     Format("grok1", f"a grok1 folder ({WEIGHTS_FILE} + config.json)",
            lambda path: (path / WEIGHTS_FILE).is_file(), _read_native),
+    # a port's index.json looks like a converted folder's: its tensor names decide first
+    Format("hf-grok1", "a Hugging Face Grok-1 port (hpcai-tech/grok-1 or keyfan/grok-1-hf)",
+           hf.detect, _read_hf),
     Format("grok1-sharded", f"a converted grok1 folder ({INDEX_FILE} + model-*.safetensors)",
            is_sharded_native, _read_sharded_native),
     Format("grok2", "a Grok-2 release folder (pytorch_model-*-TP-common.safetensors)",

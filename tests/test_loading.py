@@ -34,7 +34,8 @@ def test_an_unknown_folder_is_one_line_naming_it_and_what_grok1_reads(tmp_path):
         grok1.load(tmp_path)
     assert str(e.value) == (
         f"{tmp_path}: not a checkpoint grok1 reads; expected a grok1 folder (model.safetensors + "
-        "config.json), a converted grok1 folder (model.safetensors.index.json + "
+        "config.json), a Hugging Face Grok-1 port (hpcai-tech/grok-1 or keyfan/grok-1-hf), "
+        "a converted grok1 folder (model.safetensors.index.json + "
         "model-*.safetensors), a Grok-2 release folder (pytorch_model-*-TP-common.safetensors) "
         "or a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)")
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'weights.bin'}: no such checkpoint "

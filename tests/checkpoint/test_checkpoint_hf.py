@@ -251,3 +251,24 @@ def test_port_config_fields_are_mapped_or_refused(field, value, words):
     with pytest.raises(ConfigError) as e:
         config_from_hf({**HPCAI_CONFIG, field: value}, source="grok-1/config.json")
     assert str(e.value).startswith("grok-1/config.json: ") and words in str(e.value)
+
+
+@pytest.mark.parametrize("scheme", ["hpcai", "keyfan"])
+def test_the_front_door_loads_a_port_whole_and_per_rank_to_the_same_logits(tmp_path, original,
+                                                                           scheme):
+    import grok1
+    from grok1.loading import detect_format
+    from grok1.parallel.tensor import shard_model_
+    from grok1.sharding import Layout
+
+    folder = write_hf(tmp_path / scheme, original.state_dict(), scheme)
+    assert detect_format(folder).name == "hf-grok1"
+    model = grok1.load(folder, config=CONFIG)
+    tokens = torch.randint(3, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), original(tokens))
+    layout = Layout(2, 1, moe="ep")
+    rank = grok1.load(folder, config=CONFIG, layout=layout)
+    expected = shard_model_(grok1.load(folder, config=CONFIG), layout).state_dict()
+    assert rank.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[k]) for k, t in rank.state_dict().items())
