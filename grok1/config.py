@@ -42,6 +42,21 @@ def require_numbers(config: Any, names: tuple[str, ...], *, caps: bool) -> None:
             raise ConfigError(f"{name}={value!r}: must be a positive number")
 
 
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The fields of a config.json (any model's); ConfigError naming the file when it is
+    missing, not JSON, or not an object."""
+    path = Path(path)
+    try:
+        fields = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    return fields
+
+
 @dataclasses.dataclass(frozen=True)
 class GrokConfig:
     vocab_size: int = 128 * 1024  # SentencePiece BPE vocabulary, tied input/output table
@@ -185,15 +200,8 @@ class GrokConfig:
         """Load a JSON file with the reference's field names (extra `seed`/`parameter_order`
         keys of golden/config.json are descriptions of the file, not of the model)."""
         path = Path(path)
-        try:
-            fields = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(fields, dict):
-            raise ConfigError(f"{path}: expected a JSON object of config fields")
-        return cls.from_dict(fields, source=str(path), ignore=("seed", "parameter_order"))
+        return cls.from_dict(read_config_json(path), source=str(path),
+                             ignore=("seed", "parameter_order"))
 
     @classmethod
     def resolve(cls, spec: GrokConfig | str | Path, overrides: Sequence[str] = ()) -> GrokConfig:

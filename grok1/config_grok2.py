@@ -15,12 +15,11 @@ temperature, rope_theta. Derived sizes (parameters, active per token, bytes) are
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from grok1.config import ConfigError, GrokConfig
+from grok1.config import ConfigError, GrokConfig, read_config_json
 
 ARCHITECTURE = "Grok1ForCausalLM"  # the release's architectures[0]; SGLang's class (SPEC 3)
 # rope_type values SGLang's grok.py implements (SPEC 2.7); only "original" (plain RoPE) is ours
@@ -125,14 +124,7 @@ class Grok2Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Grok2Config:
-        path = Path(path)
-        try:
-            fields = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(fields, source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
 
     def replace(self, **changes: Any) -> Grok2Config:
         return dataclasses.replace(self, **changes)

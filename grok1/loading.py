@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import re
 import zlib
@@ -33,7 +32,7 @@ from grok1.checkpoint import grok2, hf
 from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
 from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
-from grok1.config import ConfigError, GrokConfig
+from grok1.config import ConfigError, GrokConfig, read_config_json
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
 from grok1.quant import WeightFormat
@@ -138,7 +137,7 @@ def _read_sharded_native(path: Path, req: ReadRequest) -> Grok1:
 
 def _read_hf(path: Path, req: ReadRequest) -> Grok1:
     """A Hugging Face Grok-1 port: its bf16 matrices as they are (`grok1 convert` quantizes)."""
-    config = req.config or hf.config_from_hf(json.loads((path / CONFIG_FILE).read_text()),
+    config = req.config or hf.config_from_hf(read_config_json(path / CONFIG_FILE),
                                              source=f"{path.name}/{CONFIG_FILE}")
     dtype = req.dtype or BF16
     model = req.empty_model(config, False, dtype)

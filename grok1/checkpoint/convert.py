@@ -40,6 +40,7 @@ from grok1.checkpoint.names import (
     CheckpointError,
     assign_tensor,
     is_quantized_name,
+    name_mismatch,
     state_keys,
     xai_file_name,
     xai_parameter_order,
@@ -483,8 +484,7 @@ def load_sharded_native(folder: str | Path, config: GrokConfig | None = None, *,
     if missing or unexpected:
         raise CheckpointError(f"{folder.name}/{INDEX_FILE} does not match its config "
                               f"({config.num_layers} layers, {fmt.label() if fmt else 'bf16'}): "
-                              f"{len(missing)} missing {missing[:10]}, {len(unexpected)} "
-                              f"unexpected {unexpected[:10]}")
+                              + name_mismatch(missing, unexpected))
     by_file: dict[str, list[str]] = {}
     for key, name in weight_map.items():
         by_file.setdefault(name, []).append(key)

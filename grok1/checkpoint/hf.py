@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from grok1.checkpoint.names import CheckpointError
+from grok1.checkpoint.names import CheckpointError, name_mismatch
 from grok1.checkpoint.slices import TensorSlice, normalize_want
 from grok1.config import ConfigError, GrokConfig
 from grok1.model import RMS_EPS, ROPE_BASE, SOFTCAP
@@ -233,10 +233,9 @@ def _check(shards: _Shards, scheme: Scheme, config: GrokConfig) -> None:
     missing = [n for n in expected if n not in shards.where]
     unexpected = [n for n in shards.where if n not in expected and n != TIED_HEAD]
     if missing or unexpected:
-        parts = [f"{len(v)} {w}: {', '.join(v[:10])}{', ...' if len(v) > 10 else ''}"
-                 for w, v in (("missing", missing), ("unexpected", unexpected)) if v]
         raise CheckpointError(f"{shards.folder.name} does not hold the Grok-1 its config "
-                              f"describes ({config.num_layers} layers): " + "; ".join(parts))
+                              f"describes ({config.num_layers} layers): "
+                              + name_mismatch(missing, unexpected))
     if TIED_HEAD in shards.where:
         expected[TIED_HEAD] = (config.vocab_size, config.emb_size)
     for name, shape in expected.items():

@@ -27,9 +27,7 @@ from grok1.model import (
     MoE,
     PartialSums,
     RMSNorm,
-    rms_norm,
     rope_cos_sin,
-    summed,
 )
 from grok1.ops.attention import AttentionPlan, paged_attention, plan_attention
 from grok1.ops.linear import Int8Linear, project_many
@@ -110,8 +108,8 @@ class PagedContext(ForwardContext):
     def _value(h: torch.Tensor | PendingResidual) -> torch.Tensor:
         if not isinstance(h, PendingResidual):
             return h
-        if h.h is None:  # no norm read it: add without the fusion (the twin's math)
-            h.h = h.h_prev + rms_norm(summed(h.a).reshape(h.h_prev.shape), h.out_norm.scale)
+        if h.h is None:  # the layers norm every residual before the next one (model.py)
+            raise RuntimeError("PagedContext: a residual was read before the norm that computes it")
         return h.h
 
 
