@@ -347,11 +347,10 @@ class ForwardContext:
     Hidden states are [..., D] (the dense context's [B, T, D], the engine's [M, D]); a matmul
     output may be `PartialSums` wherever the step consuming it takes them.
 
-    `grok1_math_only`: the context's steps compute Grok-1's math in bf16 only (the engine's
-    kernels, for now), so `Grok1.run_layers` refuses a config with Grok-2's features or a
-    float32 compute dtype rather than compute something else.
+    `bf16_only`: the context's steps compute in bf16 only (the engine's kernels), so
+    `Grok1.run_layers` refuses a float32 compute dtype rather than compute something else.
     """
-    grok1_math_only: bool = True
+    bf16_only: bool = True
 
     def project(self, x: torch.Tensor, linears: tuple[nn.Module, ...]
                 ) -> list[torch.Tensor | PartialSums]:
@@ -379,7 +378,7 @@ class DenseContext(ForwardContext):
     """The reference's positions and mask for a [B, T] batch, with or without a static KVCache
     (`Grok1.forward` builds it). Every step is the plain twin, Grok-2's features included:
     RoPE base, attention cap and temperature from `config`; activations in `dtype`."""
-    grok1_math_only = False
+    bf16_only = False
 
     def __init__(self, positions_BT: torch.Tensor, mask_BTS: torch.Tensor,
                  cache: KVCache | None, config: GrokConfig, dtype: torch.dtype = BF16):
@@ -612,16 +611,12 @@ class Grok1(nn.Module):
 
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The decoder stack on embedded tokens h [..., D] -> the final norm's output.
-        Raises NotImplementedError when `ctx` computes Grok-1's bf16 math only and this model
-        needs more (ForwardContext.grok1_math_only)."""
-        if ctx.grok1_math_only:
-            beyond = self.config.grok2_features()
-            if self.compute_dtype != BF16:
-                beyond.append(f"compute_dtype={self.compute_dtype}")
-            if beyond:
-                raise NotImplementedError(
-                    f"{type(ctx).__name__} computes Grok-1's bf16 math only (its kernels), and "
-                    f"this model sets {', '.join(beyond)}; run it through Grok1.forward")
+        Raises NotImplementedError when `ctx` computes in bf16 only and this model computes in
+        float32 (ForwardContext.bf16_only)."""
+        if ctx.bf16_only and self.compute_dtype != BF16:
+            raise NotImplementedError(
+                f"{type(ctx).__name__} computes in bf16 only (its kernels), and this model sets "
+                f"compute_dtype={self.compute_dtype}; run it through Grok1.forward")
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, i)
         return ctx.norm(h, self.norm)

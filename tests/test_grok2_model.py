@@ -22,6 +22,7 @@ from grok1.checkpoint.names import assign_tensor
 from grok1.config import ConfigError, GrokConfig
 from grok1.config_grok2 import Grok2Config
 from grok1.engine.runner import PagedContext
+from grok1.golden import grok2_figures as figures
 from grok1.golden import load_cases
 from grok1.model import BF16, ForwardContext, Grok1, KVCache
 
@@ -39,16 +40,6 @@ def models(golden_case):
     """The golden checkpoint through the front door (grok1.load -> load_grok2), by compute
     dtype."""
     return {dtype: grok1.load(GOLDEN2, dtype=dtype) for dtype in (torch.float32, BF16)}
-
-
-def figures(out: torch.Tensor, golden: torch.Tensor) -> dict[str, float]:
-    """The golden README's measures: rel L2 over all logits, per-position rel (worst, median),
-    top-1 agreement."""
-    diff = out.double() - golden
-    per_position = diff.norm(dim=-1) / golden.norm(dim=-1)
-    return {"rel": (diff.norm() / golden.norm()).item(), "worst": per_position.max().item(),
-            "median": per_position.median().item(),
-            "top1": (out.argmax(-1) == golden.argmax(-1)).double().mean().item()}
 
 
 def from_tensors(config: GrokConfig, tensors: dict[str, torch.Tensor],
@@ -256,20 +247,15 @@ def test_multipliers_follow_the_rounding_switch():
     assert sglang.output_multiplier == tiny.output_multiplier_scale
 
 
-def test_a_grok1_math_only_context_refuses_grok2_features():
-    """The engine's kernels compute Grok-1's bf16 math: its context must refuse, not compute
-    something else."""
-    assert PagedContext.grok1_math_only  # the engine's context inherits the refusal
-    config = GrokConfig.preset("tiny").replace(attn_temperature_len=64, gelu="erf")
+def test_a_bf16_only_context_refuses_float32_compute():
+    """The engine's kernels compute in bf16: its context must refuse a float32 model, not
+    compute something else."""
+    assert PagedContext.bf16_only  # the engine's context inherits the refusal
     with torch.device("meta"):
-        model = Grok1(config)
         plain = Grok1(GrokConfig.preset("tiny"), compute_dtype=torch.float32)
-    h = torch.zeros(3, config.emb_size, dtype=BF16)
-    with pytest.raises(NotImplementedError,
-                       match="sets attn_temperature_len=64, gelu='erf'; run it through"):
-        model.run_layers(h, ForwardContext())
+    h = torch.zeros(3, plain.config.emb_size)
     with pytest.raises(NotImplementedError, match="compute_dtype=torch.float32"):
-        plain.run_layers(h.float(), ForwardContext())
+        plain.run_layers(h, ForwardContext())
 
 
 def test_sharding_a_grok2_model_is_refused_until_built():
