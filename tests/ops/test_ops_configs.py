@@ -99,7 +99,9 @@ def test_shipped_tables_load_in_the_one_layout():
 
     load_table.cache_clear()
     moe = load_table(CONFIG_DIR / "moe.json")["sm_90"]
-    assert sorted(moe) == [f"moe_D6144_F{F}_E8_int8" for F in (16384, 32768, 4096, 8192)]
+    assert sorted(moe) == [f"moe_D6144_F{F}_E8_int8" for F in (16384, 32768, 4096, 8192)] + [
+        "moe_D8192_F16384_E8_bf16"]  # Grok-2's experts, bf16 (bench/moe.py --model grok-2)
+    assert moe["moe_D8192_F16384_E8_bf16"][2].GEMV == 0  # bf16 at P=2: the MMA path (97 %)
     assert sorted(moe["moe_D6144_F32768_E8_int8"]) == [2, 16, 128, 2048]
     assert moe["moe_D6144_F32768_E8_int8"][2048] == MoeTiles(
         BM=128, BN1=128, BK1=64, W1=8, BN2=256, BK2=64, W2=8, S2=3, SPLIT=1, MAGIC=1)
