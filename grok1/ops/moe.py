@@ -82,8 +82,8 @@ def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> MoeT
     entry = nearest_rows(table, P)
     if entry and min(max(rows, P) / min(rows, P) for rows in table) <= 4:
         return entry  # (a table tuned only at decode sizes says nothing of prefill's)
-    if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
-        return MoeTiles(GEMV=2, MAGIC=1)  # (MAGIC as the tuned entries; the GEMV ignores it)
+    if P <= 2:  # batch-1 decode: the GEMV path on the tensor cores (bench/moe_xw_experiment.py)
+        return MoeTiles(GEMV=2, MAGIC=1, GMMA=1, GBK1=64, GS1=4, GBK2=64, GS2=4, GSPLIT=4)
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
         return MoeTiles()
     if P <= 512:
@@ -201,17 +201,19 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
 # combine kernel): at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
 
 
-def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, int, int, int]:
+def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int, min_bk: int = 1
+                  ) -> tuple[int, int, int, int]:
     """(split, k_per_split, chunk, bk) for a GEMV over K rows in G scale groups: with G > 1
     whole groups per split, reduced and scaled per group (chunk = group); with one group (or
-    bf16) whole BK tiles per split, reduced once (chunk = k_per_split)."""
+    bf16) whole BK tiles per split, reduced once (chunk = k_per_split). `min_bk`: the
+    smallest K tile the kernel takes (16 for the tensor cores)."""
     if G > 1:
         group_k = K // G
-        bk = k_tile(group_k, G, want_bk, at_least=1)
+        bk = k_tile(group_k, G, want_bk, at_least=min_bk)
         k_per_split = cdiv(G, max(1, min(want_split, G))) * group_k
         chunk = group_k
     else:
-        bk = want_bk
+        bk = max(want_bk, min_bk)
         k_per_split = cdiv(cdiv(K, max(1, want_split)), bk) * bk
         chunk = k_per_split
     return cdiv(K, k_per_split), k_per_split, chunk, bk
@@ -224,6 +226,8 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
         moe_gelu_combine_kernel,
         moe_gemv_down_kernel,
         moe_gemv_gate_up_kernel,
+        moe_mma_gemv_down_kernel,
+        moe_mma_gemv_gate_up_kernel,
     )
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -236,28 +240,37 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     x_MD = x_MD.contiguous()
     ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
     dev = x_MD.device
-    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg.GSPLIT1, cfg.GBK1)
+    # the tensor cores need K tiles of 16 inside a scale group; narrower groups take the FMAs
+    mma = bool(cfg.GMMA) and all(_gemv_k_split(K, G, 1, 16, 16)[3]
+                                 for K, G in ((D, G1), (F, G2)))
+    min_bk = 16 if mma else 1
+    if mma:  # the same launch contract on the tensor cores (MoeTiles.GMMA)
+        gate_up, down = moe_mma_gemv_gate_up_kernel, moe_mma_gemv_down_kernel
+        kernel_args = dict(F32=interpreting())
+    else:
+        gate_up, down = moe_gemv_gate_up_kernel, moe_gemv_down_kernel
+        kernel_args = dict(DEQUANT=dequant)
+    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg.GSPLIT1, cfg.GBK1, min_bk)
     h_PF = torch.empty(P, F, dtype=torch.float32, device=dev)  # f32, as the reference
     parts = h_PF if split1 == 1 else torch.empty(split1, P, 2, F, dtype=torch.float32, device=dev)
     BN1 = cfg.GBN1
-    moe_gemv_gate_up_kernel[(P, cdiv(F, BN1), split1)](
+    gate_up[(P, cdiv(F, BN1), split1)](
         x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
         P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
         EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
-        DEQUANT=dequant, **math, num_warps=cfg.GW1, num_stages=cfg.GS1)
+        **kernel_args, **math, num_warps=cfg.GW1, num_stages=cfg.GS1)
     if split1 > 1:
         moe_gelu_combine_kernel[(P, cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
                                                            BN=1024, **math, num_warps=4)
-    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg.GSPLIT, cfg.GBK2)
+    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg.GSPLIT, cfg.GBK2, min_bk)
     out = torch.empty(split, P, D, dtype=torch.float32, device=dev)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16 (jax)
     BN2 = cfg.GBN2
-    moe_gemv_down_kernel[(P, cdiv(D, BN2), split)](
+    down[(P, cdiv(D, BN2), split)](
         h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
         chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
         EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
-        DEQUANT=dequant, SGLANG=math["SGLANG"], num_warps=cfg.GW2,
-        num_stages=cfg.GS2)
+        **kernel_args, SGLANG=math["SGLANG"], num_warps=cfg.GW2, num_stages=cfg.GS2)
     return out.view(split, M, A, D)
 
 

@@ -9,7 +9,15 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dequant_f32, dequant_t_bf16, dot, erf, i8_to_f32, tanh
+from grok1.ops.dot_triton import (
+    dequant_f32,
+    dequant_t_bf16,
+    dot,
+    erf,
+    i8_to_f32,
+    scaled_int8,
+    tanh,
+)
 
 
 
@@ -270,6 +278,121 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
         row = h_ptr + ((pid_k * P + p) * 2).to(tl.int64) * F
         tl.store(row + n, acc_g, mask=n_ok)
         tl.store(row + F + n, acc_u, mask=n_ok)
+
+
+# The same GEMV contract on the tensor cores (MoeTiles.GMMA): each pair's x is the left operand
+# padded to 16 rows (row 0 real) and the dequantized tile bf16(w * s) [BK, BN] the right one,
+# loaded as stored (N contiguous); the MMA sums the exact bf16 products in f32, as XLA's dot.
+# At the reference's rounding the per-element FMAs of the kernels above are ALU-bound; here the
+# ALU only dequantizes (bench/moe_xw_experiment.py: 73 % of copy bandwidth for gate/up).
+
+
+@triton.jit
+def _row0(ptr, offs, n_ok, PAD: tl.constexpr):
+    """[PAD, len(offs)]: row 0 the values at ptr + offs (masked by n_ok), the others 0."""
+    rows = tl.arange(0, PAD)
+    return tl.load(ptr + offs[None, :] + rows[:, None] * 0, mask=(rows[:, None] == 0) & n_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
+                                GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
+                                QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                                ERF: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
+    """moe_gemv_gate_up_kernel's contract (grid, outputs, CHUNK) on the tensor cores."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e64 = tl.load(ids_ptr + p).to(tl.int64)
+    tok = p // A
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < F
+    wg_ptr += e64 * D * F
+    wu_ptr += e64 * D * F
+    sg_ptr += e64 * NUM_GROUPS * F
+    su_ptr += e64 * NUM_GROUPS * F
+    x_ptr += tok.to(tl.int64) * D
+    acc_g = tl.zeros([16, BN], dtype=tl.float32)
+    acc_u = tl.zeros([16, BN], dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
+        k1 = k_lo + c1
+        if QUANT:  # a chunk lies in one scale group
+            grp = k1 // GROUP_K
+            s_ok = n_ok & (k1 < D)
+            s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+            s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+        for c0 in range(0, CHUNK, BK):
+            kk = k1 + c0 + tl.arange(0, BK)
+            offs = kk[:, None] * F + n[None, :]
+            k_ok = kk < D
+            xk = _row0(x_ptr, kk, k_ok, 16)
+            if EVEN_K and EVEN_N:
+                wg = tl.load(wg_ptr + offs)
+                wu = tl.load(wu_ptr + offs)
+            else:
+                wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
+                wg = scaled_int8(wg, s_g[None, :], (-8388736.0 * s_g)[None, :]).to(tl.bfloat16)
+                wu = scaled_int8(wu, s_u[None, :], (-8388736.0 * s_u)[None, :]).to(tl.bfloat16)
+            acc_g = dot(xk, wg, acc_g, F32)
+            acc_u = dot(xk, wu, acc_u, F32)
+    g = tl.sum(acc_g, 0)  # rows 1.. are 0
+    u = tl.sum(acc_u, 0)
+    if SPLIT == 1:
+        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u, ERF, SGLANG), mask=n_ok)
+    else:
+        row = h_ptr + ((pid_k * P + p) * 2).to(tl.int64) * F
+        tl.store(row + n, g, mask=n_ok)
+        tl.store(row + F + n, u, mask=n_ok)
+
+
+@triton.jit
+def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F,
+                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                             EVEN_N: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
+    """moe_gemv_down_kernel's contract on the tensor cores; the f32 h enters as bf16 hi + lo
+    (two MMAs, as moe_down_kernel)."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e64 = tl.load(ids_ptr + p).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < D
+    wd_ptr += e64 * F * D
+    sd_ptr += e64 * NUM_GROUPS * D
+    h_ptr += p.to(tl.int64) * F
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
+        k1 = k_lo + c1
+        if QUANT:  # a chunk lies in one scale group
+            grp = k1 // GROUP_K
+            s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
+        for c0 in range(0, CHUNK, BK):
+            kk = k1 + c0 + tl.arange(0, BK)
+            offs = kk[:, None] * D + n[None, :]
+            k_ok = kk < F
+            hk = _row0(h_ptr, kk, k_ok, 16)
+            if EVEN_K and EVEN_N:
+                w = tl.load(wd_ptr + offs)
+            else:
+                w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                w = scaled_int8(w, s_d[None, :], (-8388736.0 * s_d)[None, :]).to(tl.bfloat16)
+            h_hi = hk.to(tl.bfloat16)
+            h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = dot(h_hi, w, acc, F32)
+            acc = dot(h_lo, w, acc, F32)
+    out = tl.sum(acc, 0)
+    gate = tl.load(gates_ptr + p)
+    if not SGLANG:
+        gate = gate.to(tl.bfloat16).to(tl.float32)
+    tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, out * gate, mask=n_ok)
 
 
 @triton.jit

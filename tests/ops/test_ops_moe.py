@@ -86,14 +86,17 @@ GEMV = {"GEMV": 64, "GBN1": 64, "GBK1": 32, "GW1": 4, "GBN2": 64, "GBK2": 32, "G
 # the twin rounds bf16(w * s) first; plus h rounded to bf16: the same 1.5e-2 budget as above.
 # GSPLIT1 > 1: the gate/up K range split too (f32 partials + the combine kernel), 3 ways so
 # the last split is short and masked.
+# gmma: the same GEMV contract on the tensor cores (MoeTiles.GMMA; K tiles of 16 and more)
+@pytest.mark.parametrize("gmma", [0, 1])
 @pytest.mark.parametrize("quant", [True, False])
 @pytest.mark.parametrize("M,D,F,magic,gsplit1", [(1, 256, 512, 1, 1), (1, 192, 384, 0, 3),
                                                  (3, 192, 384, 1, 1), (5, 256, 512, 1, 3),
                                                  (1, 256, 512, 1, 4)])
-def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic, gsplit1):
+def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic, gsplit1, gmma):
     x, gates, ids, lins, ref = moe_case(M, D, F, quant, (11 + M, 200 + M + D),
                                         only=[2, 6] if M == 3 else None)
-    out = run_fused(x, gates, ids, lins, {**GEMV, "MAGIC": magic, "GSPLIT1": gsplit1})
+    out = run_fused(x, gates, ids, lins, {**GEMV, "MAGIC": magic, "GSPLIT1": gsplit1,
+                                          "GMMA": gmma})
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1.5e-2
