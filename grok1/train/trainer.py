@@ -133,11 +133,13 @@ class Trainer:
             dist.barrier()
 
         torch.manual_seed(cfg.seed + self.dist.rank)
-        model = Grok1(self.config, dtype=torch.float32)
+        model = Grok1(self.config, dtype=torch.float32, expert_down=cfg.expert_down)
         model.init_weights(torch.Generator().manual_seed(cfg.seed))  # the same on every rank
         model.to(self.device)
         if cfg.activation_checkpointing:
             fsdp.apply_activation_checkpointing(model)
+        if cfg.compile:
+            fsdp.apply_compile(model)
         self.core = model  # the unwrapped Grok1 (its layers hold the router records)
         self.mode = cfg.parallel if cfg.parallel != "auto" else (
             "fsdp" if self.dist.world_size > 1 else "none")
