@@ -194,9 +194,9 @@ def test_moe_module_records_the_router_while_training_and_refuses_unknown_numeri
 @pytest.mark.parametrize("down", ["f32", "bf16"])
 def test_grouped_moe_on_cuda_matches_the_loop_and_bf16_never_syncs(down):
     """On a GPU the grouped path runs torch._grouped_mm (bf16: CUTLASS on Hopper), the loop
-    cuBLAS per expert: the same roundings, f32 sums in other orders, so outputs agree to a bf16
-    ulp of the largest |value| and gradients to 1e-2 relative; with down "bf16" the forward and
-    backward run with CUDA's sync debug mode set to raise on any host sync."""
+    cuBLAS per expert: the same roundings, f32 sums in other orders, so outputs agree within
+    one bf16 ulp of the largest |value| (2^-7 of it) and gradients to 1e-2 relative; with down
+    "bf16" the forward and backward run with CUDA's sync debug mode raising on any host sync."""
     g = torch.Generator().manual_seed(16)
     D, F, M = 256, 512, 1000
     linears = [lin.cuda() for lin in expert_linears(D, F, torch.float32, g)]
@@ -212,7 +212,7 @@ def test_grouped_moe_on_cuda_matches_the_loop_and_bf16_never_syncs(down):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     scale = loop.float().abs().max()
-    assert float((grouped.float() - loop.float()).abs().max()) <= 2.0 ** -8 * scale
+    assert float((grouped.float() - loop.float()).abs().max()) <= 2.0 ** -7 * scale
     for got, want in zip(grads, loop_grads):
         assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
     assert bool((linears[0].weight.grad[5] == 0).all())

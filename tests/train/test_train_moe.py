@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from grok1.config import ConfigError, GrokConfig
-from grok1.model import Grok1
+from grok1.model import DenseContext, Grok1
 from grok1.train import fsdp
 from grok1.train.data import write_dataset
-from grok1.train.losses import cross_entropy, expert_fractions
+from grok1.train.losses import cross_entropy, expert_fractions, router_losses
 from grok1.train.train_config import TrainConfig
 from grok1.train.trainer import Trainer
+from tests.conftest import gpu
 
 VOCAB = 256  # the tiny preset's
 
@@ -94,3 +95,33 @@ def test_compiled_layers_compute_what_eager_ones_do():
     assert torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
+
+
+@gpu
+def test_decoder_layers_train_without_a_host_sync_with_bf16_expert_down():
+    """The decoder stack's training forward (attention, the MoE, norms), the router losses and
+    the backward run with CUDA's sync debug mode raising on any host sync. (The embedding and
+    cross-entropy around it are not this test's; the trainer's one sync a step is its
+    statistics' .tolist() after backward.)"""
+    config = GrokConfig.preset("tiny")  # widths of 16-byte rows: torch._grouped_mm's fast path
+    model = Grok1(config, dtype=torch.float32, expert_down="bf16")
+    model.init_weights(torch.Generator().manual_seed(24))
+    model.cuda().train()
+    B, T = 4, 32
+    g = torch.Generator().manual_seed(25)
+    h = torch.randn(B, T, config.emb_size, generator=g).to(torch.bfloat16).cuda()
+    h.requires_grad_()
+    t_T = torch.arange(T, device="cuda")
+    mask_BTS = (t_T[:, None] >= t_T[None, :]).expand(B, T, T)  # causal, no padding
+    ctx = DenseContext(t_T.expand(B, T), mask_BTS, None, config)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model.run_layers(h, ctx)
+        router = router_losses(model.layers)
+        (out.float().square().mean() + 0.01 * router.balance).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    grads = [p.grad for layer in model.layers for p in layer.parameters()] + [h.grad]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert float(model.layers[0].moe.w_down.weight.grad.abs().sum()) > 0
