@@ -59,7 +59,7 @@ def bench_config(model: str, layers: int | None) -> GrokConfig:
     return config.replace(num_layers=layers) if layers else config
 
 
-def cpu_moe_comparison(tokens: int = 512, reps: int = 5) -> dict:
+def cpu_moe_comparison(tokens: int = 512, reps: int = 7) -> dict:
     """Milliseconds of one MoE layer's forward + backward on the CPU (emb 256, width 512, 8
     experts top-2, bf16 activations, f32 master weights): expert by expert ("loop", as training
     ran before the grouped path) against grouped (the CPU's per-segment backend) and padded."""
@@ -80,15 +80,16 @@ def cpu_moe_comparison(tokens: int = 512, reps: int = 5) -> dict:
     result = {"what": "CPU sanity figure, not a GPU one: one MoE layer forward + backward",
               "tokens": tokens, "emb_size": config.emb_size, "expert_width": config.ffn_size,
               "experts": config.num_experts, "cpu": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "ms": {}}
-    for name, backend in (("loop", "loop"), ("grouped", None), ("padded", "padded")):
-        step(backend)  # warm-up
-        times = []
-        for _ in range(reps):
+              "threads": torch.get_num_threads(), "reps": reps}
+    backends = {"loop": "loop", "grouped": None, "padded": "padded"}
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for rep in range(reps + 1):  # interleaved, so that a change in the machine's load hits all
+        for name, backend in backends.items():
             t0 = time.perf_counter()
             step(backend)
-            times.append(time.perf_counter() - t0)
-        result["ms"][name] = round(statistics.median(times) * 1e3, 2)
+            if rep:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    result["ms"] = {name: round(statistics.median(t) * 1e3, 2) for name, t in times.items()}
     return result
 
 

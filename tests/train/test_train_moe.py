@@ -74,9 +74,11 @@ def test_expert_down_reaches_every_moe_and_changes_the_loss_by_a_rounding(data_d
         tiny_cfg(data_dir, tmp_path, expert_down="fp16")
 
 
-def test_compiled_layers_compute_what_eager_ones_do():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_compute_what_eager_ones_do(checkpointing):
     """apply_compile traces each layer (dynamo; the eager backend keeps CPU CI free of a C++
-    build): the same loss and gradients as the uncompiled model, parameter names unchanged."""
+    build), also through activation checkpointing as the trainer orders them: the same loss
+    and gradients as the uncompiled model, parameter names unchanged."""
     config = GrokConfig.preset("tiny")
     g = torch.Generator().manual_seed(22)
     tokens = torch.randint(3, VOCAB, (2, 17), generator=g)
@@ -86,6 +88,8 @@ def test_compiled_layers_compute_what_eager_ones_do():
         model.init_weights(torch.Generator().manual_seed(23))
         model.train()
         names = [n for n, _ in model.named_parameters()]
+        if checkpointing:
+            fsdp.apply_activation_checkpointing(model)
         if compiled:
             fsdp.apply_compile(model, backend="eager")
             assert [n for n, _ in model.named_parameters()] == names
