@@ -101,7 +101,8 @@ def grouped_mm(x_PK: torch.Tensor, w_EKN: torch.Tensor, groups: ExpertGroups,
             (groups.experts_P, pos_P), x_PK)
         return torch.bmm(x_ECK, w_EKN)[groups.experts_P, pos_P]
     if backend == "segments":
-        return per_group(x_PK, groups, lambda x, e: x @ w_EKN[e])
+        w_E = w_EKN.unbind(0)  # one op: its backward stacks the experts' gradients once
+        return per_group(x_PK, groups, lambda x, e: x @ w_E[e])
     raise ValueError(f"grouped_mm backend={backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
