@@ -94,7 +94,7 @@ def grouped_mm(x_PK: torch.Tensor, w_EKN: torch.Tensor, groups: ExpertGroups,
             w_EKN.register_hook(lambda g: g * nonempty_E11)
         return torch._grouped_mm(x_PK, w_EKN, offs=groups.ends_E)
     if backend == "padded":
-        E, K, N = w_EKN.shape
+        E, K, _ = w_EKN.shape
         start_E = groups.ends_E.long() - groups.counts_E
         pos_P = torch.arange(x_PK.shape[0], device=x_PK.device) - start_E[groups.experts_P]
         x_ECK = x_PK.new_zeros(E, groups.capacity, K).index_put(

@@ -162,7 +162,7 @@ def test_moe_module_runs_with_no_host_read_on_the_padded_path():
         moe = MoE(config, None, torch.float32, expert_down="bf16")
         x = torch.randn(3, 5, config.emb_size, dtype=torch.bfloat16, requires_grad=True)
     xm = x.reshape(-1, config.emb_size)
-    logits, gates, ids = route(xm, moe.router, moe.top_k)
+    _, gates, ids = route(xm, moe.router, moe.top_k)
     out = moe_ref(xm, gates, ids, moe.w_gate, moe.w_up, moe.w_down, down="bf16",
                   backend="padded")
     out.float().sum().backward()
