@@ -92,7 +92,12 @@ def grouped_mm(x_PK: torch.Tensor, w_EKN: torch.Tensor, groups: ExpertGroups,
             nonempty_E11 = (groups.counts_E > 0).to(w_EKN.dtype)[:, None, None]
             w_EKN = w_EKN.view_as(w_EKN)
             w_EKN.register_hook(lambda g: g * nonempty_E11)
-        return torch._grouped_mm(x_PK, w_EKN, offs=groups.ends_E)
+        out = torch._grouped_mm(x_PK, w_EKN, offs=groups.ends_E)
+        if out.requires_grad and not torch.compiler.is_compiling():
+            # its backward refuses a broadcast gradient (strides 0, as from out.sum()) in
+            # torch 2.13; a dense one passes through as it is
+            out.register_hook(lambda g: g.contiguous())
+        return out
     if backend == "padded":
         E, K, _ = w_EKN.shape
         start_E = groups.ends_E.long() - groups.counts_E

@@ -76,6 +76,20 @@ def test_grouped_mm_backends_equal_per_row_products_and_their_gradients(backend,
     torch.testing.assert_close(x_P.grad.double(), want_x, rtol=tol * 4, atol=tol * 8)
 
 
+@pytest.mark.parametrize("backend", ["torch", "padded", "segments"])
+def test_grouped_mm_takes_a_broadcast_gradient(backend):
+    """out.sum()'s gradient is a stride-0 broadcast, which torch._grouped_mm's own backward
+    refuses; d(sum)/dx[p] = sum over n of w[e_p][:, n]."""
+    g = torch.Generator().manual_seed(17)
+    ids = uneven_ids(9, g)
+    groups = group_by_expert(ids, E)
+    x = torch.randn(9 * A, 16, generator=g, requires_grad=True)
+    w = torch.randn(E, 16, 8, generator=g, requires_grad=True)
+    grouped_mm(x, w, groups, backend).sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(-1)[groups.experts_P])
+    assert bool((w.grad[5] == 0).all())
+
+
 def test_unknown_backend_is_refused_by_name():
     groups = group_by_expert(torch.tensor([[0, 1]]), E)
     with pytest.raises(ValueError, match="backend='cutlass'"):
