@@ -168,7 +168,7 @@ def test_bf16_down_projection_is_within_its_stated_bound_of_the_reference():
         moe_ref(x, gates, ids, *linears, down="f16")
 
 
-def test_moe_module_runs_with_no_host_read_on_the_padded_path():
+def test_grouped_paths_run_with_no_host_read():
     """On the meta device no tensor can be read back (.item(), .tolist(), nonzero raise), so a
     forward and backward there show the grouped path needs none: what a GPU runs unsynced."""
     config = GrokConfig.preset("tiny")
@@ -183,6 +183,11 @@ def test_moe_module_runs_with_no_host_read_on_the_padded_path():
     assert out.shape == xm.shape and moe.w_down.weight.grad.shape == moe.w_down.weight.shape
     with pytest.raises((RuntimeError, NotImplementedError)):  # the loop does read the ends
         moe_ref(xm, gates, ids, moe.w_gate, moe.w_up, moe.w_down, backend="loop")
+    # the torch backend's own steps read nothing back either (its CUDA kernel: the gpu test)
+    groups = group_by_expert(ids, config.num_experts)
+    w = moe.w_gate.weight.to(torch.bfloat16)
+    grouped_mm(xm.index_select(0, groups.rows_P), w, groups, "torch").sum().backward()
+    assert moe.w_gate.weight.grad.shape == moe.w_gate.weight.shape
 
 
 def test_moe_module_records_the_router_while_training_and_refuses_unknown_numerics():
