@@ -12,9 +12,11 @@ grouped_mm backends (torch 2.13):
 - "torch": torch._grouped_mm(x [P, K], w [E, K, N], offs=int32 group ends). On CUDA its fast
   path (CUTLASS) takes bf16 operands and output on compute capability 9.0 (Hopper) and 10.x,
   with row strides of a multiple of 16 bytes (K and N multiples of 8) and 16-byte aligned
-  data; other dtypes (f32) and GPUs take torch's fallback, which copies the ends to the host
-  (one sync per call) and runs one matmul per group. The output dtype is the operands' (bf16
-  out from an f32 accumulator, as cuBLAS's matmul); f64 is refused. Autograd: yes (CPU, CUDA).
+  data; other dtypes (f32, since torch 2.9) and GPUs take torch's fallback, which copies the
+  ends to the host (one sync per call) and runs one matmul per group. The output dtype is the
+  operands' (bf16 out from an f32 accumulator, as cuBLAS's matmul); f64 is refused. Autograd:
+  yes (CPU, CUDA). (torch 2.13 also names it torch.nn.functional.grouped_mm, a thin wrapper;
+  the GPU machines' torch 2.11 is not known to have that name.)
 - "padded": each group's rows scattered into a zero [E, C, K] buffer (C: a bound on any
   group's size, M for top-k ids, which are distinct per token), one bmm, the rows gathered
   back. No host sync on any device and any dtype, at E*C/P times the FLOPs (E/A = 4 for Grok).
