@@ -29,6 +29,7 @@ import torch
 
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
 from grok1.checkpoint import grok2, hf
+from grok1.checkpoint.slices import layout_want
 from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
 from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
@@ -39,6 +40,7 @@ from grok1.quant import WeightFormat
 from grok1.parallel.mesh import Mesh
 from grok1.parallel.tensor import (
     Layout,
+    head_split,
     parallelize,
     plan,
     shard_model_,
@@ -68,13 +70,16 @@ def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
     """shard_fn(state-dict key, stored tensor) -> `layout.rank`'s piece, a view, cut by
     parallel.tensor.plan (the table `shard_model_` cuts a loaded model by). Quantized matrices
     split along their input dim take their scale groups with them (8 groups over 2 ranks: 4
-    each); the embedding, norms and routers are whole on every rank."""
-    table = plan(config, layout)
+    each); an untied lm_head is cut by head_split; the embedding, norms and routers are whole
+    on every rank."""
+    table, head = plan(config, layout), head_split(config, layout)
     with torch.device("meta"):  # the stored matrices' input dims, for the scale groups
         d_in = {k: v.shape[-2] for k, v in Grok1(config, quantized=True).state_dict().items()
                 if k.endswith(".weight")}
 
     def shard_fn(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key == "lm_head.weight" and head is not None:  # an untied head (Grok-2's)
+            return slice_weight(t, head)
         m = _MATRIX_KEY.fullmatch(key)
         if m is None or m.group(1) not in table:
             return t
@@ -89,19 +94,20 @@ def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
 @dataclasses.dataclass(frozen=True)
 class ReadRequest:
     """What a format's reader is asked for."""
-    config: GrokConfig | None  # the caller's; None: the source's own, or its format's default
+    config: GrokConfig | Grok2Config | None  # the caller's; None: the source's own (or default)
     device: torch.device
     dtype: torch.dtype | None  # of the embedding and dense matrices; None: the format's default
     layout: Layout | None  # this rank's place; None: the whole model
     progress: bool  # show a progress bar (one rank of several shows it)
 
     def empty_model(self, config: GrokConfig, weights: bool | str | WeightFormat | None,
-                    dtype: torch.dtype) -> Grok1:
+                    dtype: torch.dtype, compute_dtype: torch.dtype = BF16) -> Grok1:
         """The model to fill: on the meta device, with this rank's shapes. `weights`: the
         matrices' format (True: the release's int8; False or None: dense)."""
         with torch.device("meta"):
             model = Grok1(config, quantized=weights is True,
-                          weights=None if isinstance(weights, bool) else weights, dtype=dtype)
+                          weights=None if isinstance(weights, bool) else weights, dtype=dtype,
+                          compute_dtype=compute_dtype)
         return model if self.layout is None else shard_model_(model, self.layout)
 
     def shard_fn(self, config: GrokConfig) -> ShardFn | None:
@@ -150,14 +156,22 @@ def _read_hf(path: Path, req: ReadRequest) -> Grok1:
 
 
 def _read_grok2(path: Path, req: ReadRequest) -> Grok1:
-    if req.layout is not None:  # the reader cuts slices (grok2.tp_want); the model can't run them
-        raise ConfigError(f"{path}: Grok-2 loads whole for now; tensor-parallel ranks of it "
-                          "are not supported yet")
     if req.config is not None and not isinstance(req.config, Grok2Config):
         raise ConfigError(f"{path}: a Grok-2 folder takes its own config.json (or a "
                           f"Grok2Config), not {type(req.config).__name__}")
-    # dtype: the compute dtype, bf16 (SGLang's storage points) or float32 (the golden check)
-    return grok2.load_grok2(path, req.config, device=req.device, dtype=req.dtype or BF16)
+    config = req.config or Grok2Config.from_json(path / CONFIG_FILE)
+    # dtype: the compute dtype, bf16 (SGLang's storage points) or float32 (the golden check);
+    # the weights stay the files' bf16
+    dtype = req.dtype or BF16
+    if req.layout is None:
+        return grok2.load_grok2(path, config, device=req.device, dtype=dtype)
+    # a rank reads only its slices of the pre-sharded files (concatenating or re-splitting
+    # the release's 8 expert pre-shards as its width range needs)
+    grok_config = config.to_grok_config()
+    return grok2.load_grok2(path, config, device=req.device, dtype=dtype,
+                            model=req.empty_model(grok_config, False, BF16, dtype),
+                            want=layout_want(grok_config, req.layout,
+                                             grok2.grok1_shapes(config)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +228,7 @@ def _finish(model: Grok1, mesh: Mesh | None, layout: Layout | None) -> Grok1:
 
 # ---- the front door ------------------------------------------------------------------------------
 
-def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
+def load(source: str | Path, *, config: GrokConfig | Grok2Config | str | Path | None = None,
          device: torch.device | str | None = None, dtype: torch.dtype | None = None,
          mesh: Mesh | None = None, layout: Layout | None = None, moe: str = "tp",
          unembed: str = "vocab", progress: bool = True) -> Grok1:
@@ -225,9 +239,10 @@ def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
     a preset name or a JSON file (GrokConfig.resolve), or None for the source's own (the grok-1
     preset for the release). `dtype`: of the embedding and dense matrices (default bf16 for the
     release, as saved for a grok1 folder); the release's int8 matrices stay int8 with their
-    bf16 scales. A Grok-2 release folder (its own config.json) loads whole, and there `dtype`
-    is the compute dtype: bf16 (SGLang's rounding points) or torch.float32 (no bf16 rounding,
-    for checking). `device`: default the mesh's device, else the CPU.
+    bf16 scales. A Grok-2 release folder (its own config.json, or a Grok2Config) loads whole
+    or per rank, and there `dtype` is the compute dtype: bf16 (SGLang's rounding points) or
+    torch.float32 (no bf16 rounding, for checking). `device`: default the mesh's device, else
+    the CPU.
 
     With a `mesh` (parallel.mesh.init_distributed, under torchrun) this rank reads only its
     slices (split by `moe` "tp"|"ep" and `unembed` "vocab"|"dim", or as `layout` says) and the
@@ -240,7 +255,9 @@ def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
     path = Path(source)
     fmt = detect_format(path)
     layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
-    request = ReadRequest(None if config is None else GrokConfig.resolve(config),
+    if config is not None and not isinstance(config, Grok2Config):  # Grok-2's: as it is
+        config = GrokConfig.resolve(config)
+    request = ReadRequest(config,
                           _place(device, mesh), dtype, layout,
                           progress and (mesh is None or mesh.is_main))
     return _finish(fmt.read(path, request), mesh, layout)

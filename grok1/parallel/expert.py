@@ -7,6 +7,9 @@ them itself (the router is replicated), and computes the contribution of what it
 The partial outputs are summed over the ranks in f32 and rounded to bf16 once, as one process
 rounds the gated f32 sum (SPEC 2.6) and as the reference psums linear_1 in f32 (SPEC 2.8). Under
 "ep" a token's output has at most top-k nonzero terms, so the sum is exactly one process's.
+Grok-2 (rounding "sglang", grok2 SPEC 2.5) rounds each selected expert's gated output to the
+compute dtype before adding the slots: the ranks then all-reduce one partial per slot [A, M, D]
+and round each slot's sum, so that the slots add as in one process.
 
 An all-to-all dispatch (tokens sent to the rank of their expert) only pays when the ranks hold
 different tokens (data-parallel attention); here they hold the same ones, so each rank picks its
@@ -24,21 +27,43 @@ from grok1.parallel.mesh import all_reduce_
 
 
 def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
-                   moe: FusedMoE, experts: range) -> torch.Tensor:
+                   moe: FusedMoE, experts: range, *, gelu: str = "tanh",
+                   rounding: str = "jax") -> torch.Tensor:
     """[M, D] in `wide_dtype` (f32 on GPUs): the gated outputs of the `experts` (global ids)
-    that `moe` holds, in order."""
+    that `moe` holds, in order; `gelu` and `rounding` as model.moe_ref's (Grok-2: "erf",
+    "sglang")."""
     wide = wide_dtype(x_MD.device)
+    math = {"gelu": gelu, "rounding": rounding}
     if len(experts) == moe.router.shape[1]:  # every expert here (whole, or width-split)
         return moe_ref(x_MD, gates_MA, ids_MA, moe.w_gate, moe.w_up, moe.w_down,
-                       out_dtype=wide)
+                       out_dtype=wide, **math)
     here_MA = (ids_MA >= experts.start) & (ids_MA < experts.stop)
     rows_P, slots_P = here_MA.nonzero(as_tuple=True)
     out = torch.zeros(x_MD.shape, dtype=wide, device=x_MD.device)
     if rows_P.numel():
         local_ids_P1 = (ids_MA[rows_P, slots_P] - experts.start)[:, None]
         y_PD = moe_ref(x_MD[rows_P], gates_MA[rows_P, slots_P][:, None], local_ids_P1,
-                       moe.w_gate, moe.w_up, moe.w_down, out_dtype=wide)
+                       moe.w_gate, moe.w_up, moe.w_down, out_dtype=wide, **math)
         out.index_add_(0, rows_P, y_PD)
+    return out
+
+
+def slot_partials(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
+                  moe: FusedMoE, experts: range, *, gelu: str = "tanh",
+                  rounding: str = "jax") -> torch.Tensor:
+    """[A, M, D] in `wide_dtype`: `expert_partial` of each slot (the a-th selected expert of
+    every token) apart, for a sum over ranks that rounds each slot before adding them."""
+    return torch.stack([expert_partial(x_MD, gates_MA[:, a:a + 1], ids_MA[:, a:a + 1], moe,
+                                       experts, gelu=gelu, rounding=rounding)
+                        for a in range(ids_MA.shape[1])])
+
+
+def add_slots(partials_AMD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[M, D] in `dtype`: each slot's sum rounded to `dtype` (through f32), the slots added in
+    `dtype` one by one, as one process's moe_ref under SGLang's rounding (grok2 SPEC 2.5)."""
+    out = partials_AMD[0].float().to(dtype)
+    for slot in partials_AMD[1:]:
+        out = out + slot.float().to(dtype)
     return out
 
 
@@ -71,20 +96,36 @@ class ParallelMoE(FusedMoE):
         super().__init__(moe)
         self.experts = experts
         self.group = group
+        # Grok-2's math (grok2 SPEC 2.5): router cap, erf GELU, SGLang's rounding points; the
+        # fused kernels compute Grok-1's only, so such a MoE runs the twins
+        self.router_softcap, self.gelu, self.rounding = moe.router_softcap, moe.gelu, moe.rounding
+        self.kernel_ok = self.kernel_ok and (self.router_softcap, self.gelu, self.rounding) == (
+            0.0, "tanh", "jax")
         self.last_router_logits: torch.Tensor | None = None  # as MoE's, while training
         self.last_expert_ids: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> PartialSums:
+    def forward(self, x_BTD: torch.Tensor) -> PartialSums | torch.Tensor:
         """The f32 sum over ranks [1, M, D] (f64 on the CPU), before its one rounding to bf16
-        (`value()`, or the engine's fused residual norm)."""
+        (`value()`, or the engine's fused residual norm); under SGLang's rounding the value
+        [..., D] in x's dtype (module doc)."""
         from grok1.ops._triton import use_kernel
         from grok1.ops.router import route_op
 
         x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])
         # the kernels' router at inference; the twin while training (its logits feed losses)
-        logits, gates, ids = (route if self.training else route_op)(x_MD, self.router, self.top_k)
+        # and for a capped router (Grok-2's, which the kernel does not compute)
+        if self.training or self.router_softcap:
+            logits, gates, ids = route(x_MD, self.router, self.top_k, self.router_softcap)
+        else:
+            logits, gates, ids = route_op(x_MD, self.router, self.top_k)
         if self.training:
             self.last_router_logits, self.last_expert_ids = logits, ids
-        partial = kernel_partial if self.kernel_ok and use_kernel(x_MD) else expert_partial
-        return PartialSums(all_reduce_(partial(x_MD, gates, ids, self, self.experts),
-                                       self.group)[None])
+        math = {"gelu": self.gelu, "rounding": self.rounding}
+        if self.rounding == "sglang":  # each slot rounded before the slots add (module doc)
+            partials = slot_partials(x_MD, gates, ids, self, self.experts, **math)
+            return add_slots(all_reduce_(partials, self.group), x_BTD.dtype).view_as(x_BTD)
+        if self.kernel_ok and use_kernel(x_MD):
+            partial = kernel_partial(x_MD, gates, ids, self, self.experts)
+        else:
+            partial = expert_partial(x_MD, gates, ids, self, self.experts, **math)
+        return PartialSums(all_reduce_(partial, self.group)[None])
