@@ -114,7 +114,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="config JSON with the reference's field names (default: the checkpoint's "
                         "config.json, or the grok-1 preset for a release checkpoint)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="SentencePiece model (default: tokenizer.model in or beside the checkpoint)")
+                   help="the checkpoint's tokenizer file (default: tokenizer.model, or Grok-2's "
+                        "tokenizer.tok.json, in or beside the checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
 
 
@@ -136,14 +137,13 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     """(model, tokenizer, mesh) through grok1.load: under torchrun (or --tp > 1) this rank's
     shard and its mesh, with args.seed agreed across ranks; else the whole model and mesh None."""
     from grok1.assets import model_dir_or_default
-    from grok1.loading import load
+    from grok1.loading import load, load_tokenizer
     from grok1.parallel.launch import agree_seed
     from grok1.parallel.mesh import init_distributed
     from grok1.parallel.options import wants_parallel
-    from grok1.tokenizer import Tokenizer, find_tokenizer
 
     model_dir = model_dir_or_default(args.checkpoint)
-    tokenizer = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
+    tokenizer = load_tokenizer(model_dir, args.tokenizer)  # the checkpoint format's kind
     mesh = init_distributed(args.tp, device=args.device) if wants_parallel(args) else None
     model = load(model_dir, config=args.config, device=None if mesh else _device(args.device),
                  mesh=mesh, moe=args.moe, unembed=args.unembed)
@@ -173,9 +173,11 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, sharded: boo
     from grok1.sampling import SamplingParams
 
     out = (lambda text: None) if quiet else sys.stdout.write  # one rank prints
+    # the tokenizer's stop tokens (eos; Grok-2's <|separator|> too), unless --ignore-eos
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+                            ignore_eos=args.ignore_eos,
+                            stop_token_ids=() if args.ignore_eos else tokenizer.stop_ids)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     use_engine = args.engine == "on" or (args.engine == "auto" and not sharded
                                          and model.embed.is_cuda)

@@ -37,6 +37,8 @@ from grok1.config import ConfigError, GrokConfig, read_config_json
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
 from grok1.quant import WeightFormat
+from grok1.tokenizer import Tokenizer, find_tokenizer
+from grok1.tokenizer_grok2 import TOKENIZER_FILE, Grok2Tokenizer
 from grok1.parallel.mesh import Mesh
 from grok1.parallel.tensor import (
     Layout,
@@ -48,8 +50,8 @@ from grok1.parallel.tensor import (
     slice_weight,
 )
 
-__all__ = ["FORMATS", "Format", "ReadRequest", "detect_format", "load", "random_weights",
-           "rank_layout", "rank_slicer"]
+__all__ = ["FORMATS", "Format", "ReadRequest", "detect_format", "load", "load_tokenizer",
+           "random_weights", "rank_layout", "rank_slicer"]
 
 
 # ---- this rank's place ---------------------------------------------------------------------------
@@ -180,6 +182,11 @@ class Format:
     looks_like: str  # for the error that names what a folder should hold
     detect: Callable[[Path], bool]  # cheap: file names only, no tensor data
     read: Callable[[Path, ReadRequest], Grok1]  # the filled model, sharded per request.layout
+    # the model family's tokenizer: its file in (or beside) the folder and the class reading
+    # it (load_tokenizer), and the server's chat template (grok1.server.serving.CHAT_TEMPLATES)
+    tokenizer_file: str = "tokenizer.model"
+    tokenizer_class: Callable[[Path], Tokenizer | Grok2Tokenizer] = Tokenizer
+    chat_template: str = "transcript"
 
 
 # The first whose detect claims a folder reads it: specific formats before general ones.
@@ -192,7 +199,8 @@ FORMATS: tuple[Format, ...] = (
     Format("grok1-sharded", f"a converted grok1 folder ({INDEX_FILE} + model-*.safetensors)",
            is_sharded_native, _read_sharded_native),
     Format("grok2", "a Grok-2 release folder (pytorch_model-*-TP-common.safetensors)",
-           grok2.detect, _read_grok2),
+           grok2.detect, _read_grok2, tokenizer_file=TOKENIZER_FILE,
+           tokenizer_class=Grok2Tokenizer, chat_template="grok-2"),
     Format("xai-release", "a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)",
            lambda path: find_ckpt0(path) is not None, _read_release),
 )
@@ -207,6 +215,16 @@ def detect_format(path: str | Path) -> Format:
         if fmt.detect(path):
             return fmt
     raise CheckpointError(f"{path}: not a checkpoint grok1 reads; expected {_expected()}")
+
+
+def load_tokenizer(source: str | Path, tokenizer: str | Path | None = None
+                   ) -> Tokenizer | Grok2Tokenizer:
+    """The tokenizer of the checkpoint folder `source`, read by its format's class (Grok-2's
+    tiktoken file, else SentencePiece): the file `tokenizer` if given, else the format's file
+    in the folder or beside it. Raises CheckpointError for a folder no format claims,
+    TokenizerError for a missing or unreadable file."""
+    fmt = detect_format(source)
+    return fmt.tokenizer_class(find_tokenizer(tokenizer, Path(source), fmt.tokenizer_file))
 
 
 def _expected() -> str:
