@@ -215,10 +215,9 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, sharded: boo
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from grok1.config import GrokConfig
-    from grok1.info import format_info
+    from grok1.info import format_info, info_config
 
-    print(format_info(GrokConfig.resolve(args.config or args.preset), gpu_gib=args.gpu_gib))
+    print(format_info(info_config(args.config or args.preset), gpu_gib=args.gpu_gib))
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -231,8 +230,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
-    p.add_argument("--preset", default="grok-1", help="a named config when --config is not given")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config JSON (reference field names, or Grok-2's config.json)")
+    p.add_argument("--preset", default="grok-1",
+                   help="a named config when --config is not given (grok-1, grok-2, tiny, debug)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
 
 
