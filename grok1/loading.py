@@ -281,15 +281,19 @@ def load(source: str | Path, *, config: GrokConfig | Grok2Config | str | Path | 
     return _finish(fmt.read(path, request), mesh, layout)
 
 
-def random_weights(config: GrokConfig | str | Path, *, quantized: bool = True, seed: int = 0,
-                   std: float = 0.02, router_std: float = 0.5,
-                   device: torch.device | str | None = None, dtype: torch.dtype = BF16,
-                   mesh: Mesh | None = None, layout: Layout | None = None, moe: str = "tp",
+def random_weights(config: GrokConfig | Grok2Config | str | Path, *,
+                   quantized: bool | None = None, seed: int = 0, std: float = 0.02,
+                   router_std: float = 0.5, device: torch.device | str | None = None,
+                   dtype: torch.dtype = BF16, mesh: Mesh | None = None,
+                   layout: Layout | None = None, moe: str = "tp",
                    unembed: str = "vocab") -> Grok1:
-    """A Grok1 of random weights: int8 matrices with bf16 scales (`quantized`, the release's
-    form) or `dtype` ones, of about `std` per entry; the embedding normal(std), norm scales
+    """A Grok1 of random weights: int8 matrices with bf16 scales (`quantized`) or `dtype`
+    ones (default: the release's form, int8 for Grok-1, bf16 for a Grok2Config), of about
+    `std` per entry; the embedding (and an untied head) normal(std), norm scales
     1 + normal(0.1), and routers of std `router_std / sqrt(emb_size)`, so that router logits
     have std about `router_std` (a decisive router keeps bf16 noise from swapping experts).
+    A Grok2Config gives Grok-2's model at its shapes (`Grok2Config().replace(num_layers=4)`:
+    full width, any depth), its dense MLP and head always `dtype`.
 
     Each tensor is drawn whole on `device` from its own generator, seeded by `seed` and its
     name, then cut to this rank's piece: a tensor's values do not depend on the others', and a
@@ -297,7 +301,10 @@ def random_weights(config: GrokConfig | str | Path, *, quantized: bool = True, s
     one-process model of the same seed, while no rank ever holds more than one whole tensor
     beyond its own slices. Values depend on the device's generator (CPU and CUDA differ).
     """
-    config = GrokConfig.resolve(config)
+    if quantized is None:
+        quantized = not isinstance(config, Grok2Config)
+    config = (config.to_grok_config() if isinstance(config, Grok2Config)
+              else GrokConfig.resolve(config))
     layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
     device = _place(device, mesh)
     request = ReadRequest(config, device, dtype, layout, progress=False)

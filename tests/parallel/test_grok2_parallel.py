@@ -98,3 +98,43 @@ def test_a_ranks_grok2_tensors_are_the_slices_of_the_whole_model(golden, layout)
     assert loaded.keys() == sliced.keys()
     for key in sliced:
         assert loaded[key].dtype == sliced[key].dtype and torch.equal(loaded[key], sliced[key]), key
+
+
+def _small_grok2():
+    """Grok-2's ratios at a small width (8 q / 2 kv heads, 8 experts top-2, a dense MLP)."""
+    from grok1.config_grok2 import Grok2Config
+
+    return Grok2Config(vocab_size=512, emb_size=64, key_size=16, num_q_heads=8, num_kv_heads=2,
+                       num_layers=2, expert_width=48, dense_width=96)
+
+
+def test_random_grok2_weights_have_the_releases_shapes_and_run():
+    from grok1.checkpoint import grok2
+
+    config = _small_grok2()
+    model = grok1.random_weights(config, seed=1)
+    state = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == grok2.grok1_shapes(config)
+    assert model.weights is None and state["lm_head.weight"].dtype == BF16  # the release's form
+    assert model.config == config.to_grok_config()
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens)
+    # Grok-2's final cap bounds the logits by 50; random weights of std 0.02 give spread logits
+    assert logits.shape == (2, 12, 512) and logits.isfinite().all()
+    assert 0 < logits.abs().max() < 50 and logits.std() > 1e-3
+    again = grok1.random_weights(config, seed=1).state_dict()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+    int8 = grok1.random_weights(config, quantized=True, seed=1)
+    assert int8.layers[0].attn.wq.quantized and int8.layers[0].mlp.w_up.weight.dtype == BF16
+
+
+@pytest.mark.parametrize("layout", [Layout(4, 3), Layout(2, 0, moe="ep", unembed="dim")])
+def test_a_ranks_random_grok2_weights_are_the_slices_of_the_whole_model(layout):
+    config = _small_grok2()
+    whole = grok1.random_weights(config, seed=2)
+    rank = grok1.random_weights(config, seed=2, layout=layout).state_dict()
+    sliced = shard_model_(copy.deepcopy(whole), layout).state_dict()
+    assert rank.keys() == sliced.keys()
+    assert all(torch.equal(rank[k], sliced[k]) for k in sliced)
+    assert rank["lm_head.weight"].shape != whole.state_dict()["lm_head.weight"].shape
