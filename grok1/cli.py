@@ -238,14 +238,16 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", type=Path, help="the release (folder of ckpt-0/) or a grok1 folder")
+    p.add_argument("src", type=Path,
+                   help="the release (folder of ckpt-0/), a grok1 folder, or a Grok-2 folder")
     p.add_argument("dst", type=Path, help="the folder to write (resumes a killed conversion)")
     p.add_argument("--weights", choices=("int8", "int4", "fp8", "bf16"), default="int8",
                    help="format of the attention and expert matrices")
     p.add_argument("--group-size", type=int, default=128,
                    help="int4: inputs per scale group")
     p.add_argument("--config", default=None,
-                   help="preset or config JSON (default: the source's own, or grok-1)")
+                   help="preset or config JSON (default: the source's own, or grok-1; a Grok-2 "
+                        "folder takes its own config.json)")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

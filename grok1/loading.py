@@ -30,7 +30,12 @@ import torch
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
 from grok1.checkpoint import grok2, hf
 from grok1.checkpoint.slices import layout_want
-from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
+from grok1.checkpoint.convert import (
+    INDEX_FILE,
+    is_sharded_native,
+    load_sharded_native,
+    sharded_family,
+)
 from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import ConfigError, GrokConfig, read_config_json
@@ -50,8 +55,8 @@ from grok1.parallel.tensor import (
     slice_weight,
 )
 
-__all__ = ["FORMATS", "Format", "ReadRequest", "detect_format", "load", "load_tokenizer",
-           "random_weights", "rank_layout", "rank_slicer"]
+__all__ = ["FAMILIES", "FORMATS", "Family", "Format", "ReadRequest", "detect_format", "load",
+           "load_tokenizer", "model_family", "random_weights", "rank_layout", "rank_slicer"]
 
 
 # ---- this rank's place ---------------------------------------------------------------------------
@@ -182,11 +187,24 @@ class Format:
     looks_like: str  # for the error that names what a folder should hold
     detect: Callable[[Path], bool]  # cheap: file names only, no tensor data
     read: Callable[[Path, ReadRequest], Grok1]  # the filled model, sharded per request.layout
-    # the model family's tokenizer: its file in (or beside) the folder and the class reading
-    # it (load_tokenizer), and the server's chat template (grok1.server.serving.CHAT_TEMPLATES)
-    tokenizer_file: str = "tokenizer.model"
-    tokenizer_class: Callable[[Path], Tokenizer | Grok2Tokenizer] = Tokenizer
-    chat_template: str = "transcript"
+    # the model family a folder holds (FAMILIES: its tokenizer and chat template)
+    family: Callable[[Path], str] = lambda _path: "grok-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family's text goes through: its tokenizer file in (or beside) the
+    checkpoint folder, the class reading it (load_tokenizer), and the server's chat template
+    (a name in grok1.server.serving.CHAT_TEMPLATES)."""
+    tokenizer_file: str
+    tokenizer_class: Callable[[Path], Tokenizer | Grok2Tokenizer]
+    chat_template: str
+
+
+FAMILIES: dict[str, Family] = {
+    "grok-1": Family("tokenizer.model", Tokenizer, "transcript"),
+    "grok-2": Family(TOKENIZER_FILE, Grok2Tokenizer, "grok-2"),
+}
 
 
 # The first whose detect claims a folder reads it: specific formats before general ones.
@@ -197,10 +215,9 @@ FORMATS: tuple[Format, ...] = (
     Format("hf-grok1", "a Hugging Face Grok-1 port (hpcai-tech/grok-1 or keyfan/grok-1-hf)",
            hf.detect, _read_hf),
     Format("grok1-sharded", f"a converted grok1 folder ({INDEX_FILE} + model-*.safetensors)",
-           is_sharded_native, _read_sharded_native),
+           is_sharded_native, _read_sharded_native, family=sharded_family),  # in its index
     Format("grok2", "a Grok-2 release folder (pytorch_model-*-TP-common.safetensors)",
-           grok2.detect, _read_grok2, tokenizer_file=TOKENIZER_FILE,
-           tokenizer_class=Grok2Tokenizer, chat_template="grok-2"),
+           grok2.detect, _read_grok2, family=lambda _path: "grok-2"),
     Format("xai-release", "a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)",
            lambda path: find_ckpt0(path) is not None, _read_release),
 )
@@ -217,14 +234,21 @@ def detect_format(path: str | Path) -> Format:
     raise CheckpointError(f"{path}: not a checkpoint grok1 reads; expected {_expected()}")
 
 
+def model_family(source: str | Path) -> Family:
+    """The family of the model in the checkpoint folder `source` (its format says, or a
+    converted folder's index); CheckpointError for a folder no format claims."""
+    path = Path(source)
+    return FAMILIES[detect_format(path).family(path)]
+
+
 def load_tokenizer(source: str | Path, tokenizer: str | Path | None = None
                    ) -> Tokenizer | Grok2Tokenizer:
-    """The tokenizer of the checkpoint folder `source`, read by its format's class (Grok-2's
-    tiktoken file, else SentencePiece): the file `tokenizer` if given, else the format's file
+    """The tokenizer of the checkpoint folder `source`, read by its family's class (Grok-2's
+    tiktoken file, else SentencePiece): the file `tokenizer` if given, else the family's file
     in the folder or beside it. Raises CheckpointError for a folder no format claims,
     TokenizerError for a missing or unreadable file."""
-    fmt = detect_format(source)
-    return fmt.tokenizer_class(find_tokenizer(tokenizer, Path(source), fmt.tokenizer_file))
+    family = model_family(source)
+    return family.tokenizer_class(find_tokenizer(tokenizer, Path(source), family.tokenizer_file))
 
 
 def _expected() -> str:

@@ -49,7 +49,7 @@ from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
 from grok1.sharding import Layout
 
-__all__ = ["detect", "grok1_shapes", "load_grok2", "read", "scan", "tp_want"]
+__all__ = ["Reader", "detect", "grok1_shapes", "load_grok2", "read", "scan", "tp_want"]
 CONFIG_FILE = "config.json"
 
 _FILE = re.compile(r"pytorch_model-(\d{5})-TP-(common|\d{3})\.safetensors")
@@ -262,25 +262,33 @@ def read(path: str | Path, config: Grok2Config,
     narrowed along the slice's dim. Raises CheckpointError (see `scan`), ValueError for a
     `want` entry that is not a tensor of `config`'s model or out of its range.
     """
-    folder = Path(path)
-    stored = scan(folder, config)
-    shapes = grok1_shapes(config)
-    srcs = sources(config)
-    slices = normalize_want(want, shapes)
-    handles: dict[Path, object] = {}
+    reader = Reader(path, config)
+    for s in normalize_want(want, reader.shapes):
+        yield s.name, reader.slice(s)
 
-    def open_file(p: Path):
-        if p not in handles:
+
+class Reader:
+    """A Grok-2 folder scanned once (`scan`), then read slice by slice on demand (`read` is
+    one pass of it; `grok1 convert` asks for one expert or block of rows at a time)."""
+
+    def __init__(self, path: str | Path, config: Grok2Config):
+        self.folder = Path(path)
+        self.stored = scan(self.folder, config)
+        self.shapes = grok1_shapes(config)
+        self.sources = sources(config)
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, p: Path):
+        if p not in self._handles:
             try:
-                handles[p] = safe_open(p, framework="pt")
+                self._handles[p] = safe_open(p, framework="pt")
             except SafetensorError as e:
-                raise CheckpointError(f"{folder.name}/{p.name}: not readable ({e})") from None
-        return handles[p]
+                raise CheckpointError(f"{self.folder.name}/{p.name}: not readable ({e})") from None
+        return self._handles[p]
 
-    for s in slices:
-        src = srcs[s.name]
-        t = _read_slice(s, shapes[s.name], src, stored, open_file)
-        yield s.name, t
+    def slice(self, s: TensorSlice) -> torch.Tensor:
+        """The tensor `s` asks for (a checked TensorSlice of a name in `shapes`)."""
+        return _read_slice(s, self.shapes[s.name], self.sources[s.name], self.stored, self._open)
 
 
 def _read_slice(s: TensorSlice, shape: tuple[int, ...], src: _Source,

@@ -252,8 +252,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
     on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
     answers 503 with the reason. `grok1 serve` stops and exits non-zero.
-    chat_template: the model's entry of serving.CHAT_TEMPLATES (the checkpoint format's,
-    grok1.loading.Format.chat_template).
+    chat_template: the model's entry of serving.CHAT_TEMPLATES (the checkpoint family's,
+    grok1.loading.Family.chat_template).
     """
     metrics = ServerMetrics()
     bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics,

@@ -95,10 +95,10 @@ def load_served_model(args: argparse.Namespace, mesh=None, device: str | None = 
     `grok1 serve`'s options, through grok1.load or grok1.random_weights: the checkpoint folder,
     random full-width weights (--dummy-layers), or the embedded default model; with a mesh
     (under torchrun) this rank's shard with its collectives, else the whole model on `device`.
-    The tokenizer's kind and the chat template are the checkpoint format's
-    (grok1.loading.Format)."""
+    The tokenizer's kind and the chat template are the checkpoint's family
+    (grok1.loading.model_family)."""
     from grok1.config import GrokConfig
-    from grok1.loading import detect_format, load, load_tokenizer, random_weights
+    from grok1.loading import load, load_tokenizer, model_family, random_weights
     from grok1.tokenizer import Tokenizer
 
     split = {"mesh": mesh, "moe": args.moe, "unembed": args.unembed,
@@ -112,7 +112,7 @@ def load_served_model(args: argparse.Namespace, mesh=None, device: str | None = 
     else:
         model_dir, name = _model_dir_and_name(args.checkpoint)
         tok = load_tokenizer(model_dir, args.tokenizer)
-        chat_template = detect_format(model_dir).chat_template
+        chat_template = model_family(model_dir).chat_template
         model = load(model_dir, config=args.config, progress=mesh is not None, **split)
         source = str(model_dir)
     tok.require_vocab(model.config.vocab_size)

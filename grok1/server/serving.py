@@ -12,8 +12,8 @@ transcript, one line per message, ending with an open assistant turn:
 
 ("developer" messages are written as "System"). Generation stops at "\\nUser:" or "\\nSystem:"
 (besides the request's own stop strings), and the reply's leading whitespace is dropped.
-That is the "transcript" entry of CHAT_TEMPLATES; a checkpoint's format names its template
-(grok1.loading.Format.chat_template): Grok-2's is "grok-2", its own chat template
+That is the "transcript" entry of CHAT_TEMPLATES; a checkpoint's family names its template
+(grok1.loading.Family.chat_template): Grok-2's is "grok-2", its own chat template
 (`Human: ...<|separator|>\\n\\nAssistant:`, grok1.tokenizer_grok2.chat_prompt), whose turns end
 with the <|separator|> token, a stop token as eos is.
 

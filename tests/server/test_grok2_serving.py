@@ -1,5 +1,5 @@
 """Grok-2 behind `grok1 generate` and `grok1 serve`: the tokenizer's kind and the chat template
-come from the checkpoint's format (grok1.loading.Format), not from a path; its <|eos|> and
+come from the checkpoint's family (grok1.loading.model_family), not from a path; its <|eos|> and
 <|separator|> end a reply. On a folder of the golden's Grok-2 weights (vocabulary 1024) beside a
 synthetic tokenizer.tok.json of 1024 tokens (tests/grok2_tokenizer_file.py)."""
 
@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 
 import grok1  # noqa: E402
 from grok1.generation import generate  # noqa: E402
-from grok1.loading import detect_format, load_tokenizer  # noqa: E402
+from grok1.loading import load_tokenizer, model_family  # noqa: E402
 from grok1.sampling import SamplingParams  # noqa: E402
 from grok1.server import protocol as P  # noqa: E402
 from grok1.server.serving import OpenAIServing  # noqa: E402
@@ -49,7 +49,7 @@ def test_the_tokenizer_and_chat_template_come_from_the_checkpoints_format(grok2_
                                                                            tmp_path):
     tok = load_tokenizer(grok2_folder)
     assert type(tok) is Grok2Tokenizer and tok.path == grok2_folder / TOKENIZER_FILE
-    assert detect_format(grok2_folder).chat_template == "grok-2"
+    assert model_family(grok2_folder).chat_template == "grok-2"
     # --tokenizer names the file; its kind is still the checkpoint's
     other = write_tok_json(tmp_path / "any-name.json", n_vocab=1024)
     assert type(load_tokenizer(grok2_folder, other)) is Grok2Tokenizer
@@ -58,7 +58,7 @@ def test_the_tokenizer_and_chat_template_come_from_the_checkpoints_format(grok2_
         load_tokenizer(GOLDEN2)
     default = grok1.default_model_dir()
     assert type(load_tokenizer(default)) is Tokenizer
-    assert detect_format(default).chat_template == "transcript"
+    assert model_family(default).chat_template == "transcript"
 
 
 def test_grok2_chat_requests_use_its_template_and_stop_on_the_separator(grok2_folder):
