@@ -4,6 +4,8 @@ release's attention and expert matrices quantized by the release's rule (the den
 embedding bf16 as they were); the index names the family, so the tokenizer and chat template
 follow the converted folder."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,9 @@ from grok2_tokenizer_file import write_tok_json
 import grok1
 from grok1.checkpoint.convert import convert, read_index
 from grok1.loading import detect_format, load_tokenizer, model_family
+from grok1.parallel.tensor import shard_model_
 from grok1.quant import QUANT_GROUPS, dequantize, quantize
+from grok1.sharding import Layout
 from grok1.tokenizer_grok2 import TOKENIZER_FILE, Grok2Tokenizer
 
 
@@ -83,6 +87,12 @@ def test_int8_conversion_quantizes_attention_and_experts_only(release, whole, to
     # attention and routing (built to amplify; golden README): measured rel 0.0725; a matrix
     # converted wrong (transposed, mis-scaled) moves the logits by ~100 %
     assert ((a - b).norm() / b.norm()).item() < 0.15
+    # a rank reads its slices of the converted folder (scale groups with their rows)
+    layout = Layout(2, 1)
+    rank = grok1.load(out, layout=layout, progress=False).state_dict()
+    sliced = shard_model_(copy.deepcopy(model), layout).state_dict()
+    assert rank.keys() == sliced.keys() and all(torch.equal(rank[k], sliced[k]) for k in rank)
+    assert rank["lm_head.weight"].shape == (128, 512)
 
 
 def test_a_grok1_config_for_a_grok2_folder_is_refused(release, tmp_path):
