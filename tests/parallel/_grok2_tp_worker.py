@@ -3,7 +3,8 @@ through grok1.load with a mesh (this rank's slices only), run the same tokens in
 bf16, as a full forward and as a prefill plus decode steps through a KV cache of the rank's
 local shape, and (rank 0) save the logits for the test to compare with one process's.
 
-    torchrun --nproc-per-node 8 tests/parallel/_grok2_tp_worker.py FOLDER TOKENS.pt OUT.pt
+    torchrun --nproc-per-node 8 tests/parallel/_grok2_tp_worker.py FOLDER TOKENS.pt OUT.pt \
+        [MOE UNEMBED]      # the MoE and unembedding splits (default tp, vocab)
 """
 
 import sys
@@ -31,13 +32,15 @@ def run(model: Grok1, tokens_BT: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     folder, tokens_path, out_path = sys.argv[1:4]
+    moe, unembed = sys.argv[4:6] if len(sys.argv) > 4 else ("tp", "vocab")
     torch.set_num_threads(1)
     mesh = init_distributed(device="cpu", backend="gloo")
     tokens = torch.load(tokens_path, weights_only=True)
     out = {}
     with torch.no_grad():
         for name, dtype in (("float32", torch.float32), ("bf16", BF16)):
-            model = grok1.load(folder, mesh=mesh, dtype=dtype, progress=False)
+            model = grok1.load(folder, mesh=mesh, dtype=dtype, moe=moe, unembed=unembed,
+                               progress=False)
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             for case, logits in run(model, tokens).items():
                 out[f"{name}_{case}"] = logits

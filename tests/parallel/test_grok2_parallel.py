@@ -7,7 +7,8 @@ MoE slot's output, the "dim" logits) stays f64 on the CPU until the all-reduce a
 once (products of bf16 values are exact in f64, so the order of the sum does not change the
 rounded value), each MoE slot is rounded before the slots add, as one process does (SGLang's
 rounding, grok2 SPEC 2.5), and the vocabulary split's logits are whole dot products gathered.
-Measured when written: 0.0 difference at TP 2 and 8, float32 and bf16, full and cached.
+Measured when written: 0.0 difference at TP 2 and 8 (and 2 ranks with whole experts and the
+head split along D), float32 and bf16, full and cached.
 """
 
 import copy
@@ -49,12 +50,13 @@ def one_process(golden):
                 for name, dtype in (("float32", torch.float32), ("bf16", BF16))}
 
 
-def torchrun_worker(ranks: int, tokens: torch.Tensor, tmp_path: Path) -> dict:
+def torchrun_worker(ranks: int, tokens: torch.Tensor, tmp_path: Path, moe: str = "tp",
+                    unembed: str = "vocab") -> dict:
     torch.save(tokens, tmp_path / "tokens.pt")
     out = tmp_path / f"tp{ranks}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={ranks}", str(WORKER), str(GOLDEN2), str(tmp_path / "tokens.pt"),
-           str(out)]
+           str(out), moe, unembed]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
@@ -62,16 +64,20 @@ def torchrun_worker(ranks: int, tokens: torch.Tensor, tmp_path: Path) -> dict:
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("ranks", [2, 8])
-def test_a_grok2_folder_loads_at_tp_2_and_8_to_one_process_logits(golden, one_process, ranks,
-                                                                  tmp_path):
+@pytest.mark.parametrize("ranks, moe, unembed", [(2, "tp", "vocab"), (8, "tp", "vocab"),
+                                                 (2, "ep", "dim")])
+def test_a_grok2_folder_loads_on_2_and_8_gloo_ranks_to_one_process_logits(golden, one_process, ranks,
+                                                                  moe, unembed, tmp_path):
     tokens, golden_logits = golden
-    got = torchrun_worker(ranks, tokens, tmp_path)
+    got = torchrun_worker(ranks, tokens, tmp_path, moe, unembed)
     shapes = got.pop("rank0_shapes")
-    # rank 0 held its share only: 1/ranks of the head's vocabulary, dense width, expert width
-    assert shapes["lm_head.weight"] == (128, 1024 // ranks)
+    # rank 0 held its share only: 1/ranks of the head's vocabulary (or of D), the dense width,
+    # the expert width (or of the experts)
+    assert shapes["lm_head.weight"] == ((128, 1024 // ranks) if unembed == "vocab"
+                                        else (128 // ranks, 1024))
     assert shapes["layers.0.mlp.w_down.weight"] == (512 // ranks, 128)
-    assert shapes["layers.0.moe.w_up.weight"] == (8, 128, 256 // ranks)
+    assert shapes["layers.0.moe.w_up.weight"] == ((8, 128, 256 // ranks) if moe == "tp"
+                                                  else (8 // ranks, 128, 256))
     assert shapes["embed"] == (1024, 128)
     for name in ("float32", "bf16"):
         for case in ("full", "cached"):
