@@ -4,8 +4,8 @@ process's logits; a rank's tensors are exactly the slices of the whole model.
 
 Why equality is exact: every partial sum over ranks (wo, the dense MLP's down-projection, each
 MoE slot's output, the "dim" logits) stays f64 on the CPU until the all-reduce and is rounded
-once (products of bf16 values are exact in f64, so the order of the sum does not change the
-rounded value), each MoE slot is rounded before the slots add, as one process does (SGLang's
+once (products of bf16 values, and of f32 by bf16, are exact in f64 and their sums nearly so:
+the order of the sum does not change the value rounded to f32 in practice), each MoE slot is rounded before the slots add, as one process does (SGLang's
 rounding, grok2 SPEC 2.5), and the vocabulary split's logits are whole dot products gathered.
 Measured when written: 0.0 difference at TP 2 and 8 (and 2 ranks with whole experts and the
 head split along D), float32 and bf16, full and cached.
