@@ -112,3 +112,40 @@ def test_generate_on_a_grok2_folder_writes_the_models_greedy_text(grok2_folder):
     assert tok.stop_ids == (2, 1)  # <|eos|>, <|separator|>
     assert out.stdout == prompt + tok.decode(result.token_ids) + "\n"
     assert len(result.token_ids) >= 1
+
+
+def test_serve_answers_a_grok2_chat_with_its_template_and_the_engines_greedy_reply(grok2_folder):
+    """`grok1 serve --checkpoint` a Grok-2 folder (build_app: the engine over the golden's
+    weights): the chat endpoint sends the template's tokens and stops on <|separator|>, so the
+    reply is the engine's own greedy continuation of that prompt, cut at eos or the separator."""
+    import argparse
+
+    import httpx
+
+    from grok1.engine.llm import LLM
+    from grok1.server.cli_serve import add_serve_args, build_app, serve_in_thread
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    app = build_app(p.parse_args(["--checkpoint", str(grok2_folder), "--device", "cpu",
+                                  "--max-batch-size", "2", "--max-model-len", "128"]))
+    engine = app.state.bridge.engine
+    tok = Grok2Tokenizer(grok2_folder / TOKENIZER_FILE)
+    messages = [{"role": "user", "content": "the hat"}]
+    body = {"model": "grok-2-tiny", "messages": messages, "max_tokens": 24, "temperature": 0}
+    # the model's logits are capped at 50: a bias of 100 makes <|separator|> its first token
+    biased = {**body, "logit_bias": {str(tok.separator_id): 100}}
+    with serve_in_thread(app) as url:
+        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+        ended = httpx.post(url + "/v1/chat/completions", json=biased, timeout=120).json()
+    assert ended["choices"][0]["finish_reason"] == "stop"  # the separator ends the reply ...
+    assert ended["choices"][0]["message"]["content"] == ""  # ... unshown, as eos would
+    ids = tok.encode("Human: the hat<|separator|>\n\nAssistant:")
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=tok.stop_ids)
+    (expected,) = LLM(engine.model, tok, max_model_len=128, max_batch_size=2).generate(
+        [ids], params)
+    choice = reply["choices"][0]
+    assert choice["message"]["content"] == tok.decode(expected.token_ids).lstrip()
+    assert choice["finish_reason"] == expected.finish_reason
+    assert len(expected.token_ids) > 1  # a reply, not an immediate stop
