@@ -1,7 +1,8 @@
 """One torchrun rank of tests/parallel/test_grok2_parallel.py: load a Grok-2 release folder
 through grok1.load with a mesh (this rank's slices only), run the same tokens in float32 and
 bf16, as a full forward and as a prefill plus decode steps through a KV cache of the rank's
-local shape, and (rank 0) save the logits for the test to compare with one process's.
+local shape, then greedy tokens through the serving engine (bf16), and (rank 0) save them
+for the test to compare with one process's.
 
     torchrun --nproc-per-node 8 tests/parallel/_grok2_tp_worker.py FOLDER TOKENS.pt OUT.pt \
         [MOE UNEMBED]      # the MoE and unembedding splits (default tp, vocab)
@@ -16,6 +17,7 @@ from grok1.model import BF16, Grok1, KVCache
 from grok1.parallel.mesh import init_distributed, shutdown
 
 DECODE_STEPS = 6
+ENGINE_TOKENS = 6
 
 
 def run(model: Grok1, tokens_BT: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,6 +30,17 @@ def run(model: Grok1, tokens_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     for t in range(T - DECODE_STEPS, T - 1):
         steps.append(model(tokens_BT[:, t:t + 1], cache).float())
     return {"full": full, "cached": torch.cat(steps, dim=1)}
+
+
+def engine_greedy(model: Grok1, tokens_BT: torch.Tensor) -> list[list[int]]:
+    """ENGINE_TOKENS greedy tokens per row through grok1.engine (every rank runs the same
+    deterministic schedule, so the collectives line up)."""
+    from grok1.engine.llm import LLM
+    from grok1.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=ENGINE_TOKENS, temperature=0.0, ignore_eos=True)
+    llm = LLM(model, max_model_len=64, max_batch_size=4)
+    return [o.token_ids for o in llm.generate(tokens_BT.tolist(), params)]
 
 
 def main() -> None:
@@ -45,6 +58,8 @@ def main() -> None:
             for case, logits in run(model, tokens).items():
                 out[f"{name}_{case}"] = logits
         out["rank0_shapes"] = shapes
+        # the serving engine over the same ranks (bf16 kernels' twins on the CPU, paged cache)
+        out["engine_tokens"] = engine_greedy(model, tokens)
     if mesh.is_main:
         torch.save(out, out_path)
     shutdown()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _grok2_tp_worker import DECODE_STEPS, run
+from _grok2_tp_worker import DECODE_STEPS, engine_greedy, run
 from grok2_reference import GOLDEN2
 
 import grok1
@@ -46,8 +46,10 @@ def golden():
 def one_process(golden):
     tokens, _ = golden
     with torch.no_grad():
-        return {name: run(grok1.load(GOLDEN2, dtype=dtype, progress=False), tokens)
-                for name, dtype in (("float32", torch.float32), ("bf16", BF16))}
+        out = {name: run(grok1.load(GOLDEN2, dtype=dtype, progress=False), tokens)
+               for name, dtype in (("float32", torch.float32), ("bf16", BF16))}
+    out["engine_tokens"] = engine_greedy(grok1.load(GOLDEN2, progress=False), tokens)
+    return out
 
 
 def torchrun_worker(ranks: int, tokens: torch.Tensor, tmp_path: Path, moe: str = "tp",
@@ -82,6 +84,8 @@ def test_a_grok2_folder_loads_on_2_and_8_gloo_ranks_to_one_process_logits(golden
     for name in ("float32", "bf16"):
         for case in ("full", "cached"):
             assert torch.equal(got[f"{name}_{case}"], one_process[name][case]), (name, case)
+    # the serving engine on the ranks writes one process's engine's greedy tokens
+    assert got["engine_tokens"] == one_process["engine_tokens"]
     rel = (got["float32_full"].double() - golden_logits).norm() / golden_logits.norm()
     assert rel <= 1e-4  # golden/README's float32 bound (measured 6.2e-7)
 
