@@ -143,7 +143,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     from grok1.parallel.options import wants_parallel
 
     model_dir = model_dir_or_default(args.checkpoint)
-    tokenizer = load_tokenizer(model_dir, args.tokenizer)  # the checkpoint format's kind
+    tokenizer = load_tokenizer(model_dir, args.tokenizer)  # the checkpoint family's kind
     mesh = init_distributed(args.tp, device=args.device) if wants_parallel(args) else None
     model = load(model_dir, config=args.config, device=None if mesh else _device(args.device),
                  mesh=mesh, moe=args.moe, unembed=args.unembed)

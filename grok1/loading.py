@@ -36,14 +36,21 @@ from grok1.checkpoint.convert import (
     load_sharded_native,
     sharded_family,
 )
-from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
+from grok1.checkpoint.native import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    load_native,
+    native_config,
+)
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import ConfigError, GrokConfig, read_config_json
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
 from grok1.quant import WeightFormat
 from grok1.tokenizer import Tokenizer, find_tokenizer
-from grok1.tokenizer_grok2 import TOKENIZER_FILE, Grok2Tokenizer
+from grok1.tokenizer_grok2 import TOKENIZER_FILE as GROK2_TOKENIZER_FILE
+from grok1.tokenizer_grok2 import Grok2Tokenizer
 from grok1.parallel.mesh import Mesh
 from grok1.parallel.tensor import (
     Layout,
@@ -202,8 +209,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "grok-1": Family("tokenizer.model", Tokenizer, "transcript"),
-    "grok-2": Family(TOKENIZER_FILE, Grok2Tokenizer, "grok-2"),
+    "grok-1": Family(TOKENIZER_FILE, Tokenizer, "transcript"),
+    "grok-2": Family(GROK2_TOKENIZER_FILE, Grok2Tokenizer, "grok-2"),
 }
 
 
