@@ -236,7 +236,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                shutdown_grace_s: float = 30.0, max_prompt_chars: int | None = None,
                worker_threads: int = 4, write_timeout_s: float = 30.0,
                max_buffered_outputs: int = 1024,
-               on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
+               on_engine_failure: Callable[[str], None] | None = None,
+               chat_template: str = "transcript") -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
 
@@ -251,6 +252,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
     on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
     answers 503 with the reason. `grok1 serve` stops and exits non-zero.
+    chat_template: the model's entry of serving.CHAT_TEMPLATES (the checkpoint family's,
+    grok1.loading.Family.chat_template).
     """
     metrics = ServerMetrics()
     bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics,
@@ -258,7 +261,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     serving = OpenAIServing(tokenizer, model_name, max_model_len=engine.max_model_len,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
                             max_choices=min(max_choices, max_pending),
-                            max_prompt_chars=max_prompt_chars, worker_threads=worker_threads)
+                            max_prompt_chars=max_prompt_chars, worker_threads=worker_threads,
+                            chat_template=chat_template)
     created = int(time.time())
 
     @asynccontextmanager
