@@ -31,7 +31,7 @@ from grok1.engine.golden import BLOCK_SIZE, engine_runner
 from grok1.engine.scheduler import ScheduledChunk, Sequence
 from grok1.model import matmul_bf16, moe_ref, route, summed
 from grok1.ops import rmsnorm, rope
-from grok1.ops.attention import paged_attention_ref
+from grok1.ops.attention import GROK1_ATTENTION, paged_attention_ref
 
 BF16 = torch.bfloat16
 
@@ -62,15 +62,15 @@ class Recorder:
                  "paged_attention")}
         rec = self
 
-        def rms_norm_op(x, w):
-            out = real["rms_norm_op"](x, w)
+        def rms_norm_op(x, w, eps=rmsnorm.RMS_EPS):
+            out = real["rms_norm_op"](x, w, eps)
             rec.layer = 0
-            rec.add("attn_norm", out, rmsnorm.rms_norm(x, w))
+            rec.add("attn_norm", out, rmsnorm.rms_norm(x, w, eps))
             return out
 
-        def add_rms_norm(h, a, w_a, w_next):
-            h_ref, x_ref = rmsnorm.add_rms_norm_ref(h, a, w_a, w_next)
-            h_out, x_out = real["add_rms_norm"](h, a, w_a, w_next)
+        def add_rms_norm(h, a, w_a, w_next, eps=rmsnorm.RMS_EPS):
+            h_ref, x_ref = rmsnorm.add_rms_norm_ref(h, a, w_a, w_next, eps)
+            h_out, x_out = real["add_rms_norm"](h, a, w_a, w_next, eps)
             rec.add("residual_norm.h", h_out, h_ref)
             rec.add("residual_norm.x", x_out, x_ref)
             if rec.after_moe:  # the norm after the MoE ends the layer
@@ -94,24 +94,26 @@ class Recorder:
             rec.add("rope.v_cached", v_cache.view(-1, K, H)[slots], vc.view(-1, K, H)[slots])
             return q_out
 
-        def paged_attention(q, k_cache, v_cache, table, positions, plan, mult, real_slots):
+        def paged_attention(q, k_cache, v_cache, table, positions, plan, mult, real_slots,
+                            math=GROK1_ATTENTION, temperature=None):
             out = real["paged_attention"](q, k_cache, v_cache, table, positions, plan, mult,
-                                          real_slots)
+                                          real_slots, math, temperature)
             rec.add("attention", out, paged_attention_ref(q, k_cache, v_cache, table, positions,
-                                                          plan, mult, real_slots))
+                                                          plan, mult, real_slots, math))
             return out
 
         def moe_hook(module, inputs, out):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
-            _, gates, ids = route(x, module.router, module.top_k)
+            _, gates, ids = route(x, module.router, module.top_k, module.router_softcap)
             from grok1.ops.router import route_op
-            _, gates_k, ids_k = route_op(x, module.router, module.top_k)
+            _, gates_k, ids_k = route_op(x, module.router, module.top_k, module.router_softcap)
             same = (ids_k.sort(-1).values == ids.sort(-1).values).all(-1).float().mean()
             rec.rows.append({"op": "router.same_experts", "layer": rec.layer,
                              "step": rec.step, "share": float(same)})
             rec.add("router.gates", gates_k, gates)
             rec.add("moe", summed(out).reshape(x.shape),
-                    moe_ref(x, gates, ids, module.w_gate, module.w_up, module.w_down))
+                    moe_ref(x, gates, ids, module.w_gate, module.w_up, module.w_down,
+                            gelu=module.gelu, rounding=module.rounding))
             rec.after_moe = True
 
         for layer in model.layers:
