@@ -29,7 +29,12 @@ import torch
 
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
 from grok1.checkpoint import grok2, hf
-from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
+from grok1.checkpoint.convert import (
+    INDEX_FILE,
+    is_sharded_native,
+    load_sharded_native,
+    sharded_format,
+)
 from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import ConfigError, GrokConfig, read_config_json
@@ -64,11 +69,15 @@ def rank_layout(mesh: Mesh | None, layout: Layout | None = None, *, moe: str = "
 _MATRIX_KEY = re.compile(r"layers\.\d+\.(.+)\.(weight|scales)")
 
 
-def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
+def rank_slicer(config: GrokConfig, layout: Layout,
+                weights: WeightFormat | None = None) -> ShardFn:
     """shard_fn(state-dict key, stored tensor) -> `layout.rank`'s piece, a view, cut by
     parallel.tensor.plan (the table `shard_model_` cuts a loaded model by). Quantized matrices
     split along their input dim take their scale groups with them (8 groups over 2 ranks: 4
-    each); the embedding, norms and routers are whole on every rank."""
+    each); `weights` is the matrices' stored format when not the release's int8 (int4: packed
+    rows in pairs, groups of group_size inputs; fp8: one scale per column, kept whole on a row
+    split). The embedding, norms and routers are whole on every rank. The pieces raise
+    ConfigError naming the tensor when the split would cut an int4 byte or scale group."""
     table = plan(config, layout)
     with torch.device("meta"):  # the stored matrices' input dims, for the scale groups
         d_in = {k: v.shape[-2] for k, v in Grok1(config, quantized=True).state_dict().items()
@@ -80,8 +89,8 @@ def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
             return t
         split = table[m.group(1)]
         if m.group(2) == "weight":
-            return slice_weight(t, split)
-        return slice_scales(t, split, d_in[key.removesuffix("scales") + "weight"], key)
+            return slice_weight(t, split, weights, key)
+        return slice_scales(t, split, d_in[key.removesuffix("scales") + "weight"], key, weights)
 
     return shard_fn
 
@@ -104,9 +113,11 @@ class ReadRequest:
                           weights=None if isinstance(weights, bool) else weights, dtype=dtype)
         return model if self.layout is None else shard_model_(model, self.layout)
 
-    def shard_fn(self, config: GrokConfig) -> ShardFn | None:
-        """The stored tensor -> this rank's piece; None for the whole model."""
-        return None if self.layout is None else rank_slicer(config, self.layout)
+    def shard_fn(self, config: GrokConfig,
+                 weights: WeightFormat | None = None) -> ShardFn | None:
+        """The stored tensor -> this rank's piece (matrices stored in `weights`, default the
+        release's int8); None for the whole model."""
+        return None if self.layout is None else rank_slicer(config, self.layout, weights)
 
 
 # ---- formats -------------------------------------------------------------------------------------
@@ -130,9 +141,10 @@ def _read_native(path: Path, req: ReadRequest) -> Grok1:
 
 def _read_sharded_native(path: Path, req: ReadRequest) -> Grok1:
     config = req.config or GrokConfig.from_json(path / CONFIG_FILE)
+    weights = sharded_format(path)  # int8, int4 (packed, grouped) or fp8: sliced as stored
     return load_sharded_native(path, config, device=req.device, dtype=req.dtype,
                                build=req.empty_model if req.layout else None,
-                               shard_fn=req.shard_fn(config))
+                               shard_fn=req.shard_fn(config, weights))
 
 
 def _read_hf(path: Path, req: ReadRequest) -> Grok1:

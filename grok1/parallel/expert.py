@@ -69,6 +69,8 @@ class ParallelMoE(FusedMoE):
         if held != len(experts):
             raise ValueError(f"MoE holds {held} experts but the layout gives it {len(experts)}")
         super().__init__(moe)
+        # the fused kernels take the release's int8 only; int4 and fp8 run through the twin
+        self.kernel_ok = self.kernel_ok and moe.w_gate.quantized and moe.w_down.quantized
         self.experts = experts
         self.group = group
         self.last_router_logits: torch.Tensor | None = None  # as MoE's, while training
