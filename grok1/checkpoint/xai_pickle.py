@@ -49,6 +49,7 @@ from grok1.checkpoint.xai_pickle_reader import (  # UnsafePickleError: re-export
     map_file,
     open_regular,
     populate,
+    prefault,
     read_array,
     read_elements,
     scan_xai_file,
@@ -284,6 +285,7 @@ def _load_spans(ckpt_dir: Path, scanned: list[tuple[XaiEntry, ArrayRef | QuantRe
                   stop: int) -> int:
         with open_regular(path, where, buffering=0) as f:
             direct = out.device.type == "cpu" and out.dtype == ref.dtype
+            prefault(out[start:stop])  # the model's own memory, written once below
             read_elements(f.fileno(), ref, where, out, start, stop,
                           None if direct else staging())
         return (stop - start) * ref.dtype.itemsize

@@ -523,3 +523,21 @@ def populate(mapped: mmap.mmap, ref: ArrayRef, start: int, stop: int, where: str
         raise CheckpointError(f"{where}: cannot read bytes {begin}:{end} ({e.strerror}); "
                               "truncated? fetch it again") from e
     return True
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+
+
+def prefault(t: torch.Tensor) -> None:
+    """Fault in the pages of the contiguous CPU tensor `t` in one call (MADV_POPULATE_WRITE)
+    before it is written: fresh memory handed out in the kernel's loop rather than a fault per
+    page, 1.3-1.6x faster on a VM (bench/load_speed.py). Only a hint: a kernel without it
+    (before Linux 5.14, or not Linux) faults the pages in on the first write instead."""
+    if _libc is None or t.device.type != "cpu" or not t.numel():
+        return
+    begin = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside t
+    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin:
+        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin),
+                      ctypes.c_int(_MADV_POPULATE_WRITE))
