@@ -49,6 +49,7 @@ from grok1.checkpoint.xai_pickle_reader import (  # UnsafePickleError: re-export
     map_file,
     open_regular,
     populate,
+    populate_mapped,
     prefault,
     read_array,
     read_elements,
@@ -206,19 +207,21 @@ def load_xai_checkpoint(ckpt_dir: str | Path, config: GrokConfig, *,
     buffer of _SPAN_BYTES, converted (the f32 embedding to bf16) and moved to `device` span by
     span, so no full-size f32 copy and no host copy of a GPU model is made. Per rank
     (`shard_fn`), files are memory-mapped and read by whole tensors, with at most
-    `max_inflight_bytes` of them mapped but not yet placed.
+    `max_inflight_bytes` of them mapped but not yet placed; on the CPU a rank's piece that is
+    contiguous in the file (rows, experts, a whole tensor) stays mapped and is read during the
+    load, a strided one (columns) is copied out.
 
     shard_fn(key, tensor) -> tensor, for sharded loading: called in a worker thread for each
     state-dict key of the model (`layers.3.attn.wo.weight`, `layers.3.attn.wo.scales`, `embed`,
     `layers.3.moe.router`, ...) with the full CPU tensor as stored in the file (int8 weight,
     bf16 scales, f32 otherwise), memory-mapped so that slicing it reads only the slice's pages,
-    before the dtype conversion and the move to `device`; it returns this rank's piece (a view is
-    fine: it is copied out of the map), whose shape must equal the model's (the model was built
-    with local shapes). A quantized matrix's weight and scales are passed one after the other,
-    weight first; scales [(E,) G, out] have G = 1 or 8 groups along the input dim, so a slice of
-    the input dim must take the matching groups (or repeat a group when it splits one). It is
-    not called for a dense model's dequantized matrices before dequantization: it gets the bf16
-    matrix instead.
+    before the dtype conversion and the move to `device`; it returns this rank's piece (a view
+    is fine: kept mapped or copied out, as above), whose shape must equal the model's (the
+    model was built with local shapes). A quantized matrix's weight and scales are passed one
+    after the other, weight first; scales [(E,) G, out] have G = 1 or 8 groups along the input
+    dim, so a slice of the input dim must take the matching groups (or repeat a group when it
+    splits one). It is not called for a dense model's dequantized matrices before
+    dequantization: it gets the bf16 matrix instead.
 
     Raises CheckpointError (missing, extra, truncated or mis-shaped files; a shard_fn shape that
     the model does not expect) and UnsafePickleError (a pickle asking for anything else).
@@ -364,7 +367,12 @@ def _load_tensors(ckpt_dir: Path, scanned: list[tuple[XaiEntry, ArrayRef | Quant
                 raise error
             moved = t.to(device=device, dtype=targets[key].dtype)
             if shard_fn is not None and moved.data_ptr() == t.data_ptr():
-                moved = moved.clone()  # never keep a file mapping in the model
+                # still the file's map: a contiguous, aligned piece (rows, experts, a whole
+                # tensor) stays mapped and is read now; a strided one (columns) is copied out
+                if moved.is_contiguous() and moved.data_ptr() % moved.element_size() == 0:
+                    populate_mapped(moved)
+                else:
+                    moved = moved.clone()
             out[key] = moved
         return out
 

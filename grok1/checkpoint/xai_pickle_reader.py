@@ -529,15 +529,30 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
 
+def _advise_pages(t: torch.Tensor, advice: int, *, outer: bool) -> None:
+    """madvise(advice) over the pages of the contiguous CPU tensor `t`: every page it touches
+    (`outer`), or only the whole pages inside it. A hint: errors (an older kernel) are ignored."""
+    if _libc is None or t.device.type != "cpu" or not t.numel():
+        return
+    page = mmap.PAGESIZE
+    first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    begin = first // page * page if outer else -(-first // page) * page
+    end = -(-last // page) * page if outer else last // page * page
+    if end > begin:
+        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(advice))
+
+
 def prefault(t: torch.Tensor) -> None:
     """Fault in the pages of the contiguous CPU tensor `t` in one call (MADV_POPULATE_WRITE)
     before it is written: fresh memory handed out in the kernel's loop rather than a fault per
     page, 1.3-1.6x faster on a VM (bench/load_speed.py). Only a hint: a kernel without it
-    (before Linux 5.14, or not Linux) faults the pages in on the first write instead."""
-    if _libc is None or t.device.type != "cpu" or not t.numel():
-        return
-    begin = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside t
-    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > begin:
-        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin),
-                      ctypes.c_int(_MADV_POPULATE_WRITE))
+    (before Linux 5.14, or not Linux) faults the pages in on the first write instead. Never
+    for a file's private map (it would copy the pages)."""
+    _advise_pages(t, _MADV_POPULATE_WRITE, outer=False)
+
+
+def populate_mapped(t: torch.Tensor) -> None:
+    """Read the pages of `t`, a contiguous piece of a file's map, into the page cache and map
+    them now (MADV_POPULATE_READ), so that a load reads what it keeps mapped. A hint: a file
+    cut short shows at first use (SIGBUS), as for any mapped load."""
+    _advise_pages(t, MADV_POPULATE_READ, outer=True)

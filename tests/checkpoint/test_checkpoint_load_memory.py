@@ -105,3 +105,42 @@ def test_a_file_truncated_after_the_scan_is_named(big_release, tmp_path, monkeyp
     assert "truncated" in str(e.value) and "\n" not in str(e.value)
     assert any(f"ckpt-0/{xai_file_name(i)} ({name})" in str(e.value)
                for i, name in victims.items()), str(e.value)
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds t's data in this process (/proc/self/maps), else None."""
+    addr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= addr < hi:
+            return Path(rest[4]).name if len(rest) > 4 and rest[4].startswith("/") else None
+    return None
+
+
+def test_whole_and_contiguous_rank_pieces_stay_mapped_and_columns_are_copied(golden_dir):
+    from grok1.sharding import Layout
+
+    ckpt, config = golden_dir / "checkpoint", golden_dir / "config.json"
+    whole = grok1.load(ckpt, config=config, progress=False)
+    rank = grok1.load(ckpt, config=config, layout=Layout(2, 1, moe="ep"), progress=False)
+    # golden layer 0 (string order 0, 1, 10, ...): w_down in file 3, wq in 7, wo in 6
+    assert _mapped_file(whole.layers[0].moe.w_down.weight) == xai_file_name(3)
+    assert _mapped_file(whole.layers[0].attn.wq.weight) == xai_file_name(7)
+    assert _mapped_file(whole.embed) is None  # converted to bf16: the model's own memory
+    assert _mapped_file(rank.layers[0].moe.w_down.weight) == xai_file_name(3)  # experts 4-7
+    assert _mapped_file(rank.layers[0].attn.wo.weight) == xai_file_name(6)  # rows
+    assert _mapped_file(rank.layers[0].attn.wq.weight) is None  # columns: a copy
+    for name in ("moe.w_down", "attn.wo", "attn.wq"):
+        a, b = rank.layers[0].get_submodule(name), whole.layers[0].get_submodule(name)
+        assert a.weight.is_contiguous()
+        assert torch.equal(a.dense(), shard_piece(b, name))
+
+
+def shard_piece(lin, name: str) -> torch.Tensor:
+    """The dequantized slice rank 1 of 2 holds (Layout(2, 1, moe="ep")) of a whole Linear."""
+    w = lin.dense() if name != "moe.w_down" else torch.stack([lin.dense(e) for e in range(8)])
+    if name == "moe.w_down":
+        return w[4:]
+    half = w.shape[-1 if name == "attn.wq" else -2] // 2
+    return w[:, half:] if name == "attn.wq" else w[half:]
