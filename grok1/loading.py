@@ -35,6 +35,7 @@ from grok1.checkpoint.convert import (
     is_sharded_native,
     load_sharded_native,
     sharded_family,
+    sharded_format,
 )
 from grok1.checkpoint.native import (
     CONFIG_FILE,
@@ -80,12 +81,16 @@ def rank_layout(mesh: Mesh | None, layout: Layout | None = None, *, moe: str = "
 _MATRIX_KEY = re.compile(r"layers\.\d+\.(.+)\.(weight|scales)")
 
 
-def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
+def rank_slicer(config: GrokConfig, layout: Layout,
+                weights: WeightFormat | None = None) -> ShardFn:
     """shard_fn(state-dict key, stored tensor) -> `layout.rank`'s piece, a view, cut by
     parallel.tensor.plan (the table `shard_model_` cuts a loaded model by). Quantized matrices
     split along their input dim take their scale groups with them (8 groups over 2 ranks: 4
-    each); an untied lm_head is cut by head_split; the embedding, norms and routers are whole
-    on every rank."""
+    each); `weights` is the matrices' stored format when not the release's int8 (int4: packed
+    rows in pairs, groups of group_size inputs; fp8: one scale per column, kept whole on a row
+    split); an untied lm_head is cut by head_split; the embedding, norms and routers are whole
+    on every rank. The pieces raise ConfigError naming the tensor when the split would cut an
+    int4 byte or scale group."""
     table, head = plan(config, layout), head_split(config, layout)
     with torch.device("meta"):  # the stored matrices' input dims, for the scale groups
         d_in = {k: v.shape[-2] for k, v in Grok1(config, quantized=True).state_dict().items()
@@ -99,8 +104,8 @@ def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
             return t
         split = table[m.group(1)]
         if m.group(2) == "weight":
-            return slice_weight(t, split)
-        return slice_scales(t, split, d_in[key.removesuffix("scales") + "weight"], key)
+            return slice_weight(t, split, weights, key)
+        return slice_scales(t, split, d_in[key.removesuffix("scales") + "weight"], key, weights)
 
     return shard_fn
 
@@ -124,9 +129,11 @@ class ReadRequest:
                           compute_dtype=compute_dtype)
         return model if self.layout is None else shard_model_(model, self.layout)
 
-    def shard_fn(self, config: GrokConfig) -> ShardFn | None:
-        """The stored tensor -> this rank's piece; None for the whole model."""
-        return None if self.layout is None else rank_slicer(config, self.layout)
+    def shard_fn(self, config: GrokConfig,
+                 weights: WeightFormat | None = None) -> ShardFn | None:
+        """The stored tensor -> this rank's piece (matrices stored in `weights`, default the
+        release's int8); None for the whole model."""
+        return None if self.layout is None else rank_slicer(config, self.layout, weights)
 
 
 # ---- formats -------------------------------------------------------------------------------------
@@ -150,9 +157,10 @@ def _read_native(path: Path, req: ReadRequest) -> Grok1:
 
 def _read_sharded_native(path: Path, req: ReadRequest) -> Grok1:
     config = req.config or GrokConfig.from_json(path / CONFIG_FILE)
+    weights = sharded_format(path)  # int8, int4 (packed, grouped) or fp8: sliced as stored
     return load_sharded_native(path, config, device=req.device, dtype=req.dtype,
                                build=req.empty_model if req.layout else None,
-                               shard_fn=req.shard_fn(config))
+                               shard_fn=req.shard_fn(config, weights))
 
 
 def _read_hf(path: Path, req: ReadRequest) -> Grok1:

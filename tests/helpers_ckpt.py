@@ -62,3 +62,29 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(a.copy())
+
+
+def write_release_checkpoint(folder: Path, config, seed: int = 0) -> Path:
+    """A release checkpoint for `config` (a GrokConfig) in folder/ckpt-0, its config beside
+    it: random int8 weights, small positive bf16 scales, f32 normal tensors, each file written
+    as the reference writes it. Returns the ckpt-0 folder."""
+    from grok1.checkpoint.names import xai_file_name, xai_parameter_order
+    from grok1.checkpoint.xai_pickle import release_specs
+
+    specs = release_specs(config)
+    rng = np.random.default_rng(seed)
+    ckpt = folder / "ckpt-0"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for entry in xai_parameter_order(config.num_layers):
+        name = entry.grok1_name
+        if name + ".weight" in specs:
+            shape = specs[name + ".weight"][0]
+            weight = np.frombuffer(rng.bytes(int(np.prod(shape))), np.int8).reshape(shape)
+            scales = rng.random(specs[name + ".scales"][0], np.float32) * 1e-3
+            value = QuantizedWeight8bit(weight, scales.astype(ml_dtypes.bfloat16))
+        else:
+            value = rng.standard_normal(specs[name][0], np.float32)
+        write_xai_file(ckpt / xai_file_name(entry.file_index), value)
+        del value  # one file's arrays at a time
+    config.save_json(folder / "config.json")
+    return ckpt

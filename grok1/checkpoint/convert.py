@@ -510,6 +510,11 @@ def read_index(folder: Path) -> dict:
     return index
 
 
+def sharded_format(folder: Path) -> WeightFormat | None:
+    """The weight format a sharded folder's index declares (None: bf16 matrices)."""
+    return metadata_format(read_index(folder)["metadata"], f"{folder.name}/{INDEX_FILE}")
+
+
 def verify_shards(folder: Path, index: dict) -> None:
     """Every shard's sha256 against the index; CheckpointError naming the first that differs."""
     sums = index["metadata"].get("sha256") or {}

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from grok1.model import MoE, PartialSums, moe_ref, route, wide_dtype
 from grok1.ops.moe import FusedMoE, sum_slots_sglang
 from grok1.parallel.mesh import all_reduce_
+from grok1.quant import INT8
 
 
 def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
@@ -88,6 +89,9 @@ class ParallelMoE(FusedMoE):
         if held != len(experts):
             raise ValueError(f"MoE holds {held} experts but the layout gives it {len(experts)}")
         super().__init__(moe)  # also the router cap, GELU and rounding (Grok-2's math)
+        # the fused kernels take the release's int8 or dense weights; int4 and fp8 run
+        # through the twin
+        self.kernel_ok = self.kernel_ok and moe.w_gate.weights in (None, INT8)
         self.experts = experts
         self.group = group
         self.last_router_logits: torch.Tensor | None = None  # as MoE's, while training

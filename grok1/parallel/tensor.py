@@ -34,6 +34,7 @@ from grok1.config import ConfigError
 from grok1.model import BF16, Grok1, Linear, PartialSums, matmul, wide_dtype
 from grok1.parallel.expert import ParallelMoE
 from grok1.parallel.mesh import all_gather_last, all_reduce_, group_size
+from grok1.quant import WeightFormat
 from grok1.sharding import (  # noqa: F401 - the layout's names, also imported from here
     Layout,
     LocalShapes,
@@ -46,28 +47,45 @@ from grok1.sharding import (  # noqa: F401 - the layout's names, also imported f
 
 # ---- slicing (shared with the sharded loader) ---------------------------------------------------
 
-def slice_weight(w: torch.Tensor, split: Split) -> torch.Tensor:
-    """The rank's view of a weight [(E,) in, out] (int8 or float)."""
-    return w.narrow(split.weight_dim, split.start, split.stop - split.start)
+def _packed_rows(fmt: WeightFormat | None) -> int:
+    """Input rows per stored row: 2 for int4 (two codes a byte along the input), else 1."""
+    return 2 if fmt is not None and fmt.name == "int4" else 1
 
 
-def slice_scales(s: torch.Tensor, split: Split, d_in: int, name: str = "scales") -> torch.Tensor:
+def slice_weight(w: torch.Tensor, split: Split, fmt: WeightFormat | None = None,
+                 name: str = "weight") -> torch.Tensor:
+    """The rank's view of a weight [(E,) in, out] as stored in format `fmt` (None: dense or
+    the release's int8): an int4 weight holds input rows in pairs, so a row split takes whole
+    bytes (ConfigError naming `name` when it would cut a pair)."""
+    start, n = split.start, split.stop - split.start
+    if split.dim == "in" and (per := _packed_rows(fmt)) > 1:
+        if start % per or n % per:
+            raise ConfigError(f"{name}: rows {split.start}:{split.stop} cut a byte of int4 "
+                              "codes (two input rows each); choose a --tp that splits evenly")
+        start, n = start // per, n // per
+    return w.narrow(split.weight_dim, start, n)
+
+
+def slice_scales(s: torch.Tensor, split: Split, d_in: int, name: str = "scales",
+                 fmt: WeightFormat | None = None) -> torch.Tensor:
     """The rank's view of scales [(E,) G, out] for a weight with input dim `d_in`.
 
-    Row splits keep the scale groups their rows fall in: 8 groups over 2 ranks gives 4 each;
-    over 16 ranks each rank's rows lie inside one group. One group (G = 1) is kept whole.
-    Raises ConfigError when a rank's rows cut across a group boundary.
+    Row splits keep the scale groups their rows fall in: groups of d_in / G rows (the
+    release's int8: 8 groups over 2 ranks gives 4 each; over 16 ranks each rank's rows lie
+    inside one group) or of `fmt.group_size` rows (int4, whose last group may be shorter).
+    One group (G = 1: fp8, int8's G = 1) is kept whole. Raises ConfigError naming `name`
+    when a rank's rows cut across a group boundary.
     """
     if split.dim != "in":
         return s.narrow(split.weight_dim, split.start, split.stop - split.start)
     G = s.shape[-2]
     if G == 1:
         return s
-    block = d_in // G
-    start, n = split.start, split.stop - split.start
-    if n >= block and start % block == 0 and n % block == 0:
-        return s.narrow(-2, start // block, n // block)
-    if n < block and start // block == (split.stop - 1) // block:
+    block = fmt.group_size if fmt is not None and fmt.group_size else d_in // G
+    start, stop = split.start, split.stop
+    if start % block == 0 and (stop % block == 0 or stop == d_in):
+        return s.narrow(-2, start // block, -(-stop // block) - start // block)
+    if start // block == (stop - 1) // block:  # inside one group: its scale alone
         return s.narrow(-2, start // block, 1)
     raise ConfigError(f"{name}: rows {split.start}:{split.stop} of {d_in} cut across its {G} "
                       f"scale groups of {block} rows; choose a --tp that splits them evenly")
@@ -80,19 +98,18 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 def shard_linear_(lin: Linear, split: Split, name: str) -> None:
     """Replace a Linear's weight (and scales) by this rank's slice, in place (meta works too)."""
-    d_in = lin.weight.shape[-2]
-    if split.start == 0 and split.stop == lin.weight.shape[split.weight_dim]:
+    fmt = lin.weights
+    d_in = lin.weight.shape[-2] * _packed_rows(fmt)
+    size = d_in if split.dim == "in" else lin.weight.shape[split.weight_dim]
+    if split.start == 0 and split.stop == size:
         return  # whole: nothing to cut
-    if lin.weights is not None and not lin.quantized:  # packed int4 rows, fp8: no slicer yet
-        raise ValueError(f"{name}: {lin.weights.label()} weights cannot be split over ranks yet; "
-                         "use int8 weights, or one process")
-    w = _owned(slice_weight(lin.weight, split))
+    w = _owned(slice_weight(lin.weight, split, fmt, f"{name}.weight"))
     if isinstance(lin.weight, nn.Parameter):
         lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
     else:
         lin.weight = w  # a registered buffer stays a buffer
     if lin.scales is not None:
-        lin.scales = _owned(slice_scales(lin.scales, split, d_in, f"{name}.scales"))
+        lin.scales = _owned(slice_scales(lin.scales, split, d_in, f"{name}.scales", fmt))
 
 
 def shard_model_(model: Grok1, layout: Layout) -> Grok1:

@@ -215,3 +215,43 @@ def test_grok1_convert_command_writes_what_the_library_writes(golden_release, in
     ours = _state_bytes(grok1.load(tmp_path / "cli"))
     theirs = _state_bytes(grok1.load(int8_folder))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_conversion_killed_by_sigkill_resumes_to_the_same_bytes(golden_release, int8_folder,
+                                                                  tmp_path):
+    """A real kill (SIGKILL: no cleanup runs) after 2 of 7 shards, then the same call again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ckpt, config = golden_release
+    dst = tmp_path / "killed"
+    repo = Path(__file__).resolve().parents[2]
+    child = (f"import time\nfrom grok1.checkpoint.convert import convert\n"
+             f"convert({str(ckpt)!r}, {str(dst)!r}, 'int8', config={str(config)!r}, "
+             f"shard_bytes={SMALL_SHARDS}, progress=False, "
+             "after_shard=lambda n: time.sleep(0.5))\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=repo,
+                            env=dict(os.environ, PYTHONPATH=str(repo)))
+    state = tmp_path / ".killed.partial" / STATE_FILE
+    deadline = time.monotonic() + 120
+    try:
+        while not (state.is_file() and len(json.loads(state.read_text())["done"]) >= 2):
+            assert proc.poll() is None, "the conversion ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not dst.exists()
+    assert len(json.loads(state.read_text())["done"]) in (2, 3)
+    seen = []
+    convert(ckpt, dst, "int8", config=config, shard_bytes=SMALL_SHARDS, progress=False,
+            after_shard=seen.append)
+    assert seen and seen[-1] == 7 and len(seen) <= 5  # the finished shards were kept
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in int8_folder.iterdir())
+    for p in int8_folder.iterdir():
+        assert (dst / p.name).read_bytes() == p.read_bytes(), p.name
