@@ -241,10 +241,10 @@ def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     for e in torch.unique(ids_MA).tolist():
         rows, slots = (ids_MA == e).nonzero(as_tuple=True)
         x = x_MD[rows]
-        h = gelu_glu(w_gate(x, expert=e), w_up(x, expert=e), gelu)
+        h = gelu_glu(w_gate(x, expert=e, rows=rows), w_up(x, expert=e, rows=rows), gelu)
         if sglang:
             h = h.to(x.dtype)  # gelu_and_mul stores its output (grok2 SPEC 2.5, S6)
-        y = h.to(wide) @ w_down.dense(expert=e).to(wide)
+        y = w_down.forward_wide(h, expert=e, rows=rows)
         y = y * gates[rows, slots, None]
         out.index_add_(0, rows, y.float().to(out.dtype) if per_slot else y)
     if per_slot:
@@ -294,8 +294,19 @@ class Linear(nn.Module):
         return dequantize_as(self.weights, w, self.scales if expert is None
                              else self.scales[expert])
 
-    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        return matmul(x, self.dense(expert).to(x.dtype))  # in the compute dtype (x's)
+    def forward(self, x: torch.Tensor, expert: int | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W in the compute dtype (x's). `rows`: which of the forward's flattened tokens
+        x's rows are (the MoE's dispatch; None: all, in order), for a subclass whose output
+        depends on the token (grok1.lora's per-request adapters); the plain matmul ignores it."""
+        return matmul(x, self.dense(expert).to(x.dtype))
+
+    def forward_wide(self, x: torch.Tensor, expert: int | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W in `wide_dtype`, unrounded: the expert down-projection's f32 dot (SPEC 2.6),
+        summed with the other slots before any rounding. `rows` as for `forward`."""
+        wide = wide_dtype(x.device)
+        return x.to(wide) @ self.dense(expert).to(wide)
 
 
 class RMSNorm(nn.Module):
