@@ -285,6 +285,10 @@ COMMANDS = {
                                "run_train_tokenizer"),
     "export": Command("export a training run to grok1's native format",
                       "grok1.train.cli_train:add_export_args:run_export"),
+    "finetune": Command("LoRA adapters over a frozen (int8) base on a JSONL dataset",
+                        "grok1.train.cli_train:add_finetune_args:run_finetune"),
+    "merge": Command("merge a LoRA adapter into a grok1 folder",
+                     "grok1.train.cli_train:add_merge_args:run_merge"),
 }
 
 

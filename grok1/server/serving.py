@@ -45,6 +45,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel
 
+from grok1.chat import CHAT_STOPS, chat_prompt_text
 from grok1.engine.llm import RequestOutput, SamplingParams, TokenLogprob
 from grok1.server import protocol as P
 from grok1.server.bridge import (
@@ -60,8 +61,6 @@ from grok1.server.detokenize import CONTEXT_TOKENS, StopTextStream, TokenizerLik
 
 log = logging.getLogger("grok1.server")
 
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOPS = ["\nUser:", "\nSystem:"]
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 DONE = "data: [DONE]\n\n"
@@ -72,8 +71,7 @@ MAX_CHARS_PER_TOKEN = 32
 
 def chat_prompt(messages: list[P.ChatMessage]) -> str:
     """The transcript a base model continues (format in the module docstring)."""
-    lines = [f"{CHAT_ROLES[m.role]}: {m.text()}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+    return chat_prompt_text((m.role, m.text()) for m in messages)
 
 
 def special_tokens(tokenizer: TokenizerLike) -> dict[str, tuple[str, int]]:
