@@ -118,14 +118,18 @@ class LoraLinear(Linear):
 
     def delta(self, x: torch.Tensor, expert: int | None, rows: torch.Tensor | None
               ) -> torch.Tensor:
-        """f32 [..., out]: the selected adapters' scale * B(A(dropout(x)))."""
+        """f32 [..., out]: the selected adapters' scale * B(A(dropout(x))), evaluated in
+        `wide_dtype` (f64 on the CPU) as the model's f32 dots are, so that a row's delta does
+        not depend on the kernel's order of summation, hence on the other rows of the batch."""
+        wide = wide_dtype(x.device)
         A = self.lora_A if expert is None else self.lora_A[:, expert]  # [n, r, i]
         B = self.lora_B if expert is None else self.lora_B[:, expert]  # [n, o, r]
         lead = x.shape[:-1]
         x_Mi = x.reshape(-1, x.shape[-1]).to(A.dtype)
         if self.training and self.dropout:
             x_Mi = F.dropout(x_Mi, self.dropout)
-        xa_Mnr = torch.einsum("mi,nri->mnr", x_Mi, A) * self.lora_scale[:, None]
+        xa_Mnr = torch.einsum("mi,nri->mnr", x_Mi.to(wide), A.to(wide))
+        xa_Mnr = xa_Mnr * self.lora_scale.to(wide)[:, None]
         ids_M = self.selection.ids_M
         if ids_M is not None:
             ids_M = ids_M if rows is None else ids_M[rows]
@@ -137,7 +141,7 @@ class LoraLinear(Linear):
         elif A.shape[0] != 1:
             raise ValueError(f"{A.shape[0]} adapters loaded: select one per token "
                              "(AdapterSelection.select)")
-        return torch.einsum("mnr,nor->mo", xa_Mnr, B).reshape(*lead, -1)
+        return torch.einsum("mnr,nor->mo", xa_Mnr, B.to(wide)).float().reshape(*lead, -1)
 
     def forward(self, x: torch.Tensor, expert: int | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:

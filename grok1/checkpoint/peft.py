@@ -30,7 +30,15 @@ from grok1.checkpoint.hf import SCHEMES
 from grok1.checkpoint.names import CheckpointError, name_mismatch
 from grok1.checkpoint.native import write_safetensors
 from grok1.config import ConfigError, GrokConfig, read_config_json
-from grok1.lora import EXPERT_TARGETS, TARGETS, LoraConfig, LoraLinear, lora_modules
+from grok1.lora import (
+    EXPERT_TARGETS,
+    TARGETS,
+    AdapterSelection,
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    lora_modules,
+)
 from grok1.model import Grok1
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -198,3 +206,22 @@ def fill_adapter(model: Grok1, tensors: dict[str, torch.Tensor], config: LoraCon
             else:
                 target[..., :config.r].copy_(t)
             module.lora_scale[slot] = config.scale
+
+
+def load_adapters(model: Grok1, folders: list[str | Path]) -> AdapterSelection:
+    """Give `model` the PEFT adapters in `folders` as slots 1..n of stacked LoraLinears (the
+    union of their targets at the largest rank; a matrix an adapter does not target stays
+    zero in its slot and adds nothing), for serving them side by side (grok1.engine.Engine's
+    `adapters`). Returns the model's AdapterSelection; errors as read_adapter's."""
+    read = [read_adapter(folder, model.config) for folder in folders]
+    if not read:
+        raise ConfigError("load_adapters: no adapter folders given")
+    targets = tuple(t for t in TARGETS if any(t in c.targets for c, _ in read))
+    union = LoraConfig(r=max(c.r for c, _ in read), targets=targets)
+    selection = apply_lora(model, union, num_adapters=len(read))
+    with torch.no_grad():
+        for _, module in lora_modules(model):
+            module.lora_A.zero_()
+    for slot, (config, tensors) in enumerate(read):
+        fill_adapter(model, tensors, config, slot)
+    return selection
