@@ -2,6 +2,8 @@
 --lora NAME=PATH): each request's tokens run through the adapter it names, batched with other
 requests' tokens, and an adapter changes the output only of the requests that name it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,3 +78,71 @@ def test_an_adapter_the_engine_does_not_hold_is_refused(adapter_dirs):
         engine.add_request("x", [5, 6], GREEDY, adapter=3)
     with pytest.raises(ValueError, match="adapter 1; this engine holds 0 LoRA adapter"):
         Engine(base_model()).add_request("x", [5, 6], GREEDY, adapter=1)
+
+
+# ---- over HTTP -------------------------------------------------------------------------------
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def lora_server(adapter_dirs):
+    from test_server_units import ByteTokenizer
+
+    from grok1.server.app import create_app
+    from grok1.server.cli_serve import serve_in_thread
+
+    model = base_model()
+    engine = Engine(model, max_batch_size=8, adapters=load_adapters(model, adapter_dirs))
+    app = create_app(engine, ByteTokenizer(), "base", adapter_names=("shout", "whisper"))
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def complete(url: str, model: str, prompt: str = "To be or not") -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+def test_models_lists_the_base_and_its_adapters(lora_server):
+    cards = httpx.get(lora_server + "/v1/models").json()["data"]
+    assert [(c["id"], c["parent"]) for c in cards] == [("base", None), ("shout", "base"),
+                                                       ("whisper", "base")]
+    card = httpx.get(lora_server + "/v1/models/whisper").json()
+    assert card["id"] == "whisper" and card["parent"] == "base"
+
+
+def test_requests_select_adapters_by_model_name_concurrently(lora_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = {m: complete(lora_server, m).json() for m in ("base", "shout", "whisper")}
+    with ThreadPoolExecutor(6) as pool:  # the same requests, batched together
+        together = list(pool.map(lambda m: complete(lora_server, m).json(),
+                                 ["base", "shout", "whisper"] * 2))
+    texts = {m: alone[m]["choices"][0]["text"] for m in alone}
+    assert texts["shout"] != texts["base"] and texts["whisper"] != texts["base"]
+    for r in together:
+        assert r["choices"][0]["text"] == texts[r["model"]]
+    assert {r["model"] for r in together} == {"base", "shout", "whisper"}
+
+
+def test_an_unknown_model_is_a_404_naming_the_served_ones(lora_server):
+    r = complete(lora_server, "shout2")
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'shout2' does not exist; this server serves 'base', 'shout', 'whisper'" in \
+        error["message"]
+
+
+def test_lora_flag_values_are_checked():
+    from grok1.server.cli_serve import lora_modules_arg
+
+    assert lora_modules_arg(["a=/x", "b=y/z"], "base") == [("a", Path("/x")),
+                                                           ("b", Path("y/z"))]
+    for bad, match in ((["a"], "expected NAME=PATH"), (["a=x", "a=y"], "'a' is served"),
+                       (["base=x"], "'base' is served")):
+        with pytest.raises(SystemExit, match=match):
+            lora_modules_arg(bad, "base")
