@@ -216,7 +216,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     from grok1.config import GrokConfig
     from grok1.info import format_info
 
-    print(format_info(GrokConfig.resolve(args.config or args.preset), gpu_gib=args.gpu_gib))
+    config = GrokConfig.resolve(args.config or args.preset)
+    print(format_info(config, gpu_gib=args.gpu_gib))
+    if args.lora_rank is not None:
+        from grok1.info import format_lora_plan
+        from grok1.train.cli_train import lora_targets
+
+        print(format_lora_plan(config, args.lora_rank, lora_targets(args.lora_targets),
+                               args.seq_len, args.micro_batch, args.gpu_gib))
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +239,12 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
     p.add_argument("--preset", default="grok-1", help="a named config when --config is not given")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="also print the memory plan of `grok1 finetune` at this LoRA rank")
+    p.add_argument("--lora-targets", default="attention", help="as grok1 finetune's: "
+                   "attn.wq ... moe.w_down, or attention, experts, all")
+    p.add_argument("--seq-len", type=int, default=4096, help="LoRA plan: tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="LoRA plan: sequences per step")
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:

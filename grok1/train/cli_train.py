@@ -169,14 +169,15 @@ def run_export(args: argparse.Namespace) -> None:
 # and no load-balancing loss (the router is frozen; the adapters should not fight it)
 FINETUNE_DEFAULTS = {"lr": 2e-4, "min_lr": 0.0, "warmup_steps": 10, "weight_decay": 0.0,
                      "aux_loss_coef": 0.0, "max_steps": 200, "save_every": 50, "eval_every": 50}
-TARGET_GROUPS = {"attention": ("attn.wq", "attn.wk", "attn.wv", "attn.wo"),
-                 "experts": ("moe.w_gate", "moe.w_up", "moe.w_down")}
 
 
 def lora_targets(text: str) -> tuple[str, ...]:
     """`--lora-targets`: comma-separated matrices (attn.wq ... moe.w_down) or groups
     (attention, experts, all)."""
-    groups = {**TARGET_GROUPS, "all": TARGET_GROUPS["attention"] + TARGET_GROUPS["experts"]}
+    from grok1.info import LORA_TARGET_DIMS
+
+    groups = {"attention": LORA_TARGET_DIMS[:4], "experts": LORA_TARGET_DIMS[4:],
+              "all": LORA_TARGET_DIMS}
     out: list[str] = []
     for word in filter(None, (w.strip() for w in text.split(","))):
         out += groups.get(word, (word,))
