@@ -68,7 +68,8 @@ def test_lora_finetune_lowers_held_out_loss_on_a_new_text(tmp_path):
     apply_lora(base, config)
     fill_adapter(base, tensors, config)
     after = held_out_loss(base.eval(), data_dir)
-    # measured: 4.3 -> 1.6 nats per token in 10 steps of 128 tokens
+    # measured: 9.2 -> 1.6 nats per token in 10 steps of 128 tokens (the base, trained on
+    # Shakespeare, is confidently wrong here: worse than uniform, ln 2048 = 7.6)
     assert after < 0.6 * before, (before, after)
     assert abs(after - result["val_loss"]) < 0.05 * after  # the trainer's own evaluation
 
