@@ -245,3 +245,22 @@ def test_bad_adapter_folders_are_refused_naming_file_and_field(tiny_config, save
     cfg_file.write_text(json.dumps(fields))
     with pytest.raises(CheckpointError, match="missing: .*layers.2"):
         read_adapter(out, tiny_config.replace(num_layers=3))
+
+
+def test_activation_checkpointing_gives_the_adapters_the_same_gradients(tiny_config):
+    from grok1.train.fsdp import apply_activation_checkpointing
+    from grok1.train.losses import cross_entropy
+
+    tokens = torch.randint(3, tiny_config.vocab_size, (2, 13),
+                           generator=torch.Generator().manual_seed(8))
+    grads = []
+    for checkpointed in (False, True):
+        model = lora_model(tiny_config)
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        cross_entropy(model.train()(tokens[:, :-1]), tokens[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * len(TARGETS)
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0, n
+        assert torch.equal(grads[0][n], grads[1][n]), n
