@@ -146,3 +146,24 @@ def test_lora_flag_values_are_checked():
                        (["base=x"], "'base' is served")):
         with pytest.raises(SystemExit, match=match):
             lora_modules_arg(bad, "base")
+
+
+def test_serve_lora_flag_builds_an_engine_holding_the_adapters(tmp_path):
+    import argparse
+
+    from grok1.server.cli_serve import add_serve_args, build_app, run_serve_ranks
+
+    model = grok1.load(grok1.default_model_dir())
+    lora = LoraConfig(r=2, targets=("attn.wq", "moe.w_down"))
+    apply_lora(model, lora)
+    adapter = save_adapter(model, lora, tmp_path / "ft")
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--device", "cpu", "--max-batch-size", "2", "--lora", f"ft={adapter}"])
+    app = build_app(args)
+    engine = app.state.bridge.engine
+    assert engine.adapters is not None and engine.adapters.num_adapters == 1
+    assert engine.runner.use_graphs is False
+    assert engine.model.layers[3].moe.w_down.lora_A.shape[0] == 1
+    with pytest.raises(SystemExit, match="--lora serves on one process"):
+        run_serve_ranks(p.parse_args(["--tp", "2", "--lora", f"ft={adapter}"]))
