@@ -86,8 +86,9 @@ def prepare_data(jsonl: str | Path, tokenizer: Tokenizer, data_dir: str | Path, 
     """Tokenize the JSONL into `data_dir` once; a resumed run reuses it. DataError if the folder
     was made from another file (its sha256 differs)."""
     jsonl, data_dir = Path(jsonl), Path(data_dir)
-    source = {"file": str(jsonl), "sha256": _sha256(jsonl) if jsonl.is_file() else None,
-              "val_fraction": val_fraction}
+    if not jsonl.is_file():
+        raise DataError(f"{jsonl}: JSONL dataset not found")
+    source = {"file": str(jsonl), "sha256": _sha256(jsonl), "val_fraction": val_fraction}
     recorded = data_dir / SOURCE_FILE
     if recorded.is_file():
         before = json.loads(recorded.read_text())

@@ -16,7 +16,7 @@ from grok1.config import ConfigError
 from grok1.lora import TARGETS, LoraConfig, apply_lora, lora_modules
 from grok1.model import Grok1
 from grok1.train.data import DataError, TokenLoader
-from grok1.train.finetune import DATA_DIR, finetune, merge, read_examples
+from grok1.train.finetune import DATA_DIR, finetune, merge, prepare_data, read_examples
 from grok1.train.losses import cross_entropy
 from grok1.train.train_config import TrainConfig
 from grok1.train.trainer import ModelOptimState, TrainerHook
@@ -152,6 +152,8 @@ def test_jsonl_examples_text_and_chat_and_errors_name_the_line(tmp_path):
     bad.write_text('{"text": "ok"\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: not valid JSON"):
         list(read_examples(bad))
+    with pytest.raises(DataError, match=r"missing.jsonl: JSONL dataset not found"):
+        prepare_data(tmp_path / "missing.jsonl", None, tmp_path / "data")
 
 
 def test_merge_writes_a_grok1_folder_with_the_adapted_logits(tmp_path):
