@@ -267,3 +267,29 @@ def test_activation_checkpointing_gives_the_adapters_the_same_gradients(tiny_con
     for n in grads[0]:
         assert grads[0][n].abs().sum() > 0, n
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_training_steps_move_only_the_adapters_over_an_unchanged_int8_base(tiny_config):
+    from grok1.train.losses import cross_entropy
+
+    model = lora_model(tiny_config).train()
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(3, tiny_config.vocab_size, (2, 17),
+                           generator=torch.Generator().manual_seed(9))
+    losses = []
+    for _ in range(4):  # one fixed batch: the adapters alone can fit it
+        loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for k, v in model.state_dict().items():
+        if ".lora_" not in k:
+            assert v.dtype == base[k].dtype and torch.equal(v, base[k]), k
+    assert model.layers[0].moe.w_gate.weight.dtype == torch.int8
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, adapters[n]), n
