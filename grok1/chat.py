@@ -13,7 +13,22 @@ CHAT_STOPS = ["\nUser:", "\nSystem:"]
 
 def transcript(messages: Iterable[tuple[str, str]]) -> str:
     """The lines of (role, text) messages; KeyError for a role outside CHAT_ROLES."""
-    return "\n".join(f"{CHAT_ROLES[role]}: {text}" for role, text in messages)
+    return transcript_spans(messages)[0]
+
+
+def transcript_spans(messages: Iterable[tuple[str, str]]
+                     ) -> tuple[str, list[tuple[str, int, int]]]:
+    """The transcript and, per message, (role, start, end): its text's characters, from the
+    space after `Role:` (the tokenizer joins it to the first word) to its last character."""
+    text, spans = "", []
+    for role, content in messages:
+        if text:
+            text += "\n"
+        text += f"{CHAT_ROLES[role]}:"
+        start = len(text)
+        text += f" {content}"
+        spans.append((role, start, len(text)))
+    return text, spans
 
 
 def chat_prompt_text(messages: Iterable[tuple[str, str]]) -> str:

@@ -13,7 +13,9 @@ checkpoint.peft). Running the same command again resumes from the newest complet
 Each JSONL line is one example: {"text": "..."} or {"messages": [{"role": "user", "content":
 "..."}, ...]}, the latter written as `grok1 serve`'s transcript (grok1.chat). Examples are
 joined, each followed by eos, into one token stream; its last `val_fraction` is the held-out
-split the trainer evaluates on. The loss covers every token (no masking of prompts).
+split the trainer evaluates on. The loss counts every token of a text example and, of a chat,
+the assistant's replies alone (and the eos after a final reply): the rest is a loss mask's 0s
+(grok1.train.data), as the prompt a served request sends is not the model's to predict.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grok1.chat import CHAT_ROLES, transcript
+from grok1.chat import CHAT_ROLES, transcript_spans
 from grok1.checkpoint.native import save_native
 from grok1.checkpoint.peft import fill_adapter, read_adapter, save_adapter
 from grok1.config import ConfigError
@@ -39,8 +41,9 @@ from grok1.train.trainer import Trainer, TrainerHook
 DATA_DIR, SOURCE_FILE, LORA_FILE, ADAPTER_DIR = "data", "source.json", "lora.json", "adapter"
 
 
-def read_examples(path: str | Path) -> Iterator[str]:
-    """The text of each JSONL example (module docstring); DataError naming file and line."""
+def read_examples(path: str | Path) -> Iterator[tuple[str, list[tuple[int, int]] | None]]:
+    """(text, the character spans the loss counts: None for all) of each JSONL example (module
+    docstring); DataError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: JSONL dataset not found")
@@ -56,9 +59,9 @@ def read_examples(path: str | Path) -> Iterator[str]:
             yield _example_text(example, where)
 
 
-def _example_text(example: Any, where: str) -> str:
+def _example_text(example: Any, where: str) -> tuple[str, list[tuple[int, int]] | None]:
     if isinstance(example, dict) and isinstance(example.get("text"), str):
-        return example["text"]
+        return example["text"], None
     messages = example.get("messages") if isinstance(example, dict) else None
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected {{\"text\": str}} or {{\"messages\": [{{\"role\", "
@@ -70,7 +73,35 @@ def _example_text(example: Any, where: str) -> str:
             raise DataError(f"{where}: messages[{i}] needs a role ({', '.join(CHAT_ROLES)}) "
                             "and a string content")
         pairs.append((m["role"], m["content"]))
-    return transcript(pairs)
+    text, spans = transcript_spans(pairs)
+    # a reply's line break counts too: the model learns to end its turn where `grok1 serve`'s
+    # stop strings ("\nUser:") cut it
+    return text, [(start, min(end + 1, len(text))) for role, start, end in spans
+                  if role == "assistant"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def counted_tokens(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]] | None
+                   ) -> tuple[list[int], list[int]]:
+    """(ids of text + eos, 1 for each token the loss counts). A span's tokens are those after
+    the encoding of the text before it, up to those of the text through its end (a token that
+    straddles a boundary counts); the eos counts when the text ends with a counted span."""
+    ids = tokenizer.encode(text)
+    if spans is None:
+        return ids + [tokenizer.eos_id], [1] * (len(ids) + 1)
+    counted = [0] * (len(ids) + 1)
+    for start, end in spans:
+        first = _common_prefix(tokenizer.encode(text[:start]), ids)
+        last = len(ids) if end == len(text) else _common_prefix(tokenizer.encode(text[:end]), ids)
+        counted[first:last] = [1] * (last - first)
+    counted[-1] = 1 if spans and spans[-1][1] == len(text) else 0
+    return ids + [tokenizer.eos_id], counted
 
 
 def _sha256(path: Path) -> str:
@@ -97,12 +128,17 @@ def prepare_data(jsonl: str | Path, tokenizer: Tokenizer, data_dir: str | Path, 
                             f"{before['sha256'][:12]}..., val_fraction {before['val_fraction']}); "
                             f"{jsonl} differs: use a new --out")
         return load_meta(data_dir)
-    eos = tokenizer.eos_id
     ids: list[int] = []
-    for text in read_examples(jsonl):
-        ids += tokenizer.encode(text) + [eos]
-    meta = write_dataset(data_dir, [(jsonl.name, ids)], tokenizer.vocab_size,
-                         val_fraction=val_fraction)
+    counted: list[int] = []
+    masked = False
+    for text, spans in read_examples(jsonl):
+        example_ids, example_counted = counted_tokens(tokenizer, text, spans)
+        ids += example_ids
+        counted += example_counted
+        masked = masked or spans is not None
+    document = (jsonl.name, ids, counted) if masked else (jsonl.name, ids)
+    meta = write_dataset(data_dir, [document], tokenizer.vocab_size, val_fraction=val_fraction,
+                         masked=masked)
     recorded.write_text(json.dumps(source, indent=1) + "\n")  # last: the folder is complete
     return meta
 

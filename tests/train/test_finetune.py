@@ -140,8 +140,9 @@ def test_jsonl_examples_text_and_chat_and_errors_name_the_line(tmp_path):
         {"messages": [{"role": "system", "content": "Be brief."},
                       {"role": "user", "content": "Hi"},
                       {"role": "assistant", "content": "Hello."}]}])
-    assert list(read_examples(good)) == [
-        "plain words", "System: Be brief.\nUser: Hi\nAssistant: Hello."]
+    text = "System: Be brief.\nUser: Hi\nAssistant: Hello."
+    assert list(read_examples(good)) == [("plain words", None), (text, [(37, len(text))])]
+    assert text[37:] == " Hello."
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"text": 3}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: expected"):
@@ -201,3 +202,42 @@ def test_cli_finetune_then_merge(tmp_path, capsys):
     with pytest.raises(SystemExit, match="ConfigError: LoRA targets .*attn.wz"):
         main(["finetune", "--base", str(BASE), "--data", str(data), "--out",
               str(tmp_path / "run2"), "--lora-targets", "attn.wz"])
+
+
+def test_chat_examples_train_on_the_assistant_replies_alone(tmp_path):
+    """The loss mask counts a reply's tokens, its line break and the final eos; the prompt
+    lines are IGNORE targets, and the loss is the mean over the counted ones."""
+    from grok1.train.data import IGNORE
+    from grok1.train.finetune import counted_tokens
+
+    tok = grok1.Tokenizer(BASE / "tokenizer.model")
+    chat = {"messages": [{"role": "user", "content": "What is two and two?"},
+                         {"role": "assistant", "content": "Four, my lord."},
+                         {"role": "user", "content": "And three?"},
+                         {"role": "assistant", "content": "Six."}]}
+    data = write_jsonl(tmp_path / "chat.jsonl", [chat] * 40)
+    (text, spans), = read_examples(write_jsonl(tmp_path / "one.jsonl", [chat]))
+    ids, counted = counted_tokens(tok, text, spans)
+    assert ids[:-1] == tok.encode(text) and ids[-1] == tok.eos_id
+    kept = tok.decode([i for i, c in zip(ids[:-1], counted) if c])
+    assert kept.replace("\n", "|") == "Four, my lord.| Six."  # ▁Six after a line break
+    assert counted[-1] == 1 and sum(counted) < len(ids) / 2
+    prepare_data(data, tok, tmp_path / "data", val_fraction=0.1)
+    T = 56  # a window covers one example and part of the next
+    assert len(ids) < T < 2 * len(ids)
+    x, y = next(TokenLoader(tmp_path / "data", "train", batch_size=2, seq_len=T,
+                            shuffle=False))
+    want = torch.tensor([(i if c else IGNORE) for i, c in zip(ids, counted)] * 3)
+    assert torch.equal(y[0], want[1:T + 1]) and torch.equal(x[0], torch.tensor(ids * 3)[:T])
+    logits = torch.randn(2, T, tok.vocab_size, generator=torch.Generator().manual_seed(0))
+    keep = y != IGNORE
+    want_loss = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(cross_entropy(logits, y), want_loss)
+    assert cross_entropy(logits, torch.full_like(y, IGNORE)).item() == 0.0
+
+
+def test_a_loss_mask_of_another_length_is_refused(tmp_path):
+    from grok1.train.data import write_dataset
+
+    with pytest.raises(DataError, match="doc: a loss mask of 2 flags for 3 tokens"):
+        write_dataset(tmp_path / "d", [("doc", [5, 6, 7], [1, 0])], 16, masked=True)
