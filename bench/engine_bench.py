@@ -17,6 +17,7 @@ makes only its slices).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -31,8 +32,11 @@ from grok1.parallel.options import add_parallel_args, wants_parallel
 
 # issue 4's targets (one H100, 4 layers): decode b=1 <= 2.65 ms, prefill 1024 <= 22 ms,
 # batch-64 decode >= 60 % of its roofline
-TARGETS = {("decode", 1): ("decode_step_ms", 2.65), ("prefill", 1024): ("prefill_ms", 22.0),
-           ("decode", 64): ("pct_of_roofline", 60.0)}
+TARGETS = {("grok-1", "decode", 1): ("decode_step_ms", 2.65),
+           ("grok-1", "prefill", 1024): ("prefill_ms", 22.0),
+           ("grok-1", "decode", 64): ("pct_of_roofline", 60.0),
+           # the Grok-2 issue's: one H100 or H200, 4 layers, decode b=1 >= 80 % of its roofline
+           ("grok-2", "decode", 1): ("pct_of_roofline", 80.0)}
 
 ANCHORS = {  # ../shared/grok1/ANCHORS.md: reference JAX on one H100, 4 full-width layers, batch 1
     "decode_ms": 40.1, "prefill_1024_ms": 1650.0,
@@ -41,32 +45,68 @@ ANCHORS = {  # ../shared/grok1/ANCHORS.md: reference JAX on one H100, 4 full-wid
 
 
 # ---- rooflines -----------------------------------------------------------------------------
+# Bytes from the model's own tensors (any weight format, Grok-1 or Grok-2): per layer the part
+# every token reads (attention, norms, router, Grok-2's dense MLP) and one expert's matrices
+# with their scales; the output table (the tied embedding or Grok-2's lm_head).
 
-def layer_bytes(c: GrokConfig, experts: float) -> float:
-    D, F, H = c.emb_size, c.ffn_size, c.key_size
-    attn = D * (c.num_q_heads + 2 * c.num_kv_heads) * H + c.num_q_heads * H * D  # int8
-    attn += 2 * ((c.num_q_heads + 2 * c.num_kv_heads) * H + 8 * D)  # bf16 scales
-    expert = 3 * D * F + 2 * (2 * F + 8 * D)
-    return attn + experts * expert + 4 * 4 * D  # + norms (f32)
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def decode_roofline_ms(c: GrokConfig, batch: int, context: int, ceilings: dict) -> float:
+def weight_bytes(model) -> dict[str, float]:
+    """{"shared": per layer outside the experts, "expert": one expert of one layer, "output": the
+    output table} in bytes, from the tensors of the model (a rank's: its shard)."""
+    layer = model.layers[0]
+    expert_names = ("moe.w_gate.", "moe.w_up.", "moe.w_down.")
+    named = list(itertools.chain(layer.named_parameters(), layer.named_buffers()))
+    experts = _nbytes(t for n, t in named if n.startswith(expert_names))
+    shared = _nbytes(t for n, t in named if not n.startswith(expert_names))
+    table = model.embed if model.lm_head is None else model.lm_head.weight
+    return {"shared": shared, "expert": experts / model.config.num_experts,
+            "output": _nbytes([table])}
+
+
+def whole_on_meta(model):
+    """The one-process model of `model`'s config and formats on the meta device (a rank's
+    roofline is the whole model's spread over the ranks; meta tensors have sizes, no data)."""
+    from grok1.model import Grok1
+    with torch.device("meta"):
+        return Grok1(model.config, weights=model.weights, dtype=model.embed.dtype,
+                     compute_dtype=model.compute_dtype)
+
+
+def decode_roofline_ms(model, batch: int, context: int, ceilings: dict) -> float:
+    c = model.config
+    w = weight_bytes(model)
     E, A = c.num_experts, c.num_selected_experts
-    experts = E * (1 - ((E - A) / E) ** batch)
+    experts = E * (1 - ((E - A) / E) ** batch)  # expected distinct experts, uniform top-A
     kv = batch * context * 2 * c.num_kv_heads * c.key_size * 2
-    nbytes = c.num_layers * (layer_bytes(c, experts) + kv) + c.vocab_size * c.emb_size * 2
-    active = c.num_layers * (layer_bytes(c, A) - 4 * 4 * c.emb_size) + c.vocab_size * c.emb_size
-    flops = 2 * batch * active
+    nbytes = c.num_layers * (w["shared"] + experts * w["expert"] + kv) + w["output"]
+    flops = 2 * batch * (c.num_layers * layer_params(model, A) + c.vocab_size * c.emb_size)
     return max(nbytes / ceilings["copy_gbps"] / 1e6, flops / ceilings["bf16_tflops"] / 1e9)
 
 
-def prefill_roofline_ms(c: GrokConfig, tokens: int, ceilings: dict) -> float:
-    A = c.num_selected_experts
-    active = layer_bytes(c, A) - 4 * 4 * c.emb_size  # int8 params = bytes
+def prefill_roofline_ms(model, tokens: int, ceilings: dict) -> float:
+    c = model.config
     attn = 2 * 2 * tokens * tokens / 2 * c.num_q_heads * c.key_size
-    flops = c.num_layers * (2 * tokens * active + attn) + 2 * c.vocab_size * c.emb_size
-    nbytes = c.num_layers * layer_bytes(c, c.num_experts) + c.vocab_size * c.emb_size * 2
+    flops = (c.num_layers * (2 * tokens * layer_params(model, c.num_selected_experts) + attn)
+             + 2 * c.vocab_size * c.emb_size)
+    w = weight_bytes(model)
+    nbytes = c.num_layers * (w["shared"] + c.num_experts * w["expert"]) + w["output"]
     return max(nbytes / ceilings["copy_gbps"] / 1e6, flops / ceilings["bf16_tflops"] / 1e9)
+
+
+def layer_params(model, experts: int) -> float:
+    """Matrix elements a token multiplies in one layer through `experts` experts (scales,
+    norms and the router left out: they are not matmul weights of the token's path)."""
+    layer = model.layers[0]
+    mats = [m for m in layer.modules() if hasattr(m, "weight") and m.weight is not None
+            and m.weight.dim() >= 2]
+    total = 0.0
+    for m in mats:
+        n = m.weight.numel() * (2 if m.weight.dtype == torch.uint8 else 1)  # int4: 2 a byte
+        total += n * experts / m.weight.shape[0] if m.weight.dim() == 3 else n
+    return total
 
 
 # ---- measurements --------------------------------------------------------------------------
@@ -105,7 +145,7 @@ def bench_decode(model, batches: list[int], context: int, ceilings: dict) -> lis
         graph, _, _ = runner._graphs[next(b for b in sorted(runner.graph_buckets) if b >= B)]
         replay_ms = time_ms(graph.replay, reps=50)
         step_ms = time_ms(lambda chunks=chunks: runner.execute(chunks), reps=30)
-        roof = decode_roofline_ms(c, B, context, ceilings)
+        roof = decode_roofline_ms(whole_on_meta(model), B, context, ceilings)
         results.append({"kind": "decode", "batch": B, "context": context, "decode_step_ms": replay_ms,
                             "runner_step_ms": step_ms, "roofline_ms": roof,
                             "pct_of_roofline": 100 * roof / replay_ms})
@@ -124,7 +164,7 @@ def bench_prefill(model, lengths: list[int], ceilings: dict) -> list[dict]:
         seq.block_ids = list(range(1, -(-T // runner.block_size) + 1))
         chunk = ScheduledChunk(seq, 0, T)
         ms = time_ms(lambda chunk=chunk: runner.execute([chunk]), reps=10, warmup=2)
-        roof = prefill_roofline_ms(c, T, ceilings)
+        roof = prefill_roofline_ms(whole_on_meta(model), T, ceilings)
         results.append({"kind": "prefill", "batch": 1, "prefill_tokens": T, "prefill_ms": ms,
                             "roofline_ms": roof, "pct_of_roofline": 100 * roof / ms})
     return results
@@ -135,12 +175,12 @@ def bench_prefill(model, lengths: list[int], ceilings: dict) -> list[dict]:
 def describe(r: dict) -> str:
     if r["kind"] == "decode":
         ref = f" | reference {ANCHORS['decode_ms']} ms ({ANCHORS['decode_ms'] / r['decode_step_ms']:.1f}x)" \
-            if r["batch"] == 1 and r["layers"] == 4 else ""
+            if r["batch"] == 1 and r["layers"] == 4 and r.get("model") == "grok-1" else ""
         return (f"decode b={r['batch']} L={r['layers']} ctx={r['context']}: "
                 f"{r['decode_step_ms']:.3f} ms (runner step {r['runner_step_ms']:.3f} ms) | "
                 f"roofline {r['roofline_ms']:.3f} ms ({r['pct_of_roofline']:.0f}%){ref}")
     ref = f" | reference {ANCHORS['prefill_1024_ms']} ms ({ANCHORS['prefill_1024_ms'] / r['prefill_ms']:.0f}x)" \
-        if r["prefill_tokens"] == 1024 and r["layers"] == 4 else ""
+        if r["prefill_tokens"] == 1024 and r["layers"] == 4 and r.get("model") == "grok-1" else ""
     return (f"prefill T={r['prefill_tokens']} L={r['layers']}: {r['prefill_ms']:.2f} ms | "
             f"roofline {r['roofline_ms']:.2f} ms ({r['pct_of_roofline']:.0f}%){ref}")
 
@@ -148,7 +188,10 @@ def describe(r: dict) -> str:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", nargs="?", default="all", choices=["all", "decode", "prefill"],
                    help="what to measure: decode steps, prefill, or both")
-    p.add_argument("--layers", type=int, default=4, help="full-width layers (random int8 weights)")
+    p.add_argument("--model", choices=sorted(MODELS), default="grok-1",
+                   help="grok-1: int8 weights as released; grok-2: its published config, bf16 "
+                        "weights as released")
+    p.add_argument("--layers", type=int, default=4, help="full-width layers (random weights)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     p.add_argument("--context", type=int, default=512, help="cached tokens per sequence in decode")
     p.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
@@ -156,8 +199,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_parallel_args(p)  # torchrun --nproc-per-node N bench/engine_bench.py --tp N: sharded
 
 
-def bench_config(layers: int) -> GrokConfig:
+def bench_config(layers: int, model: str = "grok-1") -> GrokConfig:
+    if model == "grok-2":
+        from grok1.config_grok2 import Grok2Config
+        return Grok2Config(num_layers=layers).to_grok_config()
     return GrokConfig.preset("grok-1").replace(num_layers=layers)
+
+
+# per model: random_weights' int8 (the Grok-1 release's form) or bf16 (Grok-2's), its label
+MODELS = {"grok-1": (True, "int8 weights, bf16 act"), "grok-2": (False, "bf16 weights, bf16 act")}
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
@@ -169,16 +219,18 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     ceilings = measure_ceilings()
     print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} "
           f"TFLOP/s ({env['gpu']})", flush=True)
-    model = grok1.random_weights(bench_config(args.layers), device="cuda")
+    quantized, label = MODELS[args.model]
+    model = grok1.random_weights(bench_config(args.layers, args.model), quantized=quantized,
+                                 device="cuda")
     results = []
     if args.what in ("all", "decode"):
         results += bench_decode(model, args.batch, args.context, ceilings)
     if args.what in ("all", "prefill"):
         results += bench_prefill(model, args.prefill, ceilings)
     for r in results:
-        r.update(env, layers=args.layers, ceilings=ceilings, dtype="int8 weights, bf16 act")
+        r.update(env, layers=args.layers, ceilings=ceilings, dtype=label, model=args.model)
         size = r["batch"] if r["kind"] == "decode" else r["prefill_tokens"]
-        target = TARGETS.get((r["kind"], size)) if args.layers == 4 else None
+        target = TARGETS.get((args.model, r["kind"], size)) if args.layers == 4 else None
         if target:
             field, bound = target
             met = r[field] >= bound if field == "pct_of_roofline" else r[field] <= bound
@@ -206,8 +258,9 @@ def run_bench_ranks(args: argparse.Namespace) -> list[dict]:
     mesh = init_distributed(args.tp)
     N = mesh.world_size
     try:
-        model = grok1.random_weights(bench_config(args.layers), mesh=mesh, moe=args.moe,
-                                     unembed=args.unembed)
+        quantized, label = MODELS[args.model]
+        model = grok1.random_weights(bench_config(args.layers, args.model), quantized=quantized,
+                                     mesh=mesh, moe=args.moe, unembed=args.unembed)
         env = environment()
         ceilings = measure_ceilings(str(mesh.device))
         torch.cuda.reset_peak_memory_stats(mesh.device)
@@ -225,7 +278,7 @@ def run_bench_ranks(args: argparse.Namespace) -> list[dict]:
                                              / 2**30], device=mesh.device), mesh.tp_group).max()
         env.update(num_gpus=N, tp=N, moe=args.moe, unembed=args.unembed)
         for r in results:
-            r.update(env, layers=args.layers, ceilings=ceilings, dtype="int8 weights, bf16 act",
+            r.update(env, layers=args.layers, ceilings=ceilings, dtype=label, model=args.model,
                      peak_memory_gib_per_gpu=float(peak))
             r["roofline_ms"] /= N  # the step's bytes (or FLOPs) spread over N GPUs
             step = r["decode_step_ms"] if r["kind"] == "decode" else r["prefill_ms"]

@@ -1,5 +1,5 @@
-"""The GPU gate: every GPU test, and the engine on the public golden case through the paged cache
-(prefill and decode, CUDA graphs) under golden/README.md's bounds; multi-GPU tests run inside
+"""The GPU gate: every GPU test, and the engine on the public golden cases (Grok-1's and
+Grok-2's) through the paged cache (prefill and decode, CUDA graphs) under their README's bounds; multi-GPU tests run inside
 `pytest -m gpu` when 2 or more GPUs are present. Writes one JSON (kind "gate") and exits non-zero
 unless every test passed and the golden bounds hold.
 
@@ -25,6 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "grok1" / "golden"
+GOLDEN2 = REPO.parent / "shared" / "grok2" / "golden"
 sys.path.insert(0, str(REPO))  # run as a script from a checkout without an install
 
 
@@ -68,10 +69,32 @@ def golden_through_engine(golden: Path) -> dict:
             "golden_ok": golden_pass(engine) and golden_pass(plain)}
 
 
+def grok2_golden_through_engine(golden: Path, device: str = "cuda") -> dict:
+    """The Grok-2 golden (SGLang's logits) through the engine's prefill and decode paths, and
+    the plain bf16 model, under its README's bf16 bounds."""
+    import numpy as np
+
+    import grok1
+    from grok1.engine.golden import engine_rows_logits, engine_runner
+    from grok1.golden import grok2_bf16_pass, grok2_figures
+
+    case = np.load(golden / "golden.npz")
+    tokens, logits = torch.from_numpy(case["tokens"]), torch.from_numpy(case["logits"])
+    prefill, decode = engine_rows_logits(engine_runner(grok1.load(golden, device=device)), tokens)
+    with torch.no_grad():
+        plain = grok1.load(golden, device=device)(tokens.to(device)).float().cpu()
+    figures = {"engine_prefill": grok2_figures(prefill, logits),
+               "engine_decode": grok2_figures(decode, logits),
+               "plain_model": grok2_figures(plain, logits)}
+    return {"golden_grok2": figures,
+            "golden_grok2_ok": all(grok2_bf16_pass(f) for f in figures.values())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/grok1_out")))
     p.add_argument("--golden", type=Path, default=GOLDEN)
+    p.add_argument("--golden2", type=Path, default=GOLDEN2)
     p.add_argument("--tests-timeout", type=int, default=420)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,14 +104,17 @@ def main() -> None:
               "num_gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "time": time.strftime("%Y%m%dT%H%M%S", time.gmtime())}
     result.update(golden_through_engine(args.golden))
-    print(json.dumps({k: result[k] for k in ("golden_engine", "golden_plain_model")}), flush=True)
+    result.update(grok2_golden_through_engine(args.golden2))
+    print(json.dumps({k: result[k] for k in ("golden_engine", "golden_plain_model",
+                                             "golden_grok2")}), flush=True)
     result.update(run_gpu_tests(args.out, args.tests_timeout))
-    result["ok"] = result["golden_ok"] and result["failed"] == 0 and result["pytest_exit"] == 0
+    result["ok"] = (result["golden_ok"] and result["golden_grok2_ok"] and result["failed"] == 0
+                    and result["pytest_exit"] == 0)
     name = f"gate_{result['num_gpus']}gpu_{result['time']}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
     print(f"gate: {'PASSED' if result['ok'] else 'FAILED'}: {result['passed']} passed, "
           f"{result['failed']} failed, {result['skipped']} skipped; golden_ok "
-          f"{result['golden_ok']} -> {name}")
+          f"{result['golden_ok']}, golden_grok2_ok {result['golden_grok2_ok']} -> {name}")
     sys.exit(0 if result["ok"] else 1)
 
 

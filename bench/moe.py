@@ -1,4 +1,5 @@
-"""Fused MoE alone at decode and prefill pair counts (full width, int8): time per launch config
+"""Fused MoE alone at decode and prefill pair counts (full width: Grok-1's int8, or with --model
+grok-2 its D = 8192 and bf16 weights): time per launch config
 (a staged sweep: GEMV vs MMA at M=1, the int8 conversion, prefill tiles),
 beside its roofline (expert bytes / copy bandwidth, or FLOPs / bf16 rate). Writes the fastest
 config per pair count as JSON in the grok1/ops/configs/moe.json format (--tuned-out; the
@@ -26,10 +27,15 @@ from grok1.ops.tile_config import CONFIG_DIR, moe_key
 # Gate/up keeps two f32 accumulators: BM * BN1 <= 128 * 128 per 256 threads, or they spill.
 GEMV_STAGES = [
     [{"GEMV": 0}] + [
-        {"GEMV": 1 << 20, "GBN1": a, "GBK1": b, "GW1": w, "GBN2": c, "GBK2": d, "GW2": w2,
-         "MAGIC": 1} for a, b, w, c, d, w2 in [
+        {"GEMV": 1 << 20, "GMMA": 0, "GBN1": a, "GBK1": b, "GW1": w, "GBN2": c, "GBK2": d,
+         "GW2": w2, "MAGIC": 1} for a, b, w, c, d, w2 in [
             (128, 32, 4, 128, 32, 4), (256, 16, 4, 256, 16, 4), (64, 64, 4, 64, 64, 4),
-            (128, 64, 8, 128, 64, 8), (256, 32, 8, 64, 32, 4), (64, 32, 2, 64, 32, 2)]],
+            (128, 64, 8, 128, 64, 8), (256, 32, 8, 64, 32, 4), (64, 32, 2, 64, 32, 2)]] + [
+        # the GEMV contract on the tensor cores (MoeTiles.GMMA; bench/moe_xw_experiment.py)
+        {"GEMV": 1 << 20, "GMMA": 1, "GBN1": a, "GBK1": b, "GW1": w, "GS1": st, "GBN2": c,
+         "GBK2": d, "GW2": w, "GS2": st, "MAGIC": 1} for a, b, w, st, c, d in [
+            (128, 64, 4, 4, 128, 64), (128, 128, 4, 3, 128, 128), (256, 64, 8, 4, 256, 64),
+            (64, 128, 4, 4, 64, 128)]],
     [{"GSPLIT1": s} for s in (1, 2, 4, 8)],
     [{"GSPLIT": s} for s in (2, 4, 8)],
     [{"GS1": s, "GS2": s} for s in (1, 2, 4)]]
@@ -45,9 +51,11 @@ PREFILL_STAGES = [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 1024])
-    p.add_argument("--widths", type=int, nargs="+", default=[32768],
-                   help="expert width F per rank: 32768 whole, 16384/8192/4096 the MoE's "
-                        "tensor-parallel shards on 2/4/8 GPUs")
+    p.add_argument("--model", choices=["grok-1", "grok-2"], default="grok-1",
+                   help="grok-1: D 6144, int8 weights; grok-2: D 8192, bf16 weights")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="expert width F per rank: Grok-1's 32768 whole (Grok-2's 16384), "
+                        "halved per doubling of the MoE's tensor-parallel shards")
     p.add_argument("--tuned-out", type=Path, default=None)
     p.add_argument("--key", choices=["arch", "exact"], default="arch",
                    help="file the configs under the architecture (sm_90: every Hopper card "
@@ -55,29 +63,37 @@ def main() -> None:
     args = p.parse_args()
     ceil = measure_ceilings()
     table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept
-    for F in args.widths:
-        sweep_width(args.tokens, F, ceil, table, 1 if args.key == "arch" else 0)
+    D, quant, width = (6144, True, 32768) if args.model == "grok-1" else (8192, False, 16384)
+    for F in args.widths or [width]:
+        sweep_width(args.tokens, F, ceil, table, 1 if args.key == "arch" else 0, D, quant)
     if args.tuned_out:
         args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
 
 
-def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: int) -> None:
-    D, E, A = 6144, 8, 2
+def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: int,
+                D: int = 6144, quant: bool = True) -> None:
+    E, A = 8, 2
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = [torch.randint(-127, 128, s, dtype=torch.int8, device="cuda", generator=g)
-         for s in [(E, D, F), (E, D, F), (E, F, D)]]
-    s = [torch.rand(sh, device="cuda", generator=g).to(torch.bfloat16) * 1e-4
-         for sh in [(E, 1, F), (E, 1, F), (E, 8, D)]]
+    shapes = [(E, D, F), (E, D, F), (E, F, D)]
+    if quant:
+        w = [torch.randint(-127, 128, sh, dtype=torch.int8, device="cuda", generator=g)
+             for sh in shapes]
+        s = [torch.rand(sh, device="cuda", generator=g).to(torch.bfloat16) * 1e-4
+             for sh in [(E, 1, F), (E, 1, F), (E, 8, D)]]
+    else:
+        w = [(torch.randn(sh, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+             for sh in shapes]
+        s = [None, None, None]
     tuned = {}
     for M in tokens:
         x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
         logits = torch.randn(M, E, device="cuda", generator=g)
         gates, ids = torch.softmax(logits, -1).topk(A, -1)
         experts = ids.unique().numel()
-        nbytes = experts * 3 * D * F
+        nbytes = experts * 3 * D * F * (1 if quant else 2)
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         P = M * A
-        base = {k: v for k, v in moe_config(P, D, F, E, True, device_name(x)).as_dict().items()
+        base = {k: v for k, v in moe_config(P, D, F, E, quant, device_name(x)).as_dict().items()
                 if k != "GEMV"}
         fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
         # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)
@@ -95,7 +111,7 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
             tuned[str(M * A)] = {k: v for k, v in best[1].items() if k != "GEMV" or v}
     for P, cfg in tuned.items():
         print(f"best F={F} P={P}: {cfg}")
-    key = moe_key(D, F, E, "int8")
+    key = moe_key(D, F, E, "int8" if quant else "bf16")
     table.setdefault(device_name(x).split("|")[key_part], {}).setdefault(key, {}).update(tuned)
 
 

@@ -1,5 +1,6 @@
 """Where a decode step (batch 1) and a 1024-token prefill spend GPU time: torch.profiler's
-kernel table over the eager forward (4 full-width layers, random int8 weights)."""
+kernel table over the eager forward (4 full-width layers, random weights: Grok-1's int8, or
+with `grok-2` as the first argument Grok-2's bf16)."""
 
 import sys
 from pathlib import Path
@@ -10,11 +11,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import grok1
-from bench.engine_bench import _runner, _sequences, bench_config
+from bench.engine_bench import MODELS, _runner, _sequences, bench_config
 from grok1.engine.scheduler import ScheduledChunk, Sequence
 
 if __name__ == "__main__":
-    model = grok1.random_weights(bench_config(4), device="cuda")
+    name = sys.argv[1] if len(sys.argv) > 1 else "grok-1"
+    model = grok1.random_weights(bench_config(4, name), quantized=MODELS[name][0], device="cuda")
     runner = _runner(model, 1, 1100)
     runner.use_graphs = False
     gen = torch.Generator().manual_seed(0)

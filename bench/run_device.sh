@@ -39,7 +39,11 @@ for _ in range(240):
 
 for s in $steps; do
   case $s in
-    gate) timeout 560 python3 bench/gate.py --out "$OUT" 2>&1 | tail -60 | tee "$OUT/gate.log" ;;
+    gate) # the server's GPU tests need fastapi & co: carry .whl (README, Contributing)
+          if ls .whl/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+            export PYTHONPATH=/tmp/site:$PYTHONPATH; fi
+          timeout 560 python3 bench/gate.py --out "$OUT" 2>&1 | tail -60 | tee "$OUT/gate.log" ;;
     opdiff) timeout 200 python3 bench/op_diff.py --golden ../shared/grok1/golden \
               --out "$OUT/op_diff_golden.json" 2>&1 | tail -45 | tee "$OUT/op_diff_golden.log"
             timeout 200 python3 bench/op_diff.py --layers 2 --out "$OUT/op_diff_full_width.json" \

@@ -114,7 +114,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="config JSON with the reference's field names (default: the checkpoint's "
                         "config.json, or the grok-1 preset for a release checkpoint)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="SentencePiece model (default: tokenizer.model in or beside the checkpoint)")
+                   help="the checkpoint's tokenizer file (default: tokenizer.model, or Grok-2's "
+                        "tokenizer.tok.json, in or beside the checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
 
 
@@ -136,14 +137,13 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     """(model, tokenizer, mesh) through grok1.load: under torchrun (or --tp > 1) this rank's
     shard and its mesh, with args.seed agreed across ranks; else the whole model and mesh None."""
     from grok1.assets import model_dir_or_default
-    from grok1.loading import load
+    from grok1.loading import load, load_tokenizer
     from grok1.parallel.launch import agree_seed
     from grok1.parallel.mesh import init_distributed
     from grok1.parallel.options import wants_parallel
-    from grok1.tokenizer import Tokenizer, find_tokenizer
 
     model_dir = model_dir_or_default(args.checkpoint)
-    tokenizer = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
+    tokenizer = load_tokenizer(model_dir, args.tokenizer)  # the checkpoint family's kind
     mesh = init_distributed(args.tp, device=args.device) if wants_parallel(args) else None
     model = load(model_dir, config=args.config, device=None if mesh else _device(args.device),
                  mesh=mesh, moe=args.moe, unembed=args.unembed)
@@ -173,9 +173,11 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, sharded: boo
     from grok1.sampling import SamplingParams
 
     out = (lambda text: None) if quiet else sys.stdout.write  # one rank prints
+    # the tokenizer's stop tokens (eos; Grok-2's <|separator|> too), unless --ignore-eos
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+                            ignore_eos=args.ignore_eos,
+                            stop_token_ids=() if args.ignore_eos else tokenizer.stop_ids)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     use_engine = args.engine == "on" or (args.engine == "auto" and not sharded
                                          and model.embed.is_cuda)
@@ -213,10 +215,9 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, sharded: boo
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from grok1.config import GrokConfig
-    from grok1.info import format_info
+    from grok1.info import format_info, info_config
 
-    config = GrokConfig.resolve(args.config or args.preset)
+    config = info_config(args.config or args.preset)
     print(format_info(config, gpu_gib=args.gpu_gib))
     if args.lora_rank is not None:
         from grok1.info import format_lora_plan
@@ -236,8 +237,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
-    p.add_argument("--preset", default="grok-1", help="a named config when --config is not given")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config JSON (reference field names, or Grok-2's config.json)")
+    p.add_argument("--preset", default="grok-1",
+                   help="a named config when --config is not given (grok-1, grok-2, tiny, debug)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
     p.add_argument("--lora-rank", type=int, default=None,
                    help="also print the memory plan of `grok1 finetune` at this LoRA rank")
@@ -248,14 +251,16 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", type=Path, help="the release (folder of ckpt-0/) or a grok1 folder")
+    p.add_argument("src", type=Path,
+                   help="the release (folder of ckpt-0/), a grok1 folder, or a Grok-2 folder")
     p.add_argument("dst", type=Path, help="the folder to write (resumes a killed conversion)")
     p.add_argument("--weights", choices=("int8", "int4", "fp8", "bf16"), default="int8",
                    help="format of the attention and expert matrices")
     p.add_argument("--group-size", type=int, default=128,
                    help="int4: inputs per scale group")
     p.add_argument("--config", default=None,
-                   help="preset or config JSON (default: the source's own, or grok-1)")
+                   help="preset or config JSON (default: the source's own, or grok-1; a Grok-2 "
+                        "folder takes its own config.json)")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -171,7 +171,8 @@ class GrokConfig:
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> GrokConfig:
-        """A named config: grok-1 (run.py), tiny (tests), debug (a few layers at small width)."""
+        """A named config: grok-1 (run.py), tiny (tests), debug (a few layers at small width),
+        train-1b (training benchmarks)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return PRESETS[name]
@@ -262,4 +263,9 @@ PRESETS: dict[str, GrokConfig] = {
     # Full Grok ratios (48 q / 8 kv heads, 8-way scale groups line up) at a debuggable width.
     "debug": _small(emb_size=384, key_size=8, num_q_heads=48, num_kv_heads=8, num_layers=2,
                     vocab_size=1024, sequence_len=256),
+    # Training benchmarks (bench/train_throughput.py): 1.02B parameters (0.34B active), Grok's
+    # 6:1 GQA with 128-wide heads, 8 experts top-2 of width 2048, matmuls of tensor-core sizes.
+    "train-1b": _small(emb_size=1536, key_size=128, num_q_heads=12, num_kv_heads=2,
+                       num_layers=12, vocab_size=32768, sequence_len=2048
+                       ).replace(widening_factor=2.0),
 }

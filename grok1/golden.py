@@ -101,3 +101,27 @@ def golden_metrics(pairs: Pairs) -> dict[str, float]:
 def golden_pass(m: dict[str, float]) -> bool:
     cases_ok = all(v <= CASE_BOUND for k, v in m.items() if k.startswith("rel_l2_"))
     return cases_ok and m["share_within_2pct"] >= SHARE_BOUND and m["top1_within_ulp"] >= TOP1_BOUND
+
+
+# ---- Grok-2 (../shared/grok2/golden/README.md) ------------------------------------------------
+# Rows of tokens prefilled from position 0 and SGLang's logits at every position. Bounds: float32
+# rel <= 1e-4 and every position's rel <= 1e-3; bf16 end to end rel <= 0.07, median per-position
+# rel <= 0.06, top-1 agreement >= 0.87.
+GROK2_F32 = {"rel": 1e-4, "worst": 1e-3}
+GROK2_BF16 = {"rel": 0.07, "median": 0.06, "top1": 0.87}
+
+
+def grok2_figures(out: torch.Tensor, golden: torch.Tensor) -> dict[str, float]:
+    """The Grok-2 golden README's measures of logits [..., V] against the golden's: rel L2 over
+    all logits, per-position rel (worst, median), top-1 agreement."""
+    golden = torch.as_tensor(golden).double()
+    diff = out.double() - golden
+    per_position = diff.norm(dim=-1) / golden.norm(dim=-1)
+    return {"rel": (diff.norm() / golden.norm()).item(), "worst": per_position.max().item(),
+            "median": per_position.median().item(),
+            "top1": (out.argmax(-1) == golden.argmax(-1)).double().mean().item()}
+
+
+def grok2_bf16_pass(f: dict[str, float]) -> bool:
+    return (f["rel"] <= GROK2_BF16["rel"] and f["median"] <= GROK2_BF16["median"]
+            and f["top1"] >= GROK2_BF16["top1"])

@@ -29,16 +29,32 @@ import torch
 
 from grok1.checkpoint.names import CheckpointError, ShardFn, assign_tensor
 from grok1.checkpoint import grok2, hf
-from grok1.checkpoint.convert import INDEX_FILE, is_sharded_native, load_sharded_native
-from grok1.checkpoint.native import CONFIG_FILE, WEIGHTS_FILE, load_native, native_config
+from grok1.checkpoint.slices import layout_want
+from grok1.checkpoint.convert import (
+    INDEX_FILE,
+    is_sharded_native,
+    load_sharded_native,
+    sharded_family,
+)
+from grok1.checkpoint.native import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    load_native,
+    native_config,
+)
 from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import ConfigError, GrokConfig, read_config_json
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
 from grok1.quant import WeightFormat
+from grok1.tokenizer import Tokenizer, find_tokenizer
+from grok1.tokenizer_grok2 import TOKENIZER_FILE as GROK2_TOKENIZER_FILE
+from grok1.tokenizer_grok2 import Grok2Tokenizer
 from grok1.parallel.mesh import Mesh
 from grok1.parallel.tensor import (
     Layout,
+    head_split,
     parallelize,
     plan,
     shard_model_,
@@ -46,8 +62,8 @@ from grok1.parallel.tensor import (
     slice_weight,
 )
 
-__all__ = ["FORMATS", "Format", "ReadRequest", "detect_format", "load", "random_weights",
-           "rank_layout", "rank_slicer"]
+__all__ = ["FAMILIES", "FORMATS", "Family", "Format", "ReadRequest", "detect_format", "load",
+           "load_tokenizer", "model_family", "random_weights", "rank_layout", "rank_slicer"]
 
 
 # ---- this rank's place ---------------------------------------------------------------------------
@@ -68,13 +84,16 @@ def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
     """shard_fn(state-dict key, stored tensor) -> `layout.rank`'s piece, a view, cut by
     parallel.tensor.plan (the table `shard_model_` cuts a loaded model by). Quantized matrices
     split along their input dim take their scale groups with them (8 groups over 2 ranks: 4
-    each); the embedding, norms and routers are whole on every rank."""
-    table = plan(config, layout)
+    each); an untied lm_head is cut by head_split; the embedding, norms and routers are whole
+    on every rank."""
+    table, head = plan(config, layout), head_split(config, layout)
     with torch.device("meta"):  # the stored matrices' input dims, for the scale groups
         d_in = {k: v.shape[-2] for k, v in Grok1(config, quantized=True).state_dict().items()
                 if k.endswith(".weight")}
 
     def shard_fn(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key == "lm_head.weight" and head is not None:  # an untied head (Grok-2's)
+            return slice_weight(t, head)
         m = _MATRIX_KEY.fullmatch(key)
         if m is None or m.group(1) not in table:
             return t
@@ -89,19 +108,20 @@ def rank_slicer(config: GrokConfig, layout: Layout) -> ShardFn:
 @dataclasses.dataclass(frozen=True)
 class ReadRequest:
     """What a format's reader is asked for."""
-    config: GrokConfig | None  # the caller's; None: the source's own, or its format's default
+    config: GrokConfig | Grok2Config | None  # the caller's; None: the source's own (or default)
     device: torch.device
     dtype: torch.dtype | None  # of the embedding and dense matrices; None: the format's default
     layout: Layout | None  # this rank's place; None: the whole model
     progress: bool  # show a progress bar (one rank of several shows it)
 
     def empty_model(self, config: GrokConfig, weights: bool | str | WeightFormat | None,
-                    dtype: torch.dtype) -> Grok1:
+                    dtype: torch.dtype, compute_dtype: torch.dtype = BF16) -> Grok1:
         """The model to fill: on the meta device, with this rank's shapes. `weights`: the
         matrices' format (True: the release's int8; False or None: dense)."""
         with torch.device("meta"):
             model = Grok1(config, quantized=weights is True,
-                          weights=None if isinstance(weights, bool) else weights, dtype=dtype)
+                          weights=None if isinstance(weights, bool) else weights, dtype=dtype,
+                          compute_dtype=compute_dtype)
         return model if self.layout is None else shard_model_(model, self.layout)
 
     def shard_fn(self, config: GrokConfig) -> ShardFn | None:
@@ -150,14 +170,22 @@ def _read_hf(path: Path, req: ReadRequest) -> Grok1:
 
 
 def _read_grok2(path: Path, req: ReadRequest) -> Grok1:
-    if req.layout is not None:  # the reader cuts slices (grok2.tp_want); the model can't run them
-        raise ConfigError(f"{path}: Grok-2 loads whole for now; tensor-parallel ranks of it "
-                          "are not supported yet")
     if req.config is not None and not isinstance(req.config, Grok2Config):
         raise ConfigError(f"{path}: a Grok-2 folder takes its own config.json (or a "
                           f"Grok2Config), not {type(req.config).__name__}")
-    # dtype: the compute dtype, bf16 (SGLang's storage points) or float32 (the golden check)
-    return grok2.load_grok2(path, req.config, device=req.device, dtype=req.dtype or BF16)
+    config = req.config or Grok2Config.from_json(path / CONFIG_FILE)
+    # dtype: the compute dtype, bf16 (SGLang's storage points) or float32 (the golden check);
+    # the weights stay the files' bf16
+    dtype = req.dtype or BF16
+    if req.layout is None:
+        return grok2.load_grok2(path, config, device=req.device, dtype=dtype)
+    # a rank reads only its slices of the pre-sharded files (concatenating or re-splitting
+    # the release's 8 expert pre-shards as its width range needs)
+    grok_config = config.to_grok_config()
+    return grok2.load_grok2(path, config, device=req.device, dtype=dtype,
+                            model=req.empty_model(grok_config, False, BF16, dtype),
+                            want=layout_want(grok_config, req.layout,
+                                             grok2.grok1_shapes(config)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +194,24 @@ class Format:
     looks_like: str  # for the error that names what a folder should hold
     detect: Callable[[Path], bool]  # cheap: file names only, no tensor data
     read: Callable[[Path, ReadRequest], Grok1]  # the filled model, sharded per request.layout
+    # the model family a folder holds (FAMILIES: its tokenizer and chat template)
+    family: Callable[[Path], str] = lambda _path: "grok-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family's text goes through: its tokenizer file in (or beside) the
+    checkpoint folder, the class reading it (load_tokenizer), and the server's chat template
+    (a name in grok1.server.serving.CHAT_TEMPLATES)."""
+    tokenizer_file: str
+    tokenizer_class: Callable[[Path], Tokenizer | Grok2Tokenizer]
+    chat_template: str
+
+
+FAMILIES: dict[str, Family] = {
+    "grok-1": Family(TOKENIZER_FILE, Tokenizer, "transcript"),
+    "grok-2": Family(GROK2_TOKENIZER_FILE, Grok2Tokenizer, "grok-2"),
+}
 
 
 # The first whose detect claims a folder reads it: specific formats before general ones.
@@ -176,9 +222,9 @@ FORMATS: tuple[Format, ...] = (
     Format("hf-grok1", "a Hugging Face Grok-1 port (hpcai-tech/grok-1 or keyfan/grok-1-hf)",
            hf.detect, _read_hf),
     Format("grok1-sharded", f"a converted grok1 folder ({INDEX_FILE} + model-*.safetensors)",
-           is_sharded_native, _read_sharded_native),
+           is_sharded_native, _read_sharded_native, family=sharded_family),  # in its index
     Format("grok2", "a Grok-2 release folder (pytorch_model-*-TP-common.safetensors)",
-           grok2.detect, _read_grok2),
+           grok2.detect, _read_grok2, family=lambda _path: "grok-2"),
     Format("xai-release", "a release checkpoint (ckpt-0/tensorNNNNN_000, or that folder)",
            lambda path: find_ckpt0(path) is not None, _read_release),
 )
@@ -193,6 +239,23 @@ def detect_format(path: str | Path) -> Format:
         if fmt.detect(path):
             return fmt
     raise CheckpointError(f"{path}: not a checkpoint grok1 reads; expected {_expected()}")
+
+
+def model_family(source: str | Path) -> Family:
+    """The family of the model in the checkpoint folder `source` (its format says, or a
+    converted folder's index); CheckpointError for a folder no format claims."""
+    path = Path(source)
+    return FAMILIES[detect_format(path).family(path)]
+
+
+def load_tokenizer(source: str | Path, tokenizer: str | Path | None = None
+                   ) -> Tokenizer | Grok2Tokenizer:
+    """The tokenizer of the checkpoint folder `source`, read by its family's class (Grok-2's
+    tiktoken file, else SentencePiece): the file `tokenizer` if given, else the family's file
+    in the folder or beside it. Raises CheckpointError for a folder no format claims,
+    TokenizerError for a missing or unreadable file."""
+    family = model_family(source)
+    return family.tokenizer_class(find_tokenizer(tokenizer, Path(source), family.tokenizer_file))
 
 
 def _expected() -> str:
@@ -214,7 +277,7 @@ def _finish(model: Grok1, mesh: Mesh | None, layout: Layout | None) -> Grok1:
 
 # ---- the front door ------------------------------------------------------------------------------
 
-def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
+def load(source: str | Path, *, config: GrokConfig | Grok2Config | str | Path | None = None,
          device: torch.device | str | None = None, dtype: torch.dtype | None = None,
          mesh: Mesh | None = None, layout: Layout | None = None, moe: str = "tp",
          unembed: str = "vocab", progress: bool = True) -> Grok1:
@@ -225,9 +288,10 @@ def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
     a preset name or a JSON file (GrokConfig.resolve), or None for the source's own (the grok-1
     preset for the release). `dtype`: of the embedding and dense matrices (default bf16 for the
     release, as saved for a grok1 folder); the release's int8 matrices stay int8 with their
-    bf16 scales. A Grok-2 release folder (its own config.json) loads whole, and there `dtype`
-    is the compute dtype: bf16 (SGLang's rounding points) or torch.float32 (no bf16 rounding,
-    for checking). `device`: default the mesh's device, else the CPU.
+    bf16 scales. A Grok-2 release folder (its own config.json, or a Grok2Config) loads whole
+    or per rank, and there `dtype` is the compute dtype: bf16 (SGLang's rounding points) or
+    torch.float32 (no bf16 rounding, for checking). `device`: default the mesh's device, else
+    the CPU.
 
     With a `mesh` (parallel.mesh.init_distributed, under torchrun) this rank reads only its
     slices (split by `moe` "tp"|"ep" and `unembed` "vocab"|"dim", or as `layout` says) and the
@@ -240,21 +304,27 @@ def load(source: str | Path, *, config: GrokConfig | str | Path | None = None,
     path = Path(source)
     fmt = detect_format(path)
     layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
-    request = ReadRequest(None if config is None else GrokConfig.resolve(config),
+    if config is not None and not isinstance(config, Grok2Config):  # Grok-2's: as it is
+        config = GrokConfig.resolve(config)
+    request = ReadRequest(config,
                           _place(device, mesh), dtype, layout,
                           progress and (mesh is None or mesh.is_main))
     return _finish(fmt.read(path, request), mesh, layout)
 
 
-def random_weights(config: GrokConfig | str | Path, *, quantized: bool = True, seed: int = 0,
-                   std: float = 0.02, router_std: float = 0.5,
-                   device: torch.device | str | None = None, dtype: torch.dtype = BF16,
-                   mesh: Mesh | None = None, layout: Layout | None = None, moe: str = "tp",
+def random_weights(config: GrokConfig | Grok2Config | str | Path, *,
+                   quantized: bool | None = None, seed: int = 0, std: float = 0.02,
+                   router_std: float = 0.5, device: torch.device | str | None = None,
+                   dtype: torch.dtype = BF16, mesh: Mesh | None = None,
+                   layout: Layout | None = None, moe: str = "tp",
                    unembed: str = "vocab") -> Grok1:
-    """A Grok1 of random weights: int8 matrices with bf16 scales (`quantized`, the release's
-    form) or `dtype` ones, of about `std` per entry; the embedding normal(std), norm scales
+    """A Grok1 of random weights: int8 matrices with bf16 scales (`quantized`) or `dtype`
+    ones (default: the release's form, int8 for Grok-1, bf16 for a Grok2Config), of about
+    `std` per entry; the embedding (and an untied head) normal(std), norm scales
     1 + normal(0.1), and routers of std `router_std / sqrt(emb_size)`, so that router logits
     have std about `router_std` (a decisive router keeps bf16 noise from swapping experts).
+    A Grok2Config gives Grok-2's model at its shapes (`Grok2Config().replace(num_layers=4)`:
+    full width, any depth), its dense MLP and head always `dtype`.
 
     Each tensor is drawn whole on `device` from its own generator, seeded by `seed` and its
     name, then cut to this rank's piece: a tensor's values do not depend on the others', and a
@@ -262,7 +332,10 @@ def random_weights(config: GrokConfig | str | Path, *, quantized: bool = True, s
     one-process model of the same seed, while no rank ever holds more than one whole tensor
     beyond its own slices. Values depend on the device's generator (CPU and CUDA differ).
     """
-    config = GrokConfig.resolve(config)
+    if quantized is None:
+        quantized = not isinstance(config, Grok2Config)
+    config = (config.to_grok_config() if isinstance(config, Grok2Config)
+              else GrokConfig.resolve(config))
     layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
     device = _place(device, mesh)
     request = ReadRequest(config, device, dtype, layout, progress=False)

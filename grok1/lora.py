@@ -6,9 +6,10 @@ holding the same base tensors under the same names plus low-rank adapters.
 
 The base path is the model's own `Linear.forward` (int8 stays int8 with its scales and is
 dequantized on the fly, QLoRA-style; a dense matrix stays as it is), frozen; only the adapters
-train. Experts carry one adapter each: A [E, r, in], B [E, out, r]. Adapters are f32 and their
-delta is added to the base output in f32 before the base output's own rounding (forward: the
-compute dtype; the expert down-projection: unrounded, `Linear.forward_wide`).
+train. Experts carry one adapter each: A [E, r, in], B [E, out, r], added to the MoE's
+products expert by expert (`Linear.expert_matmul`). Adapters are f32; their delta is added to
+the base output in f32 (or the wide dtype of the expert down-projection's unrounded sum), then
+rounded as the base output was.
 
 Several adapters at once (serving): each LoraLinear stacks n adapters, [n, (E,) r, in] and
 [n, (E,) out, r], and an `AdapterSelection` shared by the model's LoraLinears says which one
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import nn
 
 from grok1.config import ConfigError
 from grok1.model import BF16, Grok1, Linear, MoE, wide_dtype
+from grok1.moe_dispatch import ExpertGroups, per_group
 
 # the matrices an adapter may target, by their path within a decoder layer (model.py's names)
 ATTENTION_TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo")
@@ -143,15 +145,16 @@ class LoraLinear(Linear):
                              "(AdapterSelection.select)")
         return torch.einsum("mnr,nor->mo", xa_Mnr, B.to(wide)).float().reshape(*lead, -1)
 
-    def forward(self, x: torch.Tensor, expert: int | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        base = super().forward(x, expert, rows)
-        return (base.float() + self.delta(x, expert, rows)).to(base.dtype)
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        return _plus(super().forward(x, expert), self.delta(x, expert, None))
 
-    def forward_wide(self, x: torch.Tensor, expert: int | None = None,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
-        base = super().forward_wide(x, expert, rows)
-        return base + self.delta(x, expert, rows).to(base.dtype)
+    def expert_matmul(self, x_PK: torch.Tensor, groups: ExpertGroups,
+                      dot: Callable[..., torch.Tensor], backend: str | None = None
+                      ) -> torch.Tensor:
+        """The base's products plus each expert's delta; a pair's adapter is its token's
+        (groups.rows_P: the token of each sorted pair)."""
+        base = super().expert_matmul(x_PK, groups, dot, backend)
+        return _plus(base, per_group(x_PK, groups, self.delta, groups.rows_P))
 
     def merged(self, slot: int = 0, expert: int | None = None) -> torch.Tensor:
         """f32 [in, out]: the base matrix plus adapter `slot`'s scale * (B A)^T."""
@@ -160,6 +163,12 @@ class LoraLinear(Linear):
         wide = wide_dtype(A.device)
         delta = (B.to(wide) @ A.to(wide)).T * self.lora_scale[slot].to(wide)
         return (self.dense(expert).to(wide) + delta).float()
+
+
+def _plus(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base + delta, added in f32 (or base's wider dtype) and rounded to base's dtype once."""
+    wide = torch.promote_types(base.dtype, torch.float32)
+    return (base.to(wide) + delta.to(wide)).to(base.dtype)
 
 
 def lora_modules(model: Grok1) -> Iterator[tuple[str, LoraLinear]]:

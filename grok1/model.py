@@ -24,13 +24,16 @@ compute dtype throughout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from grok1.config import GrokConfig
+from grok1.moe_dispatch import ExpertGroups, group_by_expert, grouped_mm, per_group
 from grok1.quant import INT8, QUANT_GROUPS, WeightFormat, dequantize_as, weight_format
 from grok1.sharding import Layout, local_config
 
@@ -62,11 +65,18 @@ def wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, equation: str | None) -> torch.Tensor:
-    return a @ b if equation is None else torch.einsum(equation, a, b)
+# A product: None (a @ b), an einsum equation, or a function (a, b) -> product of one dtype
+# (a grouped matmul over the MoE's experts: moe_ref).
+Product = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
-def matmul_bf16(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
+def _dot(a: torch.Tensor, b: torch.Tensor, product: Product) -> torch.Tensor:
+    if product is None:
+        return a @ b
+    return torch.einsum(product, a, b) if isinstance(product, str) else product(a, b)
+
+
+def matmul_bf16(a: torch.Tensor, b: torch.Tensor, product: Product = None) -> torch.Tensor:
     """bf16 x bf16 -> bf16 with f32 accumulation and one rounding, as XLA's dot.
 
     cuBLAS does exactly that. torch's CPU bf16 kernels round partial sums (5 % on the golden
@@ -74,21 +84,26 @@ def matmul_bf16(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -
     to bf16: the f32 accumulator's value, correctly rounded, on every machine.
     """
     if a.is_cuda:
-        return _dot(a, b, equation)
-    return _dot(a.double(), b.double(), equation).float().to(BF16)
+        return _dot(a, b, product)
+    return _dot(a.double(), b.double(), product).float().to(BF16)
 
 
-def matmul_f32(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
-    """The reference's f32 dots (router, expert down-projection) -> f32, `wide_dtype` inside."""
+def matmul_wide(a: torch.Tensor, b: torch.Tensor, product: Product = None) -> torch.Tensor:
+    """The reference's f32 dots in `wide_dtype` (f64 on the CPU), not yet rounded to f32."""
     wide = wide_dtype(a.device)
-    return _dot(a.to(wide), b.to(wide), equation).float()
+    return _dot(a.to(wide), b.to(wide), product)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, equation: str | None = None) -> torch.Tensor:
+def matmul_f32(a: torch.Tensor, b: torch.Tensor, product: Product = None) -> torch.Tensor:
+    """The reference's f32 dots (router, expert down-projection) -> f32, `wide_dtype` inside."""
+    return matmul_wide(a, b, product).float()
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, product: Product = None) -> torch.Tensor:
     """a @ b in the compute dtype (the operands'): `matmul_bf16` for bf16, else `matmul_f32`."""
     if a.dtype == BF16:
-        return matmul_bf16(a, b, equation)
-    return matmul_f32(a, b, equation)
+        return matmul_bf16(a, b, product)
+    return matmul_f32(a, b, product)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,17 +235,42 @@ def route(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int, softcap: floa
     return logits, gates, ids
 
 
+EXPERT_DOWN = ("f32", "bf16")  # the down-projection's numerics (moe_ref)
+
+
+def expert_matmul(x_PK: torch.Tensor, w: Linear, groups: ExpertGroups,
+                  dot: Callable[..., torch.Tensor], backend: str | None = None) -> torch.Tensor:
+    """Each expert's group of rows of x (sorted by expert) times that expert's matrix of `w`,
+    taken by `dot` (matmul or matmul_wide). Dense matrices go all at once (one grouped matmul,
+    grok1.moe_dispatch: no host sync on a GPU). Quantized ones (and `backend` "loop") go
+    expert by expert, each dequantized when its turn comes, so that one expert's bf16 matrix
+    is in memory at a time (all eight of a Grok-1 matrix take 3.2 GB)."""
+    if w.weights is None and backend != "loop":
+        product = functools.partial(grouped_mm, groups=groups, backend=backend)
+        return dot(x_PK, w.dense().to(x_PK.dtype), product)
+    return per_group(x_PK, groups, lambda x, e: dot(x, w.dense(expert=e).to(x.dtype)))
+
+
 def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
             w_gate: Linear, w_up: Linear, w_down: Linear, *,
             out_dtype: torch.dtype | None = None, gelu: str = "tanh",
-            rounding: str = "jax") -> torch.Tensor:
-    """Sparse top-k dispatch, expert by expert; equal to the reference's all-experts one-hot
-    einsum. The gate/up matmuls are in the compute dtype (x's), GELU, product, down-projection
-    and the gated sum f32 (`wide_dtype`: f64 on the CPU, where the down-projection also stays
-    unrounded until the sum, so ranks' partial sums add up to one process's value). `out_dtype`
-    (default: x's, rounded from f32) keeps the sum unrounded for a sum across ranks
-    (`wide_dtype`). `rounding` "sglang" (grok2 SPEC 2.5) keeps the gates f32, stores the
-    GELU product and each expert's gated output in x's dtype and adds the slots in it."""
+            rounding: str = "jax", down: str = "f32", backend: str | None = None
+            ) -> torch.Tensor:
+    """Sparse top-k dispatch: the (token, slot) pairs sorted by expert, each expert's rows
+    through its matrices (`expert_matmul`: grouped for dense matrices, expert by expert for
+    quantized ones), the gated outputs added back per token; equal to the reference's
+    all-experts one-hot einsum, and differentiable. The gate/up matmuls are in the compute
+    dtype (x's), GELU, product, down-projection and the gated sum f32 (`wide_dtype`: f64 on
+    the CPU, where the down-projection also stays unrounded until the sum, so ranks' partial
+    sums add up to one process's value). `out_dtype` (default: x's, rounded from f32) keeps the
+    sum unrounded for a sum across ranks (`wide_dtype`). `rounding` "sglang" (grok2 SPEC 2.5)
+    keeps the gates f32, stores the GELU product and each expert's gated output in x's dtype
+    and adds the slots in it. `down` "bf16" (an opt-in numerics for training throughput, not
+    the reference's) stores the GELU product in x's dtype and takes the down-projection as a
+    matmul in it (rounded once more, per slot, before the f32 gated sum). `backend`: the
+    grouped matmul's (grok1.moe_dispatch.BACKENDS), or "loop": expert by expert."""
+    if down not in EXPERT_DOWN:
+        raise ValueError(f"down={down!r}: expected one of {', '.join(EXPERT_DOWN)}")
     wide = wide_dtype(x_MD.device)
     sglang = rounding == "sglang"
     per_slot = sglang and out_dtype is None  # SGLang's bf16 y_1 + y_2
@@ -238,15 +278,21 @@ def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     # the reference rounds the gate to bf16 first; SGLang multiplies the f32 probability
     # into the down-projection's f32 accumulator
     gates = gates_MA.to(wide) if sglang else gates_MA.to(BF16).to(wide)
-    for e in torch.unique(ids_MA).tolist():
-        rows, slots = (ids_MA == e).nonzero(as_tuple=True)
-        x = x_MD[rows]
-        h = gelu_glu(w_gate(x, expert=e, rows=rows), w_up(x, expert=e, rows=rows), gelu)
-        if sglang:
-            h = h.to(x.dtype)  # gelu_and_mul stores its output (grok2 SPEC 2.5, S6)
-        y = w_down.forward_wide(h, expert=e, rows=rows)
-        y = y * gates[rows, slots, None]
-        out.index_add_(0, rows, y.float().to(out.dtype) if per_slot else y)
+    groups = group_by_expert(ids_MA, w_gate.weight.shape[0])
+    rows = groups.rows_P
+    # each pair's token, sorted by expert (token order within an expert); index_select, whose
+    # backward is an index_add (no host sync on a GPU)
+    x = x_MD.index_select(0, rows)
+    h = gelu_glu(w_gate.expert_matmul(x, groups, matmul, backend),
+                 w_up.expert_matmul(x, groups, matmul, backend), gelu)
+    if sglang or down == "bf16":
+        h = h.to(x.dtype)  # gelu_and_mul stores its output (grok2 SPEC 2.5, S6)
+    if down == "bf16":
+        y = w_down.expert_matmul(h, groups, matmul, backend).to(wide)
+    else:
+        y = w_down.expert_matmul(h, groups, matmul_wide, backend)
+    y = y * gates.reshape(-1).index_select(0, groups.order_P)[:, None]
+    out.index_add_(0, rows, y.float().to(out.dtype) if per_slot else y)
     if per_slot:
         return out
     return out.to(out_dtype) if out_dtype else out.float().to(x_MD.dtype)
@@ -294,19 +340,15 @@ class Linear(nn.Module):
         return dequantize_as(self.weights, w, self.scales if expert is None
                              else self.scales[expert])
 
-    def forward(self, x: torch.Tensor, expert: int | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W in the compute dtype (x's). `rows`: which of the forward's flattened tokens
-        x's rows are (the MoE's dispatch; None: all, in order), for a subclass whose output
-        depends on the token (grok1.lora's per-request adapters); the plain matmul ignores it."""
-        return matmul(x, self.dense(expert).to(x.dtype))
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        return matmul(x, self.dense(expert).to(x.dtype))  # in the compute dtype (x's)
 
-    def forward_wide(self, x: torch.Tensor, expert: int | None = None,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W in `wide_dtype`, unrounded: the expert down-projection's f32 dot (SPEC 2.6),
-        summed with the other slots before any rounding. `rows` as for `forward`."""
-        wide = wide_dtype(x.device)
-        return x.to(wide) @ self.dense(expert).to(wide)
+    def expert_matmul(self, x_PK: torch.Tensor, groups: ExpertGroups,
+                      dot: Callable[..., torch.Tensor], backend: str | None = None
+                      ) -> torch.Tensor:
+        """The MoE's products with these stacked experts (module function expert_matmul):
+        a method, so that a subclass adds to them (grok1.lora's adapters, per token)."""
+        return expert_matmul(x_PK, self, groups, dot, backend)
 
 
 class RMSNorm(nn.Module):
@@ -358,11 +400,10 @@ class ForwardContext:
     Hidden states are [..., D] (the dense context's [B, T, D], the engine's [M, D]); a matmul
     output may be `PartialSums` wherever the step consuming it takes them.
 
-    `grok1_math_only`: the context's steps compute Grok-1's math in bf16 only (the engine's
-    kernels, for now), so `Grok1.run_layers` refuses a config with Grok-2's features or a
-    float32 compute dtype rather than compute something else.
+    `bf16_only`: the context's steps compute in bf16 only (the engine's kernels), so
+    `Grok1.run_layers` refuses a float32 compute dtype rather than compute something else.
     """
-    grok1_math_only: bool = True
+    bf16_only: bool = True
 
     def project(self, x: torch.Tensor, linears: tuple[nn.Module, ...]
                 ) -> list[torch.Tensor | PartialSums]:
@@ -390,7 +431,7 @@ class DenseContext(ForwardContext):
     """The reference's positions and mask for a [B, T] batch, with or without a static KVCache
     (`Grok1.forward` builds it). Every step is the plain twin, Grok-2's features included:
     RoPE base, attention cap and temperature from `config`; activations in `dtype`."""
-    grok1_math_only = False
+    bf16_only = False
 
     def __init__(self, positions_BT: torch.Tensor, mask_BTS: torch.Tensor,
                  cache: KVCache | None, config: GrokConfig, dtype: torch.dtype = BF16):
@@ -447,8 +488,16 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype):
+    """Router and experts (moe_ref). `expert_down`: the down-projection's numerics, "f32" (the
+    reference's) or "bf16" (opt-in, for training throughput; moe_ref)."""
+
+    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype,
+                 expert_down: str = "f32"):
         super().__init__()
+        if expert_down not in EXPERT_DOWN:
+            raise ValueError(f"expert_down={expert_down!r}: expected one of "
+                             f"{', '.join(EXPERT_DOWN)}")
+        self.expert_down = expert_down
         D, E, Fw = config.emb_size, config.num_experts, config.ffn_size
         self.top_k = config.num_selected_experts
         self.router_softcap, self.gelu = config.router_logit_softcap, config.gelu
@@ -470,7 +519,7 @@ class MoE(nn.Module):
         if self.training:
             self.last_router_logits, self.last_expert_ids = logits, ids
         return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down, gelu=self.gelu,
-                       rounding=self.rounding).view_as(x_BTD)
+                       rounding=self.rounding, down=self.expert_down).view_as(x_BTD)
 
 
 class DenseMLP(nn.Module):
@@ -495,13 +544,14 @@ class DecoderLayer(nn.Module):
     """Sandwich norms: a norm before and after attention, and before and after the FFN (the
     MoE, or with a dense_width Grok-2's residual MoE: the dense MLP and the MoE averaged)."""
 
-    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype):
+    def __init__(self, config: GrokConfig, weights: WeightFormat | None, dtype: torch.dtype,
+                 expert_down: str = "f32"):
         super().__init__()
         D, eps = config.emb_size, config.rms_norm_eps
         self.attn_norm, self.attn_out_norm = RMSNorm(D, eps), RMSNorm(D, eps)
         self.moe_norm, self.moe_out_norm = RMSNorm(D, eps), RMSNorm(D, eps)
         self.attn = Attention(config, weights, dtype)
-        self.moe = MoE(config, weights, dtype)
+        self.moe = MoE(config, weights, dtype, expert_down)
         self.mlp = DenseMLP(config, dtype) if config.residual_moe else None
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
@@ -533,11 +583,12 @@ class Grok1(nn.Module):
     their bf16 values. `compute_dtype` is that of the activations: bf16 (the references'
     rounding points) or float32 (no bf16 rounding; module docstring). `layout` is None for a
     whole model, or the tensor-parallel slice this process holds (set by
-    grok1.parallel.shard_model_, which cuts the tensors)."""
+    grok1.parallel.shard_model_, which cuts the tensors). `expert_down` is the experts'
+    down-projection numerics: "f32" (the reference's) or "bf16" (opt-in, for training; MoE)."""
 
     def __init__(self, config: GrokConfig, *, quantized: bool = False,
                  weights: str | WeightFormat | None = None, dtype: torch.dtype = BF16,
-                 compute_dtype: torch.dtype = BF16):
+                 compute_dtype: torch.dtype = BF16, expert_down: str = "f32"):
         super().__init__()
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype}: expected torch.bfloat16 or "
@@ -550,7 +601,7 @@ class Grok1(nn.Module):
         self.compute_dtype = compute_dtype
         self.layout: Layout | None = None
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.emb_size, dtype=dtype))
-        self.layers = nn.ModuleList(DecoderLayer(config, fmt, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, fmt, dtype, expert_down)
                                     for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.rms_norm_eps)
         # Grok-2's untied head [D, V] (grok2 SPEC 2.6); None: the input table is the output's
@@ -623,16 +674,12 @@ class Grok1(nn.Module):
 
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The decoder stack on embedded tokens h [..., D] -> the final norm's output.
-        Raises NotImplementedError when `ctx` computes Grok-1's bf16 math only and this model
-        needs more (ForwardContext.grok1_math_only)."""
-        if ctx.grok1_math_only:
-            beyond = self.config.grok2_features()
-            if self.compute_dtype != BF16:
-                beyond.append(f"compute_dtype={self.compute_dtype}")
-            if beyond:
-                raise NotImplementedError(
-                    f"{type(ctx).__name__} computes Grok-1's bf16 math only (its kernels), and "
-                    f"this model sets {', '.join(beyond)}; run it through Grok1.forward")
+        Raises NotImplementedError when `ctx` computes in bf16 only and this model computes in
+        float32 (ForwardContext.bf16_only)."""
+        if ctx.bf16_only and self.compute_dtype != BF16:
+            raise NotImplementedError(
+                f"{type(ctx).__name__} computes in bf16 only (its kernels), and this model sets "
+                f"compute_dtype={self.compute_dtype}; run it through Grok1.forward")
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, i)
         return ctx.norm(h, self.norm)

@@ -14,7 +14,7 @@ import dataclasses
 from grok1.config import ConfigError, GrokConfig
 
 MOE_SPLITS = ("tp", "ep")  # each expert's width over the ranks, or whole experts per rank
-UNEMBED_SPLITS = ("vocab", "dim")  # rows of the tied table (logits gathered), or D (all-reduced)
+UNEMBED_SPLITS = ("vocab", "dim")  # rows of the output table (logits gathered), or D (all-reduced)
 ATTN_MODES = ("tp", "none")
 MOE_MODES = (*MOE_SPLITS, "none")  # "none": unsplit (the options offer the splits alone)
 UNEMBED_MODES = (*UNEMBED_SPLITS, "none")
@@ -26,7 +26,7 @@ class Layout:
     ("none": kept whole on every rank)."""
     size: int = 1
     rank: int = 0
-    attn: str = "tp"  # "tp": query and kv heads split
+    attn: str = "tp"  # "tp": query and kv heads split (and Grok-2's dense MLP by its width)
     moe: str = "tp"  # "tp": each expert's width F split; "ep": whole experts per rank
     unembed: str = "vocab"  # "vocab": table rows split, logits gathered; "dim": D split
 
@@ -43,12 +43,14 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class LocalShapes:
     """The global ids of what one rank holds (parallel code's local counts; the config stays
-    global). Ranges index heads, experts, expert-width columns, vocabulary rows and D."""
+    global). Ranges index heads, experts, expert-width columns, the dense MLP's width (Grok-2),
+    vocabulary rows and D."""
     q_heads: range
     kv_heads: range
     experts: range
     ffn: range
-    vocab: range  # the unembedding's rows of the tied table
+    dense: range  # Grok-2's dense MLP width columns (empty: no dense MLP)
+    vocab: range  # the unembedding's rows of the output table (tied, or Grok-2's lm_head)
     emb: range  # the unembedding's slice of D
 
 
@@ -58,6 +60,11 @@ class Split:
     dim: str
     start: int
     stop: int
+
+    @property
+    def weight_dim(self) -> int:
+        """The dim it cuts of a weight [(E,) in, out] (and of its scales [(E,) G, out])."""
+        return {"out": -1, "in": -2, "expert": 0}[self.dim]
 
 
 def _one_of(values: list[int]) -> str:
@@ -104,7 +111,12 @@ def local_shapes(config: GrokConfig, layout: Layout) -> LocalShapes:
         vocab = _even(config.vocab_size, layout, "vocab_size")
     elif layout.unembed == "dim":
         emb = _even(config.emb_size, layout, "emb_size")
-    return LocalShapes(q_heads, kv_heads, experts, ffn, vocab, emb)
+    # the dense MLP (Grok-2) is split with the attention, Megatron's MLP split: its gate and up
+    # by columns, its down by rows; whole on every rank when attention is
+    dense = range(config.dense_width)
+    if layout.attn == "tp" and config.dense_width:
+        dense = _even(config.dense_width, layout, "dense_width")
+    return LocalShapes(q_heads, kv_heads, experts, ffn, dense, vocab, emb)
 
 
 def plan(config: GrokConfig, layout: Layout) -> dict[str, Split]:
@@ -123,7 +135,24 @@ def plan(config: GrokConfig, layout: Layout) -> dict[str, Split]:
         table.update({"moe.w_gate": Split("out", f.start, f.stop),
                       "moe.w_up": Split("out", f.start, f.stop),
                       "moe.w_down": Split("in", f.start, f.stop)})
+    if config.residual_moe:
+        d = s.dense
+        table.update({"mlp.w_gate": Split("out", d.start, d.stop),
+                      "mlp.w_up": Split("out", d.start, d.stop),
+                      "mlp.w_down": Split("in", d.start, d.stop)})
     return table
+
+
+def head_split(config: GrokConfig, layout: Layout) -> Split | None:
+    """This rank's Split of an untied output head (`lm_head`, [D, V]: Grok-2's), or None when
+    the rank holds it whole or the head is the tied embedding (which stays whole: the input
+    lookup needs every row, and the unembedding slices a view of it)."""
+    if config.tied_embeddings or layout.unembed == "none":
+        return None
+    s = local_shapes(config, layout)
+    if layout.unembed == "vocab":
+        return Split("out", s.vocab.start, s.vocab.stop)
+    return Split("in", s.emb.start, s.emb.stop)
 
 
 def local_config(config: GrokConfig, layout: Layout) -> GrokConfig:

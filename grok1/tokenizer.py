@@ -39,6 +39,11 @@ class Tokenizer:
     def bos_id(self) -> int:
         return self._sp.bos_id()  # never added by encode (SPEC 6); named for clients
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generation (unless ignore_eos): eos."""
+        return (self.eos_id,)
+
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 
@@ -56,12 +61,14 @@ class Tokenizer:
                                  f"model's vocab_size is {vocab_size}; wrong --tokenizer?")
 
 
-def find_tokenizer(tokenizer: str | Path | None, model_dir: Path) -> Path:
-    """The tokenizer the user named, else tokenizer.model in the checkpoint folder or beside it
-    (the reference keeps ./tokenizer.model next to ./checkpoints)."""
+def find_tokenizer(tokenizer: str | Path | None, model_dir: Path,
+                   file_name: str = "tokenizer.model") -> Path:
+    """The tokenizer the user named, else `file_name` in the checkpoint folder or beside it
+    (the reference keeps ./tokenizer.model next to ./checkpoints; Grok-2 ships
+    tokenizer.tok.json in its folder)."""
     if tokenizer is not None:
         return Path(tokenizer)
-    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
+    for candidate in (model_dir / file_name, model_dir.parent / file_name):
         if candidate.is_file():
             return candidate
-    raise TokenizerError(f"no tokenizer.model in {model_dir} or beside it; pass --tokenizer PATH")
+    raise TokenizerError(f"no {file_name} in {model_dir} or beside it; pass --tokenizer PATH")

@@ -12,7 +12,7 @@ Encoding adds no BOS/EOS; the special texts SGLang allows (pad, separator, eos, 
 reserved tokens) become their special ids wherever they appear in the text, as in SGLang.
 
 Same interface as grok1.tokenizer.Tokenizer (encode, decode, vocab_size, pad_id, eos_id, bos_id,
-id_to_piece, require_vocab), so the server and generators take either.
+stop_ids, id_to_piece, require_vocab), so the server and generators take either.
 """
 
 from __future__ import annotations
@@ -103,6 +103,12 @@ class Grok2Tokenizer:
     def separator_id(self) -> int:
         """Ends every chat turn (chat_prompt): a chat reply stops on it as on eos."""
         return self._specials.get(SEPARATOR, -1)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generation (unless ignore_eos): eos, and the separator that
+        ends every turn of a chat-tuned model's reply (SPEC 5)."""
+        return (self.eos_id,) + ((self.separator_id,) if self.separator_id >= 0 else ())
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added; SGLang's special texts become special ids."""

@@ -91,7 +91,8 @@ def test_the_engine_bench_script_explains_its_positional_and_layers():
                          capture_output=True, text=True, check=True, timeout=120).stdout
     text = " ".join(out.split())
     assert "{all,decode,prefill} what to measure: decode steps, prefill, or both" in text
-    assert "full-width layers (random int8 weights) (default: 4)" in text
+    assert "full-width layers (random weights) (default: 4)" in text
+    assert "--model {grok-1,grok-2}" in text
 
 
 def test_the_server_samples_with_the_defaults_its_help_states():

@@ -22,6 +22,7 @@ from grok1.checkpoint.names import assign_tensor
 from grok1.config import ConfigError, GrokConfig
 from grok1.config_grok2 import Grok2Config
 from grok1.engine.runner import PagedContext
+from grok1.golden import grok2_figures as figures
 from grok1.golden import load_cases
 from grok1.model import BF16, ForwardContext, Grok1, KVCache
 
@@ -39,16 +40,6 @@ def models(golden_case):
     """The golden checkpoint through the front door (grok1.load -> load_grok2), by compute
     dtype."""
     return {dtype: grok1.load(GOLDEN2, dtype=dtype) for dtype in (torch.float32, BF16)}
-
-
-def figures(out: torch.Tensor, golden: torch.Tensor) -> dict[str, float]:
-    """The golden README's measures: rel L2 over all logits, per-position rel (worst, median),
-    top-1 agreement."""
-    diff = out.double() - golden
-    per_position = diff.norm(dim=-1) / golden.norm(dim=-1)
-    return {"rel": (diff.norm() / golden.norm()).item(), "worst": per_position.max().item(),
-            "median": per_position.median().item(),
-            "top1": (out.argmax(-1) == golden.argmax(-1)).double().mean().item()}
 
 
 def from_tensors(config: GrokConfig, tensors: dict[str, torch.Tensor],
@@ -256,31 +247,43 @@ def test_multipliers_follow_the_rounding_switch():
     assert sglang.output_multiplier == tiny.output_multiplier_scale
 
 
-def test_a_grok1_math_only_context_refuses_grok2_features():
-    """The engine's kernels compute Grok-1's bf16 math: its context must refuse, not compute
-    something else."""
-    assert PagedContext.grok1_math_only  # the engine's context inherits the refusal
-    config = GrokConfig.preset("tiny").replace(attn_temperature_len=64, gelu="erf")
+def test_a_bf16_only_context_refuses_float32_compute():
+    """The engine's kernels compute in bf16: its context must refuse a float32 model, not
+    compute something else."""
+    assert PagedContext.bf16_only  # the engine's context inherits the refusal
     with torch.device("meta"):
-        model = Grok1(config)
         plain = Grok1(GrokConfig.preset("tiny"), compute_dtype=torch.float32)
-    h = torch.zeros(3, config.emb_size, dtype=BF16)
-    with pytest.raises(NotImplementedError,
-                       match="sets attn_temperature_len=64, gelu='erf'; run it through"):
-        model.run_layers(h, ForwardContext())
+    h = torch.zeros(3, plain.config.emb_size)
     with pytest.raises(NotImplementedError, match="compute_dtype=torch.float32"):
-        plain.run_layers(h.float(), ForwardContext())
+        plain.run_layers(h, ForwardContext())
 
 
-def test_sharding_a_grok2_model_is_refused_until_built():
+def test_sharding_a_grok2_model_cuts_its_dense_mlp_and_untied_head():
     from grok1.parallel.tensor import shard_model_
     from grok1.sharding import Layout
 
-    config = GrokConfig.preset("tiny").replace(router_logit_softcap=30.0, dense_width=64)
+    config = GrokConfig.preset("tiny").replace(router_logit_softcap=30.0, dense_width=64,
+                                               expert_width=40, tied_embeddings=False)
     with torch.device("meta"):
-        model = Grok1(config)
-    with pytest.raises(NotImplementedError, match="router_logit_softcap=30.0, dense_width=64"):
-        shard_model_(model, Layout(size=2, rank=0))
+        by_vocab = shard_model_(Grok1(config), Layout(size=2, rank=1))
+        by_dim = shard_model_(Grok1(config), Layout(size=2, rank=0, moe="ep", unembed="dim"))
+        whole_mlp = shard_model_(Grok1(config), Layout(size=2, rank=0, attn="none", moe="ep",
+                                                       unembed="none"))
+    layer = by_vocab.layers[1]
+    assert layer.mlp.w_gate.weight.shape == layer.mlp.w_up.weight.shape == (48, 32)
+    assert layer.mlp.w_down.weight.shape == (32, 48)
+    assert layer.moe.w_up.weight.shape == (8, 48, 20)  # Grok-2's expert width, halved
+    assert by_vocab.lm_head.weight.shape == (48, 128)  # vocab columns 128..255
+    assert by_vocab.embed.shape == (256, 48)  # the input table stays whole
+    assert by_dim.lm_head.weight.shape == (24, 256)  # D rows
+    assert by_dim.layers[0].mlp.w_down.weight.shape == (32, 48)
+    assert by_dim.layers[0].moe.w_up.weight.shape == (4, 48, 40)  # whole experts
+    assert whole_mlp.layers[0].mlp.w_down.weight.shape == (64, 48)  # with attention: whole
+    assert whole_mlp.lm_head.weight.shape == (48, 256)
+    with pytest.raises(ConfigError, match="--tp 3 must divide dense_width=64"):
+        with torch.device("meta"):
+            shard_model_(Grok1(config.replace(num_q_heads=3, num_kv_heads=3)),
+                         Layout(3, 0, moe="none", unembed="none"))
 
 
 def test_compute_dtype_other_than_bf16_or_f32_is_refused():
@@ -288,12 +291,13 @@ def test_compute_dtype_other_than_bf16_or_f32_is_refused():
         Grok1(GrokConfig.preset("tiny"), compute_dtype=torch.float16)
 
 
-def test_grok2_folder_is_detected_and_its_ranks_refused_until_the_model_runs_them(golden_case):
+def test_grok2_folder_is_detected_and_a_foreign_config_or_split_refused(golden_case):
     from grok1.loading import detect_format
     from grok1.sharding import Layout
 
     assert detect_format(GOLDEN2).name == "grok2"
-    with pytest.raises(ConfigError, match="Grok-2 loads whole for now"):
-        grok1.load(GOLDEN2, layout=Layout(2, 0))
+    with pytest.raises(ConfigError, match=r"--tp 3 must divide num_kv_heads=2, or be a "
+                                          r"multiple of it dividing num_q_heads=8 \(try 1, 2, 4 or 8\)"):
+        grok1.load(GOLDEN2, layout=Layout(3, 0))
     with pytest.raises(ConfigError, match="takes its own config.json"):
         grok1.load(GOLDEN2, config="grok-1")

@@ -1,30 +1,11 @@
 """Grok-2's tokenizer (grok1.tokenizer_grok2) on a small synthetic tokenizer.tok.json in the
 release's format (SPEC 5): round trips, special tokens, the digit split, the chat template."""
 
-import json
-
 import pytest
+from grok2_tokenizer_file import MERGES, SPECIALS, write_tok_json
 
 from grok1.tokenizer import TokenizerError
 from grok1.tokenizer_grok2 import Grok2Tokenizer, chat_prompt
-
-# specials first, at the ids SGLang's comment implies (2 = eos), then every byte, then merges
-SPECIALS = ["<|pad|>", "<|separator|>", "<|eos|>", "<|control1|>", "<|reserved_3|>", "<|custom|>"]
-MERGES = [b"th", b"he", b"the", b" the", b"in", b"ing", b" a", b"an", b"and", b" and", b"er",
-          b"Hu", b"Hum", b"Human", b"As", b"Ass", b"\n\n", b"  "]
-
-
-def write_tok_json(path, *, with_vocab_size=True, **overrides):
-    special = [{"bytes": list(t.encode()), "token": i} for i, t in enumerate(SPECIALS)]
-    regular = [{"bytes": [b], "token": len(SPECIALS) + b} for b in range(256)]
-    regular += [{"bytes": list(m), "token": len(SPECIALS) + 256 + k} for k, m in enumerate(MERGES)]
-    spec = {"regular_tokens": regular, "special_tokens": special, "word_split": "V1"}
-    if with_vocab_size:
-        spec["vocab_size"] = len(special) + len(regular)
-    spec.update(overrides)
-    path.write_text(json.dumps(spec))
-    return path
-
 
 @pytest.fixture
 def tok(tmp_path) -> Grok2Tokenizer:

@@ -1,5 +1,7 @@
-"""`grok1 info` reproduces SPEC section 9 to the parameter and the byte."""
+"""`grok1 info` reproduces SPEC section 9 to the parameter and the byte (and Grok-2's counts,
+grok2 SPEC 1, from hand-computed figures)."""
 
+import json
 import subprocess
 import sys
 
@@ -86,6 +88,89 @@ def test_info_names_the_tensor_parallel_size_that_holds_the_weights():
             in format_info(grok, gpu_gib=141).splitlines())
     # bf16 weights need 17 GPUs of 40 GiB, more than the widest split
     assert "more than --tp can split (16)" in format_info(grok, gpu_gib=40)
+
+
+# ---- Grok-2 (grok2 SPEC 1 and 3: 64 layers, D 8192, 64 q / 8 kv heads of 128, 8 experts top-2
+# of width 16384, a dense MLP of 32768, vocab 131072, untied head) --------------------------
+
+D2, V2, L2 = 8192, 131072, 64
+ATTN2 = D2 * 8192 * 2 + D2 * 1024 * 2  # q, o: 64 x 128 wide; k, v: 8 x 128
+EXPERT2 = 3 * D2 * 16384
+DENSE2 = 3 * D2 * 32768
+SMALL2 = D2 * 8 + 4 * D2  # router, four norms
+TOTAL2 = L2 * (ATTN2 + DENSE2 + 8 * EXPERT2 + SMALL2) + 2 * V2 * D2 + D2
+
+
+def test_grok2_counts_equal_the_hand_computed_ones_and_spec_section_1():
+    from grok1.config_grok2 import Grok2Config
+    from grok1.info import info_config
+
+    config = info_config("grok-2")
+    assert config == Grok2Config()
+    s = model_size(config.to_grok_config())
+    assert s.total_params == TOTAL2 == 269_515_497_472  # SPEC 1: 269.5 B
+    assert s.total_params == config.num_parameters  # Grok2Config's own count agrees
+    assert s.active_params == TOTAL2 - L2 * 6 * EXPERT2 == 114_896_674_816  # SPEC 1: 114.9 B
+    assert s.active_params == config.active_parameters
+    assert s.non_embedding_params == TOTAL2 - 2 * V2 * D2
+    assert s.bytes_bf16 == 2 * TOTAL2 == 539_030_994_944  # SPEC 1: 539 GB
+    assert s.kv_bytes_per_token == 2 * L2 * 8 * 128 * 2 == config.kv_bytes_per_token()
+    # int8: a byte per attention and expert weight, bf16 scales (q, k, v: one row per output
+    # column; o and the experts' down: 8 groups), the dense MLP, tables, routers, norms in bf16
+    scales = L2 * (8192 + 1024 + 1024 + 8 * D2 + 8 * (16384 * 2 + 8 * D2))
+    quantized = L2 * (ATTN2 + 8 * EXPERT2)
+    assert s.bytes_int8 == quantized + 2 * scales + 2 * (TOTAL2 - quantized)
+    assert s.gpus_needed(80 * 2**30, s.bytes_bf16) == 7  # 502.0 GiB / (0.9 x 80 GiB) = 6.97
+    assert s.gpus_needed(141 * 2**30, s.bytes_bf16) == 4  # / (0.9 x 141 GiB) = 3.96
+
+
+def test_grok2_weight_bytes_equal_a_grok2_models_state_dict():
+    import torch
+
+    from grok1.config_grok2 import Grok2Config
+    from grok1.info import weight_bytes
+    from grok1.model import Grok1
+    from grok1.quant import weight_format
+
+    c = Grok2Config(vocab_size=320, emb_size=64, key_size=16, num_q_heads=8, num_kv_heads=2,
+                    num_layers=2, expert_width=48, dense_width=96).to_grok_config()
+    for weights in ("int8", "int4", "fp8", None):
+        with torch.device("meta"):
+            model = Grok1(c, weights=weight_format(weights))
+        stored = sum(t.numel() * (2 if t.dtype == torch.float32 else t.element_size())
+                     for t in model.state_dict().values())
+        assert weight_bytes(c, weights) == stored, weights
+    assert model_size(c).bytes_bf16 == weight_bytes(c, None)
+
+
+def test_info_on_grok2_prints_its_figures_and_the_gpus_it_needs(tmp_path):
+    from grok1.info import format_info, info_config
+
+    lines = format_info(info_config("grok-2"), gpu_gib=141).splitlines()
+    assert lines[0].startswith("Grok-2: layers 64, d_model 8192")
+    assert "a dense MLP of width 32768" in lines[0] and "(untied head)" in lines[0]
+    assert "parameters, total:          269,515,497,472" in lines
+    assert "parameters, active/token:   114,896,674,816" in lines
+    assert "weights, as released:       539,030,994,944 B (539.03 GB, 502.0 GiB) (bf16)" in lines
+    assert "fewest 141 GiB GPUs for bf16 weights (90 % of memory): 4, so --tp 4" in lines
+    out = format_info(info_config("grok-2"), gpu_gib=80).splitlines()
+    assert "fewest 80 GiB GPUs for bf16 weights (90 % of memory): 7, so --tp 8" in out
+    # Grok-2's config.json (the release's field names) is read as Grok-2's
+    config = tmp_path / "config.json"
+    golden_like = {"architectures": ["Grok1ForCausalLM"], "vocab_size": 1024, "hidden_size": 128,
+                   "intermediate_size": 512, "moe_intermediate_size": 256,
+                   "max_position_embeddings": 4096, "num_experts_per_tok": 2,
+                   "num_local_experts": 8, "residual_moe": True, "num_attention_heads": 8,
+                   "num_key_value_heads": 2, "num_hidden_layers": 4, "head_dim": 16,
+                   "rms_norm_eps": 1e-5, "embedding_multiplier_scale": 11.3,
+                   "output_multiplier_scale": 0.5, "rope_theta": 208533496}
+    config.write_text(json.dumps(golden_like))
+    out = subprocess.run([sys.executable, "-m", "grok1", "info", "--config", str(config)],
+                         capture_output=True, text=True, check=True).stdout
+    c = info_config(config)
+    assert f"parameters, total:          {c.num_parameters:,}" in out.splitlines()
+    assert c.num_parameters == 4 * (128 * 128 * 2 + 128 * 32 * 2 + 3 * 128 * 512
+                                    + 8 * 3 * 128 * 256 + 128 * 8 + 4 * 128) + 2 * 1024 * 128 + 128
 
 
 def test_lora_memory_plan_equals_the_measured_tensors_of_a_training_step():

@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "grok1"
 LEVELS = {
     "config": 0, "quant": 0, "tokenizer": 0, "chat": 0,
     "sharding": 0.5,  # pure data on the config: what each rank holds
+    "moe_dispatch": 0.5,  # the MoE's pairs grouped by expert, grouped matmuls (torch only)
     # Grok-2's config and tokenizer build on config.py's / tokenizer.py's errors (to be folded in)
     "config_grok2": 0.5, "tokenizer_grok2": 0.5,
     "model": 1, "sampling": 1,

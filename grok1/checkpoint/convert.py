@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from grok1.checkpoint import grok2
 from grok1.checkpoint.names import (
     CheckpointError,
     assign_tensor,
@@ -54,9 +55,11 @@ from grok1.checkpoint.native import (
     safetensors_header,
     tensor_bytes,
 )
+from grok1.checkpoint.slices import TensorSlice
 from grok1.checkpoint.xai_pickle import resolve_ckpt0, scan_xai_checkpoint
 from grok1.checkpoint.xai_pickle_reader import ArrayRef, QuantRef, map_array
-from grok1.config import GrokConfig
+from grok1.config import ConfigError, GrokConfig
+from grok1.config_grok2 import Grok2Config
 from grok1.model import Grok1
 from grok1.quant import (
     INT4_GROUP_SIZE,
@@ -66,6 +69,7 @@ from grok1.quant import (
     quantize_as,
     weight_format,
 )
+from grok1.tokenizer_grok2 import TOKENIZER_FILE as GROK2_TOKENIZER_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 STATE_FILE = "convert-state.json"
@@ -198,10 +202,68 @@ class _SafetensorsSource:
         self.handles.clear()
 
 
-def _open_source(src: Path, config: GrokConfig):
+class _Grok2Source:
+    """A Grok-2 release folder (grok1.checkpoint.grok2): every file checked first, then each
+    tensor read a slice at a time (an expert, or a block of rows), bf16 as stored, in grok1's
+    layout; the attention and expert matrices are those a weight format quantizes."""
+
+    def __init__(self, path: Path, config: Grok2Config):
+        self.reader = grok2.Reader(path, config)
+        self.order = [key.removesuffix(".weight") if is_quantized_name(
+            key.removesuffix(".weight")) else key for key in self.reader.shapes]
+
+    def stored(self, name: str) -> _Stored:
+        key = f"{name}.weight" if is_quantized_name(name) else name
+        return _Stored(_Grok2Tensor(self.reader, key), None, None)
+
+    def close(self) -> None:
+        pass
+
+
+class _Grok2Tensor:
+    """One tensor of a Grok-2 folder, read on indexing along dim 0 (as _part indexes), with a
+    safetensors slice's get_shape (as _shape asks)."""
+
+    def __init__(self, reader: grok2.Reader, key: str):
+        self.reader, self.key = reader, key
+        self.full = reader.shapes[key]
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self.full
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[index:index + 1][0]
+        start, stop, _ = index.indices(self.full[0])
+        if (start, stop) == (0, self.full[0]):
+            return self.reader.slice(TensorSlice(self.key))
+        return self.reader.slice(TensorSlice(self.key, 0, start, stop))
+
+
+FAMILIES = ("grok-1", "grok-2")  # the model a converted folder holds: its tokenizer's kind
+
+
+def _open_source(src: Path, config: GrokConfig | Grok2Config | str | Path | None):
+    """(source, the GrokConfig of the model, its family) for the folder `src`; `config` as
+    convert's (a Grok-2 folder takes its own config.json or a Grok2Config)."""
+    if grok2.detect(src):
+        if config is None or isinstance(config, (str, Path)):
+            config = Grok2Config.from_json(config or src / CONFIG_FILE)
+        if not isinstance(config, Grok2Config):
+            raise ConfigError(f"{src}: a Grok-2 folder takes its own config.json (or a "
+                              f"Grok2Config), not {type(config).__name__}")
+        return _Grok2Source(src, config), config.to_grok_config(), "grok-2"
+    if isinstance(config, (str, Path)):
+        config = GrokConfig.from_json(config)
+    if config is None:
+        config = (GrokConfig.from_json(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file()
+                  else GrokConfig.preset("grok-1"))
+    family = "grok-1"
+    if (src / INDEX_FILE).is_file():
+        family = sharded_family(src)
     if (src / INDEX_FILE).is_file() or (src / WEIGHTS_FILE).is_file():
-        return _SafetensorsSource(src, config)
-    return _ReleaseSource(src, config)
+        return _SafetensorsSource(src, config), config, family
+    return _ReleaseSource(src, config), config, family
 
 
 # ---- the plan: which tensors go into which shard -------------------------------------------------
@@ -328,15 +390,20 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, weights: str | None = "int8", *,
-            group_size: int = INT4_GROUP_SIZE, config: GrokConfig | str | Path | None = None,
+            group_size: int = INT4_GROUP_SIZE,
+            config: GrokConfig | Grok2Config | str | Path | None = None,
             shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             after_shard: Callable[[int], None] | None = None) -> Path:
     """Convert the checkpoint `src` into a sharded grok1 folder `dst` with `weights` "int8",
     "int4" (groups of `group_size` inputs) or "fp8" attention and expert matrices (None: bf16).
 
-    `src`: a release folder (holding ckpt-0/, or ckpt-0 itself), or a grok1 folder (a
-    `model.safetensors` or an index as written here). `config`: a GrokConfig or JSON file;
-    default the folder's config.json, else the `grok-1` preset. `after_shard(n)` is called after
+    `src`: a release folder (holding ckpt-0/, or ckpt-0 itself), a grok1 folder (a
+    `model.safetensors` or an index as written here), or a Grok-2 release folder (bf16: its
+    dense MLP, head and embedding stay bf16, its attention and expert matrices take
+    `weights`). `config`: a GrokConfig or JSON file (a Grok2Config or Grok-2's config.json for
+    a Grok-2 folder); default the folder's config.json, else the `grok-1` preset. The index
+    names the model's family ("grok-1", "grok-2": which tokenizer, copied beside the shards,
+    reads its text). `after_shard(n)` is called after
     each shard is finished and recorded (n shards done so far; a test hook: raising there
     interrupts the conversion as a kill would). An interrupted conversion resumes when called
     again with the same arguments. Returns `dst`.
@@ -350,12 +417,7 @@ def convert(src: str | Path, dst: str | Path, weights: str | None = "int8", *,
         raise CheckpointError(f"{dst} exists; convert into a new folder")
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such checkpoint folder")
-    if isinstance(config, (str, Path)):
-        config = GrokConfig.from_json(config)
-    if config is None:
-        config = (GrokConfig.from_json(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file()
-                  else GrokConfig.preset("grok-1"))
-    source = _open_source(src, config)
+    source, config, family = _open_source(src, config)
     shards = plan_shards(config, fmt, source.order, shard_bytes)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     settings = {"source": str(src.resolve()), "weights": fmt.label() if fmt else "bf16",
@@ -382,12 +444,13 @@ def convert(src: str | Path, dst: str | Path, weights: str | None = "int8", *,
     source.close()
     weight_map = {key: name for name, params in zip(names, shards, strict=True)
                   for _, specs in params for key, _, _ in specs}
-    meta = {**format_metadata(fmt), "total_size": total, "sha256": done}
+    meta = {**format_metadata(fmt), "total_size": total, "sha256": done, "family": family}
     _write_json(work / INDEX_FILE, {"metadata": meta, "weight_map": weight_map})
     config.save_json(work / CONFIG_FILE)
-    for tokenizer in (src / TOKENIZER_FILE, src.parent / TOKENIZER_FILE):
+    tokenizer_file = TOKENIZER_FILE if family == "grok-1" else GROK2_TOKENIZER_FILE
+    for tokenizer in (src / tokenizer_file, src.parent / tokenizer_file):
         if tokenizer.is_file():
-            shutil.copyfile(tokenizer, work / TOKENIZER_FILE)
+            shutil.copyfile(tokenizer, work / tokenizer_file)
             break
     (work / STATE_FILE).unlink()
     os.rename(work, dst)
@@ -423,6 +486,16 @@ def _resume_state(work: Path, settings: dict) -> dict[str, str]:
 def is_sharded_native(path: str | Path) -> bool:
     """Whether `path` is a folder in this module's format (for a loader's format table)."""
     return (Path(path) / INDEX_FILE).is_file()
+
+
+def sharded_family(folder: Path) -> str:
+    """The model family a converted folder's index declares ("grok-1" when it predates the
+    field); CheckpointError for one grok1 does not know."""
+    family = read_index(folder)["metadata"].get("family", "grok-1")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{folder.name}/{INDEX_FILE}: metadata family={family!r}; "
+                              f"expected one of {', '.join(FAMILIES)}")
+    return family
 
 
 def read_index(folder: Path) -> dict:

@@ -8,7 +8,7 @@ Reader API (the shape every format takes behind grok1.load):
         All files are checked against `config` (names, shapes, dtypes, the shard set) before
         anything is read; then each slice reads only the files and bytes it covers.
     tp_want(config, tp_rank, tp_size) -> list[TensorSlice]   SGLang's tensor-parallel split
-    load_grok2(path, config, device, dtype) -> Grok1          the whole model, ready to run
+    load_grok2(path, config, device, dtype, model=, want=) -> Grok1   whole, or a rank's slices
 
 Format (SPEC section 4): `pytorch_model-NNNNN-TP-common.safetensors` files hold whole tensors;
 `pytorch_model-NNNNN-TP-RRR.safetensors`, R = 0..n-1 (n = 8 in the release), hold pre-shard R of
@@ -44,11 +44,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from grok1.checkpoint.names import CheckpointError, assign_tensor, name_mismatch
-from grok1.checkpoint.slices import TensorSlice, normalize_want, split_evenly
+from grok1.checkpoint.slices import TensorSlice, layout_want, normalize_want
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
+from grok1.sharding import Layout
 
-__all__ = ["detect", "grok1_shapes", "load_grok2", "read", "scan", "tp_want"]
+__all__ = ["Reader", "detect", "grok1_shapes", "load_grok2", "read", "scan", "tp_want"]
 CONFIG_FILE = "config.json"
 
 _FILE = re.compile(r"pytorch_model-(\d{5})-TP-(common|\d{3})\.safetensors")
@@ -261,25 +262,33 @@ def read(path: str | Path, config: Grok2Config,
     narrowed along the slice's dim. Raises CheckpointError (see `scan`), ValueError for a
     `want` entry that is not a tensor of `config`'s model or out of its range.
     """
-    folder = Path(path)
-    stored = scan(folder, config)
-    shapes = grok1_shapes(config)
-    srcs = sources(config)
-    slices = normalize_want(want, shapes)
-    handles: dict[Path, object] = {}
+    reader = Reader(path, config)
+    for s in normalize_want(want, reader.shapes):
+        yield s.name, reader.slice(s)
 
-    def open_file(p: Path):
-        if p not in handles:
+
+class Reader:
+    """A Grok-2 folder scanned once (`scan`), then read slice by slice on demand (`read` is
+    one pass of it; `grok1 convert` asks for one expert or block of rows at a time)."""
+
+    def __init__(self, path: str | Path, config: Grok2Config):
+        self.folder = Path(path)
+        self.stored = scan(self.folder, config)
+        self.shapes = grok1_shapes(config)
+        self.sources = sources(config)
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, p: Path):
+        if p not in self._handles:
             try:
-                handles[p] = safe_open(p, framework="pt")
+                self._handles[p] = safe_open(p, framework="pt")
             except SafetensorError as e:
-                raise CheckpointError(f"{folder.name}/{p.name}: not readable ({e})") from None
-        return handles[p]
+                raise CheckpointError(f"{self.folder.name}/{p.name}: not readable ({e})") from None
+        return self._handles[p]
 
-    for s in slices:
-        src = srcs[s.name]
-        t = _read_slice(s, shapes[s.name], src, stored, open_file)
-        yield s.name, t
+    def slice(self, s: TensorSlice) -> torch.Tensor:
+        """The tensor `s` asks for (a checked TensorSlice of a name in `shapes`)."""
+        return _read_slice(s, self.shapes[s.name], self.sources[s.name], self.stored, self._open)
 
 
 def _read_slice(s: TensorSlice, shape: tuple[int, ...], src: _Source,
@@ -322,66 +331,41 @@ def _read_slice(s: TensorSlice, shape: tuple[int, ...], src: _Source,
 # ---- the tensor-parallel plan SGLang uses --------------------------------------------------
 
 def tp_want(config: Grok2Config, tp_rank: int, tp_size: int) -> list[TensorSlice]:
-    """Rank `tp_rank` of `tp_size`'s slices, SGLang's split (S1): q/k/v, the dense MLP's gate/up
-    and every expert's w1/w3 by output columns, o, the dense down and every expert's w2 by input
-    rows (experts split along their width on every rank, as the release's pre-shards are);
-    embedding, head, norms and router whole. kv heads are split when tp_size divides them, else
-    replicated (each rank takes the one its query heads use). Raises ValueError when the sizes
-    do not divide (the message names the tensor)."""
-    c = config
-    if not 0 <= tp_rank < tp_size:
-        raise ValueError(f"tp_rank={tp_rank} outside 0..{tp_size - 1}")
-    shapes = grok1_shapes(c)
-    by_suffix = {"attn.wq.weight": 1, "attn.wo.weight": 0, "mlp.w_gate.weight": 1,
-                 "mlp.w_up.weight": 1, "mlp.w_down.weight": 0, "moe.w_gate.weight": 2,
-                 "moe.w_up.weight": 2, "moe.w_down.weight": 1}
-    if c.num_q_heads % tp_size:
-        raise ValueError(f"tp_size={tp_size} must divide num_q_heads={c.num_q_heads}")
-    out = []
-    for name, shape in shapes.items():
-        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        if suffix in by_suffix:
-            out.append(split_evenly(name, shape, by_suffix[suffix], tp_rank, tp_size))
-        elif suffix in ("attn.wk.weight", "attn.wv.weight"):
-            K, H = c.num_kv_heads, c.key_size
-            if K % tp_size == 0:
-                out.append(split_evenly(name, shape, 1, tp_rank, tp_size))
-            elif tp_size % K == 0:
-                head = tp_rank // (tp_size // K)
-                out.append(TensorSlice(name, 1, head * H, (head + 1) * H))
-            else:
-                raise ValueError(f"{name}: tp_size={tp_size} neither divides nor is a multiple "
-                                 f"of num_kv_heads={K}")
-        else:
-            out.append(TensorSlice(name))
-    return out
+    """Rank `tp_rank` of `tp_size`'s slices by grok1.sharding's plan, which is SGLang's split
+    (S1): q/k/v, the dense MLP's gate/up and every expert's w1/w3 by output columns, o, the
+    dense down and every expert's w2 by input rows (experts split along their width on every
+    rank, as the release's pre-shards are); embedding, head, norms and router whole. kv heads
+    are split when tp_size divides them, else replicated (each rank takes the one its query
+    heads use). Raises ConfigError (a ValueError) when the sizes do not divide, naming them."""
+    layout = Layout(tp_size, tp_rank, unembed="none")
+    return layout_want(config.to_grok_config(), layout, grok1_shapes(config))
 
 
 # ---- the model ---------------------------------------------------------------------------
 
 def load_grok2(path: str | Path, config: Grok2Config | None = None,
-               device: torch.device | str = "cpu", dtype: torch.dtype = BF16,
+               device: torch.device | str = "cpu", dtype: torch.dtype = BF16, *,
+               model: Grok1 | None = None,
                want: Iterable[TensorSlice | str] | None = None) -> Grok1:
     """The Grok-2 model in the release folder `path` (config: its config.json unless given),
-    whole, in eval mode with gradients off. `dtype` is the compute dtype: bf16 (SGLang's
-    storage points) or torch.float32 (no bf16 rounding; the golden's float32 check). The
-    weights keep the files' bf16 values (router and norms as f32 parameters, exactly).
-    Raises CheckpointError (see `scan`), ConfigError for a bad config.json,
-    NotImplementedError for `want` (a tensor-parallel rank's slices: not built yet)."""
+    in eval mode with gradients off. `dtype` is the compute dtype: bf16 (SGLang's storage
+    points) or torch.float32 (no bf16 rounding; the golden's float32 check). The weights keep
+    the files' bf16 values (router and norms as f32 parameters, exactly).
+    A tensor-parallel rank passes `model` (on the meta device, already cut to its shapes) and
+    `want` (its slices, slices.layout_want): only those bytes are read. Default: the whole
+    model. Raises CheckpointError (see `scan`), ConfigError for a bad config.json."""
     folder = Path(path)
-    if want is not None:
-        raise NotImplementedError("load_grok2: loading a tensor-parallel rank's slices (want) "
-                                  "is not implemented yet; load the whole model")
     if config is None:
         config = Grok2Config.from_json(folder / CONFIG_FILE)
-    with torch.device("meta"):
-        model = Grok1(config.to_grok_config(), compute_dtype=dtype)
+    if model is None:
+        with torch.device("meta"):
+            model = Grok1(config.to_grok_config(), compute_dtype=dtype)
     targets = dict(model.state_dict(keep_vars=True))
     shapes = grok1_shapes(config)
     missing, unexpected = sorted(targets.keys() - shapes.keys()), sorted(shapes.keys() - targets)
     assert not missing and not unexpected, (missing, unexpected)  # one table, two readers
-    for name, tensor in read(folder, config):
+    for name, tensor in read(folder, config, want):
         target = targets[name]
-        assert tensor.shape == target.shape, (name, tensor.shape, target.shape)  # scan checked
+        assert tensor.shape == target.shape, (name, tensor.shape, target.shape)  # one plan
         assign_tensor(model, name, tensor.to(device=device, dtype=target.dtype))
     return model.eval().requires_grad_(False)

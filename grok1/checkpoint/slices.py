@@ -11,7 +11,11 @@ files' own layout and reads only those bytes.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
+
+from grok1.config import GrokConfig
+from grok1.sharding import Layout, head_split, plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +65,25 @@ def normalize_want(want: Iterable[TensorSlice | str] | None,
     return out
 
 
-def split_evenly(name: str, shape: tuple[int, ...], dim: int, rank: int,
-                 size: int) -> TensorSlice:
-    """Rank `rank` of `size`'s equal share of `name` along `dim`. Raises ValueError unless
-    `size` divides that dim."""
-    n = shape[dim]
-    if n % size:
-        raise ValueError(f"{name}: dim {dim} of size {n} does not split into {size} equal shares")
-    step = n // size
-    return TensorSlice(name, dim, rank * step, (rank + 1) * step)
+_LAYER_MATRIX = re.compile(r"layers\.\d+\.(.+)\.(weight|scales)")
+
+
+def layout_want(config: GrokConfig, layout: Layout,
+                shapes: dict[str, tuple[int, ...]]) -> list[TensorSlice]:
+    """What `layout.rank` reads of each tensor in `shapes` (grok1 names, grok1's layout): the
+    slices of grok1.sharding's plan (and an untied head's `head_split`), every other tensor
+    whole. For a reader's `want`, so that a rank reads only its bytes. Dense matrices only:
+    ValueError for quantization scales (their groups split otherwise, parallel.tensor), and
+    ConfigError (sharding) when the layout does not split the model."""
+    table, head = plan(config, layout), head_split(config, layout)
+    out = []
+    for name, shape in shapes.items():
+        m = _LAYER_MATRIX.fullmatch(name)
+        split = table.get(m.group(1)) if m else head if name == "lm_head.weight" else None
+        if split is not None and m is not None and m.group(2) == "scales":
+            raise ValueError(f"{name}: layout_want slices dense matrices only")
+        if split is None or split.stop - split.start == shape[split.weight_dim]:
+            out.append(TensorSlice(name))
+        else:
+            out.append(TensorSlice(name, split.weight_dim % len(shape), split.start, split.stop))
+    return out

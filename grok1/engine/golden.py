@@ -50,6 +50,42 @@ def engine_runner(model: Grok1, *, num_blocks: int = 160, use_cuda_graphs: bool 
                        max_model_len=64, max_batch_size=64, use_cuda_graphs=use_cuda_graphs)
 
 
+def _teacher_forced(drive: _Driver, name: str, tokens: list[list[int]], real: list[int]
+                    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Per row b, the logits [V] of its first real[b] positions twice: through the prefill path
+    (each prefix its own sequence, one varlen step per row) and the decode path (the rows' first
+    tokens prefilled, then one token a step for every row at once)."""
+    prefill: list[list[torch.Tensor]] = []
+    for b, row in enumerate(tokens):
+        seqs = [drive.new(f"{name}{b}.{k}", row[:k]) for k in range(1, real[b] + 1)]
+        logits = drive.step([ScheduledChunk(s, 0, len(s.token_ids)) for s in seqs])
+        prefill.append(list(logits[:real[b]]))
+        drive.free(seqs)
+    seqs = [drive.new(f"{name}{b}.d", row[:1]) for b, row in enumerate(tokens)]
+    decode: list[list[torch.Tensor]] = [[] for _ in tokens]
+    for t in range(max(real)):
+        live = [b for b in range(len(tokens)) if t < real[b]]
+        for b in live:
+            if t > 0:
+                seqs[b].token_ids.append(tokens[b][t])
+        logits = drive.step([ScheduledChunk(seqs[b], t, 1) for b in live])
+        for i, b in enumerate(live):
+            decode[b].append(logits[i])
+    drive.free(seqs)
+    return prefill, decode
+
+
+def engine_rows_logits(runner: ModelRunner, tokens_BT: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, T, V] f32 at every position of each row (no padding), through the runner's
+    prefill path and its decode path (`_teacher_forced`): the Grok-2 golden's judge input."""
+    drive = _Driver(runner, BlockPool(runner.k_cache.shape[1] - 1, runner.block_size))
+    rows = tokens_BT.tolist()
+    prefill, decode = _teacher_forced(drive, "row", rows, [len(r) for r in rows])
+    return (torch.stack([torch.stack(r) for r in prefill]),
+            torch.stack([torch.stack(r) for r in decode]))
+
+
 def engine_golden_pairs(runner: ModelRunner, golden: dict, pad_token: int = 0) -> Pairs:
     """(engine logits, golden logits) per meaningful position of each case (module doc)."""
     pool = BlockPool(runner.k_cache.shape[1] - 1, runner.block_size)
@@ -61,27 +97,11 @@ def engine_golden_pairs(runner: ModelRunner, golden: dict, pad_token: int = 0) -
         ref = torch.as_tensor(ref).float()
         real = [sum(t != pad_token for t in row) if case == "padded" else len(row)
                 for row in tokens]
-        # prefill path: each prefix a sequence, one step for all of a row's prefixes
-        pairs[case] = []
-        for b, row in enumerate(tokens):
-            seqs = [drive.new(f"{case}{b}.{k}", row[:k]) for k in range(1, real[b] + 1)]
-            logits = drive.step([ScheduledChunk(s, 0, len(s.token_ids)) for s in seqs])
-            pairs[case] += [(logits[k], ref[b, k]) for k in range(real[b])]
-            drive.free(seqs)
-        # decode path: every row's tokens one a step, all rows in one decode batch
-        seqs = [drive.new(f"{case}{b}.d", row[:1]) for b, row in enumerate(tokens)]
-        per_row: list[list[torch.Tensor]] = [[] for _ in tokens]
-        for t in range(max(real)):
-            live = [b for b in range(len(tokens)) if t < real[b]]
-            for b in live:
-                if t > 0:
-                    seqs[b].token_ids.append(tokens[b][t])
-            logits = drive.step([ScheduledChunk(seqs[b], t, 1) for b in live])
-            for i, b in enumerate(live):
-                per_row[b].append(logits[i])
-        pairs[f"{case}_decode"] = [(per_row[b][t], ref[b, t]) for b in range(len(tokens))
-                                   for t in range(real[b])]
-        drive.free(seqs)
+        prefill, decode = _teacher_forced(drive, case, tokens, real)
+        pairs[case] = [(prefill[b][k], ref[b, k]) for b in range(len(tokens))
+                       for k in range(real[b])]
+        pairs[f"{case}_decode"] = [(decode[b][k], ref[b, k]) for b in range(len(tokens))
+                                   for k in range(real[b])]
     # the golden's own cache case: prefill its real prompt, then its decode tokens
     length = int(golden["prefill_length"][0])
     seq = drive.new("prefill", golden["prefill_tokens"][0, :length].tolist())

@@ -29,7 +29,7 @@ from grok1.model import (
     RMSNorm,
     rope_cos_sin,
 )
-from grok1.ops.attention import AttentionPlan, paged_attention, plan_attention
+from grok1.ops.attention import AttentionMath, AttentionPlan, paged_attention, plan_attention
 from grok1.ops.linear import Int8Linear, project_many
 from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
@@ -78,12 +78,20 @@ class PendingResidual:
 
 class PagedContext(ForwardContext):
     """The engine's forward context: a batch of flattened tokens over the paged KV cache, each
-    step a grok1.ops kernel. Residual adds are fused with the norm after them."""
+    step a grok1.ops kernel. Residual adds are fused with the norm after them. Grok-2's
+    features come from the config: RoPE base, attention cap, temperature and rounding points,
+    pad keys visible, the norms' eps (the MoE's router cap, GELU and rounding are its own)."""
 
     def __init__(self, runner: ModelRunner, batch: Batch):
         self.runner, self.batch = runner, batch
-        cos, sin = rope_cos_sin(batch.positions_M[None], runner.config.key_size)
+        c = runner.config
+        cos, sin = rope_cos_sin(batch.positions_M[None], c.key_size, c.rope_theta)
         self.cos_MH, self.sin_MH = cos[0], sin[0]
+        self.math = AttentionMath.from_config(c)
+        self.temperature_M = self.math.temperature(batch.positions_M)  # once for every layer
+        self.eps = c.rms_norm_eps
+        # the reference hides pad keys (SPEC 2.2); SGLang's Grok-2 does not (grok2 SPEC 2.4)
+        self.real_slots = runner.real_slots if c.mask_pad_keys else None
 
     def project(self, x: torch.Tensor, linears: tuple[torch.nn.Module, ...]):
         # q/k/v in one launch at one row, as K-split partial sums that the rope sums
@@ -94,13 +102,14 @@ class PagedContext(ForwardContext):
         q = rope_and_cache(q, k, v, self.cos_MH, self.sin_MH, r.k_cache[layer], r.v_cache[layer],
                            b.slots_M)
         return paged_attention(q, r.k_cache[layer], r.v_cache[layer], b.block_table_BP,
-                               b.positions_M, b.plan, multiplier, r.real_slots)
+                               b.positions_M, b.plan, multiplier, self.real_slots, self.math,
+                               self.temperature_M)
 
     def norm(self, h: torch.Tensor | PendingResidual, norm: RMSNorm) -> torch.Tensor:
         if isinstance(h, PendingResidual):
-            h.h, x = add_rms_norm(h.h_prev, h.a, h.out_norm.scale, norm.scale)
+            h.h, x = add_rms_norm(h.h_prev, h.a, h.out_norm.scale, norm.scale, self.eps)
             return x
-        return rms_norm_op(h, norm.scale)
+        return rms_norm_op(h, norm.scale, self.eps)
 
     def residual(self, h: torch.Tensor | PendingResidual, a: torch.Tensor | PartialSums,
                  out_norm: RMSNorm) -> PendingResidual:

@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache, prefill chunks and decode in one kernel (GQA, 30*tanh cap).
+"""Attention over a paged KV cache, prefill chunks and decode in one kernel (GQA, c*tanh cap).
 
 Twin: `grok1.model.attention_ref` on K/V gathered from the pages (`paged_attention_ref`).
 Layout: q [M, N, H] for the M new tokens of all sequences (flattened, sequence by sequence);
@@ -11,6 +11,9 @@ row), nonzero where the token written there is real, as the reference's key mask
 tokens) gets a zero output: the reference averages v over its whole zero-padded cache there,
 which is ~0 and depends on the padding, so no engine can match it exactly.
 Scores: bf16 q.k, times the multiplier in f32, then 30*tanh(s/30), as the reference (SPEC 2.5).
+Grok-2 (`AttentionMath` from its config, grok2 SPEC 2.4): its cap, each query's temperature after
+the cap (`model.attention_temperature` of its position), and SGLang's rounding points (f32
+scores; exp(s - max) rounded unnormalised for p @ v, divided by the f32 row sum after).
 
 Shape letters: M new tokens, B sequences, N query heads, K kv heads, G = N // K, H head size,
 P pages, S keys.
@@ -23,7 +26,7 @@ import itertools
 
 import torch
 
-from grok1.model import attention_ref
+from grok1.model import SOFTCAP, attention_ref, attention_temperature
 from grok1.ops._triton import NUM_SMS_GUESS, cdiv, interpreting, next_pow2, use_kernel
 
 
@@ -58,6 +61,28 @@ def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
                          as_i32(query_start_B1[1:]), block_t, splits)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionMath:
+    """What the scores go through besides the multiplier: Grok-1's defaults, or a config's
+    (`from_config`: Grok-2's cap, temperature length and SGLang's rounding points)."""
+    softcap: float = SOFTCAP           # c of c * tanh(s / c); 0: none
+    temperature_len: int = 0           # L of the query temperature log2(n) / log2(L); 0: none
+    rounding: str = "jax"              # "jax" (the reference's) or "sglang"
+
+    @classmethod
+    def from_config(cls, config) -> AttentionMath:
+        return cls(config.attn_logit_softcap, config.attn_temperature_len, config.rounding)
+
+    def temperature(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """f32 per query (the model's function), or None without a temperature."""
+        if not self.temperature_len:
+            return None
+        return attention_temperature(positions, self.temperature_len)
+
+
+GROK1_ATTENTION = AttentionMath()
+
+
 def _g_pad(G: int) -> int:
     return next_pow2(G, at_least=2)
 
@@ -65,7 +90,8 @@ def _g_pad(G: int) -> int:
 def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table_BP: torch.Tensor, positions_M: torch.Tensor,
                         plan: AttentionPlan, multiplier: float,
-                        real_slots: torch.Tensor | None = None) -> torch.Tensor:
+                        real_slots: torch.Tensor | None = None,
+                        math: AttentionMath = GROK1_ATTENTION) -> torch.Tensor:
     """The twin: per sequence, gather its keys and call model.attention_ref. -> [M, N*H] bf16.
     `real_slots` [P * PAGE] (nonzero = real token) masks pad keys; None: every key is real."""
     M, N, H = q_MNH.shape
@@ -84,8 +110,10 @@ def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         mask_1TS = (s_S[None, :] <= pos_T[:, None])[None]
         if real_slots is not None:
             mask_1TS = mask_1TS & (real_slots.reshape(-1)[slots] != 0)[None, None]
+        temperature = math.temperature(pos_T[None])
         o = attention_ref(q_MNH[None, qs[b]:qs[b + 1]], k_flat[slots][None],
-                          v_flat[slots][None], mask_1TS, multiplier)[0]
+                          v_flat[slots][None], mask_1TS, multiplier, math.softcap, temperature,
+                          math.rounding)[0]
         out[qs[b]:qs[b + 1]] = o * mask_1TS[0].any(-1, keepdim=True)  # no visible key: 0
     return out
 
@@ -93,11 +121,19 @@ def paged_attention_ref(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table_BP: torch.Tensor, positions_M: torch.Tensor,
                     plan: AttentionPlan, multiplier: float,
-                    real_slots: torch.Tensor | None = None) -> torch.Tensor:
-    """[M, N*H] bf16; the Triton kernel on CUDA, else the twin."""
+                    real_slots: torch.Tensor | None = None,
+                    math: AttentionMath = GROK1_ATTENTION,
+                    temperature_M: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, N*H] bf16; the Triton kernel on CUDA, else the twin. `temperature_M`: the queries'
+    `math.temperature(positions_M)`, when the caller has it already (one per step, not per
+    layer)."""
+    if math.rounding not in ("jax", "sglang"):
+        raise ValueError(f"paged_attention: rounding={math.rounding!r}: expected 'jax' or 'sglang'")
     if not use_kernel(q_MNH):
         return paged_attention_ref(q_MNH, k_cache, v_cache, block_table_BP, positions_M, plan,
-                                   multiplier, real_slots)
+                                   multiplier, real_slots, math)
+    if math.temperature_len and temperature_M is None:
+        temperature_M = math.temperature(positions_M)
     from grok1.ops.attention_triton import paged_attention_kernel
     M, N, H = q_MNH.shape
     _, page, K, _ = k_cache.shape
@@ -118,9 +154,11 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q, k_cache, v_cache, out, part, block_table_BP, positions_M,
         real_slots if real_slots is not None else positions_M,
         plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
+        temperature_M if temperature_M is not None else positions_M,
         float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
         BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
-        MASK_PAD=real_slots is not None,
+        MASK_PAD=real_slots is not None, CAP=float(math.softcap),
+        TEMPERATURE=bool(math.temperature_len), SGLANG=math.rounding == "sglang",
         num_warps=4 if rows <= 32 else 8, num_stages=2)
     if splits > 1:  # one launch instead of the five of torch's sums, where and division
         from grok1.ops.attention_triton import attention_combine_kernel

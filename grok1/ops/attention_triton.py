@@ -1,4 +1,4 @@
-"""Triton kernel of paged GQA attention with the 30*tanh soft-cap (see grok1.ops.attention).
+"""Triton kernel of paged GQA attention with the c*tanh soft-cap (see grok1.ops.attention).
 
 One program serves one kv head for BLOCK_T query tokens of one sequence, all G query heads of
 that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. As the
@@ -6,6 +6,9 @@ reference, p = softmax(s) = exp(s - max) / sum is rounded to bf16 *after* normal
 program first finds the row's maximum and denominator over all of its keys (a first, cheap
 pass over K), then multiplies bf16(p) by V; the splits' f32 sums combine by a plain sum. MASK_PAD: keys whose slot flag in
 real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 0.
+CAP (0: none), TEMPERATURE (a per-query f32 factor after the cap, from temp_ptr) and SGLANG
+(f32 scores; p = bf16(exp(s - max)) unnormalised into p @ v, then divided by the f32 row sum)
+are Grok-2's (grok2 SPEC 2.4).
 """
 
 import triton
@@ -17,11 +20,12 @@ from grok1.ops.dot_triton import div, dot, exp, tanh
 @triton.jit
 def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr,
                            positions_ptr, real_ptr, qblock_seq_ptr, qblock_tok0_ptr, query_end_ptr,
-                           M, stride_bt, multiplier,
+                           M, stride_bt, temp_ptr, multiplier,
                            N: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr,
                            G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_S: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
-                           F32: tl.constexpr, MASK_PAD: tl.constexpr):
+                           F32: tl.constexpr, MASK_PAD: tl.constexpr, CAP: tl.constexpr,
+                           TEMPERATURE: tl.constexpr, SGLANG: tl.constexpr):
     qb = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -38,20 +42,26 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
     pos = tl.load(positions_ptr + tok, mask=row_ok, other=-1).to(tl.int32)
     q = tl.load(q_ptr + (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :],
                 mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
+    if TEMPERATURE:
+        temp = tl.load(temp_ptr + tok, mask=row_ok, other=1.0)
+    else:
+        temp = tl.full([R], 1.0, dtype=tl.float32)
     kv_len = tl.max(pos, 0) + 1
     per = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_S) * BLOCK_S
     lo = sp * per
     hi = tl.minimum(lo + per, kv_len)
     # Pass 1: the row's maximum and softmax denominator over every visible key (all splits:
     # each program needs both to form p = exp(s - max) / sum before its bf16 rounding, as
-    # torch's and the reference's softmax do). Scores are >= -30: -30 starts the maximum.
-    m_R = tl.full([R], -30.0, dtype=tl.float32)
+    # torch's and the reference's softmax do). The running maximum starts far below any
+    # score (the cap bounds Grok-1's at -30, not a temperature's or an uncapped one's).
+    m_R = tl.full([R], -1e30, dtype=tl.float32)
     l_R = tl.zeros([R], dtype=tl.float32)
     for s0 in range(0, kv_len, BLOCK_S):
         sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
                                                   stride_bt, kh, h, pos, s0, kv_len, multiplier,
-                                                  R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD)
-        m_new = tl.maximum(m_R, tl.max(tl.where(visible, sc, -30.0), 1))
+                                                  temp, R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD,
+                                                  CAP, TEMPERATURE, SGLANG)
+        m_new = tl.maximum(m_R, tl.max(tl.where(visible, sc, -1e30), 1))
         e = tl.where(visible, exp(sc - m_new[:, None]), 0.0)
         l_R = l_R * exp(m_R - m_new) + tl.sum(e, 1)
         m_R = m_new
@@ -61,12 +71,18 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
     for s0 in range(lo, hi, BLOCK_S):
         sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
                                                   stride_bt, kh, h, pos, s0, hi, multiplier,
-                                                  R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD)
+                                                  temp, R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD,
+                                                  CAP, TEMPERATURE, SGLANG)
         e = tl.where(visible, exp(sc - m_R[:, None]), 0.0)
-        p = div(e, l_R[:, None])
+        if SGLANG:  # unnormalised; divided by the row sum below
+            p = e
+        else:
+            p = div(e, l_R[:, None])
         v = tl.load(v_ptr + kv_off[:, None] + h[None, :],
                     mask=s_ok[:, None] & (h[None, :] < H), other=0.0)
         acc = dot(p.to(tl.bfloat16), v, acc, F32)
+    if SGLANG:
+        acc = div(acc, l_R[:, None])
     out_off = (tok.to(tl.int64) * N + head)[:, None] * H + h[None, :]
     out_mask = row_ok[:, None] & (h[None, :] < H)
     if SPLITS == 1:
@@ -77,11 +93,13 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
 
 @triton.jit
 def _scores(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, s0, end, multiplier,
-            R: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, BLOCK_S: tl.constexpr,
-            PAGE: tl.constexpr, F32: tl.constexpr, MASK_PAD: tl.constexpr):
-    """Scores [R, BLOCK_S] for keys s0.. (< end): 30 * tanh(bf16(q.k) * multiplier / 30) in f32
-    as the reference and torch compute it (SPEC 2.5: correctly rounded division, libdevice's
-    tanh), and which are visible; also the keys' cache offsets and validity."""
+            temp, R: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, BLOCK_S: tl.constexpr,
+            PAGE: tl.constexpr, F32: tl.constexpr, MASK_PAD: tl.constexpr, CAP: tl.constexpr,
+            TEMPERATURE: tl.constexpr, SGLANG: tl.constexpr):
+    """Scores [R, BLOCK_S] for keys s0.. (< end): CAP * tanh(bf16(q.k) * multiplier / CAP) in
+    f32 as the reference and torch compute it (SPEC 2.5: correctly rounded division,
+    libdevice's tanh; SGLANG: q.k not rounded), times the query's temperature, and which are
+    visible; also the keys' cache offsets and validity."""
     s = s0 + tl.arange(0, BLOCK_S)
     s_ok = s < end
     page = tl.load(block_table_ptr + b * stride_bt + s // PAGE, mask=s_ok, other=0)
@@ -90,8 +108,13 @@ def _scores(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, s0, e
     k_t = tl.load(k_ptr + kv_off[None, :] + h[:, None], mask=s_ok[None, :] & (h[:, None] < H),
                   other=0.0)
     sc = dot(q, k_t, tl.zeros([R, BLOCK_S], dtype=tl.float32), F32)
-    sc = sc.to(tl.bfloat16).to(tl.float32) * multiplier  # bf16 QK^T, f32 scale (SPEC 2.5)
-    sc = 30.0 * tanh(div(sc, 30.0))
+    if not SGLANG:
+        sc = sc.to(tl.bfloat16).to(tl.float32)  # bf16 QK^T (SPEC 2.5)
+    sc = sc * multiplier  # f32 scale
+    if CAP != 0.0:
+        sc = CAP * tanh(div(sc, CAP))
+    if TEMPERATURE:  # after the cap (grok2 SPEC 2.4 step 5)
+        sc = sc * temp[:, None]
     visible = (s[None, :] <= pos[:, None]) & s_ok[None, :]
     if MASK_PAD:
         real = tl.load(real_ptr + slot, mask=s_ok, other=0)

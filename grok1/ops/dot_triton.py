@@ -19,6 +19,14 @@ def tanh(x):
 
 
 @triton.jit
+def erf(x):
+    """f32 erf as torch's CUDA kernels compute it (libdevice's erff)."""
+    if INTERPRETED:
+        return tl.math.erf(x)
+    return libdevice.erf(x)
+
+
+@triton.jit
 def exp(x):
     """f32 exp as torch's CUDA kernels compute it (libdevice's expf, not the fast ex2 path)."""
     if INTERPRETED:

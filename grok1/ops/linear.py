@@ -13,7 +13,7 @@ import torch
 from grok1.model import PartialSums
 from grok1.ops._triton import NUM_SMS_GUESS, cdiv, device_name, interpreting, k_tile, use_kernel
 from grok1.ops.tile_config import GemvTiles, LinearTiles, gemv_key, mm_key, nearest_rows, tuned
-from grok1.quant import dequantize
+from grok1.quant import INT8, WeightFormat, dequantize
 
 
 def linear_config(M: int, K: int, N: int, device: str) -> LinearTiles:
@@ -157,6 +157,11 @@ class Int8Linear(torch.nn.Module):
     @property
     def quantized(self) -> bool:
         return True
+
+    @property
+    def weights(self) -> WeightFormat:
+        """The weight format, as model.Linear's (Grok1.weights reads it)."""
+        return INT8
 
     def dense(self) -> torch.Tensor:
         return dequantize(self.weight, self.scales)

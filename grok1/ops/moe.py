@@ -82,8 +82,8 @@ def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> MoeT
     entry = nearest_rows(table, P)
     if entry and min(max(rows, P) / min(rows, P) for rows in table) <= 4:
         return entry  # (a table tuned only at decode sizes says nothing of prefill's)
-    if P <= 2:  # batch-1 decode: the GEMV reads each weight once at copy bandwidth (bench/NOTES.md)
-        return MoeTiles(GEMV=2, MAGIC=1)  # (MAGIC as the tuned entries; the GEMV ignores it)
+    if P <= 2:  # batch-1 decode: the GEMV path on the tensor cores (bench/moe_xw_experiment.py)
+        return MoeTiles(GEMV=2, MAGIC=1, GMMA=1, GBK1=64, GS1=4, GBK2=64, GS2=4, GSPLIT=4)
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
         return MoeTiles()
     if P <= 512:
@@ -98,7 +98,8 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
               wu_EDF: torch.Tensor, su_EGF: torch.Tensor | None,
               wd_EFD: torch.Tensor, sd_EGD: torch.Tensor | None,
               config: MoeTiles | dict | None = None, out_dtype: torch.dtype | None = None,
-              reduce: bool = True, exact_int8_products: bool = False) -> torch.Tensor:
+              reduce: bool = True, exact_int8_products: bool = False, gelu: str = "tanh",
+              rounding: str = "jax") -> torch.Tensor:
     """bf16 [M, D]: sum over slots a of gates[m, a] * expert ids[m, a] (x[m]) (Triton kernels).
     `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks);
     `reduce=False` returns the f32 terms [S, M, A, D] (K splits x slots) unsummed, for a
@@ -109,7 +110,15 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     bench/moe_numerics.py) has the grouped GEMM multiply the int8 values themselves and scale
     each group's f32 sum instead; no tuning table can select it. `config`: the launch config
     instead of the tuned one (a dict: MoeTiles keys over MoeTiles' defaults; ConfigError if bad).
+    `gelu` "tanh" (the reference's) or "erf", `rounding` "jax" or "sglang": as model.moe_ref's
+    (Grok-2's config: exact GELU; SGLang's f32 gates, bf16 GELU product, and each slot's output
+    rounded to bf16 before the slots add, which `reduce` does here and a consumer of the
+    unreduced terms must do too).
     """
+    if gelu not in ("tanh", "erf") or rounding not in ("jax", "sglang"):
+        raise ValueError(f"fused_moe: gelu={gelu!r}, rounding={rounding!r}: expected "
+                         "'tanh'|'erf' and 'jax'|'sglang'")
+    math = dict(ERF=gelu == "erf", SGLANG=rounding == "sglang")
     M, D = x_MD.shape
     A = ids_MA.shape[1]
     E, _, F = wg_EDF.shape
@@ -120,17 +129,29 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     cfg = config or moe_config(P, D, F, E, quant, device_name(x_MD))
     if P <= cfg.GEMV:
         out = _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
-                              sd_EGD, cfg)
+                              sd_EGD, cfg, math)
     else:
         out = _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
-                             sd_EGD, cfg, late=exact_int8_products and quant)
+                             sd_EGD, cfg, math, late=exact_int8_products and quant)
     if not reduce:
         return out
+    if rounding == "sglang" and out_dtype is None:
+        return sum_slots_sglang(out, x_MD.dtype)
     return out.sum(dim=(0, 2)).to(out_dtype or x_MD.dtype)
 
 
+def sum_slots_sglang(terms_SMAD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[M, D] from the f32 terms: each slot's sum over the K splits rounded to `dtype`, then
+    the slots added in it (SGLang's y_1 + y_2; model.moe_ref's per-slot sum)."""
+    per_slot = terms_SMAD.sum(0).to(dtype)
+    out = per_slot[:, 0]
+    for a in range(1, per_slot.shape[1]):
+        out = out + per_slot[:, a]
+    return out
+
+
 def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                   cfg: MoeTiles, late: bool) -> torch.Tensor:
+                   cfg: MoeTiles, math: dict, late: bool) -> torch.Tensor:
     """The grouped-GEMM path: f32 terms [S, M, A, D]."""
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -157,18 +178,18 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
         x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
         sorted_ids, block_expert, P, D, F, D // G1, G1,
         A=A, QUANT=quant, BM=BM, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0, F32=interpreting(), LATE=late,
-        num_warps=cfg.W1, num_stages=cfg.S1)
+        **math, num_warps=cfg.W1, num_stages=cfg.S1)
     split = cfg.SPLIT
     k_per_split = cdiv(cdiv(F, split), bk2) * bk2
     split = cdiv(F, k_per_split)
     out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
-    gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
+    gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16 (jax)
     BN2 = cfg.BN2
     moe_down_kernel[(num_blocks, cdiv(D, BN2), split)](
         h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
         P, D, F, F // G2, G2, k_per_split,
         QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
-        EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late,
+        EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late, SGLANG=math["SGLANG"],
         MAGIC=quant and bool(cfg.MAGIC), num_warps=cfg.W2, num_stages=cfg.S2)
     return out.view(split, M, A, D)
 
@@ -180,29 +201,33 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
 # combine kernel): at a tensor-parallel shard's width the column tiles alone leave most SMs idle.
 
 
-def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int) -> tuple[int, int, int, int]:
+def _gemv_k_split(K: int, G: int, want_split: int, want_bk: int, min_bk: int = 1
+                  ) -> tuple[int, int, int, int]:
     """(split, k_per_split, chunk, bk) for a GEMV over K rows in G scale groups: with G > 1
     whole groups per split, reduced and scaled per group (chunk = group); with one group (or
-    bf16) whole BK tiles per split, reduced once (chunk = k_per_split)."""
+    bf16) whole BK tiles per split, reduced once (chunk = k_per_split). `min_bk`: the
+    smallest K tile the kernel takes (16 for the tensor cores)."""
     if G > 1:
         group_k = K // G
-        bk = k_tile(group_k, G, want_bk, at_least=1)
+        bk = k_tile(group_k, G, want_bk, at_least=min_bk)
         k_per_split = cdiv(G, max(1, min(want_split, G))) * group_k
         chunk = group_k
     else:
-        bk = want_bk
+        bk = max(want_bk, min_bk)
         k_per_split = cdiv(cdiv(K, max(1, want_split)), bk) * bk
         chunk = k_per_split
     return cdiv(K, k_per_split), k_per_split, chunk, bk
 
 
 def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                    cfg: MoeTiles) -> torch.Tensor:
+                    cfg: MoeTiles, math: dict) -> torch.Tensor:
     """The GEMV path: f32 terms [S, M, A, D]."""
     from grok1.ops.moe_triton import (
         moe_gelu_combine_kernel,
         moe_gemv_down_kernel,
         moe_gemv_gate_up_kernel,
+        moe_mma_gemv_down_kernel,
+        moe_mma_gemv_gate_up_kernel,
     )
     M, D = x_MD.shape
     A = ids_MA.shape[1]
@@ -215,27 +240,37 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     x_MD = x_MD.contiguous()
     ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
     dev = x_MD.device
-    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg.GSPLIT1, cfg.GBK1)
+    # the tensor cores need K tiles of 16 inside a scale group; narrower groups take the FMAs
+    mma = bool(cfg.GMMA) and all(_gemv_k_split(K, G, 1, 16, 16)[3]
+                                 for K, G in ((D, G1), (F, G2)))
+    min_bk = 16 if mma else 1
+    if mma:  # the same launch contract on the tensor cores (MoeTiles.GMMA)
+        gate_up, down = moe_mma_gemv_gate_up_kernel, moe_mma_gemv_down_kernel
+        kernel_args = dict(F32=interpreting())
+    else:
+        gate_up, down = moe_gemv_gate_up_kernel, moe_gemv_down_kernel
+        kernel_args = dict(DEQUANT=dequant)
+    split1, k_per_split1, chunk1, bk1 = _gemv_k_split(D, G1, cfg.GSPLIT1, cfg.GBK1, min_bk)
     h_PF = torch.empty(P, F, dtype=torch.float32, device=dev)  # f32, as the reference
     parts = h_PF if split1 == 1 else torch.empty(split1, P, 2, F, dtype=torch.float32, device=dev)
     BN1 = cfg.GBN1
-    moe_gemv_gate_up_kernel[(P, cdiv(F, BN1), split1)](
+    gate_up[(P, cdiv(F, BN1), split1)](
         x_MD, ids, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, parts,
         P, D, F, D // G1, G1, chunk1, k_per_split1, A=A, QUANT=quant, SPLIT=split1, BN=BN1, BK=bk1,
         EVEN_K=split1 * k_per_split1 == D and chunk1 % bk1 == 0, EVEN_N=F % BN1 == 0,
-        DEQUANT=dequant, num_warps=cfg.GW1, num_stages=cfg.GS1)
+        **kernel_args, **math, num_warps=cfg.GW1, num_stages=cfg.GS1)
     if split1 > 1:
         moe_gelu_combine_kernel[(P, cdiv(F, 1024))](parts, h_PF, P, F, SPLIT=split1,
-                                                           BN=1024, num_warps=4)
-    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg.GSPLIT, cfg.GBK2)
+                                                           BN=1024, **math, num_warps=4)
+    split, k_per_split, chunk2, bk2 = _gemv_k_split(F, G2, cfg.GSPLIT, cfg.GBK2, min_bk)
     out = torch.empty(split, P, D, dtype=torch.float32, device=dev)
-    gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16
+    gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16 (jax)
     BN2 = cfg.GBN2
-    moe_gemv_down_kernel[(P, cdiv(D, BN2), split)](
+    down[(P, cdiv(D, BN2), split)](
         h_PF, ids, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, P, D, F, F // G2, G2,
         chunk2, k_per_split, QUANT=quant, BN=BN2, BK=bk2,
         EVEN_K=split * k_per_split == F and chunk2 % bk2 == 0, EVEN_N=D % BN2 == 0,
-        DEQUANT=dequant, num_warps=cfg.GW2, num_stages=cfg.GS2)
+        **kernel_args, SGLANG=math["SGLANG"], num_warps=cfg.GW2, num_stages=cfg.GS2)
     return out.view(split, M, A, D)
 
 
@@ -254,6 +289,7 @@ class FusedMoE(torch.nn.Module):
     def __init__(self, moe: torch.nn.Module):
         super().__init__()
         self.top_k = moe.top_k
+        self.router_softcap, self.gelu, self.rounding = moe.router_softcap, moe.gelu, moe.rounding
         self.router = moe.router
         self.w_gate, self.w_up, self.w_down = moe.w_gate, moe.w_up, moe.w_down
         g_in = self.w_gate.scales.shape[1] if self.w_gate.quantized else 1
@@ -263,13 +299,19 @@ class FusedMoE(torch.nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor | PartialSums:
         """The kernels' f32 terms as PartialSums [S, M, A, D] over (K splits, slots), for the
-        fused residual norm to sum (grok1.ops.rmsnorm.add_rms_norm); or bf16 [..., D] from
-        the twin."""
+        fused residual norm to sum (grok1.ops.rmsnorm.add_rms_norm); bf16 [M, D] with SGLang's
+        rounding (each slot rounded before the slots add: not a plain sum); or bf16 [..., D]
+        from the twin."""
         from grok1.ops.router import route_op
         x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        _, gates, ids = route_op(x_MD, self.router, self.top_k)
+        _, gates, ids = route_op(x_MD, self.router, self.top_k, self.router_softcap)
         if self.kernel_ok and use_kernel(x_MD):
-            return PartialSums(fused_moe(x_MD, gates, ids, self.w_gate.weight, self.w_gate.scales,
-                                         self.w_up.weight, self.w_up.scales, self.w_down.weight,
-                                         self.w_down.scales, reduce=False), (0, 2))
-        return moe_ref(x_MD, gates, ids, self.w_gate, self.w_up, self.w_down).view_as(x_BTD)
+            terms = fused_moe(x_MD, gates, ids, self.w_gate.weight, self.w_gate.scales,
+                              self.w_up.weight, self.w_up.scales, self.w_down.weight,
+                              self.w_down.scales, reduce=False, gelu=self.gelu,
+                              rounding=self.rounding)
+            if self.rounding == "sglang":
+                return sum_slots_sglang(terms, x_MD.dtype)
+            return PartialSums(terms, (0, 2))
+        return moe_ref(x_MD, gates, ids, self.w_gate, self.w_up, self.w_down, gelu=self.gelu,
+                       rounding=self.rounding).view_as(x_BTD)

@@ -9,18 +9,35 @@ tile is the left operand (it may stay in registers) and a small pair count is th
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dequant_f32, dequant_t_bf16, dot, i8_to_f32, tanh
+from grok1.ops.dot_triton import (
+    dequant_f32,
+    dequant_t_bf16,
+    dot,
+    erf,
+    i8_to_f32,
+    scaled_int8,
+    tanh,
+)
 
 
 
 
 @triton.jit
-def _gelu_glu(acc_g, acc_u):
-    """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16."""
+def _gelu_glu(acc_g, acc_u, ERF: tl.constexpr, SGLANG: tl.constexpr):
+    """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16.
+    GELU tanh-approximate (the reference's), or exact with ERF (Grok-2's); SGLANG rounds the
+    product to bf16, as its gelu_and_mul stores it (grok2 SPEC 2.5)."""
     g = acc_g.to(tl.bfloat16).to(tl.float32)
     u = acc_u.to(tl.bfloat16).to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))  # torch's order (GeluCUDAKernel)
-    return 0.5 * g * (1.0 + tanh(inner)) * u
+    if ERF:  # torch's order (GeluCUDAKernelImpl, approximate="none")
+        act = g * 0.5 * (1.0 + erf(g * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))  # torch's order (GeluCUDAKernel)
+        act = 0.5 * g * (1.0 + tanh(inner))
+    h = act * u
+    if SGLANG:
+        h = h.to(tl.bfloat16).to(tl.float32)
+    return h
 
 
 @triton.jit
@@ -91,7 +108,8 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
                        block_expert_ptr, P, D, F, GROUP_K, NUM_GROUPS,
                        A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                       F32: tl.constexpr, LATE: tl.constexpr, MAGIC: tl.constexpr = False):
+                       F32: tl.constexpr, LATE: tl.constexpr, ERF: tl.constexpr,
+                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
     """h[pair, n] = gelu(bf16(x @ Wg)) * bf16(x @ Wu) in f32 (SPEC 2.6) for the pairs of one
     block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32."""
     pid_m = tl.program_id(0)
@@ -131,7 +149,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
         else:
             acc_g += part_g
             acc_u += part_u
-    h = _gelu_glu(acc_g, acc_u)
+    h = _gelu_glu(acc_g, acc_u, ERF, SGLANG)
     ptrs = h_ptr + pair[None, :].to(tl.int64) * F + n[:, None]
     tl.store(ptrs, h, mask=valid[None, :] & (n[:, None] < F))
 
@@ -141,9 +159,9 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                     P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
                     QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
-                    LATE: tl.constexpr, MAGIC: tl.constexpr = False):
+                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
     """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
-    ks (the reference rounds the gate to bf16); h [P, F] f32, Wd [E, F, D], gates [P] f32,
+    ks (the reference rounds the gate to bf16; SGLANG keeps it f32); h [P, F] f32, Wd [E, F, D], gates [P] f32,
     out [SPLIT, P, D] f32. The reference's down-projection is an f32 dot of f32 h: the tensor
     cores take h as bf16 hi + bf16 lo (h to about 16 bits, 2^-17 relative), two MMAs."""
     pid_m = tl.program_id(0)
@@ -182,7 +200,9 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
             acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
         else:
             acc += part
-    gate = tl.load(gates_ptr + safe, mask=valid, other=0.0).to(tl.bfloat16).to(tl.float32)
+    gate = tl.load(gates_ptr + safe, mask=valid, other=0.0)
+    if not SGLANG:
+        gate = gate.to(tl.bfloat16).to(tl.float32)
     acc = acc * gate[None, :]
     ptrs = out_ptr + pid_k.to(tl.int64) * P * D + safe[None, :] * D + n[:, None]
     tl.store(ptrs, acc, mask=valid[None, :] & (n[:, None] < D))
@@ -200,7 +220,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
                             QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                            DEQUANT: tl.constexpr):
+                            DEQUANT: tl.constexpr, ERF: tl.constexpr, SGLANG: tl.constexpr):
     """SPLIT == 1: h[p, n] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]) in f32,
     e = ids[p], h [P, F] f32. SPLIT > 1: the f32 partial sums of this split's K range,
     h [SPLIT, P, 2, F] (gate then up), finished by moe_gelu_combine_kernel: at a narrow
@@ -253,15 +273,131 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
         acc_g += tl.sum(part_g, 0)
         acc_u += tl.sum(part_u, 0)
     if SPLIT == 1:
-        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(acc_g, acc_u), mask=n_ok)
+        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(acc_g, acc_u, ERF, SGLANG), mask=n_ok)
     else:
         row = h_ptr + ((pid_k * P + p) * 2).to(tl.int64) * F
         tl.store(row + n, acc_g, mask=n_ok)
         tl.store(row + F + n, acc_u, mask=n_ok)
 
 
+# The same GEMV contract on the tensor cores (MoeTiles.GMMA): each pair's x is the left operand
+# padded to 16 rows (row 0 real) and the dequantized tile bf16(w * s) [BK, BN] the right one,
+# loaded as stored (N contiguous); the MMA sums the exact bf16 products in f32, as XLA's dot.
+# At the reference's rounding the per-element FMAs of the kernels above are ALU-bound; here the
+# ALU only dequantizes (bench/moe_xw_experiment.py: 73 % of copy bandwidth for gate/up).
+
+
 @triton.jit
-def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.constexpr):
+def _row0(ptr, offs, n_ok, PAD: tl.constexpr):
+    """[PAD, len(offs)]: row 0 the values at ptr + offs (masked by n_ok), the others 0."""
+    rows = tl.arange(0, PAD)
+    return tl.load(ptr + offs[None, :] + rows[:, None] * 0, mask=(rows[:, None] == 0) & n_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
+                                GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
+                                QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                                ERF: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
+    """moe_gemv_gate_up_kernel's contract (grid, outputs, CHUNK) on the tensor cores."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e64 = tl.load(ids_ptr + p).to(tl.int64)
+    tok = p // A
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < F
+    wg_ptr += e64 * D * F
+    wu_ptr += e64 * D * F
+    sg_ptr += e64 * NUM_GROUPS * F
+    su_ptr += e64 * NUM_GROUPS * F
+    x_ptr += tok.to(tl.int64) * D
+    acc_g = tl.zeros([16, BN], dtype=tl.float32)
+    acc_u = tl.zeros([16, BN], dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
+        k1 = k_lo + c1
+        if QUANT:  # a chunk lies in one scale group
+            grp = k1 // GROUP_K
+            s_ok = n_ok & (k1 < D)
+            s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+            s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
+        for c0 in range(0, CHUNK, BK):
+            kk = k1 + c0 + tl.arange(0, BK)
+            offs = kk[:, None] * F + n[None, :]
+            k_ok = kk < D
+            xk = _row0(x_ptr, kk, k_ok, 16)
+            if EVEN_K and EVEN_N:
+                wg = tl.load(wg_ptr + offs)
+                wu = tl.load(wu_ptr + offs)
+            else:
+                wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
+                wg = scaled_int8(wg, s_g[None, :], (-8388736.0 * s_g)[None, :]).to(tl.bfloat16)
+                wu = scaled_int8(wu, s_u[None, :], (-8388736.0 * s_u)[None, :]).to(tl.bfloat16)
+            acc_g = dot(xk, wg, acc_g, F32)
+            acc_u = dot(xk, wu, acc_u, F32)
+    g = tl.sum(acc_g, 0)  # rows 1.. are 0
+    u = tl.sum(acc_u, 0)
+    if SPLIT == 1:
+        tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u, ERF, SGLANG), mask=n_ok)
+    else:
+        row = h_ptr + ((pid_k * P + p) * 2).to(tl.int64) * F
+        tl.store(row + n, g, mask=n_ok)
+        tl.store(row + F + n, u, mask=n_ok)
+
+
+@triton.jit
+def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F,
+                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                             EVEN_N: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
+    """moe_gemv_down_kernel's contract on the tensor cores; the f32 h enters as bf16 hi + lo
+    (two MMAs, as moe_down_kernel)."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e64 = tl.load(ids_ptr + p).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < D
+    wd_ptr += e64 * F * D
+    sd_ptr += e64 * NUM_GROUPS * D
+    h_ptr += p.to(tl.int64) * F
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
+        k1 = k_lo + c1
+        if QUANT:  # a chunk lies in one scale group
+            grp = k1 // GROUP_K
+            s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
+        for c0 in range(0, CHUNK, BK):
+            kk = k1 + c0 + tl.arange(0, BK)
+            offs = kk[:, None] * D + n[None, :]
+            k_ok = kk < F
+            hk = _row0(h_ptr, kk, k_ok, 16)
+            if EVEN_K and EVEN_N:
+                w = tl.load(wd_ptr + offs)
+            else:
+                w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                w = scaled_int8(w, s_d[None, :], (-8388736.0 * s_d)[None, :]).to(tl.bfloat16)
+            h_hi = hk.to(tl.bfloat16)
+            h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = dot(h_hi, w, acc, F32)
+            acc = dot(h_lo, w, acc, F32)
+    out = tl.sum(acc, 0)
+    gate = tl.load(gates_ptr + p)
+    if not SGLANG:
+        gate = gate.to(tl.bfloat16).to(tl.float32)
+    tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, out * gate, mask=n_ok)
+
+
+@triton.jit
+def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.constexpr,
+                            ERF: tl.constexpr, SGLANG: tl.constexpr):
     """h[p, n] = gelu(bf16(sum_s g)) * bf16(sum_s u) (f32) from the split-K partials
     part [SPLIT, P, 2, F] f32 of moe_gemv_gate_up_kernel; grid (P, cdiv(F, BN))."""
     p = tl.program_id(0)
@@ -273,16 +409,16 @@ def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.c
         row = part_ptr + ((s * P + p) * 2).to(tl.int64) * F
         g += tl.load(row + n, mask=n_ok, other=0.0)
         u += tl.load(row + F + n, mask=n_ok, other=0.0)
-    tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u), mask=n_ok)
+    tl.store(h_ptr + p.to(tl.int64) * F + n, _gelu_glu(g, u, ERF, SGLANG), mask=n_ok)
 
 
 @triton.jit
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
                          NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                         DEQUANT: tl.constexpr):
+                         DEQUANT: tl.constexpr, SGLANG: tl.constexpr):
     """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p],
-    h f32; grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
+    h f32 (SGLANG: the f32 gate); grid (P, cdiv(D, BN), SPLIT). CHUNK as in moe_gemv_gate_up_kernel."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -315,5 +451,8 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
             else:
                 part += w.to(tl.float32) * hk[:, None]
         acc += tl.sum(part, 0)
-    acc = acc * tl.load(gates_ptr + p).to(tl.bfloat16).to(tl.float32)
+    gate = tl.load(gates_ptr + p)
+    if not SGLANG:
+        gate = gate.to(tl.bfloat16).to(tl.float32)
+    acc = acc * gate
     tl.store(out_ptr + (pid_k.to(tl.int64) * P + p) * D + n, acc, mask=n_ok)

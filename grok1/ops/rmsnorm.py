@@ -15,9 +15,10 @@ from grok1.ops._triton import next_pow2, use_kernel
 
 
 def add_rms_norm_ref(h_MD: torch.Tensor, a: torch.Tensor | PartialSums, w_a_D: torch.Tensor,
-                     w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = h_MD + rms_norm(summed(a).reshape(h_MD.shape), w_a_D)
-    return h, rms_norm(h, w_next_D)
+                     w_next_D: torch.Tensor, eps: float = RMS_EPS
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h_MD + rms_norm(summed(a).reshape(h_MD.shape), w_a_D, eps)
+    return h, rms_norm(h, w_next_D, eps)
 
 
 def terms_SMAD(a: PartialSums) -> torch.Tensor:
@@ -30,24 +31,26 @@ def terms_SMAD(a: PartialSums) -> torch.Tensor:
                      "expected [S, M, D] over (0,) or [S, M, A, D] over (0, 2)")
 
 
-def rms_norm_op(x_MD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
+def rms_norm_op(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     if not use_kernel(x_MD):
-        return rms_norm(x_MD, w_D)
+        return rms_norm(x_MD, w_D, eps)
     from grok1.ops.rmsnorm_triton import rmsnorm_kernel
     x = x_MD.contiguous()
     M, D = x.shape
     out = torch.empty_like(x)
-    rmsnorm_kernel[(M,)](x, x, w_D, w_D, out, out, M, D, RMS_EPS, FUSED=False,
+    rmsnorm_kernel[(M,)](x, x, w_D, w_D, out, out, M, D, eps, FUSED=False,
                          BLOCK=triton_block(D), num_warps=8)
     return out
 
 
 def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor | PartialSums, w_a_D: torch.Tensor,
-                 w_next_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 w_next_D: torch.Tensor, eps: float = RMS_EPS
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + rms_norm(summed(a), w_a), rms_norm of that with w_next), both bf16 [M, D]; `a` is
-    [M, D] (bf16, or f32 rounded here) or PartialSums, summed in the kernel."""
+    [M, D] (bf16, or f32 rounded here) or PartialSums, summed in the kernel. `eps`: both
+    norms' (one model's norms share the config's)."""
     if not use_kernel(h_MD):
-        return add_rms_norm_ref(h_MD, a, w_a_D, w_next_D)
+        return add_rms_norm_ref(h_MD, a, w_a_D, w_next_D, eps)
     from grok1.ops.rmsnorm_triton import rmsnorm_kernel
     h = h_MD.contiguous()
     M, D = h.shape
@@ -57,7 +60,7 @@ def add_rms_norm(h_MD: torch.Tensor, a: torch.Tensor | PartialSums, w_a_D: torch
     else:
         a, S, A = a.contiguous(), 1, 1
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
-    rmsnorm_kernel[(M,)](a, h, w_a_D, w_next_D, h_out, x_out, M, D, RMS_EPS, FUSED=True,
+    rmsnorm_kernel[(M,)](a, h, w_a_D, w_next_D, h_out, x_out, M, D, eps, FUSED=True,
                          BLOCK=triton_block(D), S=S, A=A, num_warps=8)
     return h_out, x_out
 

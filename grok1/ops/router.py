@@ -18,14 +18,15 @@ MAX_KERNEL_ROWS = 64  # past this the GEMM of the twin (cuBLAS) is the faster ro
 SPLIT_K = 48          # programs per row: the router's D x E f32 matrix read by many SMs at once
 
 
-def route_op(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int
+def route_op(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int, softcap: float = 0.0
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [M, E] f32, gates [M, A] f32, expert ids [M, A] int64), as model.route."""
+    """(logits [M, E] f32, gates [M, A] f32, expert ids [M, A] int64), as model.route
+    (`softcap`: Grok-2's cap of the logits, 0 = none)."""
     M, D = x_MD.shape
     E = router_DE.shape[1]
     if not use_kernel(x_MD) or M > MAX_KERNEL_ROWS or torch.is_grad_enabled() and (
             x_MD.requires_grad or router_DE.requires_grad):
-        return route(x_MD, router_DE, top_k)
+        return route(x_MD, router_DE, top_k, softcap)
     from grok1.ops.router_triton import router_logits_kernel, router_topk_kernel
     e_pad = next_pow2(E, at_least=2)
     split = max(1, min(SPLIT_K, D // 64))
@@ -37,5 +38,5 @@ def route_op(x_MD: torch.Tensor, router_DE: torch.Tensor, top_k: int
     gates = torch.empty(M, top_k, dtype=torch.float32, device=x_MD.device)
     ids = torch.empty(M, top_k, dtype=torch.int64, device=x_MD.device)
     router_topk_kernel[(M,)](part, logits, gates, ids, M, E, SPLIT=split, E_PAD=e_pad, A=top_k,
-                             num_warps=1)
+                             CAP=float(softcap), num_warps=1)
     return logits, gates, ids

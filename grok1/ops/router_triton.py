@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from grok1.ops.dot_triton import div, tanh
+
 
 @triton.jit
 def router_logits_kernel(x_ptr, r_ptr, part_ptr, M, D, E, K_PER_SPLIT, E_PAD: tl.constexpr,
@@ -28,15 +30,18 @@ def router_logits_kernel(x_ptr, r_ptr, part_ptr, M, D, E, K_PER_SPLIT, E_PAD: tl
 
 @triton.jit
 def router_topk_kernel(part_ptr, logits_ptr, gates_ptr, ids_ptr, M, E, SPLIT: tl.constexpr,
-                       E_PAD: tl.constexpr, A: tl.constexpr):
-    """One row: logits = the sum of the splits; softmax over the E experts; the A largest
-    probabilities in descending order (ties: the lower id first) and their expert ids."""
+                       E_PAD: tl.constexpr, A: tl.constexpr, CAP: tl.constexpr):
+    """One row: logits = the sum of the splits (capped to CAP * tanh(logits / CAP) unless CAP is
+    0, as model.softcap_f32); softmax over the E experts; the A largest probabilities in
+    descending order (ties: the lower id first) and their expert ids."""
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_PAD)
     e_ok = e < E
     logits = tl.zeros([E_PAD], dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         logits += tl.load(part_ptr + (s * M + m) * E_PAD + e)
+    if CAP != 0.0:
+        logits = CAP * tanh(div(logits, CAP))
     tl.store(logits_ptr + m * E + e, logits, mask=e_ok)
     z = tl.where(e_ok, logits, float("-inf"))
     p = tl.exp(z - tl.max(z, 0))

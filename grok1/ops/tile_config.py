@@ -117,7 +117,9 @@ class MoeTiles(_Tiles):
 
     P <= GEMV: the GEMV kernels, one program row per pair: gate/up GBN1 x GBK1 tiles, GW1 warps,
     GS1 stages, its K range split GSPLIT1 ways (then a combine kernel); down GBN2 x GBK2, GW2,
-    GS2, K split GSPLIT ways; DEQUANT as GemvTiles'. Otherwise the grouped GEMMs over pairs
+    GS2, K split GSPLIT ways; DEQUANT as GemvTiles'; GMMA 1 runs them on the tensor cores (each
+    pair's x padded to 16 rows against the dequantized tile, moe_mma_gemv_*: the same weights
+    bf16(w * s) and f32 sums, an instruction choice; DEQUANT then has no effect). Otherwise the grouped GEMMs over pairs
     sorted by expert: BM pairs per block; gate/up BN1 x BK1 tiles, W1 warps, S1 stages; down
     BN2 x BK2, W2, S2, its K range split SPLIT ways. MAGIC: the int8 -> f32 conversion through
     the float bit pattern instead of the conversion unit (dot_triton.i8_to_f32; exact either way,
@@ -147,6 +149,7 @@ class MoeTiles(_Tiles):
     GSPLIT: int = _key(8)
     GS2: int = _key(3)
     DEQUANT: int = _key(DEQUANT_DEFAULT, minimum=0, choices=(0, 1, 2, 3))
+    GMMA: int = _key(0, minimum=0, choices=(0, 1))
 
 
 FAMILIES: dict[str, type[_Tiles]] = {"mm": LinearTiles, "gemv": GemvTiles, "moe": MoeTiles}

@@ -12,10 +12,13 @@ Per layer, with R ranks:
 - MoE ("tp"): every expert's F split: w_gate/w_up by columns, w_down by rows with its 8 scale
   groups; ("ep"): whole experts per rank. Either way the partial outputs are all-reduced in f32
   before the one bf16 rounding (expert.py).
-- unembedding ("vocab"): each rank multiplies by its rows of the tied table and the logits are
+- Grok-2's dense MLP (with the attention): w_gate/w_up by columns of its width, w_down by rows,
+  a RowParallelLinear as wo.
+- unembedding ("vocab"): each rank multiplies by its rows of the output table and the logits are
   all-gathered (no partial sums, so the values equal one process's); ("dim"): D split, the f32
   partial logits all-reduced (the reference's sharding of the table, SPEC 4).
-The embedding table itself stays whole on every rank (the input lookup needs all rows).
+The embedding table itself stays whole on every rank (the input lookup needs all rows); an
+untied head (Grok-2's lm_head) is cut to the rank's vocabulary columns (or rows of D).
 Shape letters as in model.py.
 """
 
@@ -28,13 +31,14 @@ import torch.distributed as dist
 from torch import nn
 
 from grok1.config import ConfigError
-from grok1.model import BF16, Grok1, Linear, PartialSums, matmul_bf16, wide_dtype
+from grok1.model import BF16, Grok1, Linear, PartialSums, matmul, wide_dtype
 from grok1.parallel.expert import ParallelMoE
 from grok1.parallel.mesh import all_gather_last, all_reduce_, group_size
 from grok1.sharding import (  # noqa: F401 - the layout's names, also imported from here
     Layout,
     LocalShapes,
     Split,
+    head_split,
     local_config,
     local_shapes,
     plan,
@@ -42,12 +46,9 @@ from grok1.sharding import (  # noqa: F401 - the layout's names, also imported f
 
 # ---- slicing (shared with the sharded loader) ---------------------------------------------------
 
-_WEIGHT_DIM = {"out": -1, "in": -2, "expert": 0}
-
-
 def slice_weight(w: torch.Tensor, split: Split) -> torch.Tensor:
     """The rank's view of a weight [(E,) in, out] (int8 or float)."""
-    return w.narrow(_WEIGHT_DIM[split.dim], split.start, split.stop - split.start)
+    return w.narrow(split.weight_dim, split.start, split.stop - split.start)
 
 
 def slice_scales(s: torch.Tensor, split: Split, d_in: int, name: str = "scales") -> torch.Tensor:
@@ -58,7 +59,7 @@ def slice_scales(s: torch.Tensor, split: Split, d_in: int, name: str = "scales")
     Raises ConfigError when a rank's rows cut across a group boundary.
     """
     if split.dim != "in":
-        return s.narrow(_WEIGHT_DIM[split.dim], split.start, split.stop - split.start)
+        return s.narrow(split.weight_dim, split.start, split.stop - split.start)
     G = s.shape[-2]
     if G == 1:
         return s
@@ -80,7 +81,7 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 def shard_linear_(lin: Linear, split: Split, name: str) -> None:
     """Replace a Linear's weight (and scales) by this rank's slice, in place (meta works too)."""
     d_in = lin.weight.shape[-2]
-    if split.start == 0 and split.stop == lin.weight.shape[_WEIGHT_DIM[split.dim]]:
+    if split.start == 0 and split.stop == lin.weight.shape[split.weight_dim]:
         return  # whole: nothing to cut
     if lin.weights is not None and not lin.quantized:  # packed int4 rows, fp8: no slicer yet
         raise ValueError(f"{name}: {lin.weights.label()} weights cannot be split over ranks yet; "
@@ -102,17 +103,14 @@ def shard_model_(model: Grok1, layout: Layout) -> Grok1:
     """
     if model.layout is not None:
         raise ValueError(f"model is already sharded ({model.layout}); shard it once")
-    if beyond := model.config.grok2_features():
-        # ParallelMoE's router and experts (and the dense MLP's split) are Grok-1's math only
-        raise NotImplementedError(f"tensor/expert parallelism of Grok-2's features is not built "
-                                  f"yet (this model sets {', '.join(beyond)}); run it on one "
-                                  "process")
     table = plan(model.config, layout)
     attn_config = local_config(model.config, layout)
     for i, layer in enumerate(model.layers):
         for path, split in table.items():
             shard_linear_(layer.get_submodule(path), split, f"layers.{i}.{path}")
         layer.attn.config = attn_config
+    if (split := head_split(model.config, layout)) is not None:
+        shard_linear_(model.lm_head, split, "lm_head")
     model.layout = layout
     return model
 
@@ -123,7 +121,7 @@ def matmul_partial(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """bf16 x @ bf16 w with the accumulator returned unrounded (a partial sum), in
     `wide_dtype`: f32 on GPUs, f64 on the CPU (so the sum over ranks, rounded once, is one
     process's value to the bit)."""
-    if x.is_cuda and _cuda_mm_has_out_dtype():  # a bf16 GEMM writing f32: no f32 copy of w
+    if x.is_cuda and x.dtype == BF16 and _cuda_mm_has_out_dtype():  # a bf16 GEMM writing f32
         out = torch.mm(x.reshape(-1, x.shape[-1]), w, out_dtype=torch.float32)
         return out.view(*x.shape[:-1], w.shape[-1])
     wide = wide_dtype(x.device)
@@ -191,34 +189,43 @@ class RowParallelLinear(nn.Module):
 
 
 class ShardedUnembedding(nn.Module):
-    """The tied unembedding over ranks (replaces `Grok1.unembedding`): "vocab", each rank
-    multiplies by its rows of the table and the logits are all-gathered (the values equal one
-    process's); "dim", D split, the f32 partial logits all-reduced and rounded once."""
+    """The unembedding over ranks (replaces `Grok1.unembedding`), in the compute dtype (h's):
+    "vocab", each rank multiplies by its rows of the table and the logits are all-gathered
+    (the values equal one process's); "dim", D split, the partial logits all-reduced in f32
+    (f64 on the CPU) and rounded once. `table_is_local`: the table passed in is this rank's
+    piece already (a sharded untied lm_head); else it is the whole tied embedding, of which
+    the rank takes a view."""
 
-    def __init__(self, shapes: LocalShapes, split: str, group: dist.ProcessGroup | None):
+    def __init__(self, shapes: LocalShapes, split: str, group: dist.ProcessGroup | None,
+                 table_is_local: bool = False):
         super().__init__()
         self.shapes, self.split, self.group = shapes, split, group
+        self.table_is_local = table_is_local
 
-    def forward(self, h_BTD: torch.Tensor, embed_VD: torch.Tensor, multiplier: float
+    def forward(self, h_BTD: torch.Tensor, table_VD: torch.Tensor, multiplier: float
                 ) -> torch.Tensor:
-        s = self.shapes
+        s, dtype = self.shapes, h_BTD.dtype
         if self.split == "vocab":
-            table_VD = embed_VD[s.vocab.start:s.vocab.stop]  # a view: no copy of the table
-            logits = (h_BTD @ table_VD.to(BF16).T) * multiplier
+            if not self.table_is_local:
+                table_VD = table_VD[s.vocab.start:s.vocab.stop]  # a view: no copy of the table
+            logits = matmul(h_BTD, table_VD.to(dtype).T) * multiplier
             return all_gather_last(logits, self.group)
         if self.split == "dim":
             d = slice(s.emb.start, s.emb.stop)
-            partial = matmul_partial(h_BTD[..., d], embed_VD[:, d].to(BF16).T)
-            logits = all_reduce_(partial, self.group).float().to(BF16)  # one rounding
+            if not self.table_is_local:
+                table_VD = table_VD[:, d]
+            partial = matmul_partial(h_BTD[..., d], table_VD.to(dtype).T)
+            logits = all_reduce_(partial, self.group).float().to(dtype)  # one rounding
             return logits * multiplier
-        return matmul_bf16(h_BTD, embed_VD.to(BF16).T) * multiplier
+        return matmul(h_BTD, table_VD.to(dtype).T) * multiplier
 
 
 def parallelize(model: Grok1, group: dist.ProcessGroup | None, layout: Layout) -> Grok1:
     """Shard `model` in place for `layout` (unless a meta build was sharded already with the
     same layout) and add the collectives over `group`, by replacing modules with their
-    parallel forms (same tensors, same names): attention's wo by a RowParallelLinear, the MoE
-    by a ParallelMoE (expert.py), the unembedding by a ShardedUnembedding."""
+    parallel forms (same tensors, same names): attention's wo (and the dense MLP's w_down) by a
+    RowParallelLinear, the MoE by a ParallelMoE (expert.py), the unembedding by a
+    ShardedUnembedding."""
     if group_size(group) != layout.size:
         raise ConfigError(f"layout of {layout.size} ranks on a group of {group_size(group)}")
     if model.layout is None:
@@ -229,9 +236,12 @@ def parallelize(model: Grok1, group: dist.ProcessGroup | None, layout: Layout) -
     for layer in model.layers:
         if layout.attn == "tp":
             layer.attn.wo = RowParallelLinear(layer.attn.wo, group)
+            if layer.mlp is not None:  # Grok-2's dense MLP, split with the attention
+                layer.mlp.w_down = RowParallelLinear(layer.mlp.w_down, group)
         if layout.moe != "none":
             layer.moe = ParallelMoE(layer.moe, s.experts, group)
-    model.unembedding = ShardedUnembedding(s, layout.unembed, group)
+    model.unembedding = ShardedUnembedding(s, layout.unembed, group,
+                                           table_is_local=model.lm_head is not None)
     return model
 
 

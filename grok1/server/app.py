@@ -237,6 +237,7 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                worker_threads: int = 4, write_timeout_s: float = 30.0,
                max_buffered_outputs: int = 1024,
                on_engine_failure: Callable[[str], None] | None = None,
+               chat_template: str = "transcript",
                adapter_names: tuple[str, ...] = ()) -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
@@ -252,6 +253,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     shutdown_grace_s: how long shutdown lets in-flight requests finish before cancelling them.
     on_engine_failure(reason): called once the engine is broken (bridge.py); /health then
     answers 503 with the reason. `grok1 serve` stops and exits non-zero.
+    chat_template: the model's entry of serving.CHAT_TEMPLATES (the checkpoint family's,
+    grok1.loading.Family.chat_template).
     adapter_names: the served names of the engine's LoRA adapters 1..n (Engine(adapters=...)),
     listed by /v1/models beside the base and selected by a request's `model`.
     """
@@ -262,6 +265,7 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
                             max_choices=min(max_choices, max_pending),
                             max_prompt_chars=max_prompt_chars, worker_threads=worker_threads,
+                            chat_template=chat_template,
                             adapter_names=tuple(adapter_names))
     created = int(time.time())
 

@@ -41,7 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "default: the embedded default model (grok1/assets/default)")
     p.add_argument("--config", type=Path, default=None, help="config JSON (reference field names)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="SentencePiece model (default: tokenizer.model in or beside the checkpoint)")
+                   help="the checkpoint's tokenizer file (default: tokenizer.model, or Grok-2's "
+                        "tokenizer.tok.json, in or beside the checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dummy-layers", type=int, default=None, metavar="N",
                    help="serve random full-width Grok-1 weights with N layers instead of a "
@@ -93,13 +94,15 @@ def _model_dir_and_name(checkpoint: Path | None) -> tuple[Path, str]:
 
 
 def load_served_model(args: argparse.Namespace, mesh=None, device: str | None = None):
-    """(model, tokenizer, served model name, where it came from) for `grok1 serve`'s options,
-    through grok1.load or grok1.random_weights: the checkpoint folder, random full-width
-    weights (--dummy-layers), or the embedded default model; with a mesh (under torchrun) this
-    rank's shard with its collectives, else the whole model on `device`."""
+    """(model, tokenizer, served model name, where it came from, chat template name) for
+    `grok1 serve`'s options, through grok1.load or grok1.random_weights: the checkpoint folder,
+    random full-width weights (--dummy-layers), or the embedded default model; with a mesh
+    (under torchrun) this rank's shard with its collectives, else the whole model on `device`.
+    The tokenizer's kind and the chat template are the checkpoint's family
+    (grok1.loading.model_family)."""
     from grok1.config import GrokConfig
-    from grok1.loading import load, random_weights
-    from grok1.tokenizer import Tokenizer, find_tokenizer
+    from grok1.loading import load, load_tokenizer, model_family, random_weights
+    from grok1.tokenizer import Tokenizer
 
     split = {"mesh": mesh, "moe": args.moe, "unembed": args.unembed,
              "device": None if mesh is not None else device}
@@ -108,13 +111,15 @@ def load_served_model(args: argparse.Namespace, mesh=None, device: str | None = 
         config = GrokConfig.preset("grok-1").replace(num_layers=args.dummy_layers)
         model, tok = random_weights(config, **split), Tokenizer(args.tokenizer)
         name, source = f"grok-1-dummy-{args.dummy_layers}l", "random weights"
+        chat_template = "transcript"
     else:
         model_dir, name = _model_dir_and_name(args.checkpoint)
-        tok = Tokenizer(find_tokenizer(args.tokenizer, model_dir))
+        tok = load_tokenizer(model_dir, args.tokenizer)
+        chat_template = model_family(model_dir).chat_template
         model = load(model_dir, config=args.config, progress=mesh is not None, **split)
         source = str(model_dir)
     tok.require_vocab(model.config.vocab_size)
-    return model, tok, name, source
+    return model, tok, name, source, chat_template
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -141,7 +146,7 @@ def lora_modules_arg(pairs: list[str], base_name: str) -> list[tuple[str, Path]]
 
 
 def _create_app(args: argparse.Namespace, engine, tokenizer, name: str, source: str,
-                device: str, adapter_names: tuple[str, ...] = ()):
+                device: str, chat_template: str, adapter_names: tuple[str, ...] = ()):
     from grok1.server.app import create_app
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("GROK1_API_KEY")
@@ -153,7 +158,7 @@ def _create_app(args: argparse.Namespace, engine, tokenizer, name: str, source: 
                       shutdown_grace_s=args.shutdown_timeout,
                       write_timeout_s=args.write_timeout,
                       max_buffered_outputs=args.max_buffered_outputs,
-                      adapter_names=adapter_names)
+                      chat_template=chat_template, adapter_names=adapter_names)
 
 
 def build_app(args: argparse.Namespace):
@@ -163,7 +168,7 @@ def build_app(args: argparse.Namespace):
     from grok1.engine.llm import Engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, name, source = load_served_model(args, device=device)
+    model, tokenizer, name, source, chat_template = load_served_model(args, device=device)
     adapters = lora_modules_arg(args.lora, args.model_name or name)
     selection = None
     if adapters:
@@ -172,7 +177,7 @@ def build_app(args: argparse.Namespace):
         selection = load_adapters(model, [path for _, path in adapters])
         log.info("LoRA adapters: %s", ", ".join(f"{n} ({p})" for n, p in adapters))
     engine = Engine(model, adapters=selection, **_engine_kwargs(args))
-    return _create_app(args, engine, tokenizer, name, source, device,
+    return _create_app(args, engine, tokenizer, name, source, device, chat_template,
                        tuple(n for n, _ in adapters))
 
 
@@ -245,7 +250,7 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
                          "layers carry no adapters); leave out --tp and torchrun")
     mesh = init_distributed(args.tp, device=args.device)
     channel = ControlChannel()
-    model, tokenizer, name, source = load_served_model(args, mesh)
+    model, tokenizer, name, source, chat_template = load_served_model(args, mesh)
     kwargs = _engine_kwargs(args)
     if args.num_blocks is None:  # sized by each rank's free memory: every rank takes the least
         max_len = args.max_model_len or model.config.sequence_len
@@ -261,7 +266,7 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
         if mesh.is_main:
             leader = LeaderEngine(engine, channel)
             app = _create_app(args, leader, tokenizer, name, f"{source}, {mesh.world_size} "
-                              f"ranks, moe {args.moe}", str(mesh.device))
+                              f"ranks, moe {args.moe}", str(mesh.device), chat_template)
             try:
                 serve_until_stopped(app, args)
             finally:

@@ -12,6 +12,10 @@ transcript, one line per message, ending with an open assistant turn:
 
 ("developer" messages are written as "System"). Generation stops at "\\nUser:" or "\\nSystem:"
 (besides the request's own stop strings), and the reply's leading whitespace is dropped.
+That is the "transcript" entry of CHAT_TEMPLATES; a checkpoint's family names its template
+(grok1.loading.Family.chat_template): Grok-2's is "grok-2", its own chat template
+(`Human: ...<|separator|>\\n\\nAssistant:`, grok1.tokenizer_grok2.chat_prompt), whose turns end
+with the <|separator|> token, a stop token as eos is.
 
 Stop strings are matched on the detokenized text (detokenize.py); the matching engine request is
 aborted at once. Choice k of a seeded request samples with seed + k * 0x9E3779B97F4A7C15
@@ -58,6 +62,8 @@ from grok1.server.bridge import (
     SubRequest,
 )
 from grok1.server.detokenize import CONTEXT_TOKENS, StopTextStream, TokenizerLike, token_text
+from grok1.tokenizer_grok2 import SEPARATOR
+from grok1.tokenizer_grok2 import chat_prompt as grok2_template
 
 log = logging.getLogger("grok1.server")
 
@@ -72,6 +78,41 @@ MAX_CHARS_PER_TOKEN = 32
 def chat_prompt(messages: list[P.ChatMessage]) -> str:
     """The transcript a base model continues (format in the module docstring)."""
     return chat_prompt_text((m.role, m.text()) for m in messages)
+
+
+def grok2_chat_prompt(messages: list[P.ChatMessage]) -> str:
+    """Grok-2's chat template (grok1.tokenizer_grok2.chat_prompt) for the request's messages."""
+    return grok2_template([{"role": m.role, "content": m.text()} for m in messages])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """How a model family's chat requests become a prompt, and what ends its reply besides
+    the request's own stops: `stop_strings` on the text, `stop_tokens` (special texts of the
+    tokenizer, one token each) as stop token ids, which end the reply unshown as eos does."""
+    render: Callable[[list[P.ChatMessage]], str]
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[str, ...] = ()
+
+
+CHAT_TEMPLATES = {
+    "transcript": ChatTemplate(chat_prompt, stop_strings=tuple(CHAT_STOPS)),
+    "grok-2": ChatTemplate(grok2_chat_prompt, stop_tokens=(SEPARATOR,)),
+}
+
+
+def stop_token_ids(tokenizer: TokenizerLike, template: ChatTemplate) -> tuple[int, ...]:
+    """The ids of the template's stop tokens; ValueError naming a text that the tokenizer does
+    not encode as one token (a tokenizer from another model)."""
+    ids = []
+    for text in template.stop_tokens:
+        encoded = tokenizer.encode(text)
+        if len(encoded) != 1:
+            raise ValueError(f"the chat template's stop token {text!r} is {len(encoded)} tokens "
+                             f"in the {type(tokenizer).__name__} given, not one special token: "
+                             "a tokenizer of another model?")
+        ids.append(encoded[0])
+    return tuple(ids)
 
 
 def special_tokens(tokenizer: TokenizerLike) -> dict[str, tuple[str, int]]:
@@ -237,9 +278,14 @@ class OpenAIServing:
     def __init__(self, tokenizer: TokenizerLike, model_name: str, *, max_model_len: int,
                  vocab_size: int, max_n: int, max_choices: int,
                  max_prompt_chars: int | None = None, worker_threads: int = 4,
-                 adapter_names: tuple[str, ...] = ()):
+                 chat_template: str = "transcript", adapter_names: tuple[str, ...] = ()):
         self.tokenizer, self.model_name = tokenizer, model_name
         self.adapter_names = adapter_names
+        if chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template={chat_template!r}: one of "
+                             f"{', '.join(CHAT_TEMPLATES)}")
+        self.chat_template = CHAT_TEMPLATES[chat_template]
+        self.chat_stop_ids = stop_token_ids(tokenizer, self.chat_template)
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.max_n, self.max_choices = max_n, max_choices
         self.max_prompt_chars = max_prompt_chars or MAX_CHARS_PER_TOKEN * max_model_len
@@ -268,11 +314,12 @@ class OpenAIServing:
 
     def plan_chat(self, rid: str, req: P.ChatCompletionRequest) -> Job:
         adapter = self._check_model_and_n(req)
-        ids = self._prompt_ids(chat_prompt(req.messages), "messages")
+        ids = self._prompt_ids(self.chat_template.render(req.messages), "messages")
         max_tokens = self._check_length(len(ids), req.max_new_tokens, "messages"
                                         if req.max_new_tokens is None else "max_tokens")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        return self._plan(rid, req, [ids], [max_tokens], CHAT_STOPS + req.stop, top, chat=True,
+        return self._plan(rid, req, [ids], [max_tokens],
+                          [*self.chat_template.stop_strings, *req.stop], top, chat=True,
                           adapter=adapter)
 
     def _check_model_and_n(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> int:
@@ -346,7 +393,8 @@ class OpenAIServing:
                 frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=req.repetition_penalty,
                 logit_bias=tuple((int(t), b) for t, b in (req.logit_bias or {}).items()),
-                stop_token_ids=tuple(req.stop_token_ids))
+                stop_token_ids=tuple(req.stop_token_ids) + (
+                    self.chat_stop_ids if isinstance(req, P.ChatCompletionRequest) else ()))
         except ValueError as e:  # SamplingParams' own checks (the schema's are stricter)
             raise P.ProtocolError(f"invalid sampling parameters: {e}",
                                   code="invalid_value") from None
@@ -373,7 +421,7 @@ class OpenAIServing:
         """{count, max_model_len, tokens}: the prompt's ids, a special piece's text as its id
         (lm-eval's remote tokenizer finds eos and bos that way)."""
         self._check_optional_model(req.model)
-        text = req.prompt if req.prompt is not None else chat_prompt(req.messages)
+        text = req.prompt if req.prompt is not None else self.chat_template.render(req.messages)
         param = "prompt" if req.prompt is not None else "messages"
         if len(text) > self.max_prompt_chars:
             raise P.ProtocolError(f"{param}: {len(text)} characters; this server tokenizes at "

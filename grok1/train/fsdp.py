@@ -1,6 +1,7 @@
 """Data parallelism and activation checkpointing, applied to an unchanged Grok1 from outside.
 
-Order as in torchtitan's parallelize(): activation checkpointing per layer, then FSDP2
+Order as in torchtitan's parallelize(): activation checkpointing per layer, torch.compile per
+layer (optional), then FSDP2
 (`fully_shard` on every decoder layer, then the root). The master weights stay f32 and are
 gathered as f32: the model's own forward casts to bf16 exactly where the reference does (and
 keeps the router and norms f32), so FSDP's MixedPrecisionPolicy would change the numerics.
@@ -28,6 +29,14 @@ def apply_activation_checkpointing(model: Grok1) -> None:
     for layer in model.layers:
         layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer),
                                           use_reentrant=False, preserve_rng_state=False)
+
+
+def apply_compile(model: Grok1, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer in place (nn.Module.compile: the parameter names and
+    the checkpointed forward stay). Per layer, as torchtitan: the layers share one compiled
+    graph, and FSDP2's hooks between them stay outside it."""
+    for layer in model.layers:
+        layer.compile(backend=backend)
 
 
 def apply_fsdp(model: Grok1, device_type: str, reshard_after_forward: bool = True) -> None:

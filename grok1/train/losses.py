@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grok1.moe_dispatch import expert_counts
 from grok1.train.data import IGNORE
 
 
@@ -39,9 +40,9 @@ def z_loss(router_logits_ME: torch.Tensor) -> torch.Tensor:
 
 
 def expert_fractions(expert_ids_MA: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] share of assignments per expert (sums to 1); no gradient (counts)."""
-    counts = torch.bincount(expert_ids_MA.flatten(), minlength=num_experts)
-    return counts.float() / expert_ids_MA.numel()
+    """[E] share of assignments per expert (sums to 1); no gradient (counts). Counted without
+    torch.bincount, which reads its input's maximum back to the host on a GPU."""
+    return expert_counts(expert_ids_MA, num_experts).float() / expert_ids_MA.numel()
 
 
 @dataclasses.dataclass

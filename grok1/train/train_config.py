@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 from grok1.config import ConfigError
+from grok1.model import EXPERT_DOWN
 
 
 @dataclasses.dataclass
@@ -32,6 +33,9 @@ class TrainConfig:
     aux_loss_coef: float = 0.01  # load balancing (Switch Transformer's alpha)
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (fsdp.apply_compile)
+    # the experts' down-projection: "f32" (the reference's) or "bf16" (faster; grok1.model.moe_ref)
+    expert_down: str = "f32"
     parallel: str = "auto"  # auto (fsdp when several ranks), fsdp, ddp, none
     device: str | None = None  # default: cuda if available
     save_every: int = 100
@@ -56,6 +60,9 @@ class TrainConfig:
             raise ConfigError(f"min_lr={self.min_lr}: must be in [0, lr={self.lr}]")
         if self.parallel not in ("auto", "fsdp", "ddp", "none"):
             raise ConfigError(f"parallel={self.parallel!r}: expected auto, fsdp, ddp or none")
+        if self.expert_down not in EXPERT_DOWN:
+            raise ConfigError(f"expert_down={self.expert_down!r}: expected one of "
+                              f"{', '.join(EXPERT_DOWN)}")
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

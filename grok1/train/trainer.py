@@ -157,11 +157,13 @@ class Trainer:
 
         torch.manual_seed(cfg.seed + self.dist.rank)
         if model is None:
-            model = Grok1(self.config, dtype=torch.float32)
+            model = Grok1(self.config, dtype=torch.float32, expert_down=cfg.expert_down)
             model.init_weights(torch.Generator().manual_seed(cfg.seed))  # the same on every rank
         model.to(self.device)
         if cfg.activation_checkpointing:
             fsdp.apply_activation_checkpointing(model)
+        if cfg.compile:
+            fsdp.apply_compile(model)
         self.core = model  # the unwrapped Grok1 (its layers hold the router records)
         self.mode = cfg.parallel if cfg.parallel != "auto" else (
             "fsdp" if self.dist.world_size > 1 else "none")
@@ -340,8 +342,12 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.all_reduce(sums)
             sums /= self.dist.world_size
-        values = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()  # one host sync a step
-        ce, balance, z, gnorm = values
+        util = util / cfg.grad_accum  # [L, E + 1]: this rank's routing shares, then balance
+        # the step's one host sync: the losses, the norm and the routing statistics together
+        values = torch.cat([sums, grad_norm.reshape(1).float(), util.flatten()]).tolist()
+        (ce, balance, z, gnorm), shares = values[:4], values[4:]
+        width = util.shape[1]
+        util_rows = [shares[i:i + width] for i in range(0, len(shares), width)]
         if not all(math.isfinite(v) for v in (ce, gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
             return self._bad_step(f"non-finite loss {ce} or grad norm {gnorm}")
@@ -352,7 +358,7 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         stats = {"step": self.step, "loss": ce, "balance": balance, "z_loss": z, "lr": lr,
                  "grad_norm": gnorm, "tokens": self.tokens_seen}
-        for i, row in enumerate((util / cfg.grad_accum).tolist()):  # this rank's routing
+        for i, row in enumerate(util_rows):
             stats[f"layer{i}/balance"] = row[-1]
             stats[f"layer{i}/experts"] = [round(u, 4) for u in row[:-1]]
         return stats

@@ -122,7 +122,7 @@ def test_bad_want_entries_are_refused(golden2, golden2_config):
         list(grok2.read(golden2, golden2_config, ["layers.9.attn.wq.weight"]))
     with pytest.raises(ValueError, match="range 0:999 is not a non-empty range of dim 1"):
         list(grok2.read(golden2, golden2_config, [TensorSlice("embed", 1, 0, 999)]))
-    with pytest.raises(ValueError, match="tp_size=3 must divide num_q_heads=8"):
+    with pytest.raises(ValueError, match="--tp 3 must divide num_kv_heads=2"):
         grok2.tp_want(golden2_config, 0, 3)
 
 

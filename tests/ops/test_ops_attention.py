@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from grok1.ops._triton import use_kernel
-from grok1.ops.attention import paged_attention, paged_attention_ref, plan_attention
+from grok1.ops.attention import (
+    AttentionMath,
+    paged_attention,
+    paged_attention_ref,
+    plan_attention,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -50,6 +55,30 @@ def test_paged_attention_matches_twin(N, K, H, page, q_lens, ctx_lens, splits):
     out = paged_attention(q, kc, vc, table, pos, plan, 0.3)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert torch.isfinite(out).all() and err < 1e-2
+
+
+# Grok-2's scores (grok2 SPEC 2.4): its cap, the query temperature after it (L = 8, so most
+# positions scale), SGLang's rounding points; and no cap at all. Scores of std ~4-10 so the
+# cap and the temperature both matter (each moves the output far more than the bound).
+@pytest.mark.parametrize("math", [AttentionMath(30.0, 8, "sglang"), AttentionMath(0.0, 0, "jax"),
+                                  AttentionMath(30.0, 8, "jax")])
+@pytest.mark.parametrize("q_lens,ctx_lens,splits", [([1, 1, 1], [5, 300, 17], None),
+                                                    ([1, 1], [700, 33], 7),
+                                                    ([1, 7, 20], [9, 7, 33], None)])
+def test_paged_attention_grok2_math_matches_twin(math, q_lens, ctx_lens, splits):
+    N, K, H, page = 8, 2, 16, 16
+    q, kc, vc, table, pos, qs = make_case(N, K, H, page, q_lens, ctx_lens, seed=len(q_lens))
+    plan = plan_attention(qs, K, N // K, DEV, splits=splits, max_kv_len=max(ctx_lens))
+    ref = paged_attention_ref(q, kc, vc, table, pos, plan, 1.0, math=math)
+    out = paged_attention(q, kc, vc, table, pos, plan, 1.0, math=math)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+    grok1_scores = paged_attention_ref(q, kc, vc, table, pos, plan, 1.0)
+    if math != AttentionMath(30.0, 0, "jax"):
+        assert rel_err(out, grok1_scores) > 5e-2  # the case exercises what differs
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")

@@ -44,16 +44,35 @@ def case_name(op: str, device: str, args: tuple) -> str:
     return f"{op} {device} {args}"
 
 
-def test_resolved_launch_values_are_those_of_the_tables_before_they_were_typed():
-    """Captured from main at 382359f (untyped dict tables) for the shapes above: the file maps
-    each case to its index in a list of the distinct launch values."""
+def all_cases() -> list[tuple[str, str, tuple]]:
+    return [(op, device, args) for device in DEVICES for op, shapes in
+            [("moe", MOE_SHAPES), ("linear", LINEAR_SHAPES), ("gemv", GEMV_SHAPES)]
+            for args in shapes]
+
+
+def capture() -> None:
+    """Rewrite the captured file from the tables as they are (after retuning on purpose:
+    `python tests/ops/test_ops_configs.py`); the diff shows every launch that moved."""
+    launches: list[dict] = []
+    cases = {}
+    for op, device, args in all_cases():
+        value = resolved_launch(op, device, args)
+        if value not in launches:
+            launches.append(value)
+        cases[case_name(op, device, args)] = launches.index(value)
+    RESOLVED.write_text(json.dumps({"launches": launches, "cases": cases}, indent=1) + "\n")
+
+
+def test_resolved_launch_values_are_those_captured():
+    """The launch values for the shapes above, as captured (first from main at 382359f's
+    untyped dict tables, to check the typed reader; last when the tensor-core GEMV path,
+    MoeTiles.GMMA, was tuned): the file maps each case to its index in a list of the distinct
+    launch values. A change of the reader or a table moves them only where meant."""
     from grok1.ops.tile_config import load_table
 
     load_table.cache_clear()
     captured = json.loads(RESOLVED.read_text())
-    cases = [(op, device, args) for device in DEVICES for op, shapes in
-             [("moe", MOE_SHAPES), ("linear", LINEAR_SHAPES), ("gemv", GEMV_SHAPES)]
-             for args in shapes]
+    cases = all_cases()
     assert len(captured["cases"]) == len(cases)
     for op, device, args in cases:
         want = captured["launches"][captured["cases"][case_name(op, device, args)]]
@@ -99,7 +118,9 @@ def test_shipped_tables_load_in_the_one_layout():
 
     load_table.cache_clear()
     moe = load_table(CONFIG_DIR / "moe.json")["sm_90"]
-    assert sorted(moe) == [f"moe_D6144_F{F}_E8_int8" for F in (16384, 32768, 4096, 8192)]
+    assert sorted(moe) == [f"moe_D6144_F{F}_E8_int8" for F in (16384, 32768, 4096, 8192)] + [
+        "moe_D8192_F16384_E8_bf16"]  # Grok-2's experts, bf16 (bench/moe.py --model grok-2)
+    assert moe["moe_D8192_F16384_E8_bf16"][2].GEMV == 0  # bf16 at P=2: the MMA path (97 %)
     assert sorted(moe["moe_D6144_F32768_E8_int8"]) == [2, 16, 128, 2048]
     assert moe["moe_D6144_F32768_E8_int8"][2048] == MoeTiles(
         BM=128, BN1=128, BK1=64, W1=8, BN2=256, BK2=64, W2=8, S2=3, SPLIT=1, MAGIC=1)
@@ -191,3 +212,7 @@ def test_k_tile_stays_inside_one_scale_group(group_k, groups, want, at_least, ti
     from grok1.ops._triton import k_tile
 
     assert k_tile(group_k, groups, want, at_least) == tile
+
+
+if __name__ == "__main__":
+    capture()

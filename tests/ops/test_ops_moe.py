@@ -19,7 +19,7 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def moe_case(M, D, F, quant, seeds, *, only=None, out_dtype=None, E=8):
+def moe_case(M, D, F, quant, seeds, *, only=None, out_dtype=None, E=8, **math):
     """A fresh random case: expert Linears (seeded seeds[0]), x [M, D] and a router (seeds[1];
     `only`: the experts that get tokens, the others' logits pushed down), the top-2 routing and
     the twin's output. -> (x, gates, ids, linears, ref)."""
@@ -30,7 +30,7 @@ def moe_case(M, D, F, quant, seeds, *, only=None, out_dtype=None, E=8):
     if only is not None:
         router[:, [e for e in range(E) if e not in only]] = -100.0
     _, gates, ids = route(x, router, 2)
-    return x, gates, ids, lins, moe_ref(x, gates, ids, *lins, out_dtype=out_dtype)
+    return x, gates, ids, lins, moe_ref(x, gates, ids, *lins, out_dtype=out_dtype, **math)
 
 
 def run_fused(x, gates, ids, lins, config=None, **kwargs):
@@ -86,14 +86,17 @@ GEMV = {"GEMV": 64, "GBN1": 64, "GBK1": 32, "GW1": 4, "GBN2": 64, "GBK2": 32, "G
 # the twin rounds bf16(w * s) first; plus h rounded to bf16: the same 1.5e-2 budget as above.
 # GSPLIT1 > 1: the gate/up K range split too (f32 partials + the combine kernel), 3 ways so
 # the last split is short and masked.
+# gmma: the same GEMV contract on the tensor cores (MoeTiles.GMMA; K tiles of 16 and more)
+@pytest.mark.parametrize("gmma", [0, 1])
 @pytest.mark.parametrize("quant", [True, False])
 @pytest.mark.parametrize("M,D,F,magic,gsplit1", [(1, 256, 512, 1, 1), (1, 192, 384, 0, 3),
                                                  (3, 192, 384, 1, 1), (5, 256, 512, 1, 3),
                                                  (1, 256, 512, 1, 4)])
-def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic, gsplit1):
+def test_fused_moe_gemv_path_matches_moe_ref(quant, M, D, F, magic, gsplit1, gmma):
     x, gates, ids, lins, ref = moe_case(M, D, F, quant, (11 + M, 200 + M + D),
                                         only=[2, 6] if M == 3 else None)
-    out = run_fused(x, gates, ids, lins, {**GEMV, "MAGIC": magic, "GSPLIT1": gsplit1})
+    out = run_fused(x, gates, ids, lins, {**GEMV, "MAGIC": magic, "GSPLIT1": gsplit1,
+                                          "GMMA": gmma})
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1.5e-2
@@ -158,3 +161,20 @@ def test_int8_paths_stay_close_to_the_twin_at_full_width(M, cfg, exact, bound):
     x, gates, ids, lins, ref = moe_case(M, 6144, 8192, True, (3, 4), out_dtype=torch.float32)
     out = run_fused(x, gates, ids, lins, cfg, out_dtype=torch.float32, exact_int8_products=exact)
     assert rel_err(out, ref) < bound
+
+
+# Grok-2's MoE math (grok2 SPEC 2.5): exact GELU, SGLang's f32 gates, bf16 GELU product and
+# per-slot bf16 outputs; bf16 weights (Grok-2's) and int8; the GEMV (M = 1, 3) and the grouped
+# GEMM (M = 33) paths, unreduced terms summed as the engine does (sum_slots_sglang)
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 33])
+def test_fused_moe_grok2_math_matches_moe_ref(quant, M):
+    from grok1.ops.moe import sum_slots_sglang
+    math = {"gelu": "erf", "rounding": "sglang"}
+    x, gates, ids, lins, ref = moe_case(M, 256, 512, quant, (M + 5, 300 + M), **math)
+    out = run_fused(x, gates, ids, lins, **math)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1.5e-2
+    terms = run_fused(x, gates, ids, lins, reduce=False, **math)
+    assert torch.equal(sum_slots_sglang(terms, torch.bfloat16), out)
+    grok1_math = moe_ref(x, gates, ids, *lins)
+    assert rel_err(grok1_math, ref) > 1e-3  # the case sees the difference (GELU, roundings)

@@ -139,3 +139,19 @@ def test_router_kernel_matches_route(M, D, E, A):
     assert rel_err(logits, ref_logits) < 1e-5
     assert torch.equal(ids, ref_ids)
     assert rel_err(gates, ref_gates) < 1e-5
+
+
+# Grok-2's router cap (grok2 SPEC 2.5): logits of std ~40 so 30 * tanh(x / 30) changes them
+@pytest.mark.parametrize("M,D,E,A", [(1, 512, 8, 2), (5, 256, 8, 2)])
+def test_router_kernel_caps_logits_like_route(M, D, E, A):
+    from grok1.model import route
+    from grok1.ops.router import route_op
+    g = torch.Generator().manual_seed(M + D)
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    router = (torch.randn(D, E, generator=g) * 40 / D ** 0.5).to(DEV)
+    logits, gates, ids = route_op(x, router, A, softcap=30.0)
+    ref_logits, ref_gates, ref_ids = route(x, router, A, softcap=30.0)
+    uncapped, _, _ = route(x, router, A)
+    assert rel_err(logits, ref_logits) < 1e-5 and rel_err(uncapped, ref_logits) > 0.05
+    assert torch.equal(ids, ref_ids)
+    assert rel_err(gates, ref_gates) < 1e-5
