@@ -217,7 +217,14 @@ def _generate_and_print(model, tokenizer, args: argparse.Namespace, sharded: boo
 def cmd_info(args: argparse.Namespace) -> None:
     from grok1.info import format_info, info_config
 
-    print(format_info(info_config(args.config or args.preset), gpu_gib=args.gpu_gib))
+    config = info_config(args.config or args.preset)
+    print(format_info(config, gpu_gib=args.gpu_gib))
+    if args.lora_rank is not None:
+        from grok1.info import format_lora_plan
+        from grok1.train.cli_train import lora_targets
+
+        print(format_lora_plan(config, args.lora_rank, lora_targets(args.lora_targets),
+                               args.seq_len, args.micro_batch, args.gpu_gib))
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -235,6 +242,12 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="grok-1",
                    help="a named config when --config is not given (grok-1, grok-2, tiny, debug)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="also print the memory plan of `grok1 finetune` at this LoRA rank")
+    p.add_argument("--lora-targets", default="attention", help="as grok1 finetune's: "
+                   "attn.wq ... moe.w_down, or attention, experts, all")
+    p.add_argument("--seq-len", type=int, default=4096, help="LoRA plan: tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="LoRA plan: sequences per step")
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -290,6 +303,10 @@ COMMANDS = {
                                "run_train_tokenizer"),
     "export": Command("export a training run to grok1's native format",
                       "grok1.train.cli_train:add_export_args:run_export"),
+    "finetune": Command("LoRA adapters over a frozen (int8) base on a JSONL dataset",
+                        "grok1.train.cli_train:add_finetune_args:run_finetune"),
+    "merge": Command("merge a LoRA adapter into a grok1 folder",
+                     "grok1.train.cli_train:add_merge_args:run_merge"),
 }
 
 

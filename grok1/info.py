@@ -151,3 +151,89 @@ def format_info(config: GrokConfig | Grok2Config, gpu_gib: float = 80.0) -> str:
         lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): {needed}, "
                      + (f"so --tp {tp}" if tp else f"more than --tp can split ({tp_sizes[-1]})"))
     return "\n".join(lines)
+
+
+# ---- LoRA fine-tuning (`grok1 finetune`): what one process holds -------------------------------
+
+LORA_TARGET_DIMS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "moe.w_gate", "moe.w_up",
+                    "moe.w_down")  # grok1.lora.TARGETS (kept torch-free here)
+
+
+def lora_matrix_dims(c: GrokConfig) -> dict[str, tuple[int, int, int]]:
+    """(copies per layer, input dim, output dim) of each matrix LoRA can target."""
+    D, q, kv = c.emb_size, c.num_q_heads * c.key_size, c.num_kv_heads * c.key_size
+    E, Fw = c.num_experts, c.ffn_size
+    return {"attn.wq": (1, D, q), "attn.wk": (1, D, kv), "attn.wv": (1, D, kv),
+            "attn.wo": (1, q, D), "moe.w_gate": (E, D, Fw), "moe.w_up": (E, D, Fw),
+            "moe.w_down": (E, Fw, D)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraMemoryPlan:
+    """Bytes one process holds to train LoRA adapters over the frozen int8 base (the plain
+    model's path, bf16 compute, AdamW, per-layer activation checkpointing)."""
+    weight_bytes: int  # the base as grok1.load holds it: int8 + bf16 scales, embedding bf16,
+    #                    norms and routers f32
+    adapter_params: int
+    adapter_bytes: int  # f32 A and B
+    grad_bytes: int  # f32, one per adapter parameter
+    optimizer_bytes: int  # AdamW's two f32 moments per adapter parameter
+    tokens: int  # micro_batch * seq_len
+    saved_bytes_per_token: int  # kept for backward: each layer's bf16 input (the checkpoints)
+    #                             and the loss's logits (bf16, their f32 copy, f32 log-softmax)
+    layer_bytes: int  # one layer recomputed in backward: its matrices dequantized to bf16
+    #                   (autograd keeps them for the input gradient), every expert assumed hit
+    layer_bytes_per_token: int  # and its activations: q/k/v/o, f32 scores and probabilities
+    #                             over the sequence, f32 gate/up/GELU of each chosen expert
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weight_bytes + self.adapter_bytes + self.grad_bytes + self.optimizer_bytes
+                + self.layer_bytes
+                + self.tokens * (self.saved_bytes_per_token + self.layer_bytes_per_token))
+
+
+def lora_memory_plan(c: GrokConfig, r: int, targets: tuple[str, ...] = LORA_TARGET_DIMS[:4], *,
+                     seq_len: int = 4096, micro_batch: int = 1) -> LoraMemoryPlan:
+    """The memory of `grok1 finetune` with rank-r adapters on `targets` (LORA_TARGET_DIMS)."""
+    dims = lora_matrix_dims(c)
+    unknown = [t for t in targets if t not in dims]
+    if unknown or r <= 0:
+        raise ValueError(f"LoRA rank {r}, targets {list(targets)}: need r > 0 and targets of "
+                         f"{', '.join(dims)}")
+    L, D, V, E = c.num_layers, c.emb_size, c.vocab_size, c.num_experts
+    params = L * sum(copies * r * (d_in + d_out)
+                     for t, (copies, d_in, d_out) in dims.items() if t in targets)
+    f32_extra = 2 * (L * (4 * D + D * E) + D)  # norms and routers are f32, not bf16
+    dequantized = sum(copies * d_in * d_out * 2 for copies, d_in, d_out in dims.values())
+    N, K, H = c.num_q_heads, c.num_kv_heads, c.key_size
+    attention = 2 * (2 * N * H + 2 * K * H) + 2 * 4 * N * seq_len  # q,o,k,v; scores, probs
+    experts = c.num_selected_experts * 3 * 4 * c.ffn_size  # gate, up, GELU product in f32
+    return LoraMemoryPlan(
+        weight_bytes=weight_bytes(c, "int8") + f32_extra,
+        adapter_params=params, adapter_bytes=4 * params, grad_bytes=4 * params,
+        optimizer_bytes=8 * params, tokens=seq_len * micro_batch,
+        saved_bytes_per_token=L * D * 2 + V * (2 + 4 + 4),
+        layer_bytes=dequantized,
+        layer_bytes_per_token=attention + experts + 4 * D * 2)
+
+
+def format_lora_plan(c: GrokConfig, r: int, targets: tuple[str, ...], seq_len: int,
+                     micro_batch: int, gpu_gib: float = 80.0) -> str:
+    p = lora_memory_plan(c, r, targets, seq_len=seq_len, micro_batch=micro_batch)
+    gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+    lines = [
+        f"LoRA rank {r} on {', '.join(targets)}: {p.adapter_params:,} adapter parameters",
+        f"  base weights (int8 + scales, frozen): {gib(p.weight_bytes)}",
+        f"  adapters (f32):                       {gib(p.adapter_bytes)}",
+        f"  gradients (f32):                      {gib(p.grad_bytes)}",
+        f"  AdamW state (2 x f32):                {gib(p.optimizer_bytes)}",
+        (f"  activations kept, per token:          {p.saved_bytes_per_token:,} B "
+         f"(x {p.tokens:,} tokens = {gib(p.tokens * p.saved_bytes_per_token)})"),
+        (f"  one layer in backward:                {gib(p.layer_bytes)} dequantized + "
+         f"{p.layer_bytes_per_token:,} B per token"),
+        (f"  total, one process:                   {gib(p.total_bytes)} "
+         f"(micro-batch {micro_batch} x {seq_len} tokens; "
+         f"{p.total_bytes / (gpu_gib * 2**30):.1f} x {gpu_gib:g} GiB)"),
+    ]
+    return "\n".join(lines)

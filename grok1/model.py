@@ -283,14 +283,14 @@ def moe_ref(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     # each pair's token, sorted by expert (token order within an expert); index_select, whose
     # backward is an index_add (no host sync on a GPU)
     x = x_MD.index_select(0, rows)
-    h = gelu_glu(expert_matmul(x, w_gate, groups, matmul, backend),
-                 expert_matmul(x, w_up, groups, matmul, backend), gelu)
+    h = gelu_glu(w_gate.expert_matmul(x, groups, matmul, backend),
+                 w_up.expert_matmul(x, groups, matmul, backend), gelu)
     if sglang or down == "bf16":
         h = h.to(x.dtype)  # gelu_and_mul stores its output (grok2 SPEC 2.5, S6)
     if down == "bf16":
-        y = expert_matmul(h, w_down, groups, matmul, backend).to(wide)
+        y = w_down.expert_matmul(h, groups, matmul, backend).to(wide)
     else:
-        y = expert_matmul(h, w_down, groups, matmul_wide, backend)
+        y = w_down.expert_matmul(h, groups, matmul_wide, backend)
     y = y * gates.reshape(-1).index_select(0, groups.order_P)[:, None]
     out.index_add_(0, rows, y.float().to(out.dtype) if per_slot else y)
     if per_slot:
@@ -342,6 +342,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         return matmul(x, self.dense(expert).to(x.dtype))  # in the compute dtype (x's)
+
+    def expert_matmul(self, x_PK: torch.Tensor, groups: ExpertGroups,
+                      dot: Callable[..., torch.Tensor], backend: str | None = None
+                      ) -> torch.Tensor:
+        """The MoE's products with these stacked experts (module function expert_matmul):
+        a method, so that a subclass adds to them (grok1.lora's adapters, per token)."""
+        return expert_matmul(x_PK, self, groups, dot, backend)
 
 
 class RMSNorm(nn.Module):

@@ -114,15 +114,15 @@ def grouped_mm(x_PK: torch.Tensor, w_EKN: torch.Tensor, groups: ExpertGroups,
 
 
 def per_group(x_PK: torch.Tensor, groups: ExpertGroups,
-              fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-    """[P, ...]: fn(rows of group e, e) for each nonempty group, in order. Reads the group
-    ends on the host (a sync on a GPU)."""
+              fn: Callable[..., torch.Tensor], *aligned_P: torch.Tensor) -> torch.Tensor:
+    """[P, ...]: fn(rows of group e, e, *their rows of each `aligned_P`) for each nonempty
+    group, in order. Reads the group ends on the host (a sync on a GPU)."""
     ends = groups.ends_E.tolist()
     outs, start = [], 0
     for e, end in enumerate(ends):
         if end > start:
-            outs.append(fn(x_PK[start:end], e))
+            outs.append(fn(x_PK[start:end], e, *(t[start:end] for t in aligned_P)))
         start = end
     if not outs:  # no pairs at all: fn's empty result, of its shape and dtype
-        return fn(x_PK[:0], 0)
+        return fn(x_PK[:0], 0, *(t[:0] for t in aligned_P))
     return torch.cat(outs)

@@ -171,3 +171,53 @@ def test_info_on_grok2_prints_its_figures_and_the_gpus_it_needs(tmp_path):
     assert f"parameters, total:          {c.num_parameters:,}" in out.splitlines()
     assert c.num_parameters == 4 * (128 * 128 * 2 + 128 * 32 * 2 + 3 * 128 * 512
                                     + 8 * 3 * 128 * 256 + 128 * 8 + 4 * 128) + 2 * 1024 * 128 + 128
+
+
+def test_lora_memory_plan_equals_the_measured_tensors_of_a_training_step():
+    """At reduced size (the tiny preset: Grok-1's ratios, 2 layers), the plan's exact terms are
+    the bytes a real step holds: the base as loaded, the adapters, their gradients and AdamW's
+    moments, and one layer's dequantized matrices. (The activation terms are estimates of the
+    GPU path and are not measured here: the CPU path keeps f64 intermediates, model.wide_dtype.)"""
+    import torch
+
+    import grok1
+    from grok1.info import LORA_TARGET_DIMS, lora_memory_plan
+    from grok1.lora import TARGETS, LoraConfig, apply_lora
+    from grok1.train.losses import cross_entropy
+
+    assert LORA_TARGET_DIMS == TARGETS  # info.py is torch-free, so it keeps its own copy
+    c = GrokConfig.preset("tiny")
+    targets = ("attn.wq", "attn.wv", "moe.w_up", "moe.w_down")
+    plan = lora_memory_plan(c, 4, targets, seq_len=16, micro_batch=2)
+    model = grok1.random_weights(c, quantized=True, seed=0)
+    assert plan.weight_bytes == sum(t.nbytes for t in model.state_dict().values())
+    layer = model.layers[0]
+    dequantized = sum(lin.dense(e).nbytes for lin in (layer.attn.wq, layer.attn.wk,
+                                                      layer.attn.wv, layer.attn.wo)
+                      for e in [None]) + sum(
+        lin.dense(e).nbytes for lin in (layer.moe.w_gate, layer.moe.w_up, layer.moe.w_down)
+        for e in range(c.num_experts))
+    assert plan.layer_bytes == dequantized
+    apply_lora(model, LoraConfig(r=4, targets=targets))
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(adapters)
+    tokens = torch.randint(3, c.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    cross_entropy(model.train()(tokens[:, :-1]), tokens[:, 1:]).backward()
+    opt.step()
+    assert plan.adapter_params == sum(p.numel() for p in adapters)
+    assert plan.adapter_bytes == sum(p.nbytes for p in adapters)
+    assert plan.grad_bytes == sum(p.grad.nbytes for p in adapters)
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert plan.optimizer_bytes == sum(m.nbytes for m in moments)
+    assert plan.tokens == 32
+
+
+def test_info_prints_the_lora_plan_for_grok1():
+    out = subprocess.run([sys.executable, "-m", "grok1", "info", "--lora-rank", "16",
+                          "--lora-targets", "all", "--gpu-gib", "141"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "LoRA rank 16 on attn.wq, attn.wk, attn.wv, attn.wo, moe.w_gate, moe.w_up, " \
+           "moe.w_down: 996,147,200 adapter parameters" in out
+    # 64 layers x 16 x (attention 2x(6144+6144) + 2x(6144+1024)) + 8 experts x 3 x (6144+32768))
+    assert 996_147_200 == 64 * 16 * (2 * (6144 + 6144) + 2 * (6144 + 1024)
+                                     + 8 * 3 * (6144 + 32768))

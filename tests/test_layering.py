@@ -7,12 +7,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "grok1"
 
 LEVELS = {
-    "config": 0, "quant": 0, "tokenizer": 0,
+    "config": 0, "quant": 0, "tokenizer": 0, "chat": 0,
     "sharding": 0.5,  # pure data on the config: what each rank holds
     "moe_dispatch": 0.5,  # the MoE's pairs grouped by expert, grouped matmuls (torch only)
     # Grok-2's config and tokenizer build on config.py's / tokenizer.py's errors (to be folded in)
     "config_grok2": 0.5, "tokenizer_grok2": 0.5,
     "model": 1, "sampling": 1,
+    "lora": 1.5,  # LoRA as a module swap over model.py's Linears
     "ops": 2, "checkpoint": 2, "info": 2, "generation": 2, "assets": 2, "golden": 2,
     "parallel": 3,
     "loading": 4,  # grok1.load / random_weights: formats (checkpoint) + sharding (parallel)

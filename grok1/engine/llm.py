@@ -22,6 +22,7 @@ from grok1.engine.kv_cache import BlockPool
 from grok1.engine.runner import ModelRunner
 from grok1.engine.sampler import process_logits, sample_rows, top_logprobs
 from grok1.engine.scheduler import ScheduledChunk, Scheduler, Sequence
+from grok1.lora import AdapterSelection
 from grok1.model import Grok1
 from grok1.sampling import SamplingParams, make_generator
 from grok1.tokenizer import Tokenizer
@@ -129,14 +130,21 @@ def default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
 class Engine:
     """Continuous-batching engine over a Grok1 model (CPU runs the plain reference ops).
 
+    `adapters`: the selection of a model carrying n LoRA adapters (grok1.lora,
+    grok1.checkpoint.peft.load_adapters); each request names one (add_request's `adapter`,
+    1..n; 0: none), and every step tells the model's LoraLinears the adapter of each token.
+    Adapted steps run eager (a CUDA graph would keep one step's selection).
+
     Not thread-safe: call it from one thread.
     """
 
     def __init__(self, model: Grok1, *, max_batch_size: int = 64, block_size: int = 16,
                  num_blocks: int | None = None, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, use_cuda_graphs: bool = True,
-                 record_logits: bool = False):
+                 record_logits: bool = False, adapters: AdapterSelection | None = None):
         self.model = model.eval()
+        self.adapters = adapters
+        use_cuda_graphs = use_cuda_graphs and adapters is None
         self.config = model.config
         self.device = model.embed.device
         self.max_model_len = max_model_len or self.config.sequence_len
@@ -163,11 +171,16 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
-        """Queue a request; ValueError for an empty prompt, ids outside the vocabulary, a
-        prompt + max_tokens beyond max_model_len, or a request id already in use."""
+                    params: SamplingParams, adapter: int = 0) -> None:
+        """Queue a request (through LoRA adapter `adapter`, 0: none); ValueError for an empty
+        prompt, ids outside the vocabulary, a prompt + max_tokens beyond max_model_len, a
+        request id already in use, or an adapter the engine does not hold."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        loaded = self.adapters.num_adapters if self.adapters is not None else 0
+        if not (isinstance(adapter, int) and 0 <= adapter <= loaded):
+            raise ValueError(f"request {request_id!r}: adapter {adapter!r}; this engine holds "
+                             f"{loaded} LoRA adapter(s) (0 = none)")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: empty prompt")
         V = self.config.vocab_size
@@ -179,7 +192,7 @@ class Engine:
                              f"max_tokens={params.max_tokens} exceeds max_model_len="
                              f"{self.max_model_len}")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids),
-                       wants_prompt_logits=params.prompt_logprobs is not None)
+                       wants_prompt_logits=params.prompt_logprobs is not None, adapter=adapter)
         gen = None if params.greedy else make_generator(params.seed, self.device)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -255,7 +268,7 @@ class Engine:
                 seq.block_ids = self.pool.allocate(self.pool.blocks_for(n))
                 blocks.append(seq.block_ids)
                 chunks.append(ScheduledChunk(seq, 0, n))
-            self.runner.execute(chunks)
+            self._execute(chunks)
         finally:
             for ids in blocks:
                 self.pool.free(ids)
@@ -267,7 +280,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
-        logits = self.runner.execute(plan.chunks)
+        logits = self._execute(plan.chunks)
         sampled = [ch.seq for ch in plan.chunks if ch.needs_sample]
         logits_RV = logits[:len(sampled)]
         self._score_prompts(plan.chunks, logits[len(sampled):])
@@ -317,6 +330,16 @@ class Engine:
                                              seq.num_prompt_tokens, seq.num_generated,
                                              prompt_logprobs=self._take_prompt_logprobs(req)))
         return outputs
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """runner.execute, with each token's adapter selected when the model carries them
+        (the runner lays tokens out chunk by chunk, in order)."""
+        if self.adapters is None:
+            return self.runner.execute(chunks)
+        ids_M = torch.tensor([ch.seq.adapter for ch in chunks for _ in range(ch.num_tokens)],
+                             device=self.device)
+        with self.adapters.select(ids_M):
+            return self.runner.execute(chunks)
 
     def _score_prompts(self, chunks: list[ScheduledChunk], logits_QV: torch.Tensor) -> None:
         """Record the prompt logprobs these prompt-logit rows (runner.prepare's order) give.

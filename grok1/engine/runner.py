@@ -45,7 +45,9 @@ def apply_kernels(model: Grok1) -> Grok1:
     The kernels take int8 (and the fused MoE bf16) weights only: int4 and fp8 matrices stay on
     their twins (`Linear.dense`), and without the fused MoE no CUDA graph is captured."""
     for layer in model.layers:
-        if type(layer.moe) is MoE and layer.moe.w_gate.weights in (None, INT8):
+        moe = layer.moe  # experts carrying LoRA adapters (grok1.lora) stay on the plain path
+        if type(moe) is MoE and all(type(w) is Linear for w in (moe.w_gate, moe.w_up, moe.w_down)) \
+                and moe.w_gate.weights in (None, INT8):
             layer.moe = FusedMoE(layer.moe)
         for name in ("wq", "wk", "wv", "wo"):
             lin = getattr(layer.attn, name)

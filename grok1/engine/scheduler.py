@@ -37,6 +37,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_preemptions: int = 0
     wants_prompt_logits: bool = False  # the runner returns the logits of every prompt position
+    adapter: int = 0  # the LoRA adapter its tokens run through (grok1.lora; 0: none)
 
     @property
     def num_generated(self) -> int:

@@ -237,7 +237,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                worker_threads: int = 4, write_timeout_s: float = 30.0,
                max_buffered_outputs: int = 1024,
                on_engine_failure: Callable[[str], None] | None = None,
-               chat_template: str = "transcript") -> FastAPI:
+               chat_template: str = "transcript",
+               adapter_names: tuple[str, ...] = ()) -> FastAPI:
     """The OpenAI-compatible app over `engine`, which it runs on its own thread while served
     (`app.state.bridge`: the EngineBridge).
 
@@ -254,6 +255,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
     answers 503 with the reason. `grok1 serve` stops and exits non-zero.
     chat_template: the model's entry of serving.CHAT_TEMPLATES (the checkpoint family's,
     grok1.loading.Family.chat_template).
+    adapter_names: the served names of the engine's LoRA adapters 1..n (Engine(adapters=...)),
+    listed by /v1/models beside the base and selected by a request's `model`.
     """
     metrics = ServerMetrics()
     bridge = EngineBridge(engine, max_pending=max_pending, metrics=metrics,
@@ -262,7 +265,8 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
                             vocab_size=engine.config.vocab_size, max_n=max_n,
                             max_choices=min(max_choices, max_pending),
                             max_prompt_chars=max_prompt_chars, worker_threads=worker_threads,
-                            chat_template=chat_template)
+                            chat_template=chat_template,
+                            adapter_names=tuple(adapter_names))
     created = int(time.time())
 
     @asynccontextmanager
@@ -333,14 +337,16 @@ def create_app(engine: Engine, tokenizer: TokenizerLike, model_name: str,
         return await serve(request, await serving.offload(
             lambda: serving.plan_chat(rid, _parse(body, P.ChatCompletionRequest))))
 
-    card = P.ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len)
+    cards = [P.ModelCard(id=name, created=created, max_model_len=engine.max_model_len,
+                         parent=None if name == model_name else model_name)
+             for name in (model_name, *adapter_names)]
 
     async def models(_request: Request, _rid: str) -> Response:
-        return JSONResponse(P.ModelList(data=[card]).model_dump())
+        return JSONResponse(P.ModelList(data=cards).model_dump())
 
     async def model(request: Request, _rid: str) -> Response:
-        serving._check_optional_model(request.path_params["model_id"])
-        return JSONResponse(card.model_dump())
+        return JSONResponse(cards[serving._check_optional_model(
+            request.path_params["model_id"])].model_dump())
 
     async def tokenize(request: Request, _rid: str) -> Response:
         body = await _read_body(request, max_body_bytes)

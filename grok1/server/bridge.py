@@ -84,6 +84,7 @@ class SubRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: int = 0  # the served LoRA adapter the request names (Engine.add_request; 0: none)
 
 
 class ServerMetrics:
@@ -423,7 +424,9 @@ class EngineBridge:
         added: list[str] = []
         try:
             for s in subs:
-                self.engine.add_request(s.request_id, s.prompt_ids, s.params)
+                # engines without adapters (the ranks' leader, test fakes) take no `adapter`
+                extra = {"adapter": s.adapter} if s.adapter else {}
+                self.engine.add_request(s.request_id, s.prompt_ids, s.params, **extra)
                 added.append(s.request_id)
                 self._live.add(s.request_id)
         except Exception as e:  # noqa: BLE001 - ValueError: bad request; else our bug (500)

@@ -51,6 +51,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None,
                    help=f"the `model` clients must send (default: {DEFAULT_MODEL_NAME} for the "
                         "embedded model, else the checkpoint folder's name)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the PEFT LoRA adapter in folder PATH as model NAME (repeatable; "
+                        "a request's `model` picks it, as vLLM's --lora-modules)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None,
@@ -128,8 +131,22 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def lora_modules_arg(pairs: list[str], base_name: str) -> list[tuple[str, Path]]:
+    """--lora NAME=PATH values -> [(NAME, PATH)]; SystemExit naming a malformed or repeated
+    one, or a NAME that is the base model's."""
+    out: list[tuple[str, Path]] = []
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --lora {pair!r}: expected NAME=PATH")
+        if name == base_name or name in (n for n, _ in out):
+            raise SystemExit(f"error: --lora {pair!r}: the name {name!r} is served already")
+        out.append((name, Path(path)))
+    return out
+
+
 def _create_app(args: argparse.Namespace, engine, tokenizer, name: str, source: str,
-                device: str, chat_template: str):
+                device: str, chat_template: str, adapter_names: tuple[str, ...] = ()):
     from grok1.server.app import create_app
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("GROK1_API_KEY")
@@ -141,7 +158,7 @@ def _create_app(args: argparse.Namespace, engine, tokenizer, name: str, source: 
                       shutdown_grace_s=args.shutdown_timeout,
                       write_timeout_s=args.write_timeout,
                       max_buffered_outputs=args.max_buffered_outputs,
-                      chat_template=chat_template)
+                      chat_template=chat_template, adapter_names=adapter_names)
 
 
 def build_app(args: argparse.Namespace):
@@ -152,8 +169,16 @@ def build_app(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, name, source, chat_template = load_served_model(args, device=device)
-    engine = Engine(model, **_engine_kwargs(args))
-    return _create_app(args, engine, tokenizer, name, source, device, chat_template)
+    adapters = lora_modules_arg(args.lora, args.model_name or name)
+    selection = None
+    if adapters:
+        from grok1.checkpoint.peft import load_adapters
+
+        selection = load_adapters(model, [path for _, path in adapters])
+        log.info("LoRA adapters: %s", ", ".join(f"{n} ({p})" for n, p in adapters))
+    engine = Engine(model, adapters=selection, **_engine_kwargs(args))
+    return _create_app(args, engine, tokenizer, name, source, device, chat_template,
+                       tuple(n for n, _ in adapters))
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -220,6 +245,9 @@ def run_serve_ranks(args: argparse.Namespace) -> None:
     from grok1.parallel.control import ControlChannel, LeaderEngine, follow
     from grok1.parallel.mesh import init_distributed, shutdown
 
+    if args.lora:
+        raise SystemExit("error: --lora serves on one process for now (the ranks' sharded "
+                         "layers carry no adapters); leave out --tp and torchrun")
     mesh = init_distributed(args.tp, device=args.device)
     channel = ControlChannel()
     model, tokenizer, name, source, chat_template = load_served_model(args, mesh)

@@ -393,6 +393,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "grok1"
     max_model_len: int | None = None  # extension, as vLLM's
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base
 
 
 class ModelList(BaseModel):

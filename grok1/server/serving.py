@@ -49,6 +49,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel
 
+from grok1.chat import CHAT_STOPS, chat_prompt_text
 from grok1.engine.llm import RequestOutput, SamplingParams, TokenLogprob
 from grok1.server import protocol as P
 from grok1.server.bridge import (
@@ -66,8 +67,6 @@ from grok1.tokenizer_grok2 import chat_prompt as grok2_template
 
 log = logging.getLogger("grok1.server")
 
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOPS = ["\nUser:", "\nSystem:"]
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 DONE = "data: [DONE]\n\n"
@@ -78,8 +77,7 @@ MAX_CHARS_PER_TOKEN = 32
 
 def chat_prompt(messages: list[P.ChatMessage]) -> str:
     """The transcript a base model continues (format in the module docstring)."""
-    lines = [f"{CHAT_ROLES[m.role]}: {m.text()}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+    return chat_prompt_text((m.role, m.text()) for m in messages)
 
 
 def grok2_chat_prompt(messages: list[P.ChatMessage]) -> str:
@@ -260,6 +258,7 @@ class Job:
     prompts: list[list[int]]
     subs: list[SubRequest]
     choices: dict[str, Choice]  # by engine request id, in choice order
+    model_name: str  # the served model it names: the base or a LoRA adapter
 
     @property
     def chat(self) -> bool:
@@ -273,13 +272,15 @@ class Job:
 
 
 class OpenAIServing:
-    """Plans requests and formats results for one served model."""
+    """Plans requests and formats results for one served model and its LoRA adapters
+    (`adapter_names`: adapter k + 1 of the engine, selected by a request's `model`, as vLLM)."""
 
     def __init__(self, tokenizer: TokenizerLike, model_name: str, *, max_model_len: int,
                  vocab_size: int, max_n: int, max_choices: int,
                  max_prompt_chars: int | None = None, worker_threads: int = 4,
-                 chat_template: str = "transcript"):
+                 chat_template: str = "transcript", adapter_names: tuple[str, ...] = ()):
         self.tokenizer, self.model_name = tokenizer, model_name
+        self.adapter_names = adapter_names
         if chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template={chat_template!r}: one of "
                              f"{', '.join(CHAT_TEMPLATES)}")
@@ -300,7 +301,7 @@ class OpenAIServing:
 
     # ---- planning --------------------------------------------------------------------------
     def plan_completion(self, rid: str, req: P.CompletionRequest) -> Job:
-        self._check_model_and_n(req)
+        adapter = self._check_model_and_n(req)
         self._check_choices(len(req.prompts()), req.n)
         prompts = [self._prompt_ids(p, "prompt") for p in req.prompts()]
         wanted = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
@@ -309,20 +310,22 @@ class OpenAIServing:
         scored = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs)
                   if k is not None]
         return self._plan(rid, req, prompts, max_tokens, req.stop, req.logprobs, chat=False,
-                          prompt_logprobs=max(scored) if scored else None)
+                          prompt_logprobs=max(scored) if scored else None, adapter=adapter)
 
     def plan_chat(self, rid: str, req: P.ChatCompletionRequest) -> Job:
-        self._check_model_and_n(req)
+        adapter = self._check_model_and_n(req)
         ids = self._prompt_ids(self.chat_template.render(req.messages), "messages")
         max_tokens = self._check_length(len(ids), req.max_new_tokens, "messages"
                                         if req.max_new_tokens is None else "max_tokens")
         top = (req.top_logprobs or 0) if req.logprobs else None
         return self._plan(rid, req, [ids], [max_tokens],
-                          [*self.chat_template.stop_strings, *req.stop], top, chat=True)
+                          [*self.chat_template.stop_strings, *req.stop], top, chat=True,
+                          adapter=adapter)
 
-    def _check_model_and_n(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> None:
-        """The model, n, and the token ids in logit_bias and stop_token_ids (in the vocabulary)."""
-        self._check_optional_model(req.model)
+    def _check_model_and_n(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> int:
+        """The model (-> its adapter index, 0: the base), n, and the token ids in logit_bias
+        and stop_token_ids (in the vocabulary)."""
+        adapter = self._check_optional_model(req.model)
         for param, ids in (("logit_bias", map(int, req.logit_bias or {})),
                            ("stop_token_ids", req.stop_token_ids)):
             bad = [t for t in ids if t >= self.vocab_size]
@@ -333,6 +336,7 @@ class OpenAIServing:
         if req.n > self.max_n:
             raise P.ProtocolError(f"n={req.n}: at most {self.max_n}", param="n",
                                   code="invalid_value")
+        return adapter
 
     def _check_choices(self, num_prompts: int, n: int) -> None:
         if num_prompts * n > self.max_choices:
@@ -397,7 +401,8 @@ class OpenAIServing:
 
     def _plan(self, rid: str, req: P.CompletionRequest | P.ChatCompletionRequest,
               prompts: list[list[int]], max_tokens: list[int], stops: list[str],
-              logprobs: int | None, chat: bool, prompt_logprobs: int | None = None) -> Job:
+              logprobs: int | None, chat: bool, prompt_logprobs: int | None = None,
+              adapter: int = 0) -> Job:
         """n engine requests per prompt; choice index = prompt index * n + i (OpenAI's order)."""
         subs, choices = [], {}
         for j, ids in enumerate(prompts):
@@ -405,10 +410,11 @@ class OpenAIServing:
                 k = j * req.n + i
                 sub_id = f"{rid}-{k}"
                 subs.append(SubRequest(sub_id, ids, self._sampling(
-                    req, max_tokens[j], k, logprobs, prompt_logprobs)))
+                    req, max_tokens[j], k, logprobs, prompt_logprobs), adapter))
                 text = StopTextStream(self.tokenizer, ids, stops, req.include_stop_str_in_output)
                 choices[sub_id] = Choice(k, sub_id, ids, text, chat)
-        return Job(rid, req, prompts, subs, choices)
+        name = self.adapter_names[adapter - 1] if adapter else self.model_name
+        return Job(rid, req, prompts, subs, choices, name)
 
     # ---- tokenizer endpoints (vLLM's shapes) ---------------------------------------------------
     def tokenize(self, req: P.TokenizeRequest) -> dict[str, Any]:
@@ -448,11 +454,15 @@ class OpenAIServing:
                 info[f"{role}_token"] = self.special_tokens[role][0]
         return info
 
-    def _check_optional_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise P.ProtocolError(f"model {model!r} does not exist; this server serves "
-                                  f"{self.model_name!r}", status=404, param="model",
-                                  code="model_not_found")
+    def _check_optional_model(self, model: str | None) -> int:
+        """The adapter index `model` names (0: the base model, or none named); 404 if unknown."""
+        if model is None or model == self.model_name:
+            return 0
+        if model in self.adapter_names:
+            return self.adapter_names.index(model) + 1
+        served = ", ".join(repr(m) for m in (self.model_name, *self.adapter_names))
+        raise P.ProtocolError(f"model {model!r} does not exist; this server serves {served}",
+                              status=404, param="model", code="model_not_found")
 
     # ---- results ---------------------------------------------------------------------------
     async def collect(self, job: Job, group: RequestGroup) -> BaseModel:
@@ -463,10 +473,10 @@ class OpenAIServing:
 
     def _response(self, job: Job) -> BaseModel:
         if job.chat:
-            return P.ChatCompletionResponse(id=job.rid, model=self.model_name, usage=job.usage(),
+            return P.ChatCompletionResponse(id=job.rid, model=job.model_name, usage=job.usage(),
                                             choices=[self._chat_choice(c)
                                                      for c in job.choices.values()])
-        return P.CompletionResponse(id=job.rid, model=self.model_name, usage=job.usage(),
+        return P.CompletionResponse(id=job.rid, model=job.model_name, usage=job.usage(),
                                     choices=[self._completion_choice(job.req, c)
                                              for c in job.choices.values()])
 
@@ -508,11 +518,11 @@ class OpenAIServing:
             if chat:
                 delta = P.DeltaMessage(role="assistant" if role else None, content=text)
                 return sse(P.ChatCompletionChunk(
-                    id=job.rid, created=created, model=self.model_name, choices=[
+                    id=job.rid, created=created, model=job.model_name, choices=[
                         P.ChatChunkChoice(index=c.index, delta=delta, logprobs=lp,
                                           finish_reason=finish_reason)]))
             return sse(P.CompletionResponse(
-                id=job.rid, created=created, model=self.model_name, choices=[
+                id=job.rid, created=created, model=job.model_name, choices=[
                     P.CompletionChoice(index=c.index, text=text or "", logprobs=lp,
                                        finish_reason=finish_reason)]))
 
@@ -559,7 +569,7 @@ class OpenAIServing:
             return
         if job.req.include_usage:
             usage_chunk = P.ChatCompletionChunk if chat else P.CompletionResponse
-            yield sse(usage_chunk(id=job.rid, created=created, model=self.model_name,
+            yield sse(usage_chunk(id=job.rid, created=created, model=job.model_name,
                                   choices=[], usage=job.usage()))
         yield DONE
 

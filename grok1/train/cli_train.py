@@ -25,6 +25,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "existing run resumes from its newest complete checkpoint")
     p.add_argument("--model", default=d["model"],
                    help="preset (tiny, debug, train-1b, grok-1) or config.json")
+    _add_run_args(p, d)
+    p.add_argument("--export", type=Path, default=None,
+                   help="after training, export the model here (grok1 native folder)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer copied into --export (default: the dataset's)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, d: dict) -> None:
+    """The options `grok1 train` and `grok1 finetune` share: TrainConfig's fields."""
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per rank "
                    "per micro-step")
@@ -58,17 +67,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-steps", type=int, default=d["max_bad_steps"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true")
-    p.add_argument("--export", type=Path, default=None,
-                   help="after training, export the model here (grok1 native folder)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer copied into --export (default: the dataset's)")
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace, data_dir: str | None = None,
+                           model: str | None = None):
     from grok1.train.train_config import TrainConfig
 
     return TrainConfig(
-        data_dir=args.data, out_dir=args.out, model=args.model, seed=args.seed,
+        data_dir=args.data if data_dir is None else data_dir, out_dir=args.out,
+        model=args.model if model is None else model, seed=args.seed,
         batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
         max_steps=args.max_steps, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, beta1=args.beta1,
@@ -163,9 +170,82 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"exported {out}")
 
 
+# LoRA's usual settings where they differ from pretraining's: a smaller LR, no weight decay
+# and no load-balancing loss (the router is frozen; the adapters should not fight it)
+FINETUNE_DEFAULTS = {"lr": 2e-4, "min_lr": 0.0, "warmup_steps": 10, "weight_decay": 0.0,
+                     "aux_loss_coef": 0.0, "max_steps": 200, "save_every": 50, "eval_every": 50}
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    """`--lora-targets`: comma-separated matrices (attn.wq ... moe.w_down) or groups
+    (attention, experts, all)."""
+    from grok1.info import LORA_TARGET_DIMS
+
+    groups = {"attention": LORA_TARGET_DIMS[:4], "experts": LORA_TARGET_DIMS[4:],
+              "all": LORA_TARGET_DIMS}
+    out: list[str] = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        out += groups.get(word, (word,))
+    return tuple(out)
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    d = {**_train_defaults(), **FINETUNE_DEFAULTS}
+    p.add_argument("--base", required=True, type=Path, help="the base model's checkpoint folder "
+                   "(any grok1.load reads; int8 stays int8)")
+    p.add_argument("--data", required=True, type=Path, help='JSONL: {"text": ...} or '
+                   '{"messages": [{"role", "content"}, ...]} per line')
+    p.add_argument("--out", required=True, help="run folder: data/, checkpoints/, adapter/ "
+                   "(PEFT format); an existing run resumes from its newest complete checkpoint")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="default: tokenizer.model in or beside --base")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="scale = alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="attention", help="comma-separated: attn.wq, "
+                   "attn.wk, attn.wv, attn.wo, moe.w_gate, moe.w_up, moe.w_down, or the groups "
+                   "attention, experts, all")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the tail of the token stream held out for evaluation")
+    _add_run_args(p, d)
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from grok1.lora import LoraConfig
+    from grok1.train.finetune import finetune
+
+    logging.getLogger("grok1").setLevel(logging.INFO)
+    lora = LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=lora_targets(args.lora_targets))
+    cfg = train_config_from_args(args, data_dir="", model=str(args.base))
+    result = finetune(args.base, args.data, cfg, lora, tokenizer=args.tokenizer,
+                      val_fraction=args.val_fraction)
+    print(f"adapter {result['adapter']}")
+
+
+def add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, type=Path, help="the base model's checkpoint folder")
+    p.add_argument("--adapter", required=True, type=Path, help="a PEFT LoRA folder "
+                   "(adapter_config.json + adapter_model.safetensors), e.g. OUT/adapter")
+    p.add_argument("--out", required=True, type=Path, help="grok1 folder to write (bf16 "
+                   "matrices; `grok1 convert` makes int8 of it)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="default: tokenizer.model in or beside --base")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from grok1.train.finetune import merge
+
+    out = merge(args.base, args.adapter, args.out, tokenizer=args.tokenizer,
+                overwrite=args.overwrite)
+    print(f"merged {out}")
+
+
 COMMANDS = {"train": (add_train_args, run_train), "tokenize": (add_tokenize_args, run_tokenize),
             "train-tokenizer": (add_train_tokenizer_args, run_train_tokenizer),
-            "export": (add_export_args, run_export)}
+            "export": (add_export_args, run_export),
+            "finetune": (add_finetune_args, run_finetune), "merge": (add_merge_args, run_merge)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,10 @@ A dataset is a folder: `meta.json` (dtype, vocab size, tokenizer, shard list wit
 and flat little-endian `train_NNN.bin` / `val_NNN.bin` token files, read through np.memmap so a
 corpus never has to fit in memory. `tokenize_files` writes one from text files.
 
+A dataset may also hold a loss mask (`train_mask_NNN.bin`, one uint8 per token: 1 = a target
+the loss counts, 0 = not, e.g. a chat prompt); the loader then sets the targets it excludes to
+IGNORE, which `losses.cross_entropy` skips.
+
 The loader cuts each split into windows of seq_len + 1 tokens (inputs plus the shifted targets),
 shuffles the window order once per epoch with a generator seeded by (seed, epoch), and gives rank
 r of W the r-th slice of every global batch. Its whole position is (epoch, batch index), saved in
@@ -22,6 +26,8 @@ import torch
 
 META = "meta.json"
 FORMAT = "grok1-tokens-v1"
+IGNORE = -100  # a target the loss skips (torch's cross_entropy ignore_index)
+MASK_DTYPE = np.dtype(np.uint8)
 
 
 class DataError(ValueError):
@@ -61,25 +67,37 @@ def tokenize_files(text_paths: Iterable[str | Path], tokenizer_path: str | Path,
                          shard_tokens=shard_tokens, tokenizer=str(tokenizer_path))
 
 
-def write_dataset(out_dir: str | Path, documents: Iterable[tuple[str, Sequence[int]]],
-                  vocab_size: int, *, val_fraction: float = 0.1, shard_tokens: int = 1 << 26,
-                  tokenizer: str | None = None) -> dict[str, Any]:
+def write_dataset(out_dir: str | Path, documents: Iterable[tuple], vocab_size: int, *,
+                  val_fraction: float = 0.1, shard_tokens: int = 1 << 26,
+                  tokenizer: str | None = None, masked: bool = False) -> dict[str, Any]:
     """Write (name, token ids) documents as a dataset folder; returns the meta dict. The last
-    `val_fraction` of each document goes to the val split. Raises DataError on an empty result."""
+    `val_fraction` of each document goes to the val split. `masked`: documents are (name, ids,
+    loss mask: 1 where the token counts as a target), written as mask shards beside the tokens.
+    Raises DataError on an empty result or a mask of another length than its tokens."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)")
     dtype = token_dtype(vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {split: _ShardWriter(out_dir, split, dtype, shard_tokens) for split in ("train", "val")}
+    if masked:  # shards of the same token counts as the tokens', so they line up
+        writers.update({f"{split}_mask": _ShardWriter(out_dir, f"{split}_mask", MASK_DTYPE,
+                                                      shard_tokens) for split in ("train", "val")})
     listed = []
-    for name, ids in documents:
+    for name, ids, *mask in documents:
         ids = list(ids)
         if ids and (min(ids) < 0 or max(ids) >= vocab_size):
             raise DataError(f"{name}: token ids outside [0, {vocab_size})")
         n_val = int(len(ids) * val_fraction)
-        writers["train"].write(ids[:len(ids) - n_val])
-        writers["val"].write(ids[len(ids) - n_val:])
+        parts = {"": ids}
+        if masked:
+            if len(mask) != 1 or len(mask[0]) != len(ids):
+                raise DataError(f"{name}: a loss mask of {len(mask[0]) if mask else 0} flags "
+                                f"for {len(ids)} tokens")
+            parts["_mask"] = [1 if m else 0 for m in mask[0]]
+        for suffix, values in parts.items():
+            writers["train" + suffix].write(values[:len(ids) - n_val])
+            writers["val" + suffix].write(values[len(ids) - n_val:])
         listed.append({"file": name, "tokens": len(ids)})
     meta = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size,
             "tokenizer": tokenizer, "val_fraction": val_fraction, "documents": listed,
@@ -128,10 +146,11 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
 
 
 def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:
-    """The split's shards as read-only memory maps, checked against the sizes in meta.json."""
+    """The split's shards as read-only memory maps, checked against the sizes in meta.json
+    ("train_mask" / "val_mask": its loss mask's, uint8)."""
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    dtype = (MASK_DTYPE if split.endswith("_mask") else np.dtype(meta["dtype"])).newbyteorder("<")
     shards = []
     for entry in meta["shards"].get(split, []):
         path = data_dir / entry["file"]
@@ -158,6 +177,8 @@ class TokenLoader:
         if batch_size <= 0 or seq_len <= 0:
             raise DataError(f"batch_size={batch_size}, seq_len={seq_len}: must be positive")
         self.shards = open_split(data_dir, split)
+        self.masks = open_split(data_dir, f"{split}_mask") if \
+            f"{split}_mask" in load_meta(data_dir)["shards"] else None
         self.data_dir, self.split = Path(data_dir), split
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
@@ -190,11 +211,16 @@ class TokenLoader:
             self.epoch, self.index = self.epoch + 1, 0
             self._windows = self._make_windows(self.epoch)
         first = (self.index * self.world_size + self.rank) * self.batch_size
-        rows = [self.shards[int(s)][int(t):int(t) + self.seq_len + 1]
-                for s, t in self._windows[first:first + self.batch_size].tolist()]
+        windows = self._windows[first:first + self.batch_size].tolist()
+        rows = [self.shards[int(s)][int(t):int(t) + self.seq_len + 1] for s, t in windows]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         self.index += 1
-        return batch[:, :-1], batch[:, 1:]
+        targets = batch[:, 1:]
+        if self.masks is not None:
+            counted = np.stack([self.masks[int(s)][int(t) + 1:int(t) + self.seq_len + 1]
+                                for s, t in windows])
+            targets = targets.masked_fill(torch.from_numpy(counted == 0), IGNORE)
+        return batch[:, :-1], targets
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,

@@ -15,11 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from grok1.moe_dispatch import expert_counts
+from grok1.train.data import IGNORE
 
 
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in f32 (the logits are bf16 values)."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+    """Mean next-token loss over the counted targets (those not data.IGNORE: a masked chat
+    prompt), computed in f32 (the logits are bf16 values); 0 when none is counted."""
+    targets = targets_BT.flatten()
+    total = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets, reduction="sum")
+    return total / (targets != IGNORE).sum().clamp_min(1)
 
 
 def load_balancing_loss(router_logits_ME: torch.Tensor, expert_ids_MA: torch.Tensor) -> torch.Tensor:

@@ -68,19 +68,33 @@ def detect_peak_tflops(device: torch.device) -> float | None:
 
 
 class ModelOptimState:
-    """DCP Stateful for model + optimizer, sharded or not (torch.distributed.checkpoint.state_dict)."""
+    """DCP Stateful for model + optimizer, sharded or not (torch.distributed.checkpoint.state_dict).
+    `trainable_only`: the model's state is its trainable parameters alone (fine-tuning: adapters
+    over a frozen base, whose hundreds of GB are the base checkpoint's, not the run's)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 trainable_only: bool = False):
         self.model, self.optimizer = model, optimizer
+        self.trainable_only = trainable_only
+
+    def _model_state(self) -> dict[str, Any]:
+        if self.trainable_only:
+            return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        return get_model_state_dict(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": get_model_state_dict(self.model)}
+        state = {"model": self._model_state()}
         if self.optimizer is not None:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state["model"])
+        if self.trainable_only:
+            with torch.no_grad():
+                for k, p in self._model_state().items():
+                    p.copy_(state["model"][k])
+        else:
+            set_model_state_dict(self.model, state["model"])
         if self.optimizer is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
 
@@ -108,15 +122,24 @@ class TrainerHook:
 
 class Trainer:
     """Owns the model, optimizer, data and checkpoints of one run; Stateful (step, data position,
-    RNG) so that a checkpoint restores it exactly."""
+    RNG) so that a checkpoint restores it exactly.
 
-    def __init__(self, cfg: TrainConfig, hooks: Sequence[TrainerHook] = ()):
+    `model`: train this model (its parameters that require grad: LoRA adapters over a frozen
+    base, grok1.train.finetune) instead of a fresh one of `cfg.model` from init_weights;
+    checkpoints then hold only those parameters and their optimizer state. One process."""
+
+    def __init__(self, cfg: TrainConfig, hooks: Sequence[TrainerHook] = (),
+                 model: Grok1 | None = None):
         self.cfg = cfg
         self.hooks = list(hooks)
         self.dist = init_distributed(device=cfg.device)
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
-        self.config = GrokConfig.resolve(cfg.model)
+        self.config = GrokConfig.resolve(cfg.model) if model is None else model.config
+        self.trainable_only = model is not None
+        if model is not None and self.dist.world_size > 1:
+            raise ConfigError(f"training a given model (fine-tuning) runs in one process; "
+                              f"{self.dist.world_size} ranks were launched")
         meta = load_meta(cfg.data_dir)
         if meta["vocab_size"] != self.config.vocab_size:
             raise DataError(f"{cfg.data_dir}: tokens from a vocabulary of {meta['vocab_size']}, "
@@ -133,8 +156,9 @@ class Trainer:
             dist.barrier()
 
         torch.manual_seed(cfg.seed + self.dist.rank)
-        model = Grok1(self.config, dtype=torch.float32, expert_down=cfg.expert_down)
-        model.init_weights(torch.Generator().manual_seed(cfg.seed))  # the same on every rank
+        if model is None:
+            model = Grok1(self.config, dtype=torch.float32, expert_down=cfg.expert_down)
+            model.init_weights(torch.Generator().manual_seed(cfg.seed))  # the same on every rank
         model.to(self.device)
         if cfg.activation_checkpointing:
             fsdp.apply_activation_checkpointing(model)
@@ -192,17 +216,18 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
 
     def save(self) -> None:
-        self.checkpoints.save(self.step, {"app": ModelOptimState(self.model, self.optimizer)},
-                              self.state_dict())
+        self.checkpoints.save(self.step, {"app": self._app_state()}, self.state_dict())
         self.metrics.write({"event": "checkpoint", "step": self.step})
+
+    def _app_state(self) -> ModelOptimState:
+        return ModelOptimState(self.model, self.optimizer, self.trainable_only)
 
     def resume(self, *, data: bool = True) -> bool:
         """Load the newest good checkpoint; False when there is none (a fresh run)."""
         def fallback(step: int, reason: str) -> None:
             self.metrics.write({"event": "checkpoint_fallback", "step": step, "reason": reason})
 
-        found = self.checkpoints.load_latest({"app": ModelOptimState(self.model, self.optimizer)},
-                                             on_fallback=fallback)
+        found = self.checkpoints.load_latest({"app": self._app_state()}, on_fallback=fallback)
         if found is None:
             return False
         _, rank_state = found
