@@ -23,6 +23,7 @@ client's disconnect while it waits (then 499, counted in grok1_client_aborts).
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _package_version
 
 import asyncio
@@ -51,7 +52,24 @@ from grok1.server.detokenize import TokenizerLike
 from grok1.server.serving import Job, OpenAIServing, as_protocol_error
 
 log = logging.getLogger("grok1.server")
-grok1_version = _package_version("grok1")
+
+
+def package_version() -> str:
+    """grok1's version: the installed package's, or, run from a checkout that was not installed
+    (PYTHONPATH), its pyproject.toml's; "unknown" if neither exists."""
+    try:
+        return _package_version("grok1")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        if not pyproject.is_file():
+            return "unknown"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+grok1_version = package_version()
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
           "/tokenizer_info", "/version", "/health", "/metrics", "/openapi.json")

@@ -137,3 +137,19 @@ def test_chat_request_error_names_the_bad_message_field():
     assert err.param == "messages.1.role"
     with pytest.raises(P.ValidationError):
         P.ChatCompletionRequest.model_validate({"model": "m", "messages": []})
+
+
+def test_version_from_a_checkout_that_was_not_installed(monkeypatch):
+    """The server imports from a bare checkout too (PYTHONPATH, as on the GPU machines): with no
+    installed metadata its version is pyproject.toml's."""
+    import tomllib
+    from pathlib import Path
+
+    from grok1.server import app
+
+    def not_installed(name):
+        raise app.PackageNotFoundError(name)
+
+    monkeypatch.setattr(app, "_package_version", not_installed)
+    pyproject = Path(app.__file__).resolve().parents[2] / "pyproject.toml"
+    assert app.package_version() == tomllib.loads(pyproject.read_text())["project"]["version"]
