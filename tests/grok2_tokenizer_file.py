@@ -29,3 +29,16 @@ def write_tok_json(path, *, with_vocab_size=True, n_vocab=None, **overrides):
     spec.update(overrides)
     path.write_text(json.dumps(spec))
     return path
+
+
+def golden_release_folder(folder, golden):
+    """`folder` holding the Grok-2 golden's release files (linked, not copied) and a
+    tokenizer.tok.json of its 1024-token vocabulary: a release folder as xai-org/grok-2 ships."""
+    from grok1.tokenizer_grok2 import TOKENIZER_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in golden.glob("*"):
+        if p.suffix in (".safetensors", ".json"):
+            (folder / p.name).symlink_to(p)
+    write_tok_json(folder / TOKENIZER_FILE, n_vocab=1024)
+    return folder

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from grok2_reference import GOLDEN2
-from grok2_tokenizer_file import write_tok_json
+from grok2_tokenizer_file import golden_release_folder
 
 import grok1
 from grok1.checkpoint.convert import convert, read_index
@@ -26,13 +26,7 @@ def release(tmp_path_factory):
     """The golden's files (linked) with a tokenizer.tok.json beside them."""
     if not GOLDEN2.exists():
         pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    folder = tmp_path_factory.mktemp("g2") / "grok-2"
-    folder.mkdir()
-    for p in GOLDEN2.glob("*"):
-        if p.suffix in (".safetensors", ".json"):
-            (folder / p.name).symlink_to(p)
-    write_tok_json(folder / TOKENIZER_FILE, n_vocab=1024)
-    return folder
+    return golden_release_folder(tmp_path_factory.mktemp("g2") / "grok-2", GOLDEN2)
 
 
 @pytest.fixture(scope="module")

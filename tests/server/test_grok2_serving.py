@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from grok2_reference import GOLDEN2
-from grok2_tokenizer_file import write_tok_json
+from grok2_tokenizer_file import golden_release_folder, write_tok_json
 
 pytest.importorskip("fastapi")
 
@@ -31,13 +31,7 @@ def grok2_folder(tmp_path_factory) -> Path:
     """The golden's release files (linked) and a tokenizer.tok.json of its vocabulary."""
     if not GOLDEN2.exists():
         pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    folder = tmp_path_factory.mktemp("grok2") / "grok-2-tiny"
-    folder.mkdir()
-    for p in GOLDEN2.glob("*"):
-        if p.suffix in (".safetensors", ".json"):
-            (folder / p.name).symlink_to(p)
-    write_tok_json(folder / TOKENIZER_FILE, n_vocab=1024)
-    return folder
+    return golden_release_folder(tmp_path_factory.mktemp("grok2") / "grok-2-tiny", GOLDEN2)
 
 
 def serving(tokenizer, chat_template: str) -> OpenAIServing:
