@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from grok1.config import GrokConfig, read_config_json
-from grok1.config_grok2 import ARCHITECTURE, Grok2Config
+from grok1.config_grok2 import Grok2Config
 
 GROK2_PRESET = "grok-2"  # the published config.json's values (Grok2Config's defaults)
 
@@ -46,35 +46,38 @@ def model_size(c: GrokConfig) -> ModelSize:
     total = c.num_layers * layer + embed + D
     active = c.num_layers * (attn + dense + c.num_selected_experts * expert + router + norms) \
         + embed + D
-    quantized = c.num_layers * (attn + E * expert)
-    # scale elements per layer: one bf16 row per output column and input-dim group (SPEC 3)
-    scales = c.num_layers * (c.num_q_heads * H + 2 * c.num_kv_heads * H + 8 * D
-                             + E * (2 * Fw + 8 * D))
-    unquantized = total - quantized
+    unquantized = total - c.num_layers * (attn + E * expert)
+    int8 = weight_bytes(c, "int8")
     return ModelSize(
         total_params=total,
         non_embedding_params=total - embed,
         active_params=active,
-        bytes_bf16=2 * total,
-        bytes_released=quantized + 2 * scales + 4 * unquantized,
-        bytes_int8=quantized + 2 * scales + 2 * unquantized,
+        bytes_bf16=weight_bytes(c, None),
+        bytes_released=int8 + 2 * unquantized,  # the unquantized tensors in f32, not bf16
+        bytes_int8=int8,
         bytes_int4=weight_bytes(c, "int4"),
         bytes_fp8=weight_bytes(c, "fp8"),
         kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * H * 2,
     )
 
 
+def quantizable_matrices(c: GrokConfig) -> dict[str, tuple[int, int, int, int]]:
+    """The seven matrices a weight format quantizes (and LoRA can target), per layer: (copies
+    (experts), input dim, output dim, the release's int8 scale groups along the input; SPEC 3)."""
+    D, q, kv = c.emb_size, c.num_q_heads * c.key_size, c.num_kv_heads * c.key_size
+    E, Fw = c.num_experts, c.ffn_size
+    return {"attn.wq": (1, D, q, 1), "attn.wk": (1, D, kv, 1), "attn.wv": (1, D, kv, 1),
+            "attn.wo": (1, q, D, 8), "moe.w_gate": (E, D, Fw, 1), "moe.w_up": (E, D, Fw, 1),
+            "moe.w_down": (E, Fw, D, 8)}
+
+
 def weight_bytes(c: GrokConfig, weights: str | None, group_size: int = 128) -> int:
     """Bytes of every weight with the attention and expert matrices stored as `weights` ("int8",
     "int4" in groups of `group_size` inputs, "fp8"; None: bf16; grok1.quant's formats, each
     with bf16 scales) and the other tensors in bf16. Torch-free, so `grok1 info` stays quick."""
-    D, H, Fw, E = c.emb_size, c.key_size, c.ffn_size, c.num_experts
-    # (experts, input dim, output dim, the release's int8 scale groups: SPEC 3)
-    matrices = ((1, D, c.num_q_heads * H, 1), (1, D, c.num_kv_heads * H, 1),
-                (1, D, c.num_kv_heads * H, 1), (1, c.num_q_heads * H, D, 8),
-                (E, D, Fw, 1), (E, D, Fw, 1), (E, Fw, D, 8))
+    D, E = c.emb_size, c.num_experts
     per_layer = 0
-    for experts, d_in, d_out, int8_groups in matrices:
+    for experts, d_in, d_out, int8_groups in quantizable_matrices(c).values():
         n = experts * d_in * d_out
         if weights is None:
             per_layer += 2 * n
@@ -161,11 +164,7 @@ LORA_TARGET_DIMS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "moe.w_gate", "m
 
 def lora_matrix_dims(c: GrokConfig) -> dict[str, tuple[int, int, int]]:
     """(copies per layer, input dim, output dim) of each matrix LoRA can target."""
-    D, q, kv = c.emb_size, c.num_q_heads * c.key_size, c.num_kv_heads * c.key_size
-    E, Fw = c.num_experts, c.ffn_size
-    return {"attn.wq": (1, D, q), "attn.wk": (1, D, kv), "attn.wv": (1, D, kv),
-            "attn.wo": (1, q, D), "moe.w_gate": (E, D, Fw), "moe.w_up": (E, D, Fw),
-            "moe.w_down": (E, Fw, D)}
+    return {name: dims[:3] for name, dims in quantizable_matrices(c).items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ every checkpoint, so a resumed run reads exactly the batches the uninterrupted o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
