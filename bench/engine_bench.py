@@ -28,6 +28,7 @@ import torch
 import grok1
 from bench._common import environment, measure_ceilings, time_ms, write_results
 from grok1.config import GrokConfig
+from grok1.info import quantizable_matrices
 from grok1.parallel.options import add_parallel_args, wants_parallel
 
 # issue 4's targets (one H100, 4 layers): decode b=1 <= 2.65 ms, prefill 1024 <= 22 ms,
@@ -53,7 +54,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def weight_bytes(model) -> dict[str, float]:
+def tensor_bytes(model) -> dict[str, float]:
     """{"shared": per layer outside the experts, "expert": one expert of one layer, "output": the
     output table} in bytes, from the tensors of the model (a rank's: its shard)."""
     layer = model.layers[0]
@@ -77,7 +78,7 @@ def whole_on_meta(model):
 
 def decode_roofline_ms(model, batch: int, context: int, ceilings: dict) -> float:
     c = model.config
-    w = weight_bytes(model)
+    w = tensor_bytes(model)
     E, A = c.num_experts, c.num_selected_experts
     experts = E * (1 - ((E - A) / E) ** batch)  # expected distinct experts, uniform top-A
     kv = batch * context * 2 * c.num_kv_heads * c.key_size * 2
@@ -91,21 +92,19 @@ def prefill_roofline_ms(model, tokens: int, ceilings: dict) -> float:
     attn = 2 * 2 * tokens * tokens / 2 * c.num_q_heads * c.key_size
     flops = (c.num_layers * (2 * tokens * layer_params(model, c.num_selected_experts) + attn)
              + 2 * c.vocab_size * c.emb_size)
-    w = weight_bytes(model)
+    w = tensor_bytes(model)
     nbytes = c.num_layers * (w["shared"] + c.num_experts * w["expert"]) + w["output"]
     return max(nbytes / ceilings["copy_gbps"] / 1e6, flops / ceilings["bf16_tflops"] / 1e9)
 
 
 def layer_params(model, experts: int) -> float:
-    """Matrix elements a token multiplies in one layer through `experts` experts (scales,
-    norms and the router left out: they are not matmul weights of the token's path)."""
-    layer = model.layers[0]
-    mats = [m for m in layer.modules() if hasattr(m, "weight") and m.weight is not None
-            and m.weight.dim() >= 2]
-    total = 0.0
-    for m in mats:
-        n = m.weight.numel() * (2 if m.weight.dtype == torch.uint8 else 1)  # int4: 2 a byte
-        total += n * experts / m.weight.shape[0] if m.weight.dim() == 3 else n
+    """Matrix elements a token multiplies in one layer through `experts` experts: the attention
+    and expert matrices (grok1.info.quantizable_matrices) and Grok-2's dense MLP (scales, norms
+    and the router left out: they are not matmul weights of the token's path)."""
+    c = model.config
+    total = 3 * c.emb_size * c.dense_width
+    for copies, d_in, d_out, _ in quantizable_matrices(c).values():
+        total += d_in * d_out * (experts if copies > 1 else 1)
     return total
 
 
