@@ -27,6 +27,16 @@ def golden_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden2_dir() -> Path:
+    """../shared/grok2/golden (tests/grok2_reference.GOLDEN2), or a skip where it is absent."""
+    from grok2_reference import GOLDEN2
+
+    if not GOLDEN2.exists():
+        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
+    return GOLDEN2
+
+
+@pytest.fixture(scope="session")
 def tokenizer_path() -> Path:
     if not TOKENIZER.exists():
         pytest.skip(f"tokenizer not found at {TOKENIZER}")

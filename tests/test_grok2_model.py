@@ -28,10 +28,8 @@ from grok1.model import BF16, ForwardContext, Grok1, KVCache
 
 
 @pytest.fixture(scope="module")
-def golden_case():
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    case = np.load(GOLDEN2 / "golden.npz")
+def golden_case(golden2_dir):
+    case = np.load(golden2_dir / "golden.npz")
     return torch.from_numpy(case["tokens"]), torch.from_numpy(case["logits"]).double()
 
 

@@ -17,12 +17,10 @@ from grok1.config_grok2 import Grok2Config
 
 
 @pytest.fixture(scope="module")
-def golden_case():
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    config = Grok2Config.from_json(GOLDEN2 / "config.json")
-    tensors = dict(grok2.read(GOLDEN2, config))
-    case = np.load(GOLDEN2 / "golden.npz")
+def golden_case(golden2_dir):
+    config = Grok2Config.from_json(golden2_dir / "config.json")
+    tensors = dict(grok2.read(golden2_dir, config))
+    case = np.load(golden2_dir / "golden.npz")
     return config, tensors, torch.from_numpy(case["tokens"]), torch.from_numpy(case["logits"])
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
-from grok2_reference import GOLDEN2
 from safetensors.torch import save_file
 
 from grok1.checkpoint import grok2
@@ -17,32 +16,25 @@ from grok1.config_grok2 import Grok2Config
 
 
 @pytest.fixture(scope="module")
-def golden2() -> Path:
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    return GOLDEN2
+def golden2_config(golden2_dir) -> Grok2Config:
+    return Grok2Config.from_json(golden2_dir / "config.json")
 
 
 @pytest.fixture(scope="module")
-def golden2_config(golden2) -> Grok2Config:
-    return Grok2Config.from_json(golden2 / "config.json")
+def golden2_full(golden2_dir, golden2_config) -> dict[str, torch.Tensor]:
+    return dict(grok2.read(golden2_dir, golden2_config))
 
 
-@pytest.fixture(scope="module")
-def golden2_full(golden2, golden2_config) -> dict[str, torch.Tensor]:
-    return dict(grok2.read(golden2, golden2_config))
-
-
-def test_golden_folder_is_detected(golden2, tmp_path):
-    assert grok2.detect(golden2)
+def test_golden_folder_is_detected(golden2_dir, tmp_path):
+    assert grok2.detect(golden2_dir)
     assert not grok2.detect(tmp_path)
 
 
-def test_full_read_matches_the_files_transposed(golden2, golden2_config, golden2_full):
+def test_full_read_matches_the_files_transposed(golden2_dir, golden2_config, golden2_full):
     """Independent check with safetensors' own loader: each grok1 tensor is the SGLang tensor
     transposed (experts: stacked, pre-shards concatenated along the expert width)."""
     files = {}
-    for p in sorted(golden2.glob("*.safetensors")):
+    for p in sorted(golden2_dir.glob("*.safetensors")):
         files.setdefault("common" if "common" in p.name else "shards", []).append(p)
     common = {}
     for p in files["common"]:
@@ -58,7 +50,7 @@ def test_full_read_matches_the_files_transposed(golden2, golden2_config, golden2
                                rtol=0, atol=0)
     torch.testing.assert_close(golden2_full["layers.1.mlp.w_down.weight"],
                                common["model.layers.1.mlp.down_proj.weight"].T, rtol=0, atol=0)
-    shards = [safetensors.torch.load_file(golden2 / f"pytorch_model-00007-TP-{r:03d}.safetensors")
+    shards = [safetensors.torch.load_file(golden2_dir / f"pytorch_model-00007-TP-{r:03d}.safetensors")
               for r in range(8)]
     w2 = torch.cat([s["model.layers.1.block_sparse_moe.experts.5.w2.weight"] for s in shards], 1)
     torch.testing.assert_close(golden2_full["layers.1.moe.w_down.weight"][5], w2.T, rtol=0, atol=0)
@@ -68,10 +60,10 @@ def test_full_read_matches_the_files_transposed(golden2, golden2_config, golden2
 
 
 @pytest.mark.parametrize("tp_size", [1, 2, 4, 8])
-def test_tp_ranks_concatenate_to_the_full_tensors(golden2, golden2_config, golden2_full,
+def test_tp_ranks_concatenate_to_the_full_tensors(golden2_dir, golden2_config, golden2_full,
                                                   tp_size):
     c = golden2_config
-    ranks = [dict(grok2.read(golden2, c, grok2.tp_want(c, r, tp_size))) for r in range(tp_size)]
+    ranks = [dict(grok2.read(golden2_dir, c, grok2.tp_want(c, r, tp_size))) for r in range(tp_size)]
     for s in grok2.tp_want(c, 0, tp_size):
         pieces = [ranks[r][s.name] for r in range(tp_size)]
         if s.dim is None:  # replicated
@@ -84,7 +76,7 @@ def test_tp_ranks_concatenate_to_the_full_tensors(golden2, golden2_config, golde
         torch.testing.assert_close(torch.cat(pieces, s.dim), golden2_full[s.name], rtol=0, atol=0)
 
 
-def test_each_rank_opens_only_its_own_expert_files(golden2, golden2_config, monkeypatch):
+def test_each_rank_opens_only_its_own_expert_files(golden2_dir, golden2_config, monkeypatch):
     opened = []
     real = grok2.safe_open
 
@@ -93,22 +85,22 @@ def test_each_rank_opens_only_its_own_expert_files(golden2, golden2_config, monk
         return real(path, *args, **kwargs)
 
     want = grok2.tp_want(golden2_config, 3, 8)
-    scanned = grok2.scan(golden2, golden2_config)  # the scan reads headers of every file
+    scanned = grok2.scan(golden2_dir, golden2_config)  # the scan reads headers of every file
     monkeypatch.setattr(grok2, "scan", lambda *a: scanned)
     monkeypatch.setattr(grok2, "safe_open", spy)
-    out = dict(grok2.read(golden2, golden2_config, want))
+    out = dict(grok2.read(golden2_dir, golden2_config, want))
     tp_files = {n for n in opened if "TP-common" not in n}
     assert tp_files == {f"pytorch_model-0000{k}-TP-003.safetensors" for k in (6, 7, 8)}
     assert out["layers.0.moe.w_up.weight"].shape == (8, 128, 32)
 
 
-def test_slices_along_experts_model_dim_and_partial_shards(golden2, golden2_config, golden2_full):
+def test_slices_along_experts_model_dim_and_partial_shards(golden2_dir, golden2_config, golden2_full):
     want = [TensorSlice("layers.2.moe.w_gate.weight", 0, 3, 5),  # experts 3 and 4
             TensorSlice("layers.2.moe.w_gate.weight", 2, 20, 75),  # across pre-shards 0..2
             TensorSlice("layers.2.moe.w_down.weight", 2, 7, 9),  # the model dim of w2
             TensorSlice("layers.2.attn.wo.weight", 0, 16, 48),
             TensorSlice("embed", 0, 100, 200), "norm.scale"]
-    out = list(grok2.read(golden2, golden2_config, want))
+    out = list(grok2.read(golden2_dir, golden2_config, want))
     full = golden2_full
     expect = [full["layers.2.moe.w_gate.weight"][3:5], full["layers.2.moe.w_gate.weight"][:, :, 20:75],
               full["layers.2.moe.w_down.weight"][:, :, 7:9], full["layers.2.attn.wo.weight"][16:48],
@@ -117,11 +109,11 @@ def test_slices_along_experts_model_dim_and_partial_shards(golden2, golden2_conf
         torch.testing.assert_close(got, exp, rtol=0, atol=0, msg=name)
 
 
-def test_bad_want_entries_are_refused(golden2, golden2_config):
+def test_bad_want_entries_are_refused(golden2_dir, golden2_config):
     with pytest.raises(ValueError, match="'layers.9.attn.wq.weight' is not a tensor"):
-        list(grok2.read(golden2, golden2_config, ["layers.9.attn.wq.weight"]))
+        list(grok2.read(golden2_dir, golden2_config, ["layers.9.attn.wq.weight"]))
     with pytest.raises(ValueError, match="range 0:999 is not a non-empty range of dim 1"):
-        list(grok2.read(golden2, golden2_config, [TensorSlice("embed", 1, 0, 999)]))
+        list(grok2.read(golden2_dir, golden2_config, [TensorSlice("embed", 1, 0, 999)]))
     with pytest.raises(ValueError, match="--tp 3 must divide num_kv_heads=2"):
         grok2.tp_want(golden2_config, 0, 3)
 

@@ -22,11 +22,9 @@ from grok1.tokenizer_grok2 import TOKENIZER_FILE, Grok2Tokenizer
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
+def release(tmp_path_factory, golden2_dir):
     """The golden's files (linked) with a tokenizer.tok.json beside them."""
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    return golden_release_folder(tmp_path_factory.mktemp("g2") / "grok-2", GOLDEN2)
+    return golden_release_folder(tmp_path_factory.mktemp("g2") / "grok-2", golden2_dir)
 
 
 @pytest.fixture(scope="module")

@@ -100,22 +100,18 @@ def test_engine_greedy_text_equals_plain_generation_on_default_model():
 
 
 @ON_DEVICES
-def test_engine_meets_the_grok2_golden_bounds_through_the_paged_cache(device):
+def test_engine_meets_the_grok2_golden_bounds_through_the_paged_cache(golden2_dir, device):
     """The Grok-2 golden (../shared/grok2/golden: SGLang's math) through the engine: every
     position of its three rows teacher-forced through the runner's varlen prefill and its
     decode batches (CUDA graphs on a GPU), judged by its README's bf16 bounds (rel <= 0.07,
     median per-position <= 0.06, top-1 >= 0.87). On the CPU the engine's twins are the plain
     model's functions, so the engine also lands next to the plain bf16 model's logits."""
-    from grok2_reference import GOLDEN2
-
     from grok1.engine.golden import engine_rows_logits, engine_runner
     from grok1.golden import grok2_bf16_pass, grok2_figures
 
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    case = np.load(GOLDEN2 / "golden.npz")
+    case = np.load(golden2_dir / "golden.npz")
     tokens, golden = torch.from_numpy(case["tokens"]), torch.from_numpy(case["logits"])
-    model = grok1.load(GOLDEN2, device=device)
+    model = grok1.load(golden2_dir, device=device)
     prefill, decode = engine_rows_logits(engine_runner(model), tokens)
     for path, logits in (("prefill", prefill), ("decode", decode)):
         f = grok2_figures(logits, golden)

@@ -34,10 +34,8 @@ TOKENS = 20  # of the golden's 32 per row: positions past attn_temperature_len=8
 
 
 @pytest.fixture(scope="module")
-def golden():
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    case = np.load(GOLDEN2 / "golden.npz")
+def golden(golden2_dir):
+    case = np.load(golden2_dir / "golden.npz")
     return (torch.from_numpy(case["tokens"][:2, :TOKENS].copy()),
             torch.from_numpy(case["logits"][:2, :TOKENS].copy()).double())
 

@@ -27,11 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def grok2_folder(tmp_path_factory) -> Path:
+def grok2_folder(tmp_path_factory, golden2_dir) -> Path:
     """The golden's release files (linked) and a tokenizer.tok.json of its vocabulary."""
-    if not GOLDEN2.exists():
-        pytest.skip(f"Grok-2 golden data not found at {GOLDEN2}")
-    return golden_release_folder(tmp_path_factory.mktemp("grok2") / "grok-2-tiny", GOLDEN2)
+    return golden_release_folder(tmp_path_factory.mktemp("grok2") / "grok-2-tiny", golden2_dir)
 
 
 def serving(tokenizer, chat_template: str) -> OpenAIServing:
