@@ -31,7 +31,7 @@ GEMV_STAGES = [
          "GW2": w2, "MAGIC": 1} for a, b, w, c, d, w2 in [
             (128, 32, 4, 128, 32, 4), (256, 16, 4, 256, 16, 4), (64, 64, 4, 64, 64, 4),
             (128, 64, 8, 128, 64, 8), (256, 32, 8, 64, 32, 4), (64, 32, 2, 64, 32, 2)]] + [
-        # the GEMV contract on the tensor cores (MoeTiles.GMMA; bench/moe_xw_experiment.py)
+        # the GEMV contract on the tensor cores (MoeTiles.GMMA)
         {"GEMV": 1 << 20, "GMMA": 1, "GBN1": a, "GBK1": b, "GW1": w, "GS1": st, "GBN2": c,
          "GBK2": d, "GW2": w, "GS2": st, "MAGIC": 1} for a, b, w, st, c, d in [
             (128, 64, 4, 4, 128, 64), (128, 128, 4, 3, 128, 128), (256, 64, 8, 4, 256, 64),

@@ -82,7 +82,7 @@ def moe_config(P: int, D: int, F: int, E: int, quant: bool, device: str) -> MoeT
     entry = nearest_rows(table, P)
     if entry and min(max(rows, P) / min(rows, P) for rows in table) <= 4:
         return entry  # (a table tuned only at decode sizes says nothing of prefill's)
-    if P <= 2:  # batch-1 decode: the GEMV path on the tensor cores (bench/moe_xw_experiment.py)
+    if P <= 2:  # batch-1 decode: the GEMV path on the tensor cores (bench/NOTES.md)
         return MoeTiles(GEMV=2, MAGIC=1, GMMA=1, GBK1=64, GS1=4, GBK2=64, GS2=4, GSPLIT=4)
     if P <= 64:  # decode: memory-bound; narrow tiles, many programs, K split for the down GEMM
         return MoeTiles()

@@ -284,7 +284,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
 # padded to 16 rows (row 0 real) and the dequantized tile bf16(w * s) [BK, BN] the right one,
 # loaded as stored (N contiguous); the MMA sums the exact bf16 products in f32, as XLA's dot.
 # At the reference's rounding the per-element FMAs of the kernels above are ALU-bound; here the
-# ALU only dequantizes (bench/moe_xw_experiment.py: 73 % of copy bandwidth for gate/up).
+# ALU only dequantizes (bench/moe_xw_experiment.py at bddc82d: 73 % of copy for gate/up).
 
 
 @triton.jit
