@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from grok1.golden import rel_l2 as rel_err
 from grok1.ops._triton import use_kernel
 from grok1.ops.attention import (
     AttentionMath,
@@ -75,10 +76,6 @@ def test_paged_attention_grok2_math_matches_twin(math, q_lens, ctx_lens, splits)
     grok1_scores = paged_attention_ref(q, kc, vc, table, pos, plan, 1.0)
     if math != AttentionMath(30.0, 0, "jax"):
         assert rel_err(out, grok1_scores) > 5e-2  # the case exercises what differs
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")

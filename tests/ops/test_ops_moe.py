@@ -5,6 +5,7 @@ import pytest
 import torch
 from _engine_helpers import quantized_linears
 
+from grok1.golden import rel_l2 as rel_err
 from grok1.model import moe_ref, route
 from grok1.ops._triton import use_kernel
 from grok1.ops.moe import fused_moe, moe_align, moe_align_ref
@@ -13,10 +14,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not use_kernel(torch.empty(0, device=DEV)),
                                   reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
 pytestmark = [pytest.mark.gpu, needs_kernel]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def moe_case(M, D, F, quant, seeds, *, only=None, out_dtype=None, E=8, **math):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from grok1.golden import rel_l2 as rel_err
 from grok1.model import rms_norm, rope_cos_sin
 from grok1.ops._triton import use_kernel
 from grok1.ops.linear import int8_linear
@@ -13,10 +14,6 @@ from grok1.quant import dequantize, quantize
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not use_kernel(torch.empty(0, device=DEV)), reason="needs CUDA + Triton")]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # same dequantized values, f32 accumulation in both: only the order of the f32 sums and the
