@@ -21,9 +21,13 @@ from grok1.ops.linear import int8_gemv
 from grok1.ops.tile_config import CONFIG_DIR, GemvTiles, gemv_key
 
 D, Q, KV, O_GROUPS = 6144, 6144, 1024, 8  # Grok-1: q heads 48 x 128, kv heads 8 x 128
-TILES = [{"BN": bn, "BK": bk, "W": w} for bn, bk, w in [
+TILES = [{"BN": bn, "BK": bk, "W": w, "MMA": 0} for bn, bk, w in [
     (128, 32, 4), (64, 32, 2), (64, 64, 4), (128, 16, 2), (128, 64, 8), (256, 16, 4),
-    (256, 32, 8), (64, 16, 1), (128, 32, 2)]]
+    (256, 32, 8), (64, 16, 1), (128, 32, 2)]] + [
+    # the products on the tensor cores (GemvTiles.MMA), as the MoE's GMMA GEMV
+    {"BN": bn, "BK": bk, "W": w, "S": st, "MMA": 1} for bn, bk, w, st in [
+        (128, 64, 4, 4), (128, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (256, 64, 8, 4),
+        (128, 64, 4, 2)]]
 PROGRAMS = [132, 264, 528, 1056, 2112]
 L2_BYTES = 256 << 20  # rotate through at least this much weight (H100 L2: 50 MB)
 

@@ -104,3 +104,12 @@ def dequant_f32(w, s, MODE: tl.constexpr):
     if MODE == 2:
         return round_bf16_bits(ws)
     return ws.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def row0(ptr, offs, ok, PAD: tl.constexpr):
+    """[PAD, len(offs)]: row 0 the values at ptr + offs (masked by ok), the others 0: one row
+    as the left operand of a tensor-core product (the GEMVs' MMA paths; PAD >= 16)."""
+    rows = tl.arange(0, PAD)
+    return tl.load(ptr + offs[None, :] + rows[:, None] * 0, mask=(rows[:, None] == 0) & ok[None, :],
+                   other=0.0)

@@ -98,7 +98,8 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
                 + int8_gemv(x_1K, mats[3:], out_dtype, config, reduce))
     BN, BK = cfg.BN, cfg.BK
     group_k = K // G
-    BK = k_tile(group_k, G, BK, at_least=1)
+    mma = bool(cfg.MMA) and k_tile(group_k, G, BK) > 0  # tl.dot takes K tiles of 16 and up
+    BK = k_tile(group_k, G, BK, at_least=16 if mma else 1)
     Ns = [w.shape[1] for w, _ in mats] + [0] * (3 - len(mats))
     tiles = [cdiv(n, BN) for n in Ns]
     want = max(1, cdiv(cfg.PROGRAMS, sum(tiles)))
@@ -118,7 +119,8 @@ def int8_gemv(x_1K: torch.Tensor, mats: list[tuple[torch.Tensor, torch.Tensor]],
         x_1K.contiguous(), w[0], s[0], w[1], s[1], w[2], s[2], out, K, Ns[0], Ns[1], Ns[2],
         tiles[0], tiles[1], N_total, group_k, chunk, k_per_split, BN=BN, BK=BK,
         EVEN_K=split * k_per_split == K and chunk % BK == 0,
-        DEQUANT=cfg.DEQUANT, num_warps=cfg.W)
+        DEQUANT=cfg.DEQUANT, MMA=mma, F32=interpreting(), num_warps=cfg.W,
+        num_stages=cfg.S)
     if not reduce:
         return [part[:, None] for part in out.split(Ns[:len(mats)], dim=1)]
     total = out.sum(0, keepdim=True) if split > 1 else out

@@ -6,7 +6,7 @@ W^T x^T so the dequantized tile is the left operand and a small M is the narrow 
 import triton
 import triton.language as tl
 
-from grok1.ops.dot_triton import dequant_f32, dequant_t_bf16, dot
+from grok1.ops.dot_triton import dequant_f32, dequant_t_bf16, dot, row0, scaled_int8
 
 
 @triton.jit
@@ -50,13 +50,17 @@ def linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, GROUP_K, NUM_GROUPS, K_
 @triton.jit
 def gemv3_kernel(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, out_ptr, K, N0, N1, N2,
                  T0, T1, N_TOTAL, GROUP_K, CHUNK, K_PER_SPLIT, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr):
+                 BK: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr,
+                 MMA: tl.constexpr, F32: tl.constexpr):
     """One row x [K] times up to three int8 matrices W_i [K, N_i] (bf16 scales [G, N_i], the
     same G) sharing x: out[split, col] f32 partial sums over this split's K range, the columns
     of the three outputs side by side. Grid (T0 + T1 + T2 column tiles, SPLIT). Each weight is
     dequantized as the reference does, bf16(w * s), and its products with x accumulate in an f32
     [BK, BN] tile, reduced every CHUNK rows (a CHUNK lies in one scale group: CHUNK divides
-    GROUP_K, or G == 1; BK divides CHUNK; CHUNK divides K_PER_SPLIT)."""
+    GROUP_K, or G == 1; BK divides CHUNK; CHUNK divides K_PER_SPLIT).
+    MMA: the products on the tensor cores instead (x padded to 16 rows against the dequantized
+    bf16 tile, as ops/moe_triton's moe_mma_gemv_*): the same weights and f32 sums, fewer
+    instructions per weight than the FMA path's f32 round trip, which is ALU-bound."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if pid_n < T0:
@@ -80,6 +84,7 @@ def gemv3_kernel(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, out_ptr,
     n = t * BN + tl.arange(0, BN)
     n_ok = n < N
     acc = tl.zeros([BN], dtype=tl.float32)
+    acc16 = tl.zeros([16, BN], dtype=tl.float32)  # MMA: rows 1.. stay 0
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past K: masked
         k1 = k_lo + c1
@@ -89,14 +94,20 @@ def gemv3_kernel(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, out_ptr,
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * N + n[None, :]
+            k_ok = kk < K
             if EVEN_K:
-                xk = tl.load(x_ptr + kk).to(tl.float32)
                 w = tl.load(w_ptr + offs, mask=n_ok[None, :], other=0)
             else:
-                k_ok = kk < K
-                xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
             # the reference's weight: bf16(w * s), rounded once (SPEC 3), times x in f32
-            part += dequant_f32(w, s, DEQUANT) * xk[:, None]
-        acc += tl.sum(part, 0)
+            if MMA:
+                wb = scaled_int8(w, s[None, :], (-8388736.0 * s)[None, :]).to(tl.bfloat16)
+                acc16 = dot(row0(x_ptr, kk, k_ok, 16), wb, acc16, F32)
+            else:
+                xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                part += dequant_f32(w, s, DEQUANT) * xk[:, None]
+        if not MMA:
+            acc += tl.sum(part, 0)
+    if MMA:
+        acc = tl.sum(acc16, 0)
     tl.store(out_ptr + pid_k.to(tl.int64) * N_TOTAL + col0 + n, acc, mask=n_ok)

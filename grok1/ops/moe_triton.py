@@ -15,6 +15,7 @@ from grok1.ops.dot_triton import (
     dot,
     erf,
     i8_to_f32,
+    row0,
     scaled_int8,
     tanh,
 )
@@ -288,14 +289,6 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
 
 
 @triton.jit
-def _row0(ptr, offs, n_ok, PAD: tl.constexpr):
-    """[PAD, len(offs)]: row 0 the values at ptr + offs (masked by n_ok), the others 0."""
-    rows = tl.arange(0, PAD)
-    return tl.load(ptr + offs[None, :] + rows[:, None] * 0, mask=(rows[:, None] == 0) & n_ok[None, :],
-                   other=0.0)
-
-
-@triton.jit
 def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                                 GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
                                 QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
@@ -328,7 +321,7 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * F + n[None, :]
             k_ok = kk < D
-            xk = _row0(x_ptr, kk, k_ok, 16)
+            xk = row0(x_ptr, kk, k_ok, 16)
             if EVEN_K and EVEN_N:
                 wg = tl.load(wg_ptr + offs)
                 wu = tl.load(wu_ptr + offs)
@@ -377,7 +370,7 @@ def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr,
             kk = k1 + c0 + tl.arange(0, BK)
             offs = kk[:, None] * D + n[None, :]
             k_ok = kk < F
-            hk = _row0(h_ptr, kk, k_ok, 16)
+            hk = row0(h_ptr, kk, k_ok, 16)
             if EVEN_K and EVEN_N:
                 w = tl.load(wd_ptr + offs)
             else:

@@ -103,12 +103,16 @@ class LinearTiles(_Tiles):
 class GemvTiles(_Tiles):
     """int8_gemv (ops/linear_triton.gemv3_kernel), one row x up to three matrices: BN columns
     by BK rows per step; about PROGRAMS (column tile, K split) programs, the K split following;
-    W warps; DEQUANT the dequantization's instructions (same values)."""
+    W warps, S pipeline stages; DEQUANT the dequantization's instructions (same values); MMA 1
+    the products on the tensor cores (the same weights bf16(w * s) and f32 sums, an instruction
+    choice like MoeTiles.GMMA; BK >= 16; DEQUANT then has no effect)."""
     BN: int = _key(128, pow2=True)
     BK: int = _key(32, pow2=True)
     W: int = _key(4, pow2=True)
+    S: int = _key(3)
     PROGRAMS: int = _key(4 * NUM_SMS_GUESS)
     DEQUANT: int = _key(DEQUANT_DEFAULT, minimum=0, choices=(0, 1, 2, 3))
+    MMA: int = _key(0, minimum=0, choices=(0, 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,22 +55,26 @@ def test_rope_and_cache_write_match_twin():
 # one launch over q/k/v-like matrices sharing x: same values as each dequantized matmul, f32
 # sums in another order, rounded once to bf16 (4e-3 as above). dequant: the instructions of
 # bf16(w * s) (GemvTiles.DEQUANT; 1 converts int8 through the float bits, 0 through the
-# conversion unit: what this test's former MAGIC key meant, which the GEMV never read)
+# conversion unit: what this test's former MAGIC key meant, which the GEMV never read); mma: the
+# products on the tensor cores (GemvTiles.MMA; K 130 has no K tile of 16, so it falls back)
+@pytest.mark.parametrize("mma", [0, 1], ids=["fma", "mma"])
 @pytest.mark.parametrize("K,Ns,G,dequant", [(256, (192, 64, 64), 1, 1), (384, (96, 200), 8, 0),
                                             (6144, (1024,), 8, 1), (130, (40, 72, 24, 56), 1, 1)])
-def test_int8_gemv_several_matrices_match_dequantized_matmuls(K, Ns, G, dequant):
+def test_int8_gemv_several_matrices_match_dequantized_matmuls(K, Ns, G, dequant, mma):
     from grok1.ops.linear import int8_gemv
     g = torch.Generator().manual_seed(K + len(Ns))
     mats = [quantize(torch.randn(K, n, generator=g) / K ** 0.5, G) for n in Ns]
     x = torch.randn(1, K, generator=g).to(torch.bfloat16)
-    outs = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config={"DEQUANT": dequant})
+    cfg = {"DEQUANT": dequant, "MMA": mma, "BK": 64 if mma else 32}
+    outs = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config=cfg)
     assert len(outs) == len(Ns)
     for (q, s), out in zip(mats, outs):
         ref = (x.float() @ dequantize(q, s).float()).to(torch.bfloat16)
         assert out.shape == ref.shape and out.dtype == torch.bfloat16
         assert rel_err(out.cpu(), ref) < 4e-3
     # the unsummed K splits (reduce=False) sum to the same values
-    parts = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], reduce=False)
+    parts = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config=cfg,
+                      reduce=False)
     for part, out in zip(parts, outs):
         assert part.dtype == torch.float32 and part.shape[1:] == out.shape
         assert rel_err(part.sum(0).to(torch.bfloat16).cpu(), out.cpu()) < 4e-3
