@@ -144,22 +144,24 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q = q_MNH.contiguous()
     out = torch.empty(M, N, H, dtype=q.dtype, device=q.device)
     splits = plan.splits
-    if splits > 1:
+    if splits > 1:  # the splits' f32 sums, and each split's row maximum and denominator
         part = torch.empty(splits, M, N, H, dtype=torch.float32, device=q.device)
+        stats = torch.empty(splits, 2, M, N, dtype=torch.float32, device=q.device)
     else:
-        part = out
+        part = stats = out
     rows = block_t * g_pad
     grid = (plan.qblock_seq.numel(), K, splits)
-    paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, part, block_table_BP, positions_M,
-        real_slots if real_slots is not None else positions_M,
-        plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
-        temperature_M if temperature_M is not None else positions_M,
-        float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
-        BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
-        MASK_PAD=real_slots is not None, CAP=float(math.softcap),
-        TEMPERATURE=bool(math.temperature_len), SGLANG=math.rounding == "sglang",
-        num_warps=4 if rows <= 32 else 8, num_stages=2)
+    for phase in (1, 2) if splits > 1 else (0,):  # see attention_triton's PHASE
+        paged_attention_kernel[grid](
+            q, k_cache, v_cache, out, part, stats, block_table_BP, positions_M,
+            real_slots if real_slots is not None else positions_M,
+            plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
+            temperature_M if temperature_M is not None else positions_M,
+            float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
+            BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
+            MASK_PAD=real_slots is not None, CAP=float(math.softcap),
+            TEMPERATURE=bool(math.temperature_len), SGLANG=math.rounding == "sglang",
+            PHASE=phase, num_warps=4 if rows <= 32 else 8, num_stages=2)
     if splits > 1:  # one launch instead of the five of torch's sums, where and division
         from grok1.ops.attention_triton import attention_combine_kernel
         rows_total, block_r = M * N, 16

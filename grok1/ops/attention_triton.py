@@ -4,8 +4,12 @@ One program serves one kv head for BLOCK_T query tokens of one sequence, all G q
 that kv head at once (rows r = t * G_PAD + g), and one slice (split) of the keys. As the
 reference, p = softmax(s) = exp(s - max) / sum is rounded to bf16 *after* normalising, so each
 program first finds the row's maximum and denominator over all of its keys (a first, cheap
-pass over K), then multiplies bf16(p) by V; the splits' f32 sums combine by a plain sum. MASK_PAD: keys whose slot flag in
-real_ptr is 0 (pad tokens) are hidden; a row with no visible key stores 0.
+pass over K), then multiplies bf16(p) by V; the splits' f32 sums combine by a plain sum.
+PHASE splits that first pass in two launches when the keys are split (decode): 1, each program
+stores its split's maximum and denominator; 2, each program combines every split's, then runs
+the second pass. Otherwise (PHASE 0) every split's program would read all keys twice over.
+MASK_PAD: keys whose slot flag in real_ptr is 0 (pad tokens) are hidden; a row with no visible
+key stores 0.
 CAP (0: none), TEMPERATURE (a per-query f32 factor after the cap, from temp_ptr) and SGLANG
 (f32 scores; p = bf16(exp(s - max)) unnormalised into p @ v, then divided by the f32 row sum)
 are Grok-2's (grok2 SPEC 2.4).
@@ -18,14 +22,15 @@ from grok1.ops.dot_triton import div, dot, exp, tanh
 
 
 @triton.jit
-def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr,
+def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, stats_ptr, block_table_ptr,
                            positions_ptr, real_ptr, qblock_seq_ptr, qblock_tok0_ptr, query_end_ptr,
                            M, stride_bt, temp_ptr, multiplier,
                            N: tl.constexpr, KV: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr,
                            G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_S: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
                            F32: tl.constexpr, MASK_PAD: tl.constexpr, CAP: tl.constexpr,
-                           TEMPERATURE: tl.constexpr, SGLANG: tl.constexpr):
+                           TEMPERATURE: tl.constexpr, SGLANG: tl.constexpr,
+                           PHASE: tl.constexpr):
     qb = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -52,19 +57,30 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
     hi = tl.minimum(lo + per, kv_len)
     # Pass 1: the row's maximum and softmax denominator over every visible key (all splits:
     # each program needs both to form p = exp(s - max) / sum before its bf16 rounding, as
-    # torch's and the reference's softmax do). The running maximum starts far below any
-    # score (the cap bounds Grok-1's at -30, not a temperature's or an uncapped one's).
-    m_R = tl.full([R], -1e30, dtype=tl.float32)
-    l_R = tl.zeros([R], dtype=tl.float32)
-    for s0 in range(0, kv_len, BLOCK_S):
-        sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
-                                                  stride_bt, kh, h, pos, s0, kv_len, multiplier,
-                                                  temp, R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD,
-                                                  CAP, TEMPERATURE, SGLANG)
-        m_new = tl.maximum(m_R, tl.max(tl.where(visible, sc, -1e30), 1))
-        e = tl.where(visible, exp(sc - m_new[:, None]), 0.0)
-        l_R = l_R * exp(m_R - m_new) + tl.sum(e, 1)
-        m_R = m_new
+    # torch's and the reference's softmax do).
+    stat_off = tok.to(tl.int64) * N + head  # [SPLITS, 2, M * N] f32: max, then denominator
+    if PHASE == 0:
+        m_R, l_R = _row_stats(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, 0,
+                              kv_len, multiplier, temp, R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD,
+                              CAP, TEMPERATURE, SGLANG)
+    elif PHASE == 1:  # this split's keys only; phase 2 combines the splits'
+        m_R, l_R = _row_stats(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, lo,
+                              hi, multiplier, temp, R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD, CAP,
+                              TEMPERATURE, SGLANG)
+        stats = stats_ptr + sp.to(tl.int64) * 2 * M * N + stat_off
+        tl.store(stats, m_R, mask=row_ok)
+        tl.store(stats + M * N, l_R, mask=row_ok)
+        return
+    else:
+        m_R = tl.full([R], -1e30, dtype=tl.float32)
+        for i in tl.static_range(SPLITS):
+            m_R = tl.maximum(m_R, tl.load(stats_ptr + i * 2 * M * N + stat_off, mask=row_ok,
+                                          other=-1e30))
+        l_R = tl.zeros([R], dtype=tl.float32)
+        for i in tl.static_range(SPLITS):
+            m_i = tl.load(stats_ptr + i * 2 * M * N + stat_off, mask=row_ok, other=-1e30)
+            l_i = tl.load(stats_ptr + (i * 2 + 1) * M * N + stat_off, mask=row_ok, other=0.0)
+            l_R += l_i * exp(m_i - m_R)
     l_R = tl.where(l_R > 0, l_R, 1.0)  # a row with no visible key: p = 0, output 0
     # Pass 2: this split's keys, p = bf16(exp(s - max) / sum) times v, accumulated in f32
     acc = tl.zeros([R, H_PAD], dtype=tl.float32)
@@ -89,6 +105,29 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, block_table_ptr
         tl.store(o_ptr + out_off, acc.to(tl.bfloat16), mask=out_mask)
     else:
         tl.store(part_ptr + sp.to(tl.int64) * M * N * H + out_off, acc, mask=out_mask)
+
+
+@triton.jit
+def _row_stats(q, k_ptr, real_ptr, block_table_ptr, b, stride_bt, kh, h, pos, lo, hi,
+               multiplier, temp, R: tl.constexpr, KV: tl.constexpr, H: tl.constexpr,
+               BLOCK_S: tl.constexpr, PAGE: tl.constexpr, F32: tl.constexpr,
+               MASK_PAD: tl.constexpr, CAP: tl.constexpr, TEMPERATURE: tl.constexpr,
+               SGLANG: tl.constexpr):
+    """Each row's maximum score and sum of exp(s - max) over its visible keys lo..hi-1, in
+    f32 (online: the sum rescaled as the maximum grows). The running maximum starts far below
+    any score (the cap bounds Grok-1's at -30, not a temperature's or an uncapped one's)."""
+    m_R = tl.full([R], -1e30, dtype=tl.float32)
+    l_R = tl.zeros([R], dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        sc, visible, slot, kv_off, s_ok = _scores(q, k_ptr, real_ptr, block_table_ptr, b,
+                                                  stride_bt, kh, h, pos, s0, hi, multiplier,
+                                                  temp, R, KV, H, BLOCK_S, PAGE, F32, MASK_PAD,
+                                                  CAP, TEMPERATURE, SGLANG)
+        m_new = tl.maximum(m_R, tl.max(tl.where(visible, sc, -1e30), 1))
+        e = tl.where(visible, exp(sc - m_new[:, None]), 0.0)
+        l_R = l_R * exp(m_R - m_new) + tl.sum(e, 1)
+        m_R = m_new
+    return m_R, l_R
 
 
 @triton.jit
