@@ -36,6 +36,12 @@ GEMV_STAGES = [
          "GBK2": d, "GW2": w, "GS2": st, "MAGIC": 1} for a, b, w, st, c, d in [
             (128, 64, 4, 4, 128, 64), (128, 128, 4, 3, 128, 128), (256, 64, 8, 4, 256, 64),
             (64, 128, 4, 4, 64, 128)]],
+    # the gate/up and the down tiles apart (the first stage moves them together)
+    [{"GBN1": a, "GBK1": b, "GW1": w} for a, b, w in [
+        (256, 64, 8), (256, 32, 4), (128, 128, 4), (512, 32, 8), (128, 64, 8)]],
+    [{"GBN2": a, "GBK2": b, "GW2": w} for a, b, w in [
+        (256, 64, 8), (256, 64, 4), (256, 32, 4), (128, 128, 4), (512, 32, 8), (128, 64, 8),
+        (64, 128, 4)]],
     [{"GSPLIT1": s} for s in (1, 2, 4, 8)],
     [{"GSPLIT": s} for s in (2, 4, 8)],
     [{"GS1": s, "GS2": s} for s in (1, 2, 4)]]
