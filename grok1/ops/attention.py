@@ -43,11 +43,12 @@ class AttentionPlan:
 
 def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
                    device: torch.device | str, *, splits: int | None = None,
-                   max_kv_len: int = 0) -> AttentionPlan:
-    """Plan for sequences whose new tokens are query_start[b]:query_start[b+1]."""
+                   max_kv_len: int = 0, block_t: int | None = None) -> AttentionPlan:
+    """Plan for sequences whose new tokens are query_start[b]:query_start[b+1]; `block_t`
+    query tokens per program instead of the default (bench/attention.py)."""
     q_lens = [e - s for s, e in itertools.pairwise(query_start_B1)]
     decode = max(q_lens) == 1
-    block_t = max(2 if decode else 16, cdiv(16, _g_pad(q_per_kv)))
+    block_t = block_t or max(2 if decode else 16, cdiv(16, _g_pad(q_per_kv)))
     seq, tok0 = [], []
     for b, (s, n) in enumerate(zip(query_start_B1[:-1], q_lens)):
         for t in range(0, n, block_t):
@@ -123,10 +124,12 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     plan: AttentionPlan, multiplier: float,
                     real_slots: torch.Tensor | None = None,
                     math: AttentionMath = GROK1_ATTENTION,
-                    temperature_M: torch.Tensor | None = None) -> torch.Tensor:
+                    temperature_M: torch.Tensor | None = None,
+                    tiles: dict | None = None) -> torch.Tensor:
     """[M, N*H] bf16; the Triton kernel on CUDA, else the twin. `temperature_M`: the queries'
     `math.temperature(positions_M)`, when the caller has it already (one per step, not per
-    layer)."""
+    layer). `tiles`: launch choices over the defaults (BLOCK_S keys per step, W warps, S
+    stages; bench/attention.py), never the numerics."""
     if math.rounding not in ("jax", "sglang"):
         raise ValueError(f"paged_attention: rounding={math.rounding!r}: expected 'jax' or 'sglang'")
     if not use_kernel(q_MNH):
@@ -150,6 +153,8 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     else:
         part = stats = out
     rows = block_t * g_pad
+    launch = {"BLOCK_S": 64 if rows <= 32 else 32, "W": 4 if rows <= 32 else 8, "S": 2,
+              **(tiles or {})}
     grid = (plan.qblock_seq.numel(), K, splits)
     for phase in (1, 2) if splits > 1 else (0,):  # see attention_triton's PHASE
         paged_attention_kernel[grid](
@@ -158,10 +163,10 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             plan.qblock_seq, plan.qblock_tok0, plan.query_end_B, M, block_table_BP.stride(0),
             temperature_M if temperature_M is not None else positions_M,
             float(multiplier), N=N, KV=K, H=H, H_PAD=h_pad, G=G, G_PAD=g_pad, BLOCK_T=block_t,
-            BLOCK_S=64 if rows <= 32 else 32, PAGE=page, SPLITS=splits, F32=interpreting(),
+            BLOCK_S=launch["BLOCK_S"], PAGE=page, SPLITS=splits, F32=interpreting(),
             MASK_PAD=real_slots is not None, CAP=float(math.softcap),
             TEMPERATURE=bool(math.temperature_len), SGLANG=math.rounding == "sglang",
-            PHASE=phase, num_warps=4 if rows <= 32 else 8, num_stages=2)
+            PHASE=phase, num_warps=launch["W"], num_stages=launch["S"])
     if splits > 1:  # one launch instead of the five of torch's sums, where and division
         from grok1.ops.attention_triton import attention_combine_kernel
         rows_total, block_r = M * N, 16
