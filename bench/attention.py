@@ -66,7 +66,8 @@ def main() -> None:
             cfg = dict(cfg)
             plan = plan_attention(qs, KV, N // KV, "cuda", max_kv_len=ctx,
                                   splits=cfg.pop("splits", None), block_t=cfg.pop("block_t", None))
-            fn = lambda: paged_attention(q, kc, vc, table, pos, plan, 0.0883883, tiles=cfg)
+            def fn():
+                return paged_attention(q, kc, vc, table, pos, plan, 0.0883883, tiles=cfg)
             ms = time_graph_ms(fn) if decode else time_ms(fn, reps=10)
             bound = max(flops_ms, bytes_ms)
             print(f"{name} {cfg} splits={plan.splits} block_t={plan.block_t}: {1e3 * ms:.1f} us"

@@ -57,7 +57,9 @@ def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
     if splits is None:
         want = cdiv(NUM_SMS_GUESS, len(seq) * num_kv_heads)  # the only use of the SM count
         splits = max(1, min(16, want, cdiv(max_kv_len, 256))) if decode else 1
-    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
+
+    def as_i32(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.int32, device=device)
     return AttentionPlan(list(query_start_B1), as_i32(seq), as_i32(tok0),
                          as_i32(query_start_B1[1:]), block_t, splits)
 
