@@ -48,7 +48,9 @@ def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
     query tokens per program instead of the default (bench/attention.py)."""
     q_lens = [e - s for s, e in itertools.pairwise(query_start_B1)]
     decode = max(q_lens) == 1
-    block_t = block_t or max(2 if decode else 16, cdiv(16, _g_pad(q_per_kv)))
+    # query tokens per program: 4 in prefill (bench/attention.py, H200: 1024 tokens 1093 us at
+    # 16, 691 us at 4); tl.dot needs 16 rows (tokens x padded heads)
+    block_t = block_t or max(2 if decode else 4, cdiv(16, _g_pad(q_per_kv)))
     seq, tok0 = [], []
     for b, (s, n) in enumerate(zip(query_start_B1[:-1], q_lens)):
         for t in range(0, n, block_t):
@@ -56,7 +58,8 @@ def plan_attention(query_start_B1: list[int], num_kv_heads: int, q_per_kv: int,
             tok0.append(s + t)
     if splits is None:
         want = cdiv(NUM_SMS_GUESS, len(seq) * num_kv_heads)  # the only use of the SM count
-        splits = max(1, min(16, want, cdiv(max_kv_len, 256))) if decode else 1
+        # ~128 keys a split (bench/attention.py, H200, batch 1: 4 splits at 512 keys, 16 at 4096)
+        splits = max(1, min(16, want, cdiv(max_kv_len, 128))) if decode else 1
 
     def as_i32(xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.int32, device=device)
@@ -155,8 +158,16 @@ def paged_attention(q_MNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     else:
         part = stats = out
     rows = block_t * g_pad
-    launch = {"BLOCK_S": 64 if rows <= 32 else 32, "W": 4 if rows <= 32 else 8, "S": 2,
-              **(tiles or {})}
+    # bench/attention.py (H200): decode with key splits (few sequences) 128 keys a step and 8
+    # warps (batch 1, 512 keys: 33.6 -> 15.6 us with the splits above); decode of many
+    # sequences 64 and 4 (batch 64); prefill 32 and 4 at 32 rows
+    if plan.splits > 1:
+        launch = {"BLOCK_S": 128, "W": 8}
+    elif rows <= 32:
+        launch = {"BLOCK_S": 64 if block_t <= 2 else 32, "W": 4}
+    else:
+        launch = {"BLOCK_S": 32, "W": 8}
+    launch = {"S": 2, **launch, **(tiles or {})}
     grid = (plan.qblock_seq.numel(), K, splits)
     for phase in (1, 2) if splits > 1 else (0,):  # see attention_triton's PHASE
         paged_attention_kernel[grid](
