@@ -174,23 +174,26 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     num_blocks = block_expert.numel()
     h_PF = torch.empty(P, F, dtype=torch.float32, device=x_MD.device)  # f32, as the reference
     BN1 = cfg.BN1
-    moe_gate_up_kernel[(num_blocks, cdiv(F, BN1))](
+    grid1 = (num_blocks, cdiv(F, BN1))
+    moe_gate_up_kernel[grid1[::-1] if cfg.ORDER1 else grid1](
         x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
         sorted_ids, block_expert, P, D, F, D // G1, G1,
         A=A, QUANT=quant, BM=BM, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0, F32=interpreting(), LATE=late,
-        **math, num_warps=cfg.W1, num_stages=cfg.S1)
+        **math, N_FIRST=bool(cfg.ORDER1), num_warps=cfg.W1, num_stages=cfg.S1)
     split = cfg.SPLIT
     k_per_split = cdiv(cdiv(F, split), bk2) * bk2
     split = cdiv(F, k_per_split)
     out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16 (jax)
     BN2 = cfg.BN2
-    moe_down_kernel[(num_blocks, cdiv(D, BN2), split)](
+    grid2 = (cdiv(D, BN2), num_blocks, split) if cfg.ORDER2 else (num_blocks, cdiv(D, BN2), split)
+    moe_down_kernel[grid2](
         h_PF, wd_EFD, sd_EGD if quant else wd_EFD, gates_P, out, sorted_ids, block_expert,
         P, D, F, F // G2, G2, k_per_split,
         QUANT=quant, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
         EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late, SGLANG=math["SGLANG"],
-        MAGIC=quant and bool(cfg.MAGIC), num_warps=cfg.W2, num_stages=cfg.S2)
+        MAGIC=quant and bool(cfg.MAGIC), N_FIRST=bool(cfg.ORDER2), num_warps=cfg.W2,
+        num_stages=cfg.S2)
     return out.view(split, M, A, D)
 
 

@@ -110,11 +110,14 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
                        A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        F32: tl.constexpr, LATE: tl.constexpr, ERF: tl.constexpr,
-                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
+                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False,
+                       N_FIRST: tl.constexpr = False):
     """h[pair, n] = gelu(bf16(x @ Wg)) * bf16(x @ Wu) in f32 (SPEC 2.6) for the pairs of one
-    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32.
+    N_FIRST: the grid is (column tiles, blocks), so programs launched together share a block's
+    activations instead of a column tile of the weights (which one L2 serves better)."""
+    pid_m = tl.program_id(1 if N_FIRST else 0)
+    pid_n = tl.program_id(0 if N_FIRST else 1)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -160,13 +163,15 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                     P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
                     QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
-                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
+                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False,
+                    N_FIRST: tl.constexpr = False):
     """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
     ks (the reference rounds the gate to bf16; SGLANG keeps it f32); h [P, F] f32, Wd [E, F, D], gates [P] f32,
     out [SPLIT, P, D] f32. The reference's down-projection is an f32 dot of f32 h: the tensor
-    cores take h as bf16 hi + bf16 lo (h to about 16 bits, 2^-17 relative), two MMAs."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    cores take h as bf16 hi + bf16 lo (h to about 16 bits, 2^-17 relative), two MMAs.
+    N_FIRST as moe_gate_up_kernel's (here a block's h rows are 4 bytes a value, F long)."""
+    pid_m = tl.program_id(1 if N_FIRST else 0)
+    pid_n = tl.program_id(0 if N_FIRST else 1)
     pid_k = tl.program_id(2)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:

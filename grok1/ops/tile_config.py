@@ -128,7 +128,9 @@ class MoeTiles(_Tiles):
     BN2 x BK2, W2, S2, its K range split SPLIT ways. MAGIC: the int8 -> f32 conversion through
     the float bit pattern instead of the conversion unit (dot_triton.i8_to_f32; exact either way,
     so an instruction choice, not numerics); only the down GEMM of the opt-in exact-products
-    path converts int8 values on their own, so elsewhere it has no effect.
+    path converts int8 values on their own, so elsewhere it has no effect. ORDER1 / ORDER2 1:
+    the grouped GEMMs' grids with the column tiles first (moe_triton's N_FIRST), so programs
+    launched together share a block's activations rather than a weight column tile.
     The defaults are the decode tiles (P <= 64) without the GEMV path."""
     GEMV: int = _key(0, minimum=0)
     BM: int = _key(16, pow2=True)
@@ -154,6 +156,8 @@ class MoeTiles(_Tiles):
     GS2: int = _key(3)
     DEQUANT: int = _key(DEQUANT_DEFAULT, minimum=0, choices=(0, 1, 2, 3))
     GMMA: int = _key(0, minimum=0, choices=(0, 1))
+    ORDER1: int = _key(0, minimum=0, choices=(0, 1))
+    ORDER2: int = _key(0, minimum=0, choices=(0, 1))
 
 
 FAMILIES: dict[str, type[_Tiles]] = {"mm": LinearTiles, "gemv": GemvTiles, "moe": MoeTiles}

@@ -67,7 +67,10 @@ def test_fused_moe_matches_moe_ref(quant, M):
     ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3}, False),
     ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 16, "W2": 4, "S2": 2, "SPLIT": 3}, True),
     ({"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1}, True),
-    ({"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}, False)])
+    ({"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}, False),
+    # the grids with the column tiles first (ORDER1/ORDER2), each and both
+    ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3, "ORDER1": 1, "ORDER2": 1}, False),
+    ({"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1, "ORDER2": 1}, False)])
 def test_fused_moe_other_tiles_and_odd_sizes(cfg, exact):
     # D, F not multiples of the 128-wide N tiles
     x, gates, ids, lins, ref = moe_case(45, 192, 384, True, (7, 8))
