@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py                                        # 1 GPU
     torchrun --standalone --nproc-per-node 2 bench/train_throughput.py      # 2 GPUs, FSDP2
+    torchrun --standalone --nproc-per-node 2 bench/train_throughput.py --parallel ddp --compile
     python bench/train_throughput.py --model bench-111m --expert-down f32   # the 2026-11-27 run's
     python bench/train_throughput.py --cpu-only                             # the CPU figure only
 
@@ -115,6 +116,8 @@ def main() -> None:
                    help="the experts' down-projection numerics (grok1.model.moe_ref)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--parallel", choices=["auto", "fsdp", "ddp"], default="auto",
+                   help="several GPUs: FSDP2 (auto) or DDP (a model that fits one GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="datasheet bf16 dense peak")
     p.add_argument("--cpu-only", action="store_true", help="only the CPU MoE comparison")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -150,7 +153,7 @@ def main() -> None:
                       model=str(tmp / "config.json"), batch_size=args.batch_size,
                       seq_len=args.seq_len, max_steps=10**9, warmup_steps=10,
                       activation_checkpointing=args.activation_checkpointing,
-                      compile=args.compile, expert_down=args.expert_down,
+                      compile=args.compile, expert_down=args.expert_down, parallel=args.parallel,
                       peak_tflops=args.peak_tflops, progress=False, tensorboard=False,
                       watchdog_s=0)
     trainer = Trainer(cfg)
