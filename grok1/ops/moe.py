@@ -29,17 +29,20 @@ from grok1.ops.tile_config import MoeTiles, moe_key, nearest_rows, tuned
 
 def moe_align_ref(ids_MA: torch.Tensor, num_experts: int, block_m: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch twin of the align kernel: (sorted_ids [S] int32, block_expert [S/BM] int32)."""
+    """Plain-torch twin of the align kernel: (sorted_ids [S] int32, block_expert [S/BM] int32);
+    pairs with an id outside 0..E-1 (-1: held by another rank) are left out."""
     flat = ids_MA.reshape(-1).long()
     P = flat.numel()
     num_slots = _num_slots(P, num_experts, block_m)
+    kept = (flat >= 0) & (flat < num_experts)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts.scatter_add_(0, flat.clamp(0, num_experts - 1), kept.long())
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
-    order = torch.sort(flat, stable=True).indices
+    order = torch.sort(torch.where(kept, flat, num_experts), stable=True).indices
+    order = order[:int(kept.sum())]  # the dropped pairs sort last
     sorted_e = flat[order]
-    rank = torch.arange(P, device=flat.device) - (counts.cumsum(0) - counts)[sorted_e]
+    rank = torch.arange(order.numel(), device=flat.device) - (counts.cumsum(0) - counts)[sorted_e]
     sorted_ids = torch.full((num_slots,), P, dtype=torch.int32, device=flat.device)
     sorted_ids[(ends - padded)[sorted_e] + rank] = order.int()
     block_start = torch.arange(0, num_slots, block_m, device=flat.device)
@@ -99,7 +102,7 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
               wd_EFD: torch.Tensor, sd_EGD: torch.Tensor | None,
               config: MoeTiles | dict | None = None, out_dtype: torch.dtype | None = None,
               reduce: bool = True, exact_int8_products: bool = False, gelu: str = "tanh",
-              rounding: str = "jax") -> torch.Tensor:
+              rounding: str = "jax", has_dropped: bool = False) -> torch.Tensor:
     """bf16 [M, D]: sum over slots a of gates[m, a] * expert ids[m, a] (x[m]) (Triton kernels).
     `out_dtype=torch.float32` keeps the f32 sum unrounded (a partial sum across ranks);
     `reduce=False` returns the f32 terms [S, M, A, D] (K splits x slots) unsummed, for a
@@ -113,7 +116,8 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
     `gelu` "tanh" (the reference's) or "erf", `rounding` "jax" or "sglang": as model.moe_ref's
     (Grok-2's config: exact GELU; SGLang's f32 gates, bf16 GELU product, and each slot's output
     rounded to bf16 before the slots add, which `reduce` does here and a consumer of the
-    unreduced terms must do too).
+    unreduced terms must do too). `has_dropped`: ids may hold -1, pairs computed elsewhere (an
+    expert-parallel rank's remote experts), which add 0; the grouped GEMMs skip them.
     """
     if gelu not in ("tanh", "erf") or rounding not in ("jax", "sglang"):
         raise ValueError(f"fused_moe: gelu={gelu!r}, rounding={rounding!r}: expected "
@@ -128,11 +132,16 @@ def fused_moe(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
         config = MoeTiles.from_dict(config, "fused_moe(config=...)")
     cfg = config or moe_config(P, D, F, E, quant, device_name(x_MD))
     if P <= cfg.GEMV:
+        if has_dropped:  # a pair or two: run them as expert 0 with gate 0 (they add 0)
+            kept_MA = ids_MA >= 0
+            ids_MA = torch.where(kept_MA, ids_MA, 0)
+            gates_MA = torch.where(kept_MA, gates_MA, 0.0)
         out = _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
                               sd_EGD, cfg, math)
     else:
         out = _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD,
-                             sd_EGD, cfg, math, late=exact_int8_products and quant)
+                             sd_EGD, cfg, math, late=exact_int8_products and quant,
+                             zeros=has_dropped)
     if not reduce:
         return out
     if rounding == "sglang" and out_dtype is None:
@@ -151,8 +160,9 @@ def sum_slots_sglang(terms_SMAD: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EFD, sd_EGD,
-                   cfg: MoeTiles, math: dict, late: bool) -> torch.Tensor:
-    """The grouped-GEMM path: f32 terms [S, M, A, D]."""
+                   cfg: MoeTiles, math: dict, late: bool, zeros: bool = False) -> torch.Tensor:
+    """The grouped-GEMM path: f32 terms [S, M, A, D]; `zeros`: the terms start at 0 (pairs
+    left out by moe_align are never written)."""
     M, D = x_MD.shape
     A = ids_MA.shape[1]
     E, _, F = wg_EDF.shape
@@ -183,7 +193,8 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     split = cfg.SPLIT
     k_per_split = cdiv(cdiv(F, split), bk2) * bk2
     split = cdiv(F, k_per_split)
-    out = torch.empty(split, P, D, dtype=torch.float32, device=x_MD.device)
+    out = (torch.zeros if zeros else torch.empty)(split, P, D, dtype=torch.float32,
+                                                   device=x_MD.device)
     gates_P = gates_MA.float().reshape(P).contiguous()  # the kernel rounds it to bf16 (jax)
     BN2 = cfg.BN2
     grid2 = (cdiv(D, BN2), num_blocks, split) if cfg.ORDER2 else (num_blocks, cdiv(D, BN2), split)

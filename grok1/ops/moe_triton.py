@@ -45,13 +45,14 @@ def _gelu_glu(acc_g, acc_u, ERF: tl.constexpr, SGLANG: tl.constexpr):
 def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NUM_BLOCKS,
                      E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr):
     """One program: pairs sorted by expert, each expert's run padded to BM with the sentinel P;
-    block_expert[b] = the expert of rows b*BM.., or -1 past the last used block."""
+    block_expert[b] = the expert of rows b*BM.., or -1 past the last used block. Pairs whose id
+    is outside 0..E-1 (-1: an expert held by another rank) are left out."""
     e_r = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for c0 in range(0, P, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-        onehot = (ids[:, None] == e_r[None, :]).to(tl.int32)
+        onehot = ((ids[:, None] == e_r[None, :]) & (e_r[None, :] < E)).to(tl.int32)
         counts += tl.sum(onehot, 0)
     padded = (counts + BM - 1) // BM * BM
     ends = tl.cumsum(padded, 0)
@@ -69,11 +70,11 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NU
     for c0 in range(0, P, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-        onehot = (ids[:, None] == e_r[None, :]).to(tl.int32)
+        onehot = ((ids[:, None] == e_r[None, :]) & (e_r[None, :] < E)).to(tl.int32)
         incl = tl.cumsum(onehot, 0)
         rank = tl.sum((incl - 1 + running[None, :]) * onehot, 1)
         base = tl.sum(starts[None, :] * onehot, 1)
-        tl.store(sorted_ids_ptr + base + rank, offs, mask=offs < P)
+        tl.store(sorted_ids_ptr + base + rank, offs, mask=(offs < P) & (ids >= 0) & (ids < E))
         running += tl.sum(onehot, 0)
 
 

@@ -63,19 +63,20 @@ def kernel_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Ten
                    moe: FusedMoE, experts: range, *, per_slot: bool = False) -> torch.Tensor:
     """`expert_partial` (or, `per_slot`, `slot_partials`) in f32 through the fused MoE kernels
     (grok1.ops.moe, with the MoE's GELU and rounding), with static shapes for CUDA graphs:
-    pairs routed to other ranks' experts go to local expert 0 with gate 0, so they add exactly
-    0 (their compute is wasted; a drop id in moe_align would save it)."""
+    pairs routed to other ranks' experts get the id -1, which the grouped GEMMs skip (moe_align
+    leaves them out; they add exactly 0), so a rank computes only its own pairs."""
     from grok1.ops.moe import fused_moe
 
-    if len(experts) < moe.router.shape[1]:
+    partial = len(experts) < moe.router.shape[1]
+    if partial:
         local_MA = ids_MA - experts.start
         here_MA = (local_MA >= 0) & (local_MA < len(experts))
-        ids_MA = torch.where(here_MA, local_MA, 0)
-        gates_MA = torch.where(here_MA, gates_MA, 0.0)
+        ids_MA = torch.where(here_MA, local_MA, -1)
     w_gate, w_up, w_down = moe.w_gate, moe.w_up, moe.w_down
     out = fused_moe(x_MD, gates_MA, ids_MA, w_gate.weight, w_gate.scales, w_up.weight,
                     w_up.scales, w_down.weight, w_down.scales, out_dtype=torch.float32,
-                    reduce=not per_slot, gelu=moe.gelu, rounding=moe.rounding)
+                    reduce=not per_slot, gelu=moe.gelu, rounding=moe.rounding,
+                    has_dropped=partial)
     return out.sum(0) if per_slot else out  # [S, M, A, D] terms: the K splits summed
 
 

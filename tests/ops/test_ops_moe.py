@@ -36,15 +36,21 @@ def run_fused(x, gates, ids, lins, config=None, **kwargs):
                      wd.scales, config, **kwargs)
 
 
+# dropped: a third of the pairs get id -1 (an expert-parallel rank's remote experts)
+@pytest.mark.parametrize("dropped", [False, True])
 @pytest.mark.parametrize("M,block_m,used", [(1, 16, 8), (37, 16, 8), (300, 64, 8), (9, 16, 3)])
-def test_align_kernel_equals_torch_twin(M, block_m, used):
+def test_align_kernel_equals_torch_twin(M, block_m, used, dropped):
     g = torch.Generator().manual_seed(M)
-    ids = torch.stack([torch.randperm(used, generator=g)[:2] for _ in range(M)]).to(DEV)
+    ids = torch.stack([torch.randperm(used, generator=g)[:2] for _ in range(M)])
+    if dropped:
+        ids[torch.rand(ids.shape, generator=g) < 1 / 3] = -1
+    ids = ids.to(DEV)
     ref, kern = moe_align_ref(ids, 8, block_m), moe_align(ids, 8, block_m)
     assert torch.equal(ref[0], kern[0]) and torch.equal(ref[1], kern[1])
-    # every pair appears exactly once; unused experts own no block
+    # every kept pair appears exactly once, no dropped one; unused experts own no block
     got = ref[0][ref[0] < ids.numel()].sort().values
-    assert torch.equal(got.cpu(), torch.arange(ids.numel(), dtype=torch.int32))
+    kept = (ids.flatten() >= 0).nonzero()[:, 0].int()
+    assert torch.equal(got.cpu(), kept.cpu())
 
 
 # bf16 noise budget: h is rounded to bf16 before the down projection (2^-9 relative per
@@ -75,6 +81,20 @@ def test_fused_moe_other_tiles_and_odd_sizes(cfg, exact):
     # D, F not multiples of the 128-wide N tiles
     x, gates, ids, lins, ref = moe_case(45, 192, 384, True, (7, 8))
     out = run_fused(x, gates, ids, lins, cfg, exact_int8_products=exact)
+    assert rel_err(out, ref) < 1.5e-2
+
+
+# pairs with id -1 (computed by another rank) add exactly 0 and the rest is the twin's with
+# those pairs' gates 0, on both paths (grouped GEMMs skip them; the GEMV runs them with gate 0)
+@pytest.mark.parametrize("M", [1, 40])
+def test_fused_moe_skips_dropped_pairs(M):
+    x, gates, ids, lins, _ = moe_case(M, 256, 512, True, (M, 7))
+    g = torch.Generator().manual_seed(M)
+    drop = (torch.rand(ids.shape, generator=g) < 0.4).to(DEV)
+    drop[0, 0], drop[0, 1] = True, False  # some pairs of each kind, also at M = 1
+    ref = moe_ref(x, torch.where(drop, 0.0, gates), ids, *lins)
+    out = run_fused(x, gates, torch.where(drop, -1, ids), lins, has_dropped=True)
+    assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1.5e-2
 
 
