@@ -218,7 +218,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     from grok1.info import format_info, info_config
 
     config = info_config(args.config or args.preset)
-    print(format_info(config, gpu_gib=args.gpu_gib))
+    print(format_info(config, gpu_gib=args.gpu_gib, weights=args.weights,
+                      group_size=args.group_size))
     if args.lora_rank is not None:
         from grok1.info import format_lora_plan
         from grok1.train.cli_train import lora_targets
@@ -242,6 +243,9 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="grok-1",
                    help="a named config when --config is not given (grok-1, grok-2, tiny, debug)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.add_argument("--weights", choices=("int8", "int4", "fp8", "bf16"), default=None,
+                   help="the fewest GPUs for this weight format only (default: each)")
+    p.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale group")
     p.add_argument("--lora-rank", type=int, default=None,
                    help="also print the memory plan of `grok1 finetune` at this LoRA rank")
     p.add_argument("--lora-targets", default="attention", help="as grok1 finetune's: "

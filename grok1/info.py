@@ -113,7 +113,10 @@ def info_config(spec: str | Path) -> GrokConfig | Grok2Config:
     return Grok2Config() if spec == GROK2_PRESET else GrokConfig.preset(spec)
 
 
-def format_info(config: GrokConfig | Grok2Config, gpu_gib: float = 80.0) -> str:
+def format_info(config: GrokConfig | Grok2Config, gpu_gib: float = 80.0,
+                weights: str | None = None, group_size: int = 128) -> str:
+    """`grok1 info`'s text: sizes, and the fewest GPUs of `gpu_gib` for each weight format, or
+    for `weights` alone ("int8", "int4" in groups of `group_size`, "fp8", "bf16")."""
     grok2 = isinstance(config, Grok2Config)
     c = config.to_grok_config() if grok2 else config
     s = model_size(c)
@@ -147,8 +150,16 @@ def format_info(config: GrokConfig | Grok2Config, gpu_gib: float = 80.0) -> str:
     if c.dense_width:
         lines.append("(int8/int4/fp8: the attention and expert matrices; the dense MLP, "
                      "embedding and head stay bf16)")
-    for name, n in (("int8", s.bytes_int8), ("int4", s.bytes_int4), ("fp8", s.bytes_fp8),
-                    ("bf16", s.bytes_bf16)):
+    formats = [("int8", s.bytes_int8), ("int4", s.bytes_int4), ("fp8", s.bytes_fp8),
+               ("bf16", s.bytes_bf16)]
+    if weights is not None:
+        if weights not in dict(formats):
+            raise ValueError(f"weights={weights!r}: expected one of int8, int4, fp8, bf16")
+        n = weight_bytes(c, None if weights == "bf16" else weights, group_size)
+        label = f"int4 (groups {group_size})" if weights == "int4" else weights
+        lines.append(f"weights, {label}: {gb(n)}")
+        formats = [(label, n)]
+    for name, n in formats:
         needed = s.gpus_needed(gpu_bytes, n)
         tp = next((r for r in tp_sizes if r >= needed), None)
         lines.append(f"fewest {gpu_gib:g} GiB GPUs for {name} weights (90 % of memory): {needed}, "

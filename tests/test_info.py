@@ -90,6 +90,26 @@ def test_info_names_the_tensor_parallel_size_that_holds_the_weights():
     assert "more than --tp can split (16)" in format_info(grok, gpu_gib=40)
 
 
+def test_info_for_one_weight_format():
+    # `grok1 info --weights int4 --gpu-gib 131`: int4 Grok-1 (groups 128: 152.7 GiB) on two
+    # H200s; groups of 64 carry twice the scales; an unknown format is refused by name
+    out = subprocess.run([sys.executable, "-m", "grok1", "info", "--weights", "int4",
+                          "--gpu-gib", "131"], capture_output=True, text=True, check=True).stdout
+    assert "weights, int4 (groups 128): 163,977,375,744 B (163.98 GB, 152.7 GiB)" in out
+    assert "fewest 131 GiB GPUs for int4 (groups 128) weights (90 % of memory): 2, so --tp 2" \
+        in out
+    assert "for int8 weights" not in out and "for fp8 weights" not in out
+    from grok1.info import format_info
+
+    grok = GrokConfig.preset("grok-1")
+    assert "weights, int4 (groups 64): 168,897,294,336 B" in format_info(grok, weights="int4",
+                                                                          group_size=64)
+    assert "fewest 80 GiB GPUs for fp8 weights (90 % of memory): 5, so --tp 8" in \
+        format_info(grok, weights="fp8")
+    with pytest.raises(ValueError, match="weights='int3'"):
+        format_info(grok, weights="int3")
+
+
 # ---- Grok-2 (grok2 SPEC 1 and 3: 64 layers, D 8192, 64 q / 8 kv heads of 128, 8 experts top-2
 # of width 16384, a dense MLP of 32768, vocab 131072, untied head) --------------------------
 
