@@ -120,7 +120,9 @@ def format_info(config: GrokConfig | Grok2Config, gpu_gib: float = 80.0,
     grok2 = isinstance(config, Grok2Config)
     c = config.to_grok_config() if grok2 else config
     s = model_size(c)
-    gb = lambda n: f"{n:,} B ({n / 1e9:.2f} GB, {n / 2**30:.1f} GiB)"
+
+    def gb(n: int) -> str:
+        return f"{n:,} B ({n / 1e9:.2f} GB, {n / 2**30:.1f} GiB)"
     gpu_bytes = int(gpu_gib * 2**30)
     dense = f", a dense MLP of width {c.dense_width} beside them" if c.dense_width else ""
     twice = ("" if not c.tied_embeddings else
