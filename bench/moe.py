@@ -45,7 +45,15 @@ GEMV_STAGES = [
     [{"GSPLIT1": s} for s in (1, 2, 4, 8)],
     [{"GSPLIT": s} for s in (2, 4, 8)],
     [{"GS1": s, "GS2": s} for s in (1, 2, 4)]]
-DECODE_STAGES = [[{"MAGIC": 0}, {"MAGIC": 1}]]
+DECODE_STAGES = [
+    [{"MAGIC": 0}, {"MAGIC": 1}],
+    [{"BM": m} for m in (16, 32, 64)],
+    [{"BN1": a, "BK1": b, "W1": w, "S1": st} for a, b, w, st in [
+        (64, 128, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3)]],
+    [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
+        (64, 128, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4)]],
+    [{"SPLIT": s} for s in (1, 2, 4, 8)],
+    [{"ORDER1": o} for o in (0, 1)], [{"ORDER2": o} for o in (0, 1)]]
 PREFILL_STAGES = [
     [{"MAGIC": 0}, {"MAGIC": 1}],
     [{"BM": m, "BN1": a, "BK1": b, "W1": w, "S1": st} for m, a, b, w, st in [
