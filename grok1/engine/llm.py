@@ -24,7 +24,7 @@ from grok1.engine.sampler import process_logits, sample_rows, top_logprobs
 from grok1.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from grok1.lora import AdapterSelection
 from grok1.model import Grok1
-from grok1.sampling import SamplingParams, make_generator
+from grok1.sampling import SamplingParams, make_generator, rows_to_device
 from grok1.tokenizer import Tokenizer
 
 __all__ = [
@@ -193,7 +193,10 @@ class Engine:
                              f"{self.max_model_len}")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids),
                        wants_prompt_logits=params.prompt_logprobs is not None, adapter=adapter)
-        gen = None if params.greedy else make_generator(params.seed, self.device)
+        # a seeded request draws from its own generator (its tokens depend on nothing else);
+        # unseeded ones share the default generator, one draw for all their rows a step
+        gen = None if params.greedy or params.seed is None else make_generator(params.seed,
+                                                                                self.device)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops.add(self.config.eos_token)
@@ -297,14 +300,14 @@ class Engine:
         if not reqs:
             return outputs
         if len(rows) < len(sampled):
-            logits_RV = logits_RV[torch.tensor(rows, device=logits_RV.device)]
+            logits_RV = logits_RV[rows_to_device(rows, logits_RV.device)]
         tokens_R, failed = self._sample(self._sampling_logits(logits_RV, reqs), reqs)
         want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None
                    and r not in failed]
         lp = {}
         if want_lp:
             top = max(reqs[r].params.logprobs for r in want_lp)
-            rows = torch.tensor(want_lp, device=logits_RV.device)
+            rows = rows_to_device(want_lp, logits_RV.device)
             scored = top_logprobs(logits_RV[rows], tokens_R[rows], top)
             for i, r in enumerate(want_lp):
                 lp[r] = _token_logprob(scored, i, reqs[r].params.logprobs)
@@ -336,8 +339,8 @@ class Engine:
         (the runner lays tokens out chunk by chunk, in order)."""
         if self.adapters is None:
             return self.runner.execute(chunks)
-        ids_M = torch.tensor([ch.seq.adapter for ch in chunks for _ in range(ch.num_tokens)],
-                             device=self.device)
+        ids_M = rows_to_device([ch.seq.adapter for ch in chunks for _ in range(ch.num_tokens)],
+                               self.device)
         with self.adapters.select(ids_M):
             return self.runner.execute(chunks)
 
@@ -352,7 +355,7 @@ class Engine:
                 owners.append((self._requests[ch.seq.request_id], p))
                 next_ids.append(ch.seq.token_ids[p + 1])
         top = max(req.params.prompt_logprobs for req, _ in owners)
-        scored = top_logprobs(logits_QV, torch.tensor(next_ids, device=logits_QV.device), top)
+        scored = top_logprobs(logits_QV, rows_to_device(next_ids, logits_QV.device), top)
         for q, (req, p) in enumerate(owners):
             if req.prompt_logprobs is not None and p + 1 == len(req.prompt_logprobs):
                 req.prompt_logprobs.append(_token_logprob(scored, q, req.params.prompt_logprobs))

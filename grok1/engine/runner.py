@@ -34,6 +34,7 @@ from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
 from grok1.ops.rope import rope_and_cache
 from grok1.quant import INT8
+from grok1.sampling import rows_to_device
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
@@ -205,8 +206,9 @@ class ModelRunner:
         prompt_logit_positions, chunk by chunk). `pad_to` (a graph's bucket) adds rows of token
         0 at position 0 of scratch block 0, and leaves the plan and logit rows out (the graph
         has its own). The host builds flat lists (no torch call per sequence) and sends them
-        in one copy that does not wait for the GPU; slots and the batch's block table are
-        gathered on the device from the runner's block tables (`DeviceBlockTables`)."""
+        in one copy that does not wait for the GPU (grok1.sampling.rows_to_device); slots and
+        the batch's block table are gathered on the device from the runner's block tables
+        (`DeviceBlockTables`)."""
         rows_B, updates = self.block_tables.rows([ch.seq for ch in chunks])
         tokens, positions, token_rows, query_start, logit_rows = [], [], [], [0], []
         prompt_rows = []
@@ -221,8 +223,8 @@ class ModelRunner:
             prompt_rows += (query_start[-2] + p - ch.start for p in ch.prompt_logit_positions)
         pad = [0] * max(pad_to - len(chunks), 0)  # row 0 of the tables is all scratch block 0
         M, B, R = len(tokens) + len(pad), len(rows_B) + len(pad), len(logit_rows + prompt_rows)
-        flat = self._upload(tokens + pad + positions + pad + token_rows + pad + rows_B + pad
-                            + logit_rows + prompt_rows + updates)
+        flat = rows_to_device(tokens + pad + positions + pad + token_rows + pad + rows_B + pad
+                              + logit_rows + prompt_rows + updates, self.device)
         tokens_M, positions_M, token_rows_M, rows_B_, logit_rows_R, updates_3U = flat.split(
             [M, M, M, B, R, len(updates)])
         table = self.block_tables.table_SP
@@ -238,15 +240,6 @@ class ModelRunner:
                                   max_kv_len=max(ch.start + ch.num_tokens for ch in chunks))
         return Batch(tokens_M, positions_M, slots_M, table.index_select(0, rows_B_), plan,
                      logit_rows_R)
-
-    def _upload(self, values: list[int]) -> torch.Tensor:
-        """int64 [len(values)] on the device. On CUDA from pinned memory without blocking:
-        a pageable copy (torch.tensor(..., device=)) waits for every queued kernel, and the
-        caching host allocator keeps the pinned buffer until the copy has run."""
-        if self.device.type != "cuda":
-            return torch.tensor(values, dtype=torch.long)
-        host = torch.tensor(values, dtype=torch.long, pin_memory=True)
-        return host.to(self.device, non_blocking=True)
 
     # ---- the forward ----------------------------------------------------------------------
     @torch.no_grad()
