@@ -1,4 +1,5 @@
-"""On-device sampling for a batch of requests, each with its own params and seeded generator.
+"""On-device sampling for a batch of requests, each with its own params (and, when seeded,
+its own generator; unseeded rows share the default generator in one draw).
 
 The math is `grok1.sampling` (the lead's reference twin: temperature, top-k, top-p, exponential
 race with the row's generator); this file adds the fast paths a batch allows (an all-greedy

@@ -67,3 +67,38 @@ def test_a_reused_row_is_cleared_past_its_new_sequence():
     assert torch.equal(got, torch.tensor([[9, 0, 0, 0, 0, 0]], dtype=torch.int32)) and n == 5
     got, n = apply(tables, [short_seq])
     assert n == 0
+
+
+def test_a_padded_decode_batch_holds_what_the_graph_rows_held_before():
+    """runner.prepare(pad_to=bucket), which the CUDA-graph path copies into its static batch:
+    each row's last token, position, slot and block table, then rows of token 0 at slot 0 with
+    a table of zeros (scratch block 0), as the per-row loop built them."""
+    from grok1 import random_weights
+    from grok1.engine.kv_cache import slot_of
+    from grok1.engine.runner import ModelRunner
+    from grok1.engine.scheduler import ScheduledChunk
+
+    model = random_weights("tiny", quantized=False)
+    runner = ModelRunner(model, num_blocks=40, block_size=4, max_model_len=32, max_batch_size=8)
+    rng = random.Random(1)
+    pool = BlockPool(40, 4)
+    chunks = []
+    for i, n in enumerate((5, 12, 1)):
+        seq = Sequence(f"r{i}", [rng.randrange(3, 200) for _ in range(n)], n, num_computed=n - 1)
+        seq.block_ids = pool.allocate(pool.blocks_for(n))
+        chunks.append(ScheduledChunk(seq, n - 1, 1))
+    for step in range(6):  # rows cross into new blocks on the way
+        batch = runner.prepare(chunks, pad_to=8)
+        seqs = [ch.seq for ch in chunks]
+        assert batch.tokens_M.tolist() == [s.token_ids[-1] for s in seqs] + [0] * 5
+        assert batch.positions_M.tolist() == [ch.start for ch in chunks] + [0] * 5
+        assert batch.slots_M.tolist() == [slot_of(s.block_ids, ch.start, 4)
+                                          for s, ch in zip(seqs, chunks)] + [0] * 5
+        want = torch.cat([fresh_table(seqs, 8), torch.zeros(5, 8, dtype=torch.int32)])
+        assert torch.equal(batch.block_table_BP, want), step
+        for i, seq in enumerate(seqs):
+            seq.token_ids.append(rng.randrange(3, 200))
+            seq.num_computed += 1
+            if len(seq.block_ids) * 4 < len(seq.token_ids):
+                seq.block_ids += pool.allocate(1)
+            chunks[i] = ScheduledChunk(seq, len(seq.token_ids) - 1, 1)
