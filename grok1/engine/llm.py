@@ -109,6 +109,8 @@ class _Request:
     stops: frozenset[int]
     # prompt_logprobs[p] scores prompt token p (None for p = 0); sent with the first output
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # the prompt's ids on the device, sent once: penalties read them every step
+    prompt_ids: torch.Tensor | None = None
 
 
 def default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
@@ -371,12 +373,16 @@ class Engine:
         penalties, min_tokens, min_p) when any row has them; logprobs use the model's own."""
         if not any(q.params.processes_logits for q in reqs):
             return logits_RV
-        n_prompt = [q.seq.num_prompt_tokens for q in reqs]
-        penalized = any(q.params.penalized for q in reqs)  # only then the histories matter
+        prompts = [[] for _ in reqs]
+        if any(q.params.penalized for q in reqs):  # only then the histories matter
+            for q in reqs:
+                if q.prompt_ids is None:
+                    q.prompt_ids = rows_to_device(q.seq.token_ids[:q.seq.num_prompt_tokens],
+                                                  self.device)
+            prompts = [q.prompt_ids for q in reqs]
         return process_logits(
-            logits_RV, [q.params for q in reqs],
-            [q.seq.token_ids[:n] if penalized else [] for q, n in zip(reqs, n_prompt)],
-            [q.seq.token_ids[n:] for q, n in zip(reqs, n_prompt)], [q.stops for q in reqs])
+            logits_RV, [q.params for q in reqs], prompts,
+            [q.seq.token_ids[q.seq.num_prompt_tokens:] for q in reqs], [q.stops for q in reqs])
 
     def _sample(self, logits_RV: torch.Tensor,
                 reqs: list[_Request]) -> tuple[torch.Tensor, dict[int, str]]:

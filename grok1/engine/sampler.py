@@ -26,19 +26,24 @@ from grok1.sampling import (
 )
 
 
-def _counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[R, V] occurrences of each token per row, from one flat copy of all rows' ids (the
-    histories of a batch run to thousands of ids: no [R, L] padded list, no copy per row)."""
-    ids = itertools.chain.from_iterable(rows)
-    row_of = itertools.chain.from_iterable(itertools.repeat(r, len(ids_r))
-                                           for r, ids_r in enumerate(rows))
-    flat = rows_to_device(list(row_of) + list(ids), device).view(2, -1)
+def _counts(rows: list[list[int]] | list[torch.Tensor], vocab: int,
+            device: torch.device) -> torch.Tensor:
+    """[R, V] occurrences of each token per row. Rows of ids already on the device (the
+    engine keeps each prompt there: a batch's prompts run to tens of thousands of ids) are
+    concatenated; lists go in one flat copy (no [R, L] padded list, no copy per row)."""
+    lengths = [len(r) for r in rows]
+    if rows and isinstance(rows[0], torch.Tensor):
+        ids = torch.cat(rows)
+    else:
+        ids = rows_to_device(list(itertools.chain.from_iterable(rows)), device)
+    row_of = torch.repeat_interleave(torch.arange(len(rows), device=device),
+                                     rows_to_device(lengths, device), output_size=sum(lengths))
     counts = torch.zeros(len(rows), vocab, device=device)
-    return counts.index_put_((flat[0], flat[1]), torch.ones(1, device=device), accumulate=True)
+    return counts.index_put_((row_of, ids), torch.ones(1, device=device), accumulate=True)
 
 
 def process_logits(logits_RV: torch.Tensor, params: list[SamplingParams],
-                   prompts: list[list[int]], outputs: list[list[int]],
+                   prompts: list[list[int]] | list[torch.Tensor], outputs: list[list[int]],
                    stops: list[frozenset[int]]) -> torch.Tensor:
     """The logits sampling draws from (f32; the model's own stay for logprobs), in vLLM's
     order: logit_bias; min_tokens (each row's stop tokens at -inf while it has fewer outputs);
