@@ -58,12 +58,24 @@ def apply_kernels(model: Grok1) -> Grok1:
 
 @dataclasses.dataclass
 class Batch:
-    tokens_M: torch.Tensor
-    positions_M: torch.Tensor
-    slots_M: torch.Tensor
+    # token ids, positions and cache slots of the new tokens as one tensor: a graph's static
+    # batch takes a step's in one copy
+    inputs_3M: torch.Tensor
     block_table_BP: torch.Tensor
     plan: AttentionPlan | None  # None: a graph's batch (its static batch holds the plan)
     logit_rows_R: torch.Tensor
+
+    @property
+    def tokens_M(self) -> torch.Tensor:
+        return self.inputs_3M[0]
+
+    @property
+    def positions_M(self) -> torch.Tensor:
+        return self.inputs_3M[1]
+
+    @property
+    def slots_M(self) -> torch.Tensor:
+        return self.inputs_3M[2]
 
 
 class DeviceBlockTables:
@@ -204,42 +216,38 @@ class ModelRunner:
         """The batch of these chunks; its logit rows are the sampled rows (one per chunk with
         needs_sample, in order), then the prompt-logit rows (ScheduledChunk.
         prompt_logit_positions, chunk by chunk). `pad_to` (a graph's bucket) adds rows of token
-        0 at position 0 of scratch block 0, and leaves the plan and logit rows out (the graph
-        has its own). The host builds flat lists (no torch call per sequence) and sends them
-        in one copy that does not wait for the GPU (grok1.sampling.rows_to_device); slots and
-        the batch's block table are gathered on the device from the runner's block tables
-        (`DeviceBlockTables`)."""
+        0 at slot 0 with a table of zeros (scratch block 0), and leaves the plan and logit rows
+        out (the graph has its own). The host builds flat lists (no torch call per sequence)
+        and sends them in one copy that does not wait for the GPU (grok1.sampling.
+        rows_to_device); the block tables stay on the device (`DeviceBlockTables`)."""
         rows_B, updates = self.block_tables.rows([ch.seq for ch in chunks])
-        tokens, positions, token_rows, query_start, logit_rows = [], [], [], [0], []
-        prompt_rows = []
-        for ch, row in zip(chunks, rows_B):
-            end = ch.start + ch.num_tokens
+        tokens, positions, slots, query_start, logit_rows, prompt_rows = [], [], [], [0], [], []
+        bs = self.block_size
+        for ch in chunks:
+            end, ids = ch.start + ch.num_tokens, ch.seq.block_ids
             tokens += ch.seq.token_ids[ch.start:end]
             positions += range(ch.start, end)
-            token_rows += [row] * ch.num_tokens
+            slots += (ids[p // bs] * bs + p % bs for p in range(ch.start, end))
             query_start.append(query_start[-1] + ch.num_tokens)
             if ch.needs_sample:
                 logit_rows.append(query_start[-1] - 1)
             prompt_rows += (query_start[-2] + p - ch.start for p in ch.prompt_logit_positions)
         pad = [0] * max(pad_to - len(chunks), 0)  # row 0 of the tables is all scratch block 0
-        M, B, R = len(tokens) + len(pad), len(rows_B) + len(pad), len(logit_rows + prompt_rows)
-        flat = rows_to_device(tokens + pad + positions + pad + token_rows + pad + rows_B + pad
+        M, B = len(tokens) + len(pad), len(rows_B) + len(pad)
+        flat = rows_to_device(tokens + pad + positions + pad + slots + pad + rows_B + pad
                               + logit_rows + prompt_rows + updates, self.device)
-        tokens_M, positions_M, token_rows_M, rows_B_, logit_rows_R, updates_3U = flat.split(
-            [M, M, M, B, R, len(updates)])
+        inputs_3M, rows_B_, logit_rows_R, updates_3U = flat.split(
+            [3 * M, B, len(logit_rows + prompt_rows), len(updates)])
         table = self.block_tables.table_SP
         if updates:
             u = updates_3U.view(3, -1)
             table.index_put_((u[0], u[1]), u[2].to(table.dtype))
-        bs = self.block_size
-        slots_M = table[token_rows_M, positions_M // bs].long() * bs + positions_M % bs
         plan = None
         if not pad_to:
             c = self.config
             plan = plan_attention(query_start, c.num_kv_heads, c.q_per_kv, self.device,
                                   max_kv_len=max(ch.start + ch.num_tokens for ch in chunks))
-        return Batch(tokens_M, positions_M, slots_M, table.index_select(0, rows_B_), plan,
-                     logit_rows_R)
+        return Batch(inputs_3M.view(3, M), table.index_select(0, rows_B_), plan, logit_rows_R)
 
     # ---- the forward ----------------------------------------------------------------------
     @torch.no_grad()
@@ -267,9 +275,7 @@ class ModelRunner:
         c = self.config
         plan = plan_attention(list(range(bucket + 1)), c.num_kv_heads, c.q_per_kv, dev,
                               max_kv_len=self.max_blocks_per_seq * self.block_size)
-        return Batch(torch.zeros(bucket, dtype=torch.long, device=dev),
-                     torch.zeros(bucket, dtype=torch.long, device=dev),
-                     torch.zeros(bucket, dtype=torch.long, device=dev),
+        return Batch(torch.zeros(3, bucket, dtype=torch.long, device=dev),
                      torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
                      plan, torch.arange(bucket, device=dev))
 
@@ -306,7 +312,7 @@ class ModelRunner:
             self.capture(bucket)
         graph, static, out = self._graphs[bucket]
         batch = self.prepare(chunks, pad_to=bucket)
-        for name in ("tokens_M", "positions_M", "slots_M", "block_table_BP"):
-            getattr(static, name).copy_(getattr(batch, name))  # the graph reads these tensors
+        static.inputs_3M.copy_(batch.inputs_3M)  # the graph reads these tensors
+        static.block_table_BP.copy_(batch.block_table_BP)
         graph.replay()
         return out[:B]
