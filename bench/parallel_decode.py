@@ -13,6 +13,12 @@ through the one-GPU runner, then shards that same model and checks the parallel 
 figure and appends JSON objects (the engine bench's fields plus num_gpus, tp, moe,
 decode_tok_per_s, memory per GPU) to DIR/parallel_decode.jsonl. Runs on CPU with gloo for
 --verify only (no timings there).
+
+`--breakdown` adds to each decode and prefill row the GPU time per layer by part of the layer
+(bench/kernel_breakdown.py: torch.profiler over 10 replayed decode steps or 3 prefills, kernels
+grouped by name) and what the full-depth model would take (per layer x 64 + once-a-step work):
+
+    torchrun --nproc-per-node 2 bench/parallel_decode.py --layers 4 --breakdown --out DIR
 """
 
 from __future__ import annotations
@@ -159,6 +165,44 @@ def allreduce_us(mesh: Mesh, numel: int, graph: bool) -> float:
     return us
 
 
+def profile_breakdown(model: Grok1, mesh: Mesh, args, full_layers: int) -> dict[tuple, dict]:
+    """{("decode", batch) or ("prefill", tokens): kernel_breakdown.breakdown(...)} from
+    torch.profiler over 10 decode steps (CUDA-graph replays, as bench_decode times them) and
+    3 eager prefills. Every rank runs them (the steps hold collectives); rank 0's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.engine_bench import _sequences
+    from bench.kernel_breakdown import breakdown, kernel_times
+    from grok1.engine.scheduler import ScheduledChunk, Sequence
+
+    L, V = model.config.num_layers, model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    if args.batch:
+        runner = _runner(model, max(args.batch), args.context + 64)
+        cases += [(("decode", B), runner, _sequences(B, args.context, runner.block_size, V, gen),
+                   10) for B in args.batch]
+    for T in args.prefill or []:
+        prefill_runner = _runner(model, 1, T + 16)
+        seq = Sequence("p", torch.randint(3, V, (T,), generator=gen).tolist(), T)
+        seq.block_ids = list(range(1, -(-T // prefill_runner.block_size) + 1))
+        cases.append((("prefill", T), prefill_runner, [ScheduledChunk(seq, 0, T)], 3))
+    out = {}
+    for key, runner, chunks, steps in cases:
+        for _ in range(3):  # captures the bucket's graph, compiles, settles
+            runner.execute(chunks)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner.execute(chunks)
+            torch.cuda.synchronize()
+        out[key] = breakdown(kernel_times(prof), steps, L, full_layers)
+    cases.clear()  # the runners (and the graphs' captured collectives) go now
+    runner = prefill_runner = None
+    gc.collect()
+    return out
+
+
 def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
     from bench._common import environment, measure_ceilings
     from bench.engine_bench import bench_decode, bench_prefill
@@ -183,6 +227,12 @@ def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
             for graph in (False, True):
                 results.append({"kind": "allreduce_f32", "tokens": tokens, "graph": graph,
                                 "us": allreduce_us(mesh, tokens * D, graph)})
+    if args.breakdown:
+        parts = profile_breakdown(model, mesh, args, args.full_layers)
+        for r in results:
+            key = (r["kind"], r.get("prefill_tokens", r["batch"]))
+            if key in parts:
+                r["breakdown"] = parts[key]
     peak = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) / GIB], device=mesh.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     env = environment()
@@ -230,6 +280,13 @@ def profile_decode(model: Grok1, mesh: Mesh, moe: str, context: int, out: Path |
 
 def describe(r: dict) -> str:
     head = f"[{r.get('num_gpus', '?')} GPU, moe {r.get('moe')}, L={r.get('layers')}]"
+    if "breakdown" in r:
+        from bench.kernel_breakdown import describe as describe_breakdown
+
+        what = (f"decode b={r['batch']}" if r["kind"] == "decode"
+                else f"prefill T={r['prefill_tokens']}")
+        rest = {k: v for k, v in r.items() if k != "breakdown"}
+        return describe(rest) + "\n" + describe_breakdown(r["breakdown"], f"{head} {what}")
     if r["kind"] == "decode":
         return (f"{head} decode b={r['batch']} ctx={r['context']}: {r['decode_step_ms']:.3f} ms "
                 f"= {r['decode_tok_per_s']:.1f} tok/s | roofline {r['roofline_ms']:.3f} ms = "
@@ -283,9 +340,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="append JSON lines to DIR/...jsonl")
     p.add_argument("--profile", action="store_true", help="kernel table of a b=1 decode step")
+    p.add_argument("--breakdown", action="store_true",
+                   help="GPU us per layer by part (attention, MoE, all-reduce, ...) in each "
+                        "decode and prefill row, and the full-depth estimate")
     args = p.parse_args()
     mesh = init_distributed()
-    config = GrokConfig.resolve(args.config, args.set).replace(num_layers=args.layers)
+    base = GrokConfig.resolve(args.config, args.set)
+    args.full_layers = base.num_layers  # what --breakdown's estimate scales to
+    config = base.replace(num_layers=args.layers)
     ok = True
     try:
         for moe in args.moe:

@@ -92,3 +92,30 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token_instead_of_overflowing():
     a = sample(logits, huge, [make_generator(s, "cpu") for s in (1, 2)])
     b = sample(logits, off, [make_generator(s, "cpu") for s in (1, 2)])
     assert torch.equal(a, b)
+
+
+def test_the_race_draws_seeded_rows_from_their_own_generator_and_the_rest_in_one_call():
+    from grok1.sampling import exponential_race
+
+    torch.manual_seed(7)
+    probs = torch.softmax(torch.randn(4, 64), -1)
+    seeds = [3, None, 5, None]
+    gens = lambda: [None if s is None else make_generator(s, "cpu") for s in seeds]  # noqa: E731
+    torch.manual_seed(8)
+    a = exponential_race(probs, gens())
+    torch.manual_seed(8)
+    b = exponential_race(probs, gens())
+    assert torch.equal(a, b)  # unseeded rows follow the default generator
+    # a seeded row draws what it drew when each row had its own call: a row-sized draw
+    ref = [(probs[r] / torch.empty(64).exponential_(generator=make_generator(seeds[r], "cpu")))
+           .argmax() for r in (0, 2)]
+    assert a[0] == ref[0] and a[2] == ref[1]
+
+
+def test_rows_to_device_keeps_values_and_dtypes():
+    from grok1.sampling import rows_to_device
+
+    ints, floats = [3, -1, 2**40], [0.1, 2.5, -7.25]
+    assert rows_to_device(ints, "cpu").tolist() == ints
+    assert torch.equal(rows_to_device(floats, "cpu", torch.float32), torch.tensor(floats))
+    assert rows_to_device([], "cpu").shape == (0,)

@@ -24,7 +24,7 @@ from grok1.engine.sampler import process_logits, sample_rows, top_logprobs
 from grok1.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from grok1.lora import AdapterSelection
 from grok1.model import Grok1
-from grok1.sampling import SamplingParams, make_generator
+from grok1.sampling import SamplingParams, make_generator, rows_to_device
 from grok1.tokenizer import Tokenizer
 
 __all__ = [
@@ -109,6 +109,8 @@ class _Request:
     stops: frozenset[int]
     # prompt_logprobs[p] scores prompt token p (None for p = 0); sent with the first output
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # the prompt's ids on the device, sent once: penalties read them every step
+    prompt_ids: torch.Tensor | None = None
 
 
 def default_num_blocks(model: Grok1, block_size: int, max_model_len: int,
@@ -193,7 +195,10 @@ class Engine:
                              f"{self.max_model_len}")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids),
                        wants_prompt_logits=params.prompt_logprobs is not None, adapter=adapter)
-        gen = None if params.greedy else make_generator(params.seed, self.device)
+        # a seeded request draws from its own generator (its tokens depend on nothing else);
+        # unseeded ones share the default generator, one draw for all their rows a step
+        gen = None if params.greedy or params.seed is None else make_generator(params.seed,
+                                                                                self.device)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops.add(self.config.eos_token)
@@ -297,14 +302,14 @@ class Engine:
         if not reqs:
             return outputs
         if len(rows) < len(sampled):
-            logits_RV = logits_RV[torch.tensor(rows, device=logits_RV.device)]
+            logits_RV = logits_RV[rows_to_device(rows, logits_RV.device)]
         tokens_R, failed = self._sample(self._sampling_logits(logits_RV, reqs), reqs)
         want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None
                    and r not in failed]
         lp = {}
         if want_lp:
             top = max(reqs[r].params.logprobs for r in want_lp)
-            rows = torch.tensor(want_lp, device=logits_RV.device)
+            rows = rows_to_device(want_lp, logits_RV.device)
             scored = top_logprobs(logits_RV[rows], tokens_R[rows], top)
             for i, r in enumerate(want_lp):
                 lp[r] = _token_logprob(scored, i, reqs[r].params.logprobs)
@@ -336,8 +341,8 @@ class Engine:
         (the runner lays tokens out chunk by chunk, in order)."""
         if self.adapters is None:
             return self.runner.execute(chunks)
-        ids_M = torch.tensor([ch.seq.adapter for ch in chunks for _ in range(ch.num_tokens)],
-                             device=self.device)
+        ids_M = rows_to_device([ch.seq.adapter for ch in chunks for _ in range(ch.num_tokens)],
+                               self.device)
         with self.adapters.select(ids_M):
             return self.runner.execute(chunks)
 
@@ -352,7 +357,7 @@ class Engine:
                 owners.append((self._requests[ch.seq.request_id], p))
                 next_ids.append(ch.seq.token_ids[p + 1])
         top = max(req.params.prompt_logprobs for req, _ in owners)
-        scored = top_logprobs(logits_QV, torch.tensor(next_ids, device=logits_QV.device), top)
+        scored = top_logprobs(logits_QV, rows_to_device(next_ids, logits_QV.device), top)
         for q, (req, p) in enumerate(owners):
             if req.prompt_logprobs is not None and p + 1 == len(req.prompt_logprobs):
                 req.prompt_logprobs.append(_token_logprob(scored, q, req.params.prompt_logprobs))
@@ -368,12 +373,16 @@ class Engine:
         penalties, min_tokens, min_p) when any row has them; logprobs use the model's own."""
         if not any(q.params.processes_logits for q in reqs):
             return logits_RV
-        n_prompt = [q.seq.num_prompt_tokens for q in reqs]
-        penalized = any(q.params.penalized for q in reqs)  # only then the histories matter
+        prompts = [[] for _ in reqs]
+        if any(q.params.penalized for q in reqs):  # only then the histories matter
+            for q in reqs:
+                if q.prompt_ids is None:
+                    q.prompt_ids = rows_to_device(q.seq.token_ids[:q.seq.num_prompt_tokens],
+                                                  self.device)
+            prompts = [q.prompt_ids for q in reqs]
         return process_logits(
-            logits_RV, [q.params for q in reqs],
-            [q.seq.token_ids[:n] if penalized else [] for q, n in zip(reqs, n_prompt)],
-            [q.seq.token_ids[n:] for q, n in zip(reqs, n_prompt)], [q.stops for q in reqs])
+            logits_RV, [q.params for q in reqs], prompts,
+            [q.seq.token_ids[q.seq.num_prompt_tokens:] for q in reqs], [q.stops for q in reqs])
 
     def _sample(self, logits_RV: torch.Tensor,
                 reqs: list[_Request]) -> tuple[torch.Tensor, dict[int, str]]:

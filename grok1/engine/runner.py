@@ -17,8 +17,7 @@ import dataclasses
 
 import torch
 
-from grok1.engine.kv_cache import slot_of
-from grok1.engine.scheduler import ScheduledChunk
+from grok1.engine.scheduler import ScheduledChunk, Sequence
 from grok1.model import (
     BF16,
     ForwardContext,
@@ -35,6 +34,7 @@ from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
 from grok1.ops.rope import rope_and_cache
 from grok1.quant import INT8
+from grok1.sampling import rows_to_device
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
@@ -58,12 +58,69 @@ def apply_kernels(model: Grok1) -> Grok1:
 
 @dataclasses.dataclass
 class Batch:
-    tokens_M: torch.Tensor
-    positions_M: torch.Tensor
-    slots_M: torch.Tensor
+    # token ids, positions and cache slots of the new tokens as one tensor: a graph's static
+    # batch takes a step's in one copy
+    inputs_3M: torch.Tensor
     block_table_BP: torch.Tensor
-    plan: AttentionPlan
+    plan: AttentionPlan | None  # None: a graph's batch (its static batch holds the plan)
     logit_rows_R: torch.Tensor
+
+    @property
+    def tokens_M(self) -> torch.Tensor:
+        return self.inputs_3M[0]
+
+    @property
+    def positions_M(self) -> torch.Tensor:
+        return self.inputs_3M[1]
+
+    @property
+    def slots_M(self) -> torch.Tensor:
+        return self.inputs_3M[2]
+
+
+class DeviceBlockTables:
+    """The block tables of the sequences run lately, kept on the device across steps: a row
+    per sequence holding its block ids (0 past its end), row 0 all zeros (padded graph rows
+    read scratch block 0 through it). A step sends only the entries that differ from what a
+    row holds (in decode: the rows that crossed into a new block), not every sequence's table.
+    A row is compared with its sequence's block ids every step (a list comparison in C), so a
+    sequence preempted and rescheduled on other blocks, or a reused row, is rewritten."""
+
+    def __init__(self, num_rows: int, blocks_per_seq: int, device: torch.device):
+        self.table_SP = torch.zeros(num_rows + 1, blocks_per_seq, dtype=torch.int32,
+                                    device=device)
+        # sequence -> (its row, the ids the row holds); free rows with the ids they still hold
+        self._held: dict[Sequence, tuple[int, list[int]]] = {}
+        self._free: list[tuple[int, list[int]]] = [(r, []) for r in range(num_rows, 0, -1)]
+
+    def rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+        """Each sequence's row [B], and the updates that bring the rows up to date as one flat
+        list: U row indices, U column indices, U block ids."""
+        rows, upd_rows, upd_cols, upd_ids = [], [], [], []
+        for seq in seqs:
+            row, have = self._held.get(seq) or self._take_row(seq, seqs)
+            ids, n = seq.block_ids, len(have)
+            start = n if ids[:n] == have else 0  # new blocks appended, or the row rewritten
+            if start < len(ids) or len(ids) < n:
+                cols = range(start, max(len(ids), n))
+                upd_rows += [row] * len(cols)
+                upd_cols += cols
+                upd_ids += ids[start:] + [0] * (n - len(ids))  # and zeros over a longer past
+                self._held[seq] = (row, list(ids))
+            rows.append(row)
+        return rows, upd_rows + upd_cols + upd_ids
+
+    def _take_row(self, seq: Sequence, step: list[Sequence]) -> tuple[int, list[int]]:
+        if not self._free:  # the rows of sequences not in this step (finished ones among them)
+            keep = set(step)
+            for old in [s for s in self._held if s not in keep]:
+                self._free.append(self._held.pop(old))
+        if not self._free:  # more sequences in one step than rows: grow
+            S = self.table_SP.shape[0]
+            self.table_SP = torch.cat([self.table_SP, torch.zeros_like(self.table_SP[1:])])
+            self._free = [(r, []) for r in range(2 * S - 2, S - 1, -1)]
+        self._held[seq] = self._free.pop()
+        return self._held[seq]
 
 
 @dataclasses.dataclass
@@ -133,6 +190,8 @@ class ModelRunner:
         self.device = model.embed.device
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.block_tables = DeviceBlockTables(max_batch_size, self.max_blocks_per_seq,
+                                              self.device)
         if self.device.type == "cuda":
             apply_kernels(model)
         # block 0 is scratch (padded graph rows write there); the pool hands out 1..num_blocks
@@ -153,32 +212,42 @@ class ModelRunner:
         self._graph_pool = None
 
     # ---- host-side batch preparation ------------------------------------------------------
-    def prepare(self, chunks: list[ScheduledChunk]) -> Batch:
+    def prepare(self, chunks: list[ScheduledChunk], pad_to: int = 0) -> Batch:
         """The batch of these chunks; its logit rows are the sampled rows (one per chunk with
         needs_sample, in order), then the prompt-logit rows (ScheduledChunk.
-        prompt_logit_positions, chunk by chunk)."""
-        tokens, positions, slots, query_start, rows = [], [], [], [0], []
-        prompt_rows = []
-        table = torch.zeros(len(chunks), self.max_blocks_per_seq, dtype=torch.int32)
-        for b, ch in enumerate(chunks):
-            seq = ch.seq
-            tokens += seq.token_ids[ch.start:ch.start + ch.num_tokens]
-            span = range(ch.start, ch.start + ch.num_tokens)
-            positions += span
-            slots += [slot_of(seq.block_ids, p, self.block_size) for p in span]
+        prompt_logit_positions, chunk by chunk). `pad_to` (a graph's bucket) adds rows of token
+        0 at slot 0 with a table of zeros (scratch block 0), and leaves the plan and logit rows
+        out (the graph has its own). The host builds flat lists (no torch call per sequence)
+        and sends them in one copy that does not wait for the GPU (grok1.sampling.
+        rows_to_device); the block tables stay on the device (`DeviceBlockTables`)."""
+        rows_B, updates = self.block_tables.rows([ch.seq for ch in chunks])
+        tokens, positions, slots, query_start, logit_rows, prompt_rows = [], [], [], [0], [], []
+        bs = self.block_size
+        for ch in chunks:
+            end, ids = ch.start + ch.num_tokens, ch.seq.block_ids
+            tokens += ch.seq.token_ids[ch.start:end]
+            positions += range(ch.start, end)
+            slots += (ids[p // bs] * bs + p % bs for p in range(ch.start, end))
             query_start.append(query_start[-1] + ch.num_tokens)
-            table[b, :len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
             if ch.needs_sample:
-                rows.append(query_start[-1] - 1)
+                logit_rows.append(query_start[-1] - 1)
             prompt_rows += (query_start[-2] + p - ch.start for p in ch.prompt_logit_positions)
-        dev = self.device
-        max_kv = max(ch.start + ch.num_tokens for ch in chunks)
-        c = self.config
-        return Batch(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                     torch.tensor(slots, device=dev), table.to(dev),
-                     plan_attention(query_start, c.num_kv_heads, c.q_per_kv, dev,
-                                    max_kv_len=max_kv),
-                     torch.tensor(rows + prompt_rows, dtype=torch.long, device=dev))
+        pad = [0] * max(pad_to - len(chunks), 0)  # row 0 of the tables is all scratch block 0
+        M, B = len(tokens) + len(pad), len(rows_B) + len(pad)
+        flat = rows_to_device(tokens + pad + positions + pad + slots + pad + rows_B + pad
+                              + logit_rows + prompt_rows + updates, self.device)
+        inputs_3M, rows_B_, logit_rows_R, updates_3U = flat.split(
+            [3 * M, B, len(logit_rows + prompt_rows), len(updates)])
+        table = self.block_tables.table_SP
+        if updates:
+            u = updates_3U.view(3, -1)
+            table.index_put_((u[0], u[1]), u[2].to(table.dtype))
+        plan = None
+        if not pad_to:
+            c = self.config
+            plan = plan_attention(query_start, c.num_kv_heads, c.q_per_kv, self.device,
+                                  max_kv_len=max(ch.start + ch.num_tokens for ch in chunks))
+        return Batch(inputs_3M.view(3, M), table.index_select(0, rows_B_), plan, logit_rows_R)
 
     # ---- the forward ----------------------------------------------------------------------
     @torch.no_grad()
@@ -206,9 +275,7 @@ class ModelRunner:
         c = self.config
         plan = plan_attention(list(range(bucket + 1)), c.num_kv_heads, c.q_per_kv, dev,
                               max_kv_len=self.max_blocks_per_seq * self.block_size)
-        return Batch(torch.zeros(bucket, dtype=torch.long, device=dev),
-                     torch.zeros(bucket, dtype=torch.long, device=dev),
-                     torch.zeros(bucket, dtype=torch.long, device=dev),
+        return Batch(torch.zeros(3, bucket, dtype=torch.long, device=dev),
                      torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
                      plan, torch.arange(bucket, device=dev))
 
@@ -244,19 +311,8 @@ class ModelRunner:
         if bucket not in self._graphs:
             self.capture(bucket)
         graph, static, out = self._graphs[bucket]
-        tokens = torch.zeros(bucket, dtype=torch.long)
-        positions = torch.zeros(bucket, dtype=torch.long)
-        slots = torch.zeros(bucket, dtype=torch.long)
-        table = torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32)
-        for b, ch in enumerate(chunks):
-            seq = ch.seq
-            tokens[b] = seq.token_ids[ch.start]
-            positions[b] = ch.start
-            slots[b] = slot_of(seq.block_ids, ch.start, self.block_size)
-            table[b, :len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
-        static.tokens_M.copy_(tokens, non_blocking=True)
-        static.positions_M.copy_(positions, non_blocking=True)
-        static.slots_M.copy_(slots, non_blocking=True)
-        static.block_table_BP.copy_(table, non_blocking=True)
+        batch = self.prepare(chunks, pad_to=bucket)
+        static.inputs_3M.copy_(batch.inputs_3M)  # the graph reads these tensors
+        static.block_table_BP.copy_(batch.block_table_BP)
         graph.replay()
         return out[:B]

@@ -1,4 +1,5 @@
-"""On-device sampling for a batch of requests, each with its own params and seeded generator.
+"""On-device sampling for a batch of requests, each with its own params (and, when seeded,
+its own generator; unseeded rows share the default generator in one draw).
 
 The math is `grok1.sampling` (the lead's reference twin: temperature, top-k, top-p, exponential
 race with the row's generator); this file adds the fast paths a batch allows (an all-greedy
@@ -10,29 +11,39 @@ threshold. Shape letters: R rows (requests sampled this step), V vocab, L histor
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from grok1.sampling import SamplingParams, logprobs_of, sample, temperatures
+from grok1.sampling import (
+    SamplingParams,
+    exponential_race,
+    logprobs_of,
+    rows_to_device,
+    sample,
+    temperatures,
+)
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    """[R, L] token ids, short rows filled with `pad`."""
-    width = max(map(len, rows), default=0)
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long,
-                        device=device).reshape(len(rows), width)
-
-
-def _counts(ids_RL: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R, V] occurrences of each token per row (the pad id `vocab` falls off the end)."""
-    counts = torch.zeros(ids_RL.shape[0], vocab + 1, device=ids_RL.device)
-    counts.scatter_add_(1, ids_RL, torch.ones_like(ids_RL, dtype=counts.dtype))
-    return counts[:, :vocab]
+def _counts(rows: list[list[int]] | list[torch.Tensor], vocab: int,
+            device: torch.device) -> torch.Tensor:
+    """[R, V] occurrences of each token per row. Rows of ids already on the device (the
+    engine keeps each prompt there: a batch's prompts run to tens of thousands of ids) are
+    concatenated; lists go in one flat copy (no [R, L] padded list, no copy per row)."""
+    lengths = [len(r) for r in rows]
+    if rows and isinstance(rows[0], torch.Tensor):
+        ids = torch.cat(rows)
+    else:
+        ids = rows_to_device(list(itertools.chain.from_iterable(rows)), device)
+    row_of = torch.repeat_interleave(torch.arange(len(rows), device=device),
+                                     rows_to_device(lengths, device), output_size=sum(lengths))
+    counts = torch.zeros(len(rows), vocab, device=device)
+    return counts.index_put_((row_of, ids), torch.ones(1, device=device), accumulate=True)
 
 
 def process_logits(logits_RV: torch.Tensor, params: list[SamplingParams],
-                   prompts: list[list[int]], outputs: list[list[int]],
+                   prompts: list[list[int]] | list[torch.Tensor], outputs: list[list[int]],
                    stops: list[frozenset[int]]) -> torch.Tensor:
     """The logits sampling draws from (f32; the model's own stay for logprobs), in vLLM's
     order: logit_bias; min_tokens (each row's stop tokens at -inf while it has fewer outputs);
@@ -45,27 +56,30 @@ def process_logits(logits_RV: torch.Tensor, params: list[SamplingParams],
     bias = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias]
     if bias:
         rows, toks, vals = zip(*bias)
-        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
-                        torch.tensor(vals, device=dev), accumulate=True)
+        at = rows_to_device(rows + toks, dev).view(2, -1)
+        x = x.index_put((at[0], at[1]), rows_to_device(vals, dev, torch.float32),
+                        accumulate=True)
     masked = [(r, t) for r, p in enumerate(params) if len(outputs[r]) < p.min_tokens
               for t in stops[r]]
     if masked:
         rows, toks = zip(*masked)
-        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
-                        torch.tensor(float("-inf"), device=dev))
+        at = rows_to_device(rows + toks, dev).view(2, -1)
+        x = x.index_put((at[0], at[1]), torch.full((), float("-inf"), device=dev))
     if any(p.penalized for p in params):
-        out_counts = _counts(_padded(outputs, V, dev), V)
-        seen = (out_counts + _counts(_padded(prompts, V, dev), V)) > 0
-        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        out_counts = _counts(outputs, V, dev)
+        seen = (out_counts + _counts(prompts, V, dev)) > 0
+        # repetition, presence, frequency per row, in one copy
+        pen = rows_to_device([p.repetition_penalty for p in params]
+                             + [p.presence_penalty for p in params]
+                             + [p.frequency_penalty for p in params], dev, torch.float32)
+        rep, presence, frequency = pen.view(3, R, 1)
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
         x = x - presence * (out_counts > 0) - frequency * out_counts
     use_min_p = [p.min_p > 0 and not p.greedy for p in params]  # greedy: the argmax stays
     if any(use_min_p):
-        log_min_p = torch.tensor([math.log(p.min_p) if use else 0.0
-                                  for p, use in zip(params, use_min_p)], device=dev)
-        shift = torch.where(torch.tensor(use_min_p, device=dev),
+        log_min_p = rows_to_device([math.log(p.min_p) if use else 0.0
+                                    for p, use in zip(params, use_min_p)], dev, torch.float32)
+        shift = torch.where(rows_to_device(use_min_p, dev).bool(),
                             temperatures(params, dev) * log_min_p, float("-inf"))
         x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + shift[:, None],
                           float("-inf"))
@@ -82,10 +96,7 @@ def sample_rows(logits_RV: torch.Tensor, params: list[SamplingParams],
         temp_R = temperatures(params, logits_RV.device)
         probs = torch.softmax(logits_RV.float() / torch.where(temp_R > 0, temp_R, 1.0)[:, None],
                               dim=-1)
-        noise = torch.empty_like(probs)
-        for r, gen in enumerate(generators):
-            noise[r].exponential_(generator=gen)
-        drawn = (probs / noise).argmax(dim=-1)
+        drawn = exponential_race(probs, generators)
         return torch.where(temp_R > 0, drawn, logits_RV.argmax(dim=-1))
     return sample(logits_RV, params, generators)
 
