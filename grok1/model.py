@@ -516,7 +516,11 @@ class MoE(nn.Module):
         PartialSums of the flattened rows instead."""
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
         logits, gates, ids = route(x, self.router, self.top_k, self.router_softcap)
-        if self.training:
+        # Not again while activation checkpointing recomputes this layer inside backward (a
+        # graph task is running): the recomputed logits would keep the recomputed graph up to
+        # the router (the layer's attention: f32 scores and probabilities, dequantized matrices)
+        # alive until the next forward, in every layer backward has passed through.
+        if self.training and torch._C._current_graph_task_id() == -1:
             self.last_router_logits, self.last_expert_ids = logits, ids
         return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down, gelu=self.gelu,
                        rounding=self.rounding, down=self.expert_down).view_as(x_BTD)
