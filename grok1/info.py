@@ -189,7 +189,8 @@ class LoraMemoryPlan:
     #                             (f32 scores and probabilities, f32 GELU, adapters' f32 inputs)
     transient_bytes_per_token: int  # live at that layer's peak: the f32 gradients of the
     #                                 experts' [pairs, F] activations being summed
-    loss_bytes_per_token: int  # the loss's peak instead: its f32 log-softmax, the gradient, its input's
+    loss_bytes_per_token: int  # the loss's peak instead: its f32 log-softmax, its gradient and
+    #                            its input's
 
     @property
     def static_bytes(self) -> int:
