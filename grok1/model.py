@@ -254,8 +254,8 @@ def attention_flex(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Ten
     reference rounds them to bf16), an online f32 softmax, bf16 probabilities into p @ v.
     A query with no visible key gets 0 here, attention_ref's uniform average over all keys
     there (a row of pad tokens only). -> [B, T, N*H] in q's dtype. `compiled` (default: on a
-    GPU) runs the fused kernel; uncompiled, torch's reference math. Forward only on a CPU
-    (torch has no CPU backward for it)."""
+    GPU) runs the fused kernel (a GPU's needs H >= 16); uncompiled, torch's reference math.
+    Forward only on a CPU (torch has no CPU backward for it)."""
     B, T, N, H = q_BTNH.shape
 
     def score_mod(s, b, h, q, k):
@@ -265,7 +265,10 @@ def attention_flex(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Ten
 
     o = _flex_attention(q_BTNH.is_cuda if compiled is None else compiled)(
         q_BTNH.transpose(1, 2), k_BSKH.transpose(1, 2), v_BSKH.transpose(1, 2),
-        score_mod=score_mod, block_mask=block_mask, scale=multiplier, enable_gqa=True)
+        score_mod=score_mod, block_mask=block_mask, scale=multiplier, enable_gqa=True,
+        # the main kernel always: the decoding one, which torch picks for under 128 queries,
+        # needs a power-of-2 count of query heads per kv head, and Grok's is 6
+        kernel_options={"BACKEND": "TRITON"})
     return o.transpose(1, 2).reshape(B, T, N * H)
 
 
