@@ -557,6 +557,13 @@ class Attention(nn.Module):
         return ctx.project(o, (self.wo,))[0]
 
 
+def _recomputing_in_backward() -> bool:
+    """Whether this eager forward runs inside backward (a graph task is running): activation
+    checkpointing's recompute. Under torch.compile False, and never asked (a graph break): a
+    compiled layer's recompute is part of its backward graph and runs no Python."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     """Router and experts (moe_ref). `expert_down`: the down-projection's numerics, "f32" (the
     reference's) or "bf16" (opt-in, for training throughput; moe_ref)."""
@@ -586,11 +593,11 @@ class MoE(nn.Module):
         PartialSums of the flattened rows instead."""
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
         logits, gates, ids = route(x, self.router, self.top_k, self.router_softcap)
-        # Not again while activation checkpointing recomputes this layer inside backward (a
-        # graph task is running): the recomputed logits would keep the recomputed graph up to
-        # the router (the layer's attention: f32 scores and probabilities, dequantized matrices)
-        # alive until the next forward, in every layer backward has passed through.
-        if self.training and torch._C._current_graph_task_id() == -1:
+        # Not again while activation checkpointing recomputes this layer inside backward: the
+        # recomputed logits would keep the recomputed graph up to the router (the layer's
+        # attention: f32 scores and probabilities, dequantized matrices) alive until the next
+        # forward, in every layer backward has passed through.
+        if self.training and not _recomputing_in_backward():
             self.last_router_logits, self.last_expert_ids = logits, ids
         return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down, gelu=self.gelu,
                        rounding=self.rounding, down=self.expert_down).view_as(x_BTD)
