@@ -185,6 +185,7 @@ class LoraMemoryPlan:
     layer_bytes: int  # one layer recomputed in backward: its matrices dequantized, kept for the
     #                   input gradient (the attention's and the experts' gate/up bf16, the
     #                   down-projection's f32: its product is f32), every expert assumed hit
+    #                   (all but two of the down-projection's without its adapter: see below)
     layer_bytes_per_token: int  # and its activations saved for backward
     #                             (f32 scores and probabilities, f32 GELU, adapters' f32 inputs)
     transient_bytes_per_token: int  # live at that layer's peak: the f32 gradients of the
@@ -235,16 +236,20 @@ def lora_memory_plan(c: GrokConfig, r: int, targets: tuple[str, ...] = LORA_TARG
     params = L * sum(copies * r * (d_in + d_out)
                      for t, (copies, d_in, d_out) in dims.items() if t in targets)
     f32_extra = 2 * (L * (4 * D + D * E) + D)  # norms and routers are f32, not bf16
-    # dequantized bf16; the down-projection's f32 (moe_ref's f32 product takes it at f32)
-    dequantized = sum(copies * d_in * d_out * (4 if t == "moe.w_down" else 2)
-                      for t, (copies, d_in, d_out) in dims.items())
+    # dequantized bf16; the down-projection's f32 (moe_ref's f32 product takes it at f32).
+    # Without its adapter, the experts' gradients peak as the second expert's is added to the
+    # first's, after their down-projections' backward let those two matrices go.
+    down_kept = E if hit("moe.w_down") else max(E - 2, 0)
+    dequantized = sum(copies * d_in * d_out * 2 for t, (copies, d_in, d_out) in dims.items()
+                      if t != "moe.w_down") + down_kept * Fw * D * 4
     attention = (4 * N * S + 4 * N * S + 2 * N * S + S  # f32 capped scores, probabilities;
                  #                                        bf16 probabilities; the mask
                  + 2 * N * H + 4 * K * H  # the bf16 q, k, v copies the two einsums keep
                  + 4 * D * sum(map(hit, ("attn.wq", "attn.wk", "attn.wv")))  # adapters' f32 x
                  + (4 * N * H if hit("attn.wo") else 0))
     norms_router = 4 * 4 * D + 4 * D + 4 * E + 8 * A  # the norms' f32 x; the router's; ids
-    per_pair = (4 * 4 * Fw  # f32 gate, GELU(gate), up, their product
+    per_pair = (4 * 3 * Fw  # f32 gate, GELU(gate), up
+                + (4 * Fw if hit("moe.w_down") else 0)  # their product: its adapter's input
                 + 4 * D * (hit("moe.w_gate") + hit("moe.w_up"))  # adapters' f32 inputs
                 + 4 * D)  # the f32 gated output
     return LoraMemoryPlan(
