@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py                                        # 1 GPU
     torchrun --standalone --nproc-per-node 2 bench/train_throughput.py      # 2 GPUs, FSDP2
+    python bench/train_throughput.py --attention flex                       # flex_attention
     python bench/train_throughput.py --model bench-111m --expert-down f32   # the 2026-11-27 run's
     python bench/train_throughput.py --cpu-only                             # the CPU figure only
 
@@ -19,9 +20,9 @@ GPU, against the bf16 matmul rate this run measures (8192^3; bench/_common.measu
 and against the datasheet peak where the GPU is known. Peak memory is torch's allocator peak
 over the timed steps. A CPU figure rides along, labeled as such: one MoE layer's forward and
 backward, expert by expert (the loop training ran before) against the grouped path.
-Writes bench/results/<gpu>/train_throughput_<N>gpu.json, _<N>gpu_flex.json with `--attention flex`
-(torch's flex_attention in place of the reference's attention: grok1.model.attention_flex)
-(--cpu-only: bench/results/cpu/).
+Writes bench/results/<gpu>/train_throughput_<N>gpu.json, or _<N>gpu_flex.json with
+`--attention flex` (torch's flex_attention in place of the reference's attention:
+grok1.model.attention_flex); --cpu-only: bench/results/cpu/.
 """
 
 from __future__ import annotations
