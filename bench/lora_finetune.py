@@ -107,6 +107,7 @@ def main() -> None:
          "tok_s": args.steps * args.batch * args.seq / train_s, "build_s": build_s,
          "peak_gib": None if peak is None else peak / 2 ** 30,
          "plan_gib": plan.total_bytes / 2 ** 30,
+         "plan_breakdown_gib": plan.breakdown_gib(),  # so a GPU run shows which term is off
          "peak_over_plan": None if peak is None else peak / plan.total_bytes}
     print(f"LoRA r={lora.r} on {args.layers} layers of {args.model}, {args.batch} x {args.seq} "
           f"tokens a step: held-out loss {before:.3f} -> {r['val_loss_after']:.3f} after "
@@ -114,6 +115,7 @@ def main() -> None:
           + (f" | peak {r['peak_gib']:.2f} GiB, plan {r['plan_gib']:.2f} GiB "
              f"({100 * r['peak_over_plan']:.1f} % of it; the issue's bound: within 10 %)"
              if peak is not None else ""), flush=True)
+    print("plan, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in plan.breakdown_gib().items()))
     env = environment() if cuda else {"gpu": "cpu"}
     r.update(env)
     out = args.out or Path("bench/results") / env["gpu"].replace(" ", "_")

@@ -3,6 +3,7 @@
     python bench/train_throughput.py                                        # 1 GPU
     torchrun --standalone --nproc-per-node 2 bench/train_throughput.py      # 2 GPUs, FSDP2
     torchrun --standalone --nproc-per-node 2 bench/train_throughput.py --parallel ddp --compile
+    python bench/train_throughput.py --attention flex                       # flex_attention
     python bench/train_throughput.py --model bench-111m --expert-down f32   # the 2026-11-27 run's
     python bench/train_throughput.py --cpu-only                             # the CPU figure only
 
@@ -20,7 +21,9 @@ GPU, against the bf16 matmul rate this run measures (8192^3; bench/_common.measu
 and against the datasheet peak where the GPU is known. Peak memory is torch's allocator peak
 over the timed steps. A CPU figure rides along, labeled as such: one MoE layer's forward and
 backward, expert by expert (the loop training ran before) against the grouped path.
-Writes bench/results/<gpu>/train_throughput_<N>gpu.json (--cpu-only: bench/results/cpu/).
+Writes bench/results/<gpu>/train_throughput_<N>gpu.json, or _<N>gpu_flex.json with
+`--attention flex` (torch's flex_attention in place of the reference's attention:
+grok1.model.attention_flex); --cpu-only: bench/results/cpu/.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import git_sha, measure_ceilings
 from grok1.config import GrokConfig
-from grok1.model import EXPERT_DOWN, MoE, moe_ref, route
+from grok1.model import ATTENTION_KERNELS, EXPERT_DOWN, MoE, moe_ref, route
 from grok1.moe_dispatch import default_backend
 from grok1.train.data import write_dataset
 from grok1.train.train_config import TrainConfig
@@ -114,6 +117,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--expert-down", choices=EXPERT_DOWN, default="bf16",
                    help="the experts' down-projection numerics (grok1.model.moe_ref)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="plain",
+                   help="the attention's kernel (grok1.model): plain (the reference's "
+                        "rounding, [B, N, T, T] f32 scores) or flex (torch's flex_attention)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--parallel", choices=["auto", "fsdp", "ddp"], default="auto",
@@ -153,7 +159,8 @@ def main() -> None:
                       model=str(tmp / "config.json"), batch_size=args.batch_size,
                       seq_len=args.seq_len, max_steps=10**9, warmup_steps=10,
                       activation_checkpointing=args.activation_checkpointing,
-                      compile=args.compile, expert_down=args.expert_down, parallel=args.parallel,
+                      compile=args.compile, expert_down=args.expert_down,
+                      attention=args.attention, parallel=args.parallel,
                       peak_tflops=args.peak_tflops, progress=False, tensorboard=False,
                       watchdog_s=0)
     trainer = Trainer(cfg)
@@ -186,7 +193,7 @@ def main() -> None:
         "mfu": achieved_tflops / measured, "ceilings": ceilings,
         "peak_tflops_spec": peak, "mfu_spec": achieved_tflops / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        "expert_down": args.expert_down, "compile": args.compile,
+        "expert_down": args.expert_down, "attention": args.attention, "compile": args.compile,
         "moe_grouped_mm": grouped_mm_backends(config, device),
         "activation_checkpointing": args.activation_checkpointing,
         "dtype": "bf16 matmuls, f32 master weights and AdamW state",
@@ -203,11 +210,13 @@ def main() -> None:
               f"{tok_s:,.0f} tok/s ({tok_s / world:,.0f} per GPU) | {achieved_tflops:.1f} TFLOP/s"
               f" per GPU | MFU {100 * result['mfu']:.1f}% of measured {measured:.0f} TFLOP/s "
               f"bf16 matmul | {spec}peak memory {result['peak_memory_gib']:.1f} GiB | "
-              f"expert_down {args.expert_down}, compile {args.compile}")
+              f"expert_down {args.expert_down}, attention {args.attention}, "
+              f"compile {args.compile}")
         print(f"CPU sanity, one MoE layer fwd+bwd: {result['cpu_moe_fwd_bwd']['ms']} ms")
         out = args.out / gpu.replace(" ", "_")
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"train_throughput_{world}gpu.json"
+        kernel = "" if args.attention == "plain" else f"_{args.attention}"  # runs side by side
+        path = out / f"train_throughput_{world}gpu{kernel}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
     from grok1.parallel.mesh import shutdown

@@ -182,8 +182,10 @@ def lora_matrix_dims(c: GrokConfig) -> dict[str, tuple[int, int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class LoraMemoryPlan:
-    """Bytes one process holds to train LoRA adapters over the frozen int8 base (the plain
-    model's path, bf16 compute, AdamW, per-layer activation checkpointing)."""
+    """Bytes one process holds at the peak of a LoRA step over the frozen int8 base (the plain
+    model's path on a GPU: bf16 compute, f32 where the reference computes in f32; fused AdamW;
+    per-layer activation checkpointing), counted from what grok1.model and grok1.lora keep.
+    The peak is one layer's backward, or the loss's when the vocabulary outweighs a layer."""
     weight_bytes: int  # the base as grok1.load holds it: int8 + bf16 scales, embedding bf16,
     #                    norms and routers f32
     adapter_params: int
@@ -191,43 +193,87 @@ class LoraMemoryPlan:
     grad_bytes: int  # f32, one per adapter parameter
     optimizer_bytes: int  # AdamW's two f32 moments per adapter parameter
     tokens: int  # micro_batch * seq_len
-    saved_bytes_per_token: int  # kept for backward: each layer's bf16 input (the checkpoints)
-    #                             and the loss's logits (bf16, their f32 copy, f32 log-softmax)
-    layer_bytes: int  # one layer recomputed in backward: its matrices dequantized to bf16
-    #                   (autograd keeps them for the input gradient), every expert assumed hit
-    layer_bytes_per_token: int  # and its activations: q/k/v/o, f32 scores and probabilities
-    #                             over the sequence, f32 gate/up/GELU of each chosen expert
+    kept_bytes_per_token: int  # through the whole backward: each layer's bf16 input (the
+    #                            checkpoints), RoPE's f32 cos/sin, the mask, the gradient of h
+    layer_bytes: int  # one layer recomputed in backward: its matrices dequantized, kept for the
+    #                   input gradient (the attention's and the experts' gate/up bf16, the
+    #                   down-projection's f32: its product is f32), every expert assumed hit
+    #                   (all but two of the down-projection's without its adapter: see below)
+    layer_bytes_per_token: int  # and its activations saved for backward
+    #                             (f32 scores and probabilities, f32 GELU, adapters' f32 inputs)
+    transient_bytes_per_token: int  # live at that layer's peak: the f32 gradients of the
+    #                                 experts' [pairs, F] activations being summed
+    loss_bytes_per_token: int  # the loss's peak instead: its f32 log-softmax, its gradient and
+    #                            its input's
+
+    @property
+    def static_bytes(self) -> int:
+        return self.weight_bytes + self.adapter_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def layer_peak_bytes(self) -> int:
+        return self.layer_bytes + self.tokens * (self.layer_bytes_per_token
+                                                 + self.transient_bytes_per_token)
 
     @property
     def total_bytes(self) -> int:
-        return (self.weight_bytes + self.adapter_bytes + self.grad_bytes + self.optimizer_bytes
-                + self.layer_bytes
-                + self.tokens * (self.saved_bytes_per_token + self.layer_bytes_per_token))
+        return (self.static_bytes + self.tokens * self.kept_bytes_per_token
+                + max(self.layer_peak_bytes, self.tokens * self.loss_bytes_per_token))
+
+    def breakdown_gib(self) -> dict[str, float]:
+        """Each term in GiB (bench/lora_finetune.py records it beside the measured peak)."""
+        terms = {"weights": self.weight_bytes, "adapters": self.adapter_bytes,
+                 "grads": self.grad_bytes, "adamw": self.optimizer_bytes,
+                 "kept": self.tokens * self.kept_bytes_per_token,
+                 "layer_dequantized": self.layer_bytes,
+                 "layer_activations": self.tokens * self.layer_bytes_per_token,
+                 "layer_transients": self.tokens * self.transient_bytes_per_token,
+                 "loss": self.tokens * self.loss_bytes_per_token, "total": self.total_bytes}
+        return {k: v / 2**30 for k, v in terms.items()}
 
 
 def lora_memory_plan(c: GrokConfig, r: int, targets: tuple[str, ...] = LORA_TARGET_DIMS[:4], *,
                      seq_len: int = 4096, micro_batch: int = 1) -> LoraMemoryPlan:
-    """The memory of `grok1 finetune` with rank-r adapters on `targets` (LORA_TARGET_DIMS)."""
+    """The memory of `grok1 finetune` with rank-r adapters on `targets` (LORA_TARGET_DIMS).
+    Checked against the live tensors of a CPU step with the GPU's dtypes
+    (tests/train/test_lora_memory.py) and a GPU's peak (bench/lora_finetune.py)."""
     dims = lora_matrix_dims(c)
     unknown = [t for t in targets if t not in dims]
     if unknown or r <= 0:
         raise ValueError(f"LoRA rank {r}, targets {list(targets)}: need r > 0 and targets of "
                          f"{', '.join(dims)}")
     L, D, V, E = c.num_layers, c.emb_size, c.vocab_size, c.num_experts
+    N, K, H, S, Fw = c.num_q_heads, c.num_kv_heads, c.key_size, seq_len, c.ffn_size
+    A = c.num_selected_experts
+    hit = set(targets).__contains__
     params = L * sum(copies * r * (d_in + d_out)
                      for t, (copies, d_in, d_out) in dims.items() if t in targets)
     f32_extra = 2 * (L * (4 * D + D * E) + D)  # norms and routers are f32, not bf16
-    dequantized = sum(copies * d_in * d_out * 2 for copies, d_in, d_out in dims.values())
-    N, K, H = c.num_q_heads, c.num_kv_heads, c.key_size
-    attention = 2 * (2 * N * H + 2 * K * H) + 2 * 4 * N * seq_len  # q,o,k,v; scores, probs
-    experts = c.num_selected_experts * 3 * 4 * c.ffn_size  # gate, up, GELU product in f32
+    # dequantized bf16; the down-projection's f32 (moe_ref's f32 product takes it at f32).
+    # Without its adapter, the experts' gradients peak as the second expert's is added to the
+    # first's, after their down-projections' backward let those two matrices go.
+    down_kept = E if hit("moe.w_down") else max(E - 2, 0)
+    dequantized = sum(copies * d_in * d_out * 2 for t, (copies, d_in, d_out) in dims.items()
+                      if t != "moe.w_down") + down_kept * Fw * D * 4
+    attention = (4 * N * S + 4 * N * S + 2 * N * S + S  # f32 capped scores, probabilities;
+                 #                                        bf16 probabilities; the mask
+                 + 2 * N * H + 4 * K * H  # the bf16 q, k, v copies the two einsums keep
+                 + 4 * D * sum(map(hit, ("attn.wq", "attn.wk", "attn.wv")))  # adapters' f32 x
+                 + (4 * N * H if hit("attn.wo") else 0))
+    norms_router = 4 * 4 * D + 4 * D + 4 * E + 8 * A  # the norms' f32 x; the router's; ids
+    per_pair = (4 * 3 * Fw  # f32 gate, GELU(gate), up
+                + (4 * Fw if hit("moe.w_down") else 0)  # their product: its adapter's input
+                + 4 * D * (hit("moe.w_gate") + hit("moe.w_up"))  # adapters' f32 inputs
+                + 4 * D)  # the f32 gated output
     return LoraMemoryPlan(
         weight_bytes=weight_bytes(c, "int8") + f32_extra,
         adapter_params=params, adapter_bytes=4 * params, grad_bytes=4 * params,
         optimizer_bytes=8 * params, tokens=seq_len * micro_batch,
-        saved_bytes_per_token=L * D * 2 + V * (2 + 4 + 4),
+        kept_bytes_per_token=L * 2 * D + 8 * H + S + 2 * D,
         layer_bytes=dequantized,
-        layer_bytes_per_token=attention + experts + 4 * D * 2)
+        layer_bytes_per_token=attention + norms_router + A * per_pair,
+        transient_bytes_per_token=A * 3 * 4 * Fw,
+        loss_bytes_per_token=3 * 4 * V)
 
 
 def format_lora_plan(c: GrokConfig, r: int, targets: tuple[str, ...], seq_len: int,
@@ -240,10 +286,13 @@ def format_lora_plan(c: GrokConfig, r: int, targets: tuple[str, ...], seq_len: i
         f"  adapters (f32):                       {gib(p.adapter_bytes)}",
         f"  gradients (f32):                      {gib(p.grad_bytes)}",
         f"  AdamW state (2 x f32):                {gib(p.optimizer_bytes)}",
-        (f"  activations kept, per token:          {p.saved_bytes_per_token:,} B "
-         f"(x {p.tokens:,} tokens = {gib(p.tokens * p.saved_bytes_per_token)})"),
+        (f"  kept through backward, per token:    {p.kept_bytes_per_token:,} B "
+         f"(x {p.tokens:,} tokens = {gib(p.tokens * p.kept_bytes_per_token)})"),
         (f"  one layer in backward:                {gib(p.layer_bytes)} dequantized + "
-         f"{p.layer_bytes_per_token:,} B per token"),
+         f"{p.layer_bytes_per_token + p.transient_bytes_per_token:,} B per token "
+         f"= {gib(p.layer_peak_bytes)}"),
+        (f"  the loss (if larger):                 {p.loss_bytes_per_token:,} B per token "
+         f"= {gib(p.tokens * p.loss_bytes_per_token)}"),
         (f"  total, one process:                   {gib(p.total_bytes)} "
          f"(micro-batch {micro_batch} x {seq_len} tokens; "
          f"{p.total_bytes / (gpu_gib * 2**30):.1f} x {gpu_gib:g} GiB)"),

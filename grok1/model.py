@@ -212,6 +212,66 @@ def attention_ref(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tens
     return o.reshape(B, T, N * H)
 
 
+# The attention's kernels (Grok1's `attention`): "plain", attention_ref (the reference's
+# rounding points), or "flex", attention_flex (an opt-in for training throughput).
+ATTENTION_KERNELS = ("plain", "flex")
+
+
+def check_attention_kernel(attention: str) -> None:
+    """ValueError naming `attention` unless it is one of ATTENTION_KERNELS."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention={attention!r}: expected one of "
+                         f"{', '.join(ATTENTION_KERNELS)}")
+
+
+@functools.cache
+def _flex_attention(compiled: bool) -> Callable[..., torch.Tensor]:
+    """torch's flex_attention, compiled into one fused kernel (forward and backward) on a GPU;
+    uncompiled it is torch's reference math (materialising the scores), forward only on a CPU.
+    Imported here, not at the top: a CPU install of grok1 never needs it."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def flex_block_mask(mask_BTS: torch.Tensor) -> object:
+    """The flex kernel's BlockMask of `mask_BTS` (True: key visible): blocks with no visible key
+    are skipped, full ones read no mask; the partial ones (the causal diagonal, pad keys) look
+    the mask up. Made once per forward (DenseContext), shared by every layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T, S = mask_BTS.shape
+    return create_block_mask(lambda b, h, q, k: mask_BTS[b, q, k], B, None, T, S,
+                             device=mask_BTS.device)
+
+
+def attention_flex(q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tensor,
+                   block_mask: object, multiplier: float, softcap: float = SOFTCAP,
+                   temperature_BT: torch.Tensor | None = None, compiled: bool | None = None
+                   ) -> torch.Tensor:
+    """attention_ref's function through torch's flex_attention: the same scale, c*tanh cap
+    (a score_mod), temperature, mask (a BlockMask, flex_block_mask) and GQA (query head n uses
+    kv head n // G: enable_gqa), but its rounding: the scores stay f32 from the dot on (the
+    reference rounds them to bf16), an online f32 softmax, bf16 probabilities into p @ v.
+    A query with no visible key gets 0 here, attention_ref's uniform average over all keys
+    there (a row of pad tokens only). -> [B, T, N*H] in q's dtype. `compiled` (default: on a
+    GPU) runs the fused kernel (a GPU's needs H >= 16); uncompiled, torch's reference math.
+    Forward only on a CPU (torch has no CPU backward for it)."""
+    B, T, N, H = q_BTNH.shape
+
+    def score_mod(s, b, h, q, k):
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        return s if temperature_BT is None else s * temperature_BT[b, q]
+
+    o = _flex_attention(q_BTNH.is_cuda if compiled is None else compiled)(
+        q_BTNH.transpose(1, 2), k_BSKH.transpose(1, 2), v_BSKH.transpose(1, 2),
+        score_mod=score_mod, block_mask=block_mask, scale=multiplier, enable_gqa=True,
+        # the main kernel always: the decoding one, which torch picks for under 128 queries,
+        # needs a power-of-2 count of query heads per kv head, and Grok's is 6
+        kernel_options={"BACKEND": "TRITON"})
+    return o.transpose(1, 2).reshape(B, T, N * H)
+
+
 def gelu_f32(x: torch.Tensor, kind: str = "tanh") -> torch.Tensor:
     """GELU in f32: "tanh"-approximate (jax.nn.gelu's default; SPEC 2.6) or exact "erf"
     (SGLang's CUDA kernels; grok2 SPEC 2.5)."""
@@ -430,13 +490,20 @@ class ForwardContext:
 class DenseContext(ForwardContext):
     """The reference's positions and mask for a [B, T] batch, with or without a static KVCache
     (`Grok1.forward` builds it). Every step is the plain twin, Grok-2's features included:
-    RoPE base, attention cap and temperature from `config`; activations in `dtype`."""
+    RoPE base, attention cap and temperature from `config`; activations in `dtype`.
+    `attention` "flex" (training without a cache) takes attention_flex instead of attention_ref."""
     bf16_only = False
 
     def __init__(self, positions_BT: torch.Tensor, mask_BTS: torch.Tensor,
-                 cache: KVCache | None, config: GrokConfig, dtype: torch.dtype = BF16):
+                 cache: KVCache | None, config: GrokConfig, dtype: torch.dtype = BF16,
+                 attention: str = "plain"):
+        check_attention_kernel(attention)
+        if attention == "flex" and cache is not None:
+            raise ValueError("attention='flex' is for training forwards; a KV cache forward "
+                             "takes attention='plain'")
         self.positions_BT, self.mask_BTS, self.cache = positions_BT, mask_BTS, cache
         self.dtype = dtype
+        self.block_mask = flex_block_mask(mask_BTS) if attention == "flex" else None
         self.cos_BTH, self.sin_BTH = rope_cos_sin(positions_BT, config.key_size,
                                                   config.rope_theta)
         self.softcap, self.rounding = config.attn_logit_softcap, config.rounding
@@ -455,6 +522,9 @@ class DenseContext(ForwardContext):
             cache.v_LBSKH[layer][rows_B1, self.positions_BT] = v
             S = self.mask_BTS.shape[-1]  # keys beyond the longest row are never visible
             k, v = cache.k_LBSKH[layer][:, :S], cache.v_LBSKH[layer][:, :S]
+        if self.block_mask is not None:
+            return attention_flex(q, k, v, self.block_mask, multiplier, self.softcap,
+                                  self.temperature_BT)
         return attention_ref(q, k, v, self.mask_BTS, multiplier, self.softcap,
                              self.temperature_BT, self.rounding)
 
@@ -487,6 +557,13 @@ class Attention(nn.Module):
         return ctx.project(o, (self.wo,))[0]
 
 
+def _recomputing_in_backward() -> bool:
+    """Whether this eager forward runs inside backward (a graph task is running): activation
+    checkpointing's recompute. Under torch.compile False, and never asked (a graph break): a
+    compiled layer's recompute is part of its backward graph and runs no Python."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     """Router and experts (moe_ref). `expert_down`: the down-projection's numerics, "f32" (the
     reference's) or "bf16" (opt-in, for training throughput; moe_ref)."""
@@ -516,7 +593,11 @@ class MoE(nn.Module):
         PartialSums of the flattened rows instead."""
         x = x_BTD.reshape(-1, x_BTD.shape[-1])
         logits, gates, ids = route(x, self.router, self.top_k, self.router_softcap)
-        if self.training:
+        # Not again while activation checkpointing recomputes this layer inside backward: the
+        # recomputed logits would keep the recomputed graph up to the router (the layer's
+        # attention: f32 scores and probabilities, dequantized matrices) alive until the next
+        # forward, in every layer backward has passed through.
+        if self.training and not _recomputing_in_backward():
             self.last_router_logits, self.last_expert_ids = logits, ids
         return moe_ref(x, gates, ids, self.w_gate, self.w_up, self.w_down, gelu=self.gelu,
                        rounding=self.rounding, down=self.expert_down).view_as(x_BTD)
@@ -584,12 +665,17 @@ class Grok1(nn.Module):
     rounding points) or float32 (no bf16 rounding; module docstring). `layout` is None for a
     whole model, or the tensor-parallel slice this process holds (set by
     grok1.parallel.shard_model_, which cuts the tensors). `expert_down` is the experts'
-    down-projection numerics: "f32" (the reference's) or "bf16" (opt-in, for training; MoE)."""
+    down-projection numerics: "f32" (the reference's) or "bf16" (opt-in, for training; MoE).
+    `attention` is the kernel of forwards without a KV cache: "plain" (attention_ref, the
+    reference's rounding) or "flex" (attention_flex: opt-in, for training throughput)."""
 
     def __init__(self, config: GrokConfig, *, quantized: bool = False,
                  weights: str | WeightFormat | None = None, dtype: torch.dtype = BF16,
-                 compute_dtype: torch.dtype = BF16, expert_down: str = "f32"):
+                 compute_dtype: torch.dtype = BF16, expert_down: str = "f32",
+                 attention: str = "plain"):
         super().__init__()
+        check_attention_kernel(attention)
+        self.attention = attention
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype}: expected torch.bfloat16 or "
                              "torch.float32")
@@ -660,7 +746,8 @@ class Grok1(nn.Module):
             # not padding; keys past p belong to later tokens (or are stale) and stay hidden.
             mask_BTS = (s_S[None, None, :] <= positions_BT[:, :, None]) & cache.real_BS[:, None, :S]
 
-        ctx = DenseContext(positions_BT, mask_BTS, cache, self.config, self.compute_dtype)
+        ctx = DenseContext(positions_BT, mask_BTS, cache, self.config, self.compute_dtype,
+                           self.attention if cache is None else "plain")
         x = self.run_layers(self.embed_tokens(tokens_BT), ctx)
         if cache is not None:
             cache.lengths_B += lengths_B

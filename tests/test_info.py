@@ -196,8 +196,8 @@ def test_info_on_grok2_prints_its_figures_and_the_gpus_it_needs(tmp_path):
 def test_lora_memory_plan_equals_the_measured_tensors_of_a_training_step():
     """At reduced size (the tiny preset: Grok-1's ratios, 2 layers), the plan's exact terms are
     the bytes a real step holds: the base as loaded, the adapters, their gradients and AdamW's
-    moments, and one layer's dequantized matrices. (The activation terms are estimates of the
-    GPU path and are not measured here: the CPU path keeps f64 intermediates, model.wide_dtype.)"""
+    moments, and one layer's dequantized matrices. (The activations and the whole peak are
+    measured with the GPU's dtypes in tests/train/test_lora_memory.py.)"""
     import torch
 
     import grok1
@@ -212,10 +212,11 @@ def test_lora_memory_plan_equals_the_measured_tensors_of_a_training_step():
     model = grok1.random_weights(c, quantized=True, seed=0)
     assert plan.weight_bytes == sum(t.nbytes for t in model.state_dict().values())
     layer = model.layers[0]
-    dequantized = sum(lin.dense(e).nbytes for lin in (layer.attn.wq, layer.attn.wk,
-                                                      layer.attn.wv, layer.attn.wo)
-                      for e in [None]) + sum(
-        lin.dense(e).nbytes for lin in (layer.moe.w_gate, layer.moe.w_up, layer.moe.w_down)
+    # bf16, but the down-projection's f32 (moe_ref takes its product in f32)
+    dequantized = sum(lin.dense().nbytes for lin in (layer.attn.wq, layer.attn.wk,
+                                                     layer.attn.wv, layer.attn.wo)) + sum(
+        lin.dense(e).nbytes * (2 if lin is layer.moe.w_down else 1)
+        for lin in (layer.moe.w_gate, layer.moe.w_up, layer.moe.w_down)
         for e in range(c.num_experts))
     assert plan.layer_bytes == dequantized
     apply_lora(model, LoraConfig(r=4, targets=targets))

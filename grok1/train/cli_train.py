@@ -53,6 +53,9 @@ def _add_run_args(p: argparse.ArgumentParser, d: dict) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--expert-down", choices=("f32", "bf16"), default=d["expert_down"],
                    help="the experts' down-projection: f32 (the reference's) or bf16 (faster)")
+    p.add_argument("--attention", choices=("plain", "flex"), default=d["attention"],
+                   help="plain (the reference's rounding) or flex (torch's fused flex_attention, "
+                        "f32 scores: faster, GPU only)")
     p.add_argument("--parallel", choices=("auto", "fsdp", "ddp", "none"), default=d["parallel"],
                    help="auto: FSDP2 when launched on several ranks")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -81,7 +84,7 @@ def train_config_from_args(args: argparse.Namespace, data_dir: str | None = None
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, beta1=args.beta1,
         beta2=args.beta2, grad_clip=args.grad_clip, aux_loss_coef=args.aux_loss_coef,
         z_loss_coef=args.z_loss_coef, activation_checkpointing=args.activation_checkpointing,
-        compile=args.compile, expert_down=args.expert_down,
+        compile=args.compile, expert_down=args.expert_down, attention=args.attention,
         parallel=args.parallel, device=args.device, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, peak_tflops=args.peak_tflops,

@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from grok1.config import ConfigError
-from grok1.model import EXPERT_DOWN
+from grok1.model import ATTENTION_KERNELS, EXPERT_DOWN
 
 
 @dataclasses.dataclass
@@ -36,6 +36,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer (fsdp.apply_compile)
     # the experts' down-projection: "f32" (the reference's) or "bf16" (faster; grok1.model.moe_ref)
     expert_down: str = "f32"
+    # the attention's kernel: "plain" (the reference's rounding) or "flex" (torch's
+    # flex_attention, fused, f32 scores: faster, a GPU's; grok1.model.attention_flex)
+    attention: str = "plain"
     parallel: str = "auto"  # auto (fsdp when several ranks), fsdp, ddp, none
     device: str | None = None  # default: cuda if available
     save_every: int = 100
@@ -60,6 +63,9 @@ class TrainConfig:
             raise ConfigError(f"min_lr={self.min_lr}: must be in [0, lr={self.lr}]")
         if self.parallel not in ("auto", "fsdp", "ddp", "none"):
             raise ConfigError(f"parallel={self.parallel!r}: expected auto, fsdp, ddp or none")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"attention={self.attention!r}: expected one of "
+                              f"{', '.join(ATTENTION_KERNELS)}")
         if self.expert_down not in EXPERT_DOWN:
             raise ConfigError(f"expert_down={self.expert_down!r}: expected one of "
                               f"{', '.join(EXPERT_DOWN)}")

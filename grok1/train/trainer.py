@@ -159,6 +159,7 @@ class Trainer:
         if model is None:
             model = Grok1(self.config, dtype=torch.float32, expert_down=cfg.expert_down)
             model.init_weights(torch.Generator().manual_seed(cfg.seed))  # the same on every rank
+        model.attention = cfg.attention  # the run's kernel (a given model's too: fine-tuning)
         model.to(self.device)
         if cfg.activation_checkpointing:
             fsdp.apply_activation_checkpointing(model)

@@ -74,6 +74,53 @@ def test_expert_down_reaches_every_moe_and_changes_the_loss_by_a_rounding(data_d
         tiny_cfg(data_dir, tmp_path, expert_down="fp16")
 
 
+def test_attention_option_reaches_the_model_and_changes_the_loss_by_a_rounding(data_dir,
+                                                                               tmp_path):
+    """--attention flex (grok1.model.attention_flex) computes the same loss at its rounding (f32
+    scores): the first batch's loss, forward only (torch's CPU flex_attention has no backward),
+    within 1e-4 relative of the plain attention's (measured 3e-6: a fresh model's attention is
+    nearly uniform) but not equal. A step is the GPU test's."""
+    losses = {}
+    for kernel in ("plain", "flex"):
+        trainer = Trainer(tiny_cfg(data_dir, tmp_path / kernel, attention=kernel))
+        assert trainer.core.attention == kernel
+        x, y = next(trainer.loader)
+        with torch.no_grad():
+            losses[kernel] = cross_entropy(trainer.model(x), y).item()
+    assert losses["flex"] != losses["plain"]
+    assert abs(losses["flex"] - losses["plain"]) < 1e-4 * losses["plain"]
+
+
+def test_attention_option_of_grok1_train_and_finetune_reaches_the_train_config(tmp_path):
+    import argparse
+
+    from grok1.train.cli_train import add_finetune_args, add_train_args, train_config_from_args
+
+    for add, extra in ((add_train_args, []), (add_finetune_args, ["--base", str(tmp_path)])):
+        p = argparse.ArgumentParser()
+        add(p)
+        args = p.parse_args(["--data", str(tmp_path), "--out", str(tmp_path), *extra,
+                             "--attention", "flex"])
+        assert train_config_from_args(args, data_dir="", model="tiny").attention == "flex"
+        assert p.parse_args(["--data", "d", "--out", "o", *extra]).attention == "plain"
+
+
+@gpu
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_attention_trains_on_a_gpu_as_the_plain_one_does(data_dir, tmp_path):
+    """Two steps with each kernel, compiled flex forward and backward: losses within 1e-3.
+    The tiny preset with heads of 16 (the GPU kernel's least), its 6:1 GQA kept."""
+    config = tmp_path / "config.json"
+    GrokConfig.preset("tiny").replace(key_size=16).save_json(config)
+    losses = {}
+    for kernel in ("plain", "flex"):
+        trainer = Trainer(tiny_cfg(data_dir, tmp_path / kernel, attention=kernel, device="cuda",
+                                   model=str(config)))
+        losses[kernel] = [trainer.train_step()["loss"] for _ in range(2)]
+    for flex, plain in zip(losses["flex"], losses["plain"]):
+        assert abs(flex - plain) < 1e-3 * plain, losses
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_layers_compute_what_eager_ones_do(checkpointing):
     """apply_compile traces each layer (dynamo; the eager backend keeps CPU CI free of a C++
