@@ -93,7 +93,8 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
         nbytes = experts * 3 * D * F * (1 if quant else 2)
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         P = M * A
-        base = {k: v for k, v in moe_config(P, D, F, E, quant, device_name(x)).as_dict().items()
+        dtype = "int8" if quant else "bf16"
+        base = {k: v for k, v in moe_config(P, D, F, E, dtype, device_name(x)).as_dict().items()
                 if k != "GEMV"}
         fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
         # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)

@@ -204,7 +204,7 @@ def test_quantized_true_still_means_int8_and_contradictions_are_refused():
 def test_engine_keeps_int4_and_fp8_matrices_on_their_twins():
     from grok1.engine.runner import apply_kernels
     from grok1.model import Grok1, Linear, MoE
-    from grok1.ops.linear import Int8Linear
+    from grok1.ops.linear import QuantLinear
     from grok1.ops.moe import FusedMoE
 
     config = GrokConfig.preset("tiny")
@@ -215,5 +215,5 @@ def test_engine_keeps_int4_and_fp8_matrices_on_their_twins():
                    for layer in model.layers)
     with torch.device("meta"):
         int8 = apply_kernels(Grok1(config, quantized=True))
-    assert all(type(layer.moe) is FusedMoE and type(layer.attn.wq) is Int8Linear
+    assert all(type(layer.moe) is FusedMoE and type(layer.attn.wq) is QuantLinear
                for layer in int8.layers)

@@ -30,7 +30,7 @@ from grok1.model import (
     rope_cos_sin,
 )
 from grok1.ops.attention import AttentionMath, AttentionPlan, paged_attention, plan_attention
-from grok1.ops.linear import Int8Linear, project_many
+from grok1.ops.linear import QuantLinear, project_many
 from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
 from grok1.ops.rope import rope_and_cache
@@ -52,7 +52,7 @@ def apply_kernels(model: Grok1) -> Grok1:
         for name in ("wq", "wk", "wv", "wo"):
             lin = getattr(layer.attn, name)
             if type(lin) is Linear and lin.quantized:
-                setattr(layer.attn, name, Int8Linear(lin))
+                setattr(layer.attn, name, QuantLinear(lin))
     return model
 
 

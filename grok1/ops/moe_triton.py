@@ -1,25 +1,28 @@
 """Triton kernels of the fused MoE (imported lazily by grok1.ops.moe; see that file's contract).
 
 Shape letters: P (token, slot) pairs = M * A, D emb_size, F expert width, E experts,
-BM rows (pairs) per block. Weights are stored [E, in, out] (x @ W), int8 with bf16 scales
-[E, G, out] or bf16. The GEMMs compute the transposed product (W^T x^T) so the dequantized weight
-tile is the left operand (it may stay in registers) and a small pair count is the narrow side.
+BM rows (pairs) per block. Weights are stored [E, in, out] (x @ W), bf16 or quantized (int8,
+int4 packed [E, in / 2, out], fp8) with bf16 scales [E, G, out]: the constexpr WFMT picks the
+tile loader (grok1.ops.dot_triton), the kernels are the same for every format. The GEMMs
+compute the transposed product (W^T x^T) so the dequantized weight tile is the left operand (it
+may stay in registers) and a small pair count is the narrow side.
 """
 
 import triton
 import triton.language as tl
 
 from grok1.ops.dot_triton import (
+    dequant_bf16,
     dequant_f32,
     dequant_t_bf16,
     dot,
     erf,
     i8_to_f32,
-    scaled_int8,
+    stored_rows,
     tanh,
+    to_bf16,
+    w_offsets,
 )
-
-
 
 
 @triton.jit
@@ -27,8 +30,8 @@ def _gelu_glu(acc_g, acc_u, ERF: tl.constexpr, SGLANG: tl.constexpr):
     """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16.
     GELU tanh-approximate (the reference's), or exact with ERF (Grok-2's); SGLANG rounds the
     product to bf16, as its gelu_and_mul stores it (grok2 SPEC 2.5)."""
-    g = acc_g.to(tl.bfloat16).to(tl.float32)
-    u = acc_u.to(tl.bfloat16).to(tl.float32)
+    g = to_bf16(acc_g).to(tl.float32)
+    u = to_bf16(acc_u).to(tl.float32)
     if ERF:  # torch's order (GeluCUDAKernelImpl, approximate="none")
         act = g * 0.5 * (1.0 + erf(g * 0.7071067811865476))
     else:
@@ -36,7 +39,7 @@ def _gelu_glu(acc_g, acc_u, ERF: tl.constexpr, SGLANG: tl.constexpr):
         act = 0.5 * g * (1.0 + tanh(inner))
     h = act * u
     if SGLANG:
-        h = h.to(tl.bfloat16).to(tl.float32)
+        h = to_bf16(h).to(tl.float32)
     return h
 
 
@@ -77,17 +80,20 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NU
 
 
 @triton.jit
-def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexpr, BK: tl.constexpr,
-              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, MAGIC: tl.constexpr = False):
-    """W^T tile [BN, BK] in bf16: W[k0:k0+BK, n] (row-major [K, N]); int8 tiles are scaled by
-    their group's bf16 scales, rounded once to bf16 (= quant.dequantize, exactly)."""
+def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, WFMT: tl.constexpr,
+              SCALED: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+              MAGIC: tl.constexpr = False):
+    """W^T tile [BN, BK] in bf16: W[k0:k0+BK, n] of a [K, N] matrix stored in format WFMT;
+    quantized tiles are scaled by their group's bf16 scales, rounded once to bf16
+    (= quant.dequantize_as, exactly). SCALED False: int8 values unscaled (exact_int8_products,
+    whose caller scales the f32 sums)."""
     kk = k0 + tl.arange(0, BK)
-    ptrs = w_ptr + kk[None, :] * N + n[:, None]
+    ptrs = w_ptr + w_offsets(kk[None, :], n[:, None], N, WFMT)
     if EVEN_K and EVEN_N:
         w = tl.load(ptrs)
     else:
         w = tl.load(ptrs, mask=(kk[None, :] < K) & (n[:, None] < N), other=0)
-    if QUANT:
+    if WFMT != 0 and SCALED:
         # BK divides GROUP_K, so one scale row serves the whole tile
         grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)  # tiles past K are masked to 0 anyway
         if EVEN_N:
@@ -95,7 +101,7 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
         else:
             s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
         s = s.to(tl.float32)
-        w = dequant_t_bf16(w, s)
+        w = dequant_t_bf16(w, kk, s, WFMT)
     elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
         w = i8_to_f32(w, True).to(tl.bfloat16)
     else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact
@@ -106,7 +112,7 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
 @triton.jit
 def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_ptr,
                        block_expert_ptr, P, D, F, GROUP_K, NUM_GROUPS,
-                       A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       A: tl.constexpr, WFMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        F32: tl.constexpr, LATE: tl.constexpr, ERF: tl.constexpr,
                        SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
@@ -122,8 +128,8 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
     tok = tl.where(valid, pair // A, 0)
     n = pid_n * BN + tl.arange(0, BN)
     e64 = e.to(tl.int64)
-    wg_ptr += e64 * D * F
-    wu_ptr += e64 * D * F
+    wg_ptr += e64 * stored_rows(D, WFMT) * F
+    wu_ptr += e64 * stored_rows(D, WFMT) * F
     sg_ptr += e64 * NUM_GROUPS * F
     su_ptr += e64 * NUM_GROUPS * F
     acc_g = tl.zeros([BN, BM], dtype=tl.float32)
@@ -137,10 +143,10 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
             kk = k0 + tl.arange(0, BK)
             x_t = tl.load(x_ptr + tok[None, :].to(tl.int64) * D + kk[:, None],
                           mask=valid[None, :] & (kk[:, None] < D), other=0.0)
-            wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+            wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
                            BK, EVEN_K, EVEN_N, MAGIC)
             part_g = dot(wg, x_t, part_g, F32)
-            wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+            wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
                            BK, EVEN_K, EVEN_N, MAGIC)
             part_u = dot(wu, x_t, part_u, F32)
         if LATE:  # int8 values exact in bf16; the group's scale applied to the f32 sum
@@ -157,7 +163,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
 @triton.jit
 def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
                     P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
-                    QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    WFMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
                     LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
     """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
@@ -175,7 +181,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
     safe = tl.where(valid, pair, 0).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     e64 = e.to(tl.int64)
-    wd_ptr += e64 * F * D
+    wd_ptr += e64 * stored_rows(F, WFMT) * D
     sd_ptr += e64 * NUM_GROUPS * D
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
@@ -190,7 +196,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
             kk = k0 + tl.arange(0, BK)
             h_t = tl.load(h_ptr + safe[None, :] * F + kk[:, None],
                           mask=valid[None, :] & (kk[:, None] < F), other=0.0)
-            w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+            w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, WFMT, not LATE,
                           BK, EVEN_K, EVEN_N, MAGIC)
             h_hi = h_t.to(tl.bfloat16)
             h_lo = (h_t - h_hi.to(tl.float32)).to(tl.bfloat16)
@@ -218,7 +224,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
 @triton.jit
 def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
-                            QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                            WFMT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                             DEQUANT: tl.constexpr, ERF: tl.constexpr, SGLANG: tl.constexpr):
     """SPLIT == 1: h[p, n] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]) in f32,
@@ -235,8 +241,8 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
     tok = p // A
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < F
-    wg_ptr += e64 * D * F
-    wu_ptr += e64 * D * F
+    wg_ptr += e64 * stored_rows(D, WFMT) * F
+    wu_ptr += e64 * stored_rows(D, WFMT) * F
     sg_ptr += e64 * NUM_GROUPS * F
     su_ptr += e64 * NUM_GROUPS * F
     x_ptr += tok.to(tl.int64) * D
@@ -245,7 +251,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_ok = n_ok & (k1 < D)
             s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
@@ -254,7 +260,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
         part_u = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * F + n[None, :]
+            offs = w_offsets(kk[:, None], n[None, :], F, WFMT)
             if EVEN_K and EVEN_N:
                 xk = tl.load(x_ptr + kk).to(tl.float32)
                 wg = tl.load(wg_ptr + offs)
@@ -264,9 +270,9 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                 xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
                 wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
-                part_g += dequant_f32(wg, s_g, DEQUANT) * xk[:, None]
-                part_u += dequant_f32(wu, s_u, DEQUANT) * xk[:, None]
+            if WFMT != 0:  # the reference's weights, bf16(w * s) (SPEC 3)
+                part_g += dequant_f32(wg, kk, s_g, WFMT, DEQUANT) * xk[:, None]
+                part_u += dequant_f32(wu, kk, s_u, WFMT, DEQUANT) * xk[:, None]
             else:
                 part_g += wg.to(tl.float32) * xk[:, None]
                 part_u += wu.to(tl.float32) * xk[:, None]
@@ -298,7 +304,7 @@ def _row0(ptr, offs, n_ok, PAD: tl.constexpr):
 @triton.jit
 def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                                 GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
-                                QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                                WFMT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                                 ERF: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
     """moe_gemv_gate_up_kernel's contract (grid, outputs, CHUNK) on the tensor cores."""
@@ -309,8 +315,8 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
     tok = p // A
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < F
-    wg_ptr += e64 * D * F
-    wu_ptr += e64 * D * F
+    wg_ptr += e64 * stored_rows(D, WFMT) * F
+    wu_ptr += e64 * stored_rows(D, WFMT) * F
     sg_ptr += e64 * NUM_GROUPS * F
     su_ptr += e64 * NUM_GROUPS * F
     x_ptr += tok.to(tl.int64) * D
@@ -319,14 +325,14 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_ok = n_ok & (k1 < D)
             s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
             s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * F + n[None, :]
+            offs = w_offsets(kk[:, None], n[None, :], F, WFMT)
             k_ok = kk < D
             xk = _row0(x_ptr, kk, k_ok, 16)
             if EVEN_K and EVEN_N:
@@ -335,9 +341,9 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
             else:
                 wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
                 wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
-                wg = scaled_int8(wg, s_g[None, :], (-8388736.0 * s_g)[None, :]).to(tl.bfloat16)
-                wu = scaled_int8(wu, s_u[None, :], (-8388736.0 * s_u)[None, :]).to(tl.bfloat16)
+            if WFMT != 0:  # the reference's weights, bf16(w * s) (SPEC 3)
+                wg = dequant_bf16(wg, kk, s_g, WFMT)
+                wu = dequant_bf16(wu, kk, s_u, WFMT)
             acc_g = dot(xk, wg, acc_g, F32)
             acc_u = dot(xk, wu, acc_u, F32)
     g = tl.sum(acc_g, 0)  # rows 1.. are 0
@@ -352,7 +358,7 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
 
 @triton.jit
 def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F,
-                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr,
+                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, WFMT: tl.constexpr,
                              BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                              EVEN_N: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
     """moe_gemv_down_kernel's contract on the tensor cores; the f32 h enters as bf16 hi + lo
@@ -363,27 +369,27 @@ def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr,
     e64 = tl.load(ids_ptr + p).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < D
-    wd_ptr += e64 * F * D
+    wd_ptr += e64 * stored_rows(F, WFMT) * D
     sd_ptr += e64 * NUM_GROUPS * D
     h_ptr += p.to(tl.int64) * F
     acc = tl.zeros([16, BN], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * D + n[None, :]
+            offs = w_offsets(kk[:, None], n[None, :], D, WFMT)
             k_ok = kk < F
             hk = _row0(h_ptr, kk, k_ok, 16)
             if EVEN_K and EVEN_N:
                 w = tl.load(wd_ptr + offs)
             else:
                 w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
-                w = scaled_int8(w, s_d[None, :], (-8388736.0 * s_d)[None, :]).to(tl.bfloat16)
+            if WFMT != 0:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                w = dequant_bf16(w, kk, s_d, WFMT)
             h_hi = hk.to(tl.bfloat16)
             h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
             acc = dot(h_hi, w, acc, F32)
@@ -414,7 +420,7 @@ def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.c
 
 @triton.jit
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
-                         NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
+                         NUM_GROUPS, CHUNK, K_PER_SPLIT, WFMT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                          DEQUANT: tl.constexpr, SGLANG: tl.constexpr):
     """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p],
@@ -425,20 +431,20 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
     e64 = tl.load(ids_ptr + p).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < D
-    wd_ptr += e64 * F * D
+    wd_ptr += e64 * stored_rows(F, WFMT) * D
     sd_ptr += e64 * NUM_GROUPS * D
     h_ptr += p.to(tl.int64) * F
     acc = tl.zeros([BN], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         part = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * D + n[None, :]
+            offs = w_offsets(kk[:, None], n[None, :], D, WFMT)
             if EVEN_K and EVEN_N:
                 hk = tl.load(h_ptr + kk)
                 w = tl.load(wd_ptr + offs)
@@ -446,8 +452,8 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
                 k_ok = kk < F
                 hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0)
                 w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
-                part += dequant_f32(w, s_d, DEQUANT) * hk[:, None]
+            if WFMT != 0:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                part += dequant_f32(w, kk, s_d, WFMT, DEQUANT) * hk[:, None]
             else:
                 part += w.to(tl.float32) * hk[:, None]
         acc += tl.sum(part, 0)

@@ -89,7 +89,7 @@ def _check(where: str, key: str, value: Any, rule: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LinearTiles(_Tiles):
-    """int8_linear (ops/linear_triton.linear_kernel), M > 1: BM x BN output tiles over BK-deep
+    """quant_linear (ops/linear_triton.linear_kernel), M > 1: BM x BN output tiles over BK-deep
     K tiles, K split SPLIT ways (f32 partial sums); W warps, S pipeline stages."""
     BM: int = _key(128, pow2=True)
     BN: int = _key(128, pow2=True)
@@ -101,7 +101,7 @@ class LinearTiles(_Tiles):
 
 @dataclasses.dataclass(frozen=True)
 class GemvTiles(_Tiles):
-    """int8_gemv (ops/linear_triton.gemv3_kernel), one row x up to three matrices: BN columns
+    """quant_gemv (ops/linear_triton.gemv3_kernel), one row x up to three matrices: BN columns
     by BK rows per step; about PROGRAMS (column tile, K split) programs, the K split following;
     W warps; DEQUANT the dequantization's instructions (same values)."""
     BN: int = _key(128, pow2=True)

@@ -195,10 +195,10 @@ class RowParallelLinear(nn.Module):
         from grok1.ops._triton import use_kernel
 
         if self.kernel_ok and use_kernel(x):
-            from grok1.ops.linear import int8_linear
+            from grok1.ops.linear import quant_linear
 
             x_MK = x.reshape(-1, x.shape[-1])
-            partial = int8_linear(x_MK, self.weight, self.scales, out_dtype=torch.float32)
+            partial = quant_linear(x_MK, self.weight, self.scales, out_dtype=torch.float32)
             partial = partial.view(*x.shape[:-1], -1)
         else:
             partial = matmul_partial(x, self.dense())

@@ -251,10 +251,10 @@ def test_kernel_backed_modules_keep_the_models_weight_format():
     """apply_kernels swaps the quantized Linears and MoEs for kernel-backed ones; the model
     still says what it holds (bench/engine_bench.py's rooflines read Grok1.weights)."""
     from grok1.engine.runner import apply_kernels
-    from grok1.ops.linear import Int8Linear
+    from grok1.ops.linear import QuantLinear
     from grok1.quant import INT8
 
     model = random_weights(GrokConfig.preset("tiny").replace(num_layers=1))
     apply_kernels(model)
-    assert type(model.layers[0].attn.wq) is Int8Linear
+    assert type(model.layers[0].attn.wq) is QuantLinear
     assert model.weights == INT8 and model.quantized
