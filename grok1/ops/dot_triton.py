@@ -121,12 +121,34 @@ def scaled_low_bits(w, k, s, WFMT: tl.constexpr):
     _triton.loadable passes it); s the f32 copies of the bf16 scales, broadcast to the tile.
     Rounded once to bf16 it is the reference's weight bf16(q * s) (quant.dequantize_as)."""
     if WFMT == 2:
-        code = (w.to(tl.int32) >> ((k & 1) * 4)) & 0xF
-        # code - 8 as f32 through the float bit pattern 2^23 + code (no int -> float unit)
-        q = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        q = int4_f32((w.to(tl.int32) >> ((k & 1) * 4)) & 0xF)
     else:
         q = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return q * s
+
+
+@triton.jit
+def int4_f32(code):
+    """An int4 code (stored + 8, 0..15, int32) as f32 code - 8, exactly: through the float bit
+    pattern 2^23 + code (integer work, no int -> float conversion unit)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def int4_pair_bf16(w_ptr, r, n, N, r_ok, n_ok, s, EVEN: tl.constexpr):
+    """The reference's weights bf16(q * s) of an int4 W [K, N] (packed [K / 2, N]) at rows 2r
+    (the low nibbles) and 2r + 1 (the high ones), two [len(r), BN] tiles from one load of the
+    bytes [r, n]: the tensor-core GEMVs multiply them by x's even and odd rows (two MMAs of
+    len(r) rows), so each byte is loaded once and no nibble needs a per-row shift. s [BN]:
+    the f32 copies of the bf16 scales. EVEN: no masks (r_ok, n_ok all true)."""
+    offs = r[:, None] * N + n[None, :]
+    if EVEN:
+        b = tl.load(w_ptr + offs)
+    else:
+        b = tl.load(w_ptr + offs, mask=r_ok[:, None] & n_ok[None, :], other=0)
+    b = b.to(tl.int32)
+    return (to_bf16(int4_f32(b & 0xF) * s[None, :]),
+            to_bf16(int4_f32(b >> 4) * s[None, :]))
 
 
 @triton.jit

@@ -264,10 +264,12 @@ def _fused_moe_gemv(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_E
     x_MD = x_MD.contiguous()
     ids = ids_MA.reshape(P).contiguous()  # int32 or int64: the kernels load either
     dev = x_MD.device
-    # the tensor cores need K tiles of 16 inside a scale group; narrower groups take the FMAs
-    mma = bool(cfg.GMMA) and all(_gemv_k_split(K, kw, 1, 16, 16)[3]
+    # the tensor cores need K tiles of 16 inside a scale group (int4 32: 16 byte rows, each
+    # two rows of the matrix); narrower groups take the FMAs
+    min_mma = 32 if kw1.wfmt == 2 else 16
+    mma = bool(cfg.GMMA) and all(_gemv_k_split(K, kw, 1, min_mma, min_mma)[3]
                                  for K, kw in ((D, kw1), (F, kw2)))
-    min_bk = 16 if mma else 1
+    min_bk = min_mma if mma else 1
     if mma:  # the same launch contract on the tensor cores (MoeTiles.GMMA)
         gate_up, down = moe_mma_gemv_gate_up_kernel, moe_mma_gemv_down_kernel
         kernel_args = dict(F32=interpreting())

@@ -18,6 +18,7 @@ from grok1.ops.dot_triton import (
     dot,
     erf,
     i8_to_f32,
+    int4_pair_bf16,
     stored_rows,
     tanh,
     to_bf16,
@@ -302,6 +303,14 @@ def _row0(ptr, offs, n_ok, PAD: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32_rows(hk, w, acc, F32: tl.constexpr):
+    """acc + hk @ w for f32 rows hk on the tensor cores: hk as bf16 hi + lo, two MMAs."""
+    h_hi = hk.to(tl.bfloat16)
+    h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
+    return dot(h_lo, w, dot(h_hi, w, acc, F32), F32)
+
+
+@triton.jit
 def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                                 GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
                                 WFMT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
@@ -331,21 +340,31 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
             s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
             s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
-            kk = k1 + c0 + tl.arange(0, BK)
-            offs = w_offsets(kk[:, None], n[None, :], F, WFMT)
-            k_ok = kk < D
-            xk = _row0(x_ptr, kk, k_ok, 16)
-            if EVEN_K and EVEN_N:
-                wg = tl.load(wg_ptr + offs)
-                wu = tl.load(wu_ptr + offs)
+            if WFMT == 2:  # int4: BK / 2 byte rows, each x's rows 2r and 2r + 1 (int4_pair_bf16)
+                r = (k1 + c0) // 2 + tl.arange(0, BK // 2)
+                r_ok = 2 * r < D
+                x_even = _row0(x_ptr, 2 * r, r_ok, 16)
+                x_odd = _row0(x_ptr, 2 * r + 1, r_ok, 16)
+                g_even, g_odd = int4_pair_bf16(wg_ptr, r, n, F, r_ok, n_ok, s_g, EVEN_K and EVEN_N)
+                u_even, u_odd = int4_pair_bf16(wu_ptr, r, n, F, r_ok, n_ok, s_u, EVEN_K and EVEN_N)
+                acc_g = dot(x_odd, g_odd, dot(x_even, g_even, acc_g, F32), F32)
+                acc_u = dot(x_odd, u_odd, dot(x_even, u_even, acc_u, F32), F32)
             else:
-                wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-                wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if WFMT != 0:  # the reference's weights, bf16(w * s) (SPEC 3)
-                wg = dequant_bf16(wg, kk, s_g, WFMT)
-                wu = dequant_bf16(wu, kk, s_u, WFMT)
-            acc_g = dot(xk, wg, acc_g, F32)
-            acc_u = dot(xk, wu, acc_u, F32)
+                kk = k1 + c0 + tl.arange(0, BK)
+                offs = w_offsets(kk[:, None], n[None, :], F, WFMT)
+                k_ok = kk < D
+                xk = _row0(x_ptr, kk, k_ok, 16)
+                if EVEN_K and EVEN_N:
+                    wg = tl.load(wg_ptr + offs)
+                    wu = tl.load(wu_ptr + offs)
+                else:
+                    wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                    wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                if WFMT != 0:  # the reference's weights, bf16(w * s) (SPEC 3)
+                    wg = dequant_bf16(wg, kk, s_g, WFMT)
+                    wu = dequant_bf16(wu, kk, s_u, WFMT)
+                acc_g = dot(xk, wg, acc_g, F32)
+                acc_u = dot(xk, wu, acc_u, F32)
     g = tl.sum(acc_g, 0)  # rows 1.. are 0
     u = tl.sum(acc_u, 0)
     if SPLIT == 1:
@@ -380,20 +399,23 @@ def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr,
             grp = k1 // GROUP_K
             s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
-            kk = k1 + c0 + tl.arange(0, BK)
-            offs = w_offsets(kk[:, None], n[None, :], D, WFMT)
-            k_ok = kk < F
-            hk = _row0(h_ptr, kk, k_ok, 16)
-            if EVEN_K and EVEN_N:
-                w = tl.load(wd_ptr + offs)
+            if WFMT == 2:  # int4: BK / 2 byte rows, each h's rows 2r and 2r + 1 (int4_pair_bf16)
+                r = (k1 + c0) // 2 + tl.arange(0, BK // 2)
+                r_ok = 2 * r < F
+                w_even, w_odd = int4_pair_bf16(wd_ptr, r, n, D, r_ok, n_ok, s_d, EVEN_K and EVEN_N)
+                acc = _dot_f32_rows(_row0(h_ptr, 2 * r, r_ok, 16), w_even, acc, F32)
+                acc = _dot_f32_rows(_row0(h_ptr, 2 * r + 1, r_ok, 16), w_odd, acc, F32)
             else:
-                w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if WFMT != 0:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
-                w = dequant_bf16(w, kk, s_d, WFMT)
-            h_hi = hk.to(tl.bfloat16)
-            h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
-            acc = dot(h_hi, w, acc, F32)
-            acc = dot(h_lo, w, acc, F32)
+                kk = k1 + c0 + tl.arange(0, BK)
+                offs = w_offsets(kk[:, None], n[None, :], D, WFMT)
+                k_ok = kk < F
+                if EVEN_K and EVEN_N:
+                    w = tl.load(wd_ptr + offs)
+                else:
+                    w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                if WFMT != 0:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                    w = dequant_bf16(w, kk, s_d, WFMT)
+                acc = _dot_f32_rows(_row0(h_ptr, kk, k_ok, 16), w, acc, F32)
     out = tl.sum(acc, 0)
     gate = tl.load(gates_ptr + p)
     if not SGLANG:
