@@ -189,7 +189,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("scales", linear.scales)
         self._weights = linear.weights
         self.kernel = kernel_weights(self._weights, self.weight, self.scales,
-                                     _input_dim(self._weights, self.weight), "QuantLinear")
+                                     input_dim(self._weights, self.weight), "QuantLinear")
         self.kernel_ok = bool(k_tile(self.kernel.group_k, self.kernel.num_groups, 128))
 
     @property
@@ -213,6 +213,6 @@ class QuantLinear(torch.nn.Module):
                             weights=self._weights).view(*lead, -1)
 
 
-def _input_dim(fmt: WeightFormat, weight: torch.Tensor) -> int:
+def input_dim(fmt: WeightFormat, weight: torch.Tensor) -> int:
     """K of a stored [K, N] weight (int4 stores K / 2 rows of packed pairs)."""
     return weight.shape[0] * 2 if fmt.name == "int4" else weight.shape[0]
