@@ -19,7 +19,7 @@ import torch
 from bench._common import measure_ceilings, time_graph_ms
 from grok1.model import moe_ref
 from grok1.ops._triton import device_name
-from grok1.ops.linear import int8_gemv
+from grok1.ops.linear import quant_gemv
 from grok1.ops.moe import fused_moe, moe_config
 from moe_numerics import A, D, E, expert_linears
 
@@ -31,7 +31,7 @@ def moe_rows(F: int, ceil: dict, g: torch.Generator) -> list[dict]:
     x = torch.randn(1, D, device="cuda", generator=g).to(torch.bfloat16)
     gates, ids = torch.softmax(torch.randn(1, E, device="cuda", generator=g), -1).topk(A, -1)
     ref = moe_ref(x, gates, ids, *lins, out_dtype=torch.float32)
-    base = moe_config(A, D, F, E, True, device_name(x)).as_dict()
+    base = moe_config(A, D, F, E, "int8", device_name(x)).as_dict()
     roof = 2 * 3 * D * F / ceil["copy_gbps"] / 1e6
     rows, outs = [], []
     for mode in MODES:
@@ -57,7 +57,7 @@ def qkv_rows(ceil: dict, g: torch.Generator) -> list[dict]:
     roof = D * sum(Ns) / ceil["copy_gbps"] / 1e6
     rows, outs = [], []
     for mode in MODES:
-        call = functools.partial(int8_gemv, x, mats, config={"DEQUANT": mode})
+        call = functools.partial(quant_gemv, x, mats, config={"DEQUANT": mode})
         outs.append(torch.cat(call(), dim=1))
         ms = time_graph_ms(call, calls=30)
         rows.append({"op": "qkv_gemv", "mode": mode, "ms": ms, "roofline_ms": roof,

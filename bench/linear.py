@@ -17,7 +17,7 @@ import torch
 
 from bench._common import measure_ceilings, staged_sweep, time_graph_ms
 from grok1.ops._triton import device_name
-from grok1.ops.linear import int8_gemv
+from grok1.ops.linear import quant_gemv
 from grok1.ops.tile_config import CONFIG_DIR, GemvTiles, gemv_key
 
 D, Q, KV, O_GROUPS = 6144, 6144, 1024, 8  # Grok-1: q heads 48 x 128, kv heads 8 x 128
@@ -40,9 +40,9 @@ def shapes(tp: int) -> list[tuple[int, list[int], int]]:
 
 
 def time_rotating(x: torch.Tensor, mats: list, cfg: dict) -> float:
-    """ms per int8_gemv call, one call per weight copy captured in one CUDA graph."""
+    """ms per quant_gemv call, one call per weight copy captured in one CUDA graph."""
     copies = itertools.cycle(mats)
-    return time_graph_ms(lambda: int8_gemv(x, next(copies), config=cfg), calls=len(mats))
+    return time_graph_ms(lambda: quant_gemv(x, next(copies), config=cfg), calls=len(mats))
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Fused MoE alone at decode and prefill pair counts (full width: Grok-1's int8, or with --model
-grok-2 its D = 8192 and bf16 weights): time per launch config
+grok-2 its D = 8192 and bf16 weights; --weights int4|fp8 for the other formats): time per
+launch config
 (a staged sweep: GEMV vs MMA at M=1, the int8 conversion, prefill tiles),
 beside its roofline (expert bytes / copy bandwidth, or FLOPs / bf16 rate). Writes the fastest
 config per pair count as JSON in the grok1/ops/configs/moe.json format (--tuned-out; the
@@ -18,6 +19,7 @@ from bench._common import measure_ceilings, staged_sweep, time_graph_ms, time_ms
 from grok1.ops._triton import device_name
 from grok1.ops.moe import fused_moe, moe_config
 from grok1.ops.tile_config import CONFIG_DIR, moe_key
+from grok1.quant import FP8, int4
 
 # Stages per pair count, each a list of changes to the best config so far (tuned JSON first):
 # one pair per expert (M=1): the GEMV kernels (grok1/ops/moe.py "GEMV") against the tuned MMA
@@ -52,15 +54,13 @@ DECODE_STAGES = [
         (64, 128, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3)]],
     [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
         (64, 128, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4)]],
-    [{"SPLIT": s} for s in (1, 2, 4, 8)],
-    [{"ORDER1": o} for o in (0, 1)], [{"ORDER2": o} for o in (0, 1)]]
+    [{"SPLIT": s} for s in (1, 2, 4, 8)]]
 PREFILL_STAGES = [
     [{"MAGIC": 0}, {"MAGIC": 1}],
     [{"BM": m, "BN1": a, "BK1": b, "W1": w, "S1": st} for m, a, b, w, st in [
         (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3)]],
     [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
-        (128, 128, 8, 3), (256, 64, 8, 3)]],
-    [{"ORDER1": o} for o in (0, 1)], [{"ORDER2": o} for o in (0, 1)]]
+        (128, 128, 8, 3), (256, 64, 8, 3)]]]
 
 
 def main() -> None:
@@ -71,6 +71,9 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=None,
                    help="expert width F per rank: Grok-1's 32768 whole (Grok-2's 16384), "
                         "halved per doubling of the MoE's tensor-parallel shards")
+    p.add_argument("--weights", choices=["int8", "int4", "fp8", "bf16"], default=None,
+                   help="the experts' format (default: the model's release, grok-1 int8, "
+                        "grok-2 bf16); int4 in groups of 128 inputs")
     p.add_argument("--tuned-out", type=Path, default=None)
     p.add_argument("--key", choices=["arch", "exact"], default="arch",
                    help="file the configs under the architecture (sm_90: every Hopper card "
@@ -78,37 +81,59 @@ def main() -> None:
     args = p.parse_args()
     ceil = measure_ceilings()
     table = json.loads((CONFIG_DIR / "moe.json").read_text())  # keep pair counts not swept
-    D, quant, width = (6144, True, 32768) if args.model == "grok-1" else (8192, False, 16384)
+    D, release, width = (6144, "int8", 32768) if args.model == "grok-1" else (8192, "bf16", 16384)
     for F in args.widths or [width]:
-        sweep_width(args.tokens, F, ceil, table, 1 if args.key == "arch" else 0, D, quant)
+        sweep_width(args.tokens, F, ceil, table, 1 if args.key == "arch" else 0, D,
+                    args.weights or release)
     if args.tuned_out:
         args.tuned_out.write_text(json.dumps(table, indent=1) + "\n")
 
 
-def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: int,
-                D: int = 6144, quant: bool = True) -> None:
-    E, A = 8, 2
-    g = torch.Generator(device="cuda").manual_seed(0)
+# bytes per weight as stored (int4: two per byte; its scales, one per 128 inputs, left out)
+BYTES = {"int8": 1, "int4": 0.5, "fp8": 1, "bf16": 2}
+
+
+def random_experts(weights: str, E: int, D: int, F: int, g: torch.Generator):
+    """Random gate, up and down weights [E, in, out] stored as `weights`, their scales (None
+    for bf16) and format: uniform int8 or int4 codes, normal fp8 or bf16."""
     shapes = [(E, D, F), (E, D, F), (E, F, D)]
-    if quant:
-        w = [torch.randint(-127, 128, sh, dtype=torch.int8, device="cuda", generator=g)
-             for sh in shapes]
-        s = [torch.rand(sh, device="cuda", generator=g).to(torch.bfloat16) * 1e-4
-             for sh in [(E, 1, F), (E, 1, F), (E, 8, D)]]
-    else:
+    fmt = {"int8": None, "int4": int4(), "fp8": FP8, "bf16": None}[weights]
+    if weights == "bf16":
         w = [(torch.randn(sh, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
              for sh in shapes]
-        s = [None, None, None]
+        return w, [None, None, None], None
+    if weights == "int8":
+        w = [torch.randint(-127, 128, sh, dtype=torch.int8, device="cuda", generator=g)
+             for sh in shapes]
+        groups = [1, 1, 8]
+    elif weights == "int4":  # two codes per byte along the input dim
+        w = [torch.randint(0, 256, (e, k // 2, n), dtype=torch.uint8, device="cuda",
+                           generator=g) for e, k, n in shapes]
+        groups = [D // 128, D // 128, F // 128]
+    else:
+        w = [(torch.randn(sh, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+             for sh in shapes]
+        groups = [1, 1, 1]
+    s = [torch.rand((e, G, n), device="cuda", generator=g).to(torch.bfloat16) * 1e-4
+         for (e, _, n), G in zip(shapes, groups)]
+    return w, s, fmt
+
+
+def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: int,
+                D: int = 6144, weights: str = "int8") -> None:
+    E, A = 8, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w, s, fmt = random_experts(weights, E, D, F, g)
     tuned = {}
     for M in tokens:
         x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
         logits = torch.randn(M, E, device="cuda", generator=g)
         gates, ids = torch.softmax(logits, -1).topk(A, -1)
         experts = ids.unique().numel()
-        nbytes = experts * 3 * D * F * (1 if quant else 2)
+        nbytes = experts * 3 * D * F * BYTES[weights]
         roof = max(nbytes / ceil["copy_gbps"] / 1e6, 2 * M * A * 3 * D * F / ceil["bf16_tflops"] / 1e9)
         P = M * A
-        base = {k: v for k, v in moe_config(P, D, F, E, quant, device_name(x)).as_dict().items()
+        base = {k: v for k, v in moe_config(P, D, F, E, weights, device_name(x)).as_dict().items()
                 if k != "GEMV"}
         fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
         # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)
@@ -117,7 +142,8 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
 
         def measure(cfg, x=x, gates=gates, ids=ids, timer=fn_timer, M=M, experts=experts,
                     roof=roof):
-            ms = timer(lambda: fused_moe(x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg))
+            ms = timer(lambda: fused_moe(x, gates, ids, w[0], s[0], w[1], s[1], w[2], s[2], cfg,
+                                         weights=fmt))
             print(f"moe F={F} M={M} experts={experts} {cfg}: {ms:.3f} ms | roofline "
                   f"{roof:.3f} ms ({100 * roof / ms:.0f}%)", flush=True)
             return ms
@@ -126,7 +152,7 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
             tuned[str(M * A)] = {k: v for k, v in best[1].items() if k != "GEMV" or v}
     for P, cfg in tuned.items():
         print(f"best F={F} P={P}: {cfg}")
-    key = moe_key(D, F, E, "int8" if quant else "bf16")
+    key = moe_key(D, F, E, weights)
     table.setdefault(device_name(x).split("|")[key_part], {}).setdefault(key, {}).update(tuned)
 
 

@@ -50,7 +50,7 @@ def sweep_width(F: int, tokens: list[int], ceil: dict, g: torch.Generator) -> li
         x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
         gates, ids = torch.softmax(torch.randn(M, E, device="cuda", generator=g), -1).topk(A, -1)
         ref = moe_ref(x, gates, ids, *lins, out_dtype=torch.float32)
-        base = moe_config(M * A, D, F, E, True, device_name(x)).as_dict()
+        base = moe_config(M * A, D, F, E, "int8", device_name(x)).as_dict()
         if M * A <= base["GEMV"]:
             variants = [("gemv", True, base), ("grouped_gemm", True, {**base, "GEMV": 0})]
         else:

@@ -53,13 +53,13 @@ def parse_variant(text: str, size: int, rank: int) -> Layout:
 def with_kernels_(model: Grok1) -> Grok1:
     """The one-process model through the same kernels the parallel modules run on a GPU
     (grok1.ops' fused MoE and int8 wo), so a GPU comparison isolates the parallel split."""
-    from grok1.ops.linear import Int8Linear
+    from grok1.ops.linear import QuantLinear
     from grok1.ops.moe import FusedMoE
 
     for layer in model.layers:
         layer.moe = FusedMoE(layer.moe)
         if layer.attn.wo.quantized:
-            layer.attn.wo = Int8Linear(layer.attn.wo)
+            layer.attn.wo = QuantLinear(layer.attn.wo)
     return model
 
 

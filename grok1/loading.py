@@ -48,7 +48,7 @@ from grok1.checkpoint.xai_pickle import find_ckpt0, load_xai_checkpoint
 from grok1.config import ConfigError, GrokConfig, read_config_json
 from grok1.config_grok2 import Grok2Config
 from grok1.model import BF16, Grok1
-from grok1.quant import WeightFormat
+from grok1.quant import INT8, WeightFormat, weight_format
 from grok1.tokenizer import Tokenizer, find_tokenizer
 from grok1.tokenizer_grok2 import TOKENIZER_FILE as GROK2_TOKENIZER_FILE
 from grok1.tokenizer_grok2 import Grok2Tokenizer
@@ -325,10 +325,11 @@ def random_weights(config: GrokConfig | Grok2Config | str | Path, *,
                    router_std: float = 0.5, device: torch.device | str | None = None,
                    dtype: torch.dtype = BF16, mesh: Mesh | None = None,
                    layout: Layout | None = None, moe: str = "tp",
-                   unembed: str = "vocab") -> Grok1:
+                   unembed: str = "vocab", weights: str | WeightFormat | None = None) -> Grok1:
     """A Grok1 of random weights: int8 matrices with bf16 scales (`quantized`) or `dtype`
-    ones (default: the release's form, int8 for Grok-1, bf16 for a Grok2Config), of about
-    `std` per entry; the embedding (and an untied head) normal(std), norm scales
+    ones (default: the release's form, int8 for Grok-1, bf16 for a Grok2Config), or another
+    format (`weights`: "int4", "fp8", a grok1.quant.WeightFormat; uniform random codes), of
+    about `std` per entry; the embedding (and an untied head) normal(std), norm scales
     1 + normal(0.1), and routers of std `router_std / sqrt(emb_size)`, so that router logits
     have std about `router_std` (a decisive router keeps bf16 noise from swapping experts).
     A Grok2Config gives Grok-2's model at its shapes (`Grok2Config().replace(num_layers=4)`:
@@ -340,35 +341,54 @@ def random_weights(config: GrokConfig | Grok2Config | str | Path, *,
     one-process model of the same seed, while no rank ever holds more than one whole tensor
     beyond its own slices. Values depend on the device's generator (CPU and CUDA differ).
     """
-    if quantized is None:
-        quantized = not isinstance(config, Grok2Config)
+    fmt = weight_format(weights)
+    if fmt is not None and quantized is not None and quantized != (fmt == INT8):
+        raise ValueError(f"random_weights: quantized={quantized} contradicts "
+                         f"weights={fmt.label()}")
+    if fmt is None and (quantized if quantized is not None
+                        else not isinstance(config, Grok2Config)):
+        fmt = INT8
     config = (config.to_grok_config() if isinstance(config, Grok2Config)
               else GrokConfig.resolve(config))
     layout = rank_layout(mesh, layout, moe=moe, unembed=unembed)
     device = _place(device, mesh)
     request = ReadRequest(config, device, dtype, layout, progress=False)
-    model = request.empty_model(config, quantized, dtype)
-    shard_fn = request.shard_fn(config)
+    model = request.empty_model(config, True if fmt == INT8 else fmt, dtype)
+    shard_fn = request.shard_fn(config, None if fmt == INT8 else fmt)
     with torch.device("meta"):
-        whole = Grok1(config, quantized=quantized, dtype=dtype)
+        whole = Grok1(config, weights=fmt, dtype=dtype)
     g = torch.Generator(device)
     with torch.no_grad():
         for name, spec in itertools.chain(whole.named_parameters(), whole.named_buffers()):
             g.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             t = _draw(name, spec.shape, spec.dtype, g, device, std=std, router_std=router_std,
-                      emb_size=config.emb_size)
+                      emb_size=config.emb_size, fmt=fmt)
             if shard_fn is not None:  # a copy of the piece: the whole tensor is freed
                 t = shard_fn(name, t).clone(memory_format=torch.contiguous_format)
             assign_tensor(model, name, t)
     return _finish(model, mesh, layout)
 
 
+# the std of a format's stored values as _draw draws them: uniform int8 -127..127, uniform
+# int4 codes -8..7 (every byte), normal fp8 of std 64 (e4m3 saturates at 448: 7 std)
+_VALUE_STD = {"int8": 127 / math.sqrt(3), "int4": math.sqrt((16 ** 2 - 1) / 12), "fp8": 64.0}
+
+
 def _draw(name: str, shape: torch.Size, dtype: torch.dtype, g: torch.Generator,
-          device: torch.device, *, std: float, router_std: float, emb_size: int) -> torch.Tensor:
-    """One tensor of random_weights, by the role its name says."""
+          device: torch.device, *, std: float, router_std: float, emb_size: int,
+          fmt: WeightFormat | None = None) -> torch.Tensor:
+    """One tensor of random_weights, by the role its name says (`fmt`: the matrices' format)."""
     if dtype == torch.int8:
         return torch.randint(-127, 128, shape, generator=g, device=device, dtype=torch.int8)
-    if name.endswith("scales"):  # uniform int8 has std 127 / sqrt(3): entries of std ~`std`
+    if dtype == torch.uint8:  # packed int4: two uniform codes per byte
+        return torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.uint8)
+    if dtype == torch.float8_e4m3fn:
+        t = torch.randn(shape, generator=g, device=device) * _VALUE_STD["fp8"]
+        return t.clamp_(-448.0, 448.0).to(dtype)
+    if name.endswith("scales") and fmt is not None and fmt != INT8:
+        u = torch.rand(shape, generator=g, device=device, dtype=torch.float32)
+        t = (std / _VALUE_STD[fmt.name]) * (0.5 + u)  # entries of std ~`std`
+    elif name.endswith("scales"):  # uniform int8 has std 127 / sqrt(3): entries of std ~`std`
         u = torch.rand(shape, generator=g, device=device, dtype=torch.float32)
         t = (std * math.sqrt(3) / 127) * (0.5 + u)
     elif name.endswith("norm.scale"):

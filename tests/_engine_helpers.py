@@ -5,7 +5,7 @@ joining mid-run and checking it against the plain model."""
 import torch
 
 from grok1.model import Linear
-from grok1.quant import quantize
+from grok1.quant import INT8, WeightFormat, quantize_as
 
 
 # grok1.random_weights at a large std (peaked logits, so greedy margins beat bf16 noise) and a
@@ -13,16 +13,19 @@ from grok1.quant import quantize
 PEAKED = {"std": 0.3, "router_std": 8.0}
 
 
-def quantized_linears(E, D, F, quant: bool, seed: int = 0, device: str = "cpu"):
-    """Three expert Linears (gate, up: [E, D, F], 1 group; down: [E, F, D], 8 groups)."""
+def quantized_linears(E, D, F, quant: bool | WeightFormat, seed: int = 0, device: str = "cpu"):
+    """Three expert Linears (gate, up: [E, D, F]; down: [E, F, D]): int8 (`quant` True; 1, 1
+    and 8 scale groups, as released), another format (`quant` a WeightFormat: int4, fp8) or
+    bf16 (False), each quantized from a random normal matrix."""
     g = torch.Generator().manual_seed(seed)
+    fmt = INT8 if quant is True else quant or None
     out = []
     for d_in, d_out, groups in [(D, F, 1), (D, F, 1), (F, D, 8)]:
         w = torch.randn(E, d_in, d_out, generator=g) / d_in ** 0.5
-        lin = Linear(d_in, d_out, experts=E, quant_groups=groups if quant else None)
+        lin = Linear(d_in, d_out, experts=E, weights=fmt, quant_groups=groups if fmt else None)
         with torch.no_grad():
-            if quant:
-                q, s = quantize(w, groups)
+            if fmt:
+                q, s = quantize_as(fmt, w, groups)
                 lin.weight.copy_(q)
                 lin.scales.copy_(s)
             else:

@@ -93,6 +93,24 @@ def test_the_engine_bench_script_explains_its_positional_and_layers():
     assert "{all,decode,prefill} what to measure: decode steps, prefill, or both" in text
     assert "full-width layers (random weights) (default: 4)" in text
     assert "--model {grok-1,grok-2}" in text
+    assert "--weights {int8,int4,fp8,bf16}" in text
+
+
+def test_engine_bench_rooflines_count_the_formats_stored_bytes():
+    """Decode reads packed int4 (K/2 bytes per column) and its bf16 scales per 128 inputs:
+    about half int8's bytes; fp8 as many as int8 (one scale per column instead of 1 or 8)."""
+    from bench.engine_bench import bench_config, tensor_bytes
+    from grok1.model import Grok1
+
+    config = bench_config(1)
+    with torch.device("meta"):
+        per = {w: tensor_bytes(Grok1(config, weights=w)) for w in ("int8", "int4", "fp8")}
+    D, F = config.emb_size, config.ffn_size
+    gate_or_up = D // 2 * F + D // 128 * F * 2  # uint8 [D/2, F], bf16 scales [D/128, F]
+    down = F // 2 * D + F // 128 * D * 2
+    assert per["int4"]["expert"] == 2 * gate_or_up + down
+    assert 0.5 < per["int4"]["expert"] / per["int8"]["expert"] < 0.52
+    assert abs(per["fp8"]["expert"] / per["int8"]["expert"] - 1) < 1e-3
 
 
 def test_the_server_samples_with_the_defaults_its_help_states():

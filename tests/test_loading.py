@@ -102,3 +102,22 @@ def test_random_weights_are_drawn_tensor_by_tensor_from_the_seed():
     assert abs(float(router.std()) - 0.5 / 48 ** 0.5) < 0.15 * 0.5 / 48 ** 0.5
     dense = grok1.random_weights(tiny, quantized=False, std=0.3).state_dict()
     assert abs(float(dense["layers.1.attn.wq.weight"].float().std()) - 0.3) < 0.03
+
+
+def test_random_weights_in_int4_and_fp8_have_entries_of_about_std():
+    from grok1.quant import FP8, int4
+
+    tiny = GrokConfig.preset("tiny")
+    assert_same_state(grok1.random_weights(tiny, seed=4, weights="int8"),
+                      grok1.random_weights(tiny, seed=4))  # int8 draws as before
+    for weights, fmt in (("int4", int4()), (int4(16), int4(16)), ("fp8", FP8)):
+        model = grok1.random_weights(tiny, weights=weights, std=0.3)
+        assert model.weights == fmt
+        lin = model.layers[1].moe.w_up
+        assert lin.weight.dtype == fmt.storage_dtype
+        # uniform int4 codes of std 4.6 or normal fp8 of std 64, scales std * (0.5 .. 1.5) over
+        # it: entries of std 0.3 * sqrt(13 / 12) = 0.31
+        assert abs(float(lin.dense().float().std()) - 0.31) < 0.03
+    with pytest.raises(ValueError, match=r"^random_weights: quantized=True contradicts "
+                                         r"weights=fp8$"):
+        grok1.random_weights(tiny, quantized=True, weights="fp8")

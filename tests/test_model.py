@@ -201,19 +201,20 @@ def test_quantized_true_still_means_int8_and_contradictions_are_refused():
         Grok1(config, weights="fp8").init_weights()
 
 
-def test_engine_keeps_int4_and_fp8_matrices_on_their_twins():
+def test_engine_runs_every_weight_format_on_the_kernels():
+    """apply_kernels swaps int8, int4 and fp8 matrices alike for the kernel-backed modules
+    (tests/ops: each against its twin), which keep the model's format."""
     from grok1.engine.runner import apply_kernels
-    from grok1.model import Grok1, Linear, MoE
-    from grok1.ops.linear import Int8Linear
+    from grok1.model import Grok1
+    from grok1.ops.linear import QuantLinear
     from grok1.ops.moe import FusedMoE
 
     config = GrokConfig.preset("tiny")
-    for weights in ("int4", "fp8"):
+    for weights in ("int8", "int4", "fp8"):
         with torch.device("meta"):
-            model = apply_kernels(Grok1(config, weights=weights))
-        assert all(type(layer.moe) is MoE and type(layer.attn.wq) is Linear
+            model = Grok1(config, weights=weights)
+            fmt = model.weights
+            apply_kernels(model)
+        assert all(type(layer.moe) is FusedMoE and type(layer.attn.wq) is QuantLinear
                    for layer in model.layers)
-    with torch.device("meta"):
-        int8 = apply_kernels(Grok1(config, quantized=True))
-    assert all(type(layer.moe) is FusedMoE and type(layer.attn.wq) is Int8Linear
-               for layer in int8.layers)
+        assert model.weights == fmt and model.layers[0].moe.weights == fmt

@@ -29,11 +29,10 @@ from grok1.model import (
     rope_cos_sin,
 )
 from grok1.ops.attention import AttentionMath, AttentionPlan, paged_attention, plan_attention
-from grok1.ops.linear import Int8Linear, project_many
+from grok1.ops.linear import QuantLinear, project_many
 from grok1.ops.moe import FusedMoE
 from grok1.ops.rmsnorm import add_rms_norm, rms_norm_op
 from grok1.ops.rope import rope_and_cache
-from grok1.quant import INT8
 from grok1.sampling import rows_to_device
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -42,17 +41,15 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 def apply_kernels(model: Grok1) -> Grok1:
     """Swap the plain quantized Linears and MoEs for kernel-backed modules, in place; parameter
     and buffer names stay the same. Subclasses (grok1.parallel's) run their kernels already.
-    The kernels take int8 (and the fused MoE bf16) weights only: int4 and fp8 matrices stay on
-    their twins (`Linear.dense`), and without the fused MoE no CUDA graph is captured."""
+    The kernels take every weight format (bf16 for the fused MoE; int8, int4, fp8 for both)."""
     for layer in model.layers:
         moe = layer.moe  # experts carrying LoRA adapters (grok1.lora) stay on the plain path
-        if type(moe) is MoE and all(type(w) is Linear for w in (moe.w_gate, moe.w_up, moe.w_down)) \
-                and moe.w_gate.weights in (None, INT8):
+        if type(moe) is MoE and all(type(w) is Linear for w in (moe.w_gate, moe.w_up, moe.w_down)):
             layer.moe = FusedMoE(layer.moe)
         for name in ("wq", "wk", "wv", "wo"):
             lin = getattr(layer.attn, name)
-            if type(lin) is Linear and lin.quantized:
-                setattr(layer.attn, name, Int8Linear(lin))
+            if type(lin) is Linear and lin.weights is not None:
+                setattr(layer.attn, name, QuantLinear(lin))
     return model
 
 

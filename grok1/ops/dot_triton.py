@@ -1,4 +1,10 @@
-"""Triton helpers shared by the kernels (imported only by the *_triton.py files)."""
+"""Triton helpers shared by the kernels (imported only by the *_triton.py files).
+
+Weight formats: one kernel family serves every format through a constexpr WFMT (grok1.ops._triton:
+0 bf16, 1 int8, 2 int4 packed two input rows per byte, 3 fp8 e4m3), read by `w_offsets`,
+`stored_rows` and the dequantizers below; every quantized format gives the reference's weight
+bf16(q * s), q exact in f32 and the product rounded once.
+"""
 
 import os
 
@@ -82,28 +88,106 @@ def scaled_int8(w, s, c):
 
 
 @triton.jit
-def dequant_t_bf16(w_t, s):
-    """The reference's weight bf16(w * s) for a transposed int8 tile w_t [BN, BK] (the MMA
-    kernels' W^T) and the f32 copies of its bf16 scales s [BN]: `scaled_int8`, then bf16."""
-    return scaled_int8(w_t, s[:, None], (-8388736.0 * s)[:, None]).to(tl.bfloat16)
+def to_bf16(x):
+    """f32 -> bf16 rounded to nearest even. The interpreter's cast truncates instead, which
+    biases every rounding the same way: there the rounding is done on the bits first."""
+    if INTERPRETED:
+        return round_bf16_bits(x).to(tl.bfloat16)
+    return x.to(tl.bfloat16)
 
 
 @triton.jit
-def dequant_f32(w, s, MODE: tl.constexpr):
-    """The reference's weight bf16(w * s) (SPEC 3), as f32: int8 w [BK, BN], f32 copies of the
-    bf16 scales s [BN]. MODE picks the instructions, never the value (all exact, then rounded
-    to nearest even once): 0 int -> float unit, f32 product, round to bf16 and back through the
-    conversion unit; 1 the MAGIC int8 -> f32, f32 product, rounding on the bits; 2
-    `scaled_int8`, rounding on the bits; 3 `scaled_int8`, then the conversion unit's rounding
-    to bf16 and back."""
+def stored_rows(K, WFMT: tl.constexpr):
+    """Rows of a stored [K, N] weight: int4 packs two input rows per byte (quant.pack_int4)."""
+    if WFMT == 2:
+        return K // 2
+    return K
+
+
+@triton.jit
+def w_offsets(k, n, N, WFMT: tl.constexpr):
+    """Element offsets of W[k, n] in its stored [K, N] (int4: [K / 2, N], row k in byte
+    k // 2; `scaled_low_bits` picks the nibble). k, n broadcast to the tile's shape."""
+    if WFMT == 2:
+        return (k // 2) * N + n
+    return k * N + n
+
+
+@triton.jit
+def scaled_low_bits(w, k, s, WFMT: tl.constexpr):
+    """q * s, exact in f32 (a 4-bit code or an e4m3 value times a bf16 scale), for an int4
+    (WFMT 2: w the bytes loaded at rows k // 2, row k's code in the low nibble for even k, the
+    high one for odd, stored as code + 8) or fp8 tile (WFMT 3: w its bytes, uint8, as
+    _triton.loadable passes it); s the f32 copies of the bf16 scales, broadcast to the tile.
+    Rounded once to bf16 it is the reference's weight bf16(q * s) (quant.dequantize_as)."""
+    if WFMT == 2:
+        q = int4_f32((w.to(tl.int32) >> ((k & 1) * 4)) & 0xF)
+    else:
+        q = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return q * s
+
+
+@triton.jit
+def int4_f32(code):
+    """An int4 code (stored + 8, 0..15, int32) as f32 code - 8, exactly: through the float bit
+    pattern 2^23 + code (integer work, no int -> float conversion unit)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def int4_pair_bf16(w_ptr, r, n, N, r_ok, n_ok, s, EVEN: tl.constexpr):
+    """The reference's weights bf16(q * s) of an int4 W [K, N] (packed [K / 2, N]) at rows 2r
+    (the low nibbles) and 2r + 1 (the high ones), two [len(r), BN] tiles from one load of the
+    bytes [r, n]: the tensor-core GEMVs multiply them by x's even and odd rows (two MMAs of
+    len(r) rows), so each byte is loaded once and no nibble needs a per-row shift. s [BN]:
+    the f32 copies of the bf16 scales. EVEN: no masks (r_ok, n_ok all true)."""
+    offs = r[:, None] * N + n[None, :]
+    if EVEN:
+        b = tl.load(w_ptr + offs)
+    else:
+        b = tl.load(w_ptr + offs, mask=r_ok[:, None] & n_ok[None, :], other=0)
+    b = b.to(tl.int32)
+    return (to_bf16(int4_f32(b & 0xF) * s[None, :]),
+            to_bf16(int4_f32(b >> 4) * s[None, :]))
+
+
+@triton.jit
+def dequant_t_bf16(w_t, k, s, WFMT: tl.constexpr):
+    """The reference's weight bf16(w * s) for a transposed quantized tile w_t [BN, BK] (the MMA
+    kernels' W^T), rows k [BK], the f32 copies of its bf16 scales s [BN]: the exact product
+    (int8 through `scaled_int8`, int4 and fp8 through `scaled_low_bits`) rounded once."""
+    if WFMT == 1:
+        return to_bf16(scaled_int8(w_t, s[:, None], (-8388736.0 * s)[:, None]))
+    return to_bf16(scaled_low_bits(w_t, k[None, :], s[:, None], WFMT))
+
+
+@triton.jit
+def dequant_bf16(w, k, s, WFMT: tl.constexpr):
+    """`dequant_t_bf16` for a tile as stored, w [BK, BN] (the tensor-core GEMVs' right operand)."""
+    if WFMT == 1:
+        return to_bf16(scaled_int8(w, s[None, :], (-8388736.0 * s)[None, :]))
+    return to_bf16(scaled_low_bits(w, k[:, None], s[None, :], WFMT))
+
+
+@triton.jit
+def dequant_f32(w, k, s, WFMT: tl.constexpr, MODE: tl.constexpr):
+    """The reference's weight bf16(w * s) (SPEC 3), as f32, for a tile as stored w [BK, BN]
+    (rows k [BK], for int4's nibbles) and the f32 copies of the bf16 scales s [BN] (WFMT 1-3).
+    For int8, MODE picks the instructions, never the value (all exact, then rounded to nearest
+    even once): 0 int -> float unit, f32 product, round to bf16 and back through the conversion
+    unit; 1 the MAGIC int8 -> f32, f32 product, rounding on the bits; 2 `scaled_int8`, rounding
+    on the bits; 3 `scaled_int8`, then the conversion unit's rounding to bf16 and back. int4
+    and fp8 have one way (`scaled_low_bits`, rounding on the bits)."""
+    if WFMT != 1:
+        return round_bf16_bits(scaled_low_bits(w, k[:, None], s[None, :], WFMT))
     if MODE == 0:
-        return (w.to(tl.float32) * s[None, :]).to(tl.bfloat16).to(tl.float32)
+        return to_bf16(w.to(tl.float32) * s[None, :]).to(tl.float32)
     if MODE == 1:
         return round_bf16_bits(i8_to_f32(w, True) * s[None, :])
     ws = scaled_int8(w, s[None, :], (-8388736.0 * s)[None, :])
     if MODE == 2:
         return round_bf16_bits(ws)
-    return ws.to(tl.bfloat16).to(tl.float32)
+    return to_bf16(ws).to(tl.float32)
 
 
 @triton.jit

@@ -1,26 +1,30 @@
 """Triton kernels of the fused MoE (imported lazily by grok1.ops.moe; see that file's contract).
 
 Shape letters: P (token, slot) pairs = M * A, D emb_size, F expert width, E experts,
-BM rows (pairs) per block. Weights are stored [E, in, out] (x @ W), int8 with bf16 scales
-[E, G, out] or bf16. The GEMMs compute the transposed product (W^T x^T) so the dequantized weight
-tile is the left operand (it may stay in registers) and a small pair count is the narrow side.
+BM rows (pairs) per block. Weights are stored [E, in, out] (x @ W), bf16 or quantized (int8,
+int4 packed [E, in / 2, out], fp8) with bf16 scales [E, G, out]: the constexpr WFMT picks the
+tile loader (grok1.ops.dot_triton), the kernels are the same for every format. The GEMMs
+compute the transposed product (W^T x^T) so the dequantized weight tile is the left operand (it
+may stay in registers) and a small pair count is the narrow side.
 """
 
 import triton
 import triton.language as tl
 
 from grok1.ops.dot_triton import (
+    dequant_bf16,
     dequant_f32,
     dequant_t_bf16,
     dot,
     erf,
     i8_to_f32,
+    int4_pair_bf16,
     row0,
-    scaled_int8,
+    stored_rows,
     tanh,
+    to_bf16,
+    w_offsets,
 )
-
-
 
 
 @triton.jit
@@ -28,8 +32,8 @@ def _gelu_glu(acc_g, acc_u, ERF: tl.constexpr, SGLANG: tl.constexpr):
     """gelu(bf16(g)) * bf16(u) in f32 from the f32 sums: the reference's projections are bf16.
     GELU tanh-approximate (the reference's), or exact with ERF (Grok-2's); SGLANG rounds the
     product to bf16, as its gelu_and_mul stores it (grok2 SPEC 2.5)."""
-    g = acc_g.to(tl.bfloat16).to(tl.float32)
-    u = acc_u.to(tl.bfloat16).to(tl.float32)
+    g = to_bf16(acc_g).to(tl.float32)
+    u = to_bf16(acc_u).to(tl.float32)
     if ERF:  # torch's order (GeluCUDAKernelImpl, approximate="none")
         act = g * 0.5 * (1.0 + erf(g * 0.7071067811865476))
     else:
@@ -37,7 +41,7 @@ def _gelu_glu(acc_g, acc_u, ERF: tl.constexpr, SGLANG: tl.constexpr):
         act = 0.5 * g * (1.0 + tanh(inner))
     h = act * u
     if SGLANG:
-        h = h.to(tl.bfloat16).to(tl.float32)
+        h = to_bf16(h).to(tl.float32)
     return h
 
 
@@ -79,17 +83,20 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NU
 
 
 @triton.jit
-def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexpr, BK: tl.constexpr,
-              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, MAGIC: tl.constexpr = False):
-    """W^T tile [BN, BK] in bf16: W[k0:k0+BK, n] (row-major [K, N]); int8 tiles are scaled by
-    their group's bf16 scales, rounded once to bf16 (= quant.dequantize, exactly)."""
+def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, WFMT: tl.constexpr,
+              SCALED: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+              MAGIC: tl.constexpr = False):
+    """W^T tile [BN, BK] in bf16: W[k0:k0+BK, n] of a [K, N] matrix stored in format WFMT;
+    quantized tiles are scaled by their group's bf16 scales, rounded once to bf16
+    (= quant.dequantize_as, exactly). SCALED False: int8 values unscaled (exact_int8_products,
+    whose caller scales the f32 sums)."""
     kk = k0 + tl.arange(0, BK)
-    ptrs = w_ptr + kk[None, :] * N + n[:, None]
+    ptrs = w_ptr + w_offsets(kk[None, :], n[:, None], N, WFMT)
     if EVEN_K and EVEN_N:
         w = tl.load(ptrs)
     else:
         w = tl.load(ptrs, mask=(kk[None, :] < K) & (n[:, None] < N), other=0)
-    if QUANT:
+    if WFMT != 0 and SCALED:
         # BK divides GROUP_K, so one scale row serves the whole tile
         grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)  # tiles past K are masked to 0 anyway
         if EVEN_N:
@@ -97,7 +104,7 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
         else:
             s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
         s = s.to(tl.float32)
-        w = dequant_t_bf16(w, s)
+        w = dequant_t_bf16(w, kk, s, WFMT)
     elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
         w = i8_to_f32(w, True).to(tl.bfloat16)
     else:  # bf16 weights, or int8 scaled later (LATE): int8 -> bf16 is exact
@@ -108,17 +115,14 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, QUANT: tl.constexp
 @triton.jit
 def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_ptr,
                        block_expert_ptr, P, D, F, GROUP_K, NUM_GROUPS,
-                       A: tl.constexpr, QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       A: tl.constexpr, WFMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        F32: tl.constexpr, LATE: tl.constexpr, ERF: tl.constexpr,
-                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False,
-                       N_FIRST: tl.constexpr = False):
+                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
     """h[pair, n] = gelu(bf16(x @ Wg)) * bf16(x @ Wu) in f32 (SPEC 2.6) for the pairs of one
-    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32.
-    N_FIRST: the grid is (column tiles, blocks), so programs launched together share a block's
-    activations instead of a column tile of the weights (which one L2 serves better)."""
-    pid_m = tl.program_id(1 if N_FIRST else 0)
-    pid_n = tl.program_id(0 if N_FIRST else 1)
+    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -127,8 +131,8 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
     tok = tl.where(valid, pair // A, 0)
     n = pid_n * BN + tl.arange(0, BN)
     e64 = e.to(tl.int64)
-    wg_ptr += e64 * D * F
-    wu_ptr += e64 * D * F
+    wg_ptr += e64 * stored_rows(D, WFMT) * F
+    wu_ptr += e64 * stored_rows(D, WFMT) * F
     sg_ptr += e64 * NUM_GROUPS * F
     su_ptr += e64 * NUM_GROUPS * F
     acc_g = tl.zeros([BN, BM], dtype=tl.float32)
@@ -142,10 +146,10 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
             kk = k0 + tl.arange(0, BK)
             x_t = tl.load(x_ptr + tok[None, :].to(tl.int64) * D + kk[:, None],
                           mask=valid[None, :] & (kk[:, None] < D), other=0.0)
-            wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+            wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
                            BK, EVEN_K, EVEN_N, MAGIC)
             part_g = dot(wg, x_t, part_g, F32)
-            wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+            wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
                            BK, EVEN_K, EVEN_N, MAGIC)
             part_u = dot(wu, x_t, part_u, F32)
         if LATE:  # int8 values exact in bf16; the group's scale applied to the f32 sum
@@ -162,17 +166,15 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
 @triton.jit
 def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
                     P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
-                    QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    WFMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
-                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False,
-                    N_FIRST: tl.constexpr = False):
+                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
     """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
     ks (the reference rounds the gate to bf16; SGLANG keeps it f32); h [P, F] f32, Wd [E, F, D], gates [P] f32,
     out [SPLIT, P, D] f32. The reference's down-projection is an f32 dot of f32 h: the tensor
-    cores take h as bf16 hi + bf16 lo (h to about 16 bits, 2^-17 relative), two MMAs.
-    N_FIRST as moe_gate_up_kernel's (here a block's h rows are 4 bytes a value, F long)."""
-    pid_m = tl.program_id(1 if N_FIRST else 0)
-    pid_n = tl.program_id(0 if N_FIRST else 1)
+    cores take h as bf16 hi + bf16 lo (h to about 16 bits, 2^-17 relative), two MMAs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
@@ -182,7 +184,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
     safe = tl.where(valid, pair, 0).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     e64 = e.to(tl.int64)
-    wd_ptr += e64 * F * D
+    wd_ptr += e64 * stored_rows(F, WFMT) * D
     sd_ptr += e64 * NUM_GROUPS * D
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
@@ -197,7 +199,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
             kk = k0 + tl.arange(0, BK)
             h_t = tl.load(h_ptr + safe[None, :] * F + kk[:, None],
                           mask=valid[None, :] & (kk[:, None] < F), other=0.0)
-            w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, QUANT and not LATE,
+            w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, WFMT, not LATE,
                           BK, EVEN_K, EVEN_N, MAGIC)
             h_hi = h_t.to(tl.bfloat16)
             h_lo = (h_t - h_hi.to(tl.float32)).to(tl.bfloat16)
@@ -225,7 +227,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
 @triton.jit
 def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
-                            QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                            WFMT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                             DEQUANT: tl.constexpr, ERF: tl.constexpr, SGLANG: tl.constexpr):
     """SPLIT == 1: h[p, n] = gelu(bf16(x[p // A] @ Wg[e])) * bf16(x[p // A] @ Wu[e]) in f32,
@@ -242,8 +244,8 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
     tok = p // A
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < F
-    wg_ptr += e64 * D * F
-    wu_ptr += e64 * D * F
+    wg_ptr += e64 * stored_rows(D, WFMT) * F
+    wu_ptr += e64 * stored_rows(D, WFMT) * F
     sg_ptr += e64 * NUM_GROUPS * F
     su_ptr += e64 * NUM_GROUPS * F
     x_ptr += tok.to(tl.int64) * D
@@ -252,7 +254,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_ok = n_ok & (k1 < D)
             s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
@@ -261,7 +263,7 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
         part_u = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * F + n[None, :]
+            offs = w_offsets(kk[:, None], n[None, :], F, WFMT)
             if EVEN_K and EVEN_N:
                 xk = tl.load(x_ptr + kk).to(tl.float32)
                 wg = tl.load(wg_ptr + offs)
@@ -271,9 +273,9 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
                 xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
                 wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
-                part_g += dequant_f32(wg, s_g, DEQUANT) * xk[:, None]
-                part_u += dequant_f32(wu, s_u, DEQUANT) * xk[:, None]
+            if WFMT != 0:  # the reference's weights, bf16(w * s) (SPEC 3)
+                part_g += dequant_f32(wg, kk, s_g, WFMT, DEQUANT) * xk[:, None]
+                part_u += dequant_f32(wu, kk, s_u, WFMT, DEQUANT) * xk[:, None]
             else:
                 part_g += wg.to(tl.float32) * xk[:, None]
                 part_u += wu.to(tl.float32) * xk[:, None]
@@ -295,9 +297,17 @@ def moe_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_pt
 
 
 @triton.jit
+def _dot_f32_rows(hk, w, acc, F32: tl.constexpr):
+    """acc + hk @ w for f32 rows hk on the tensor cores: hk as bf16 hi + lo, two MMAs."""
+    h_hi = hk.to(tl.bfloat16)
+    h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
+    return dot(h_lo, w, dot(h_hi, w, acc, F32), F32)
+
+
+@triton.jit
 def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, P, D, F,
                                 GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, A: tl.constexpr,
-                                QUANT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                                WFMT: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                                 ERF: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
     """moe_gemv_gate_up_kernel's contract (grid, outputs, CHUNK) on the tensor cores."""
@@ -308,8 +318,8 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
     tok = p // A
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < F
-    wg_ptr += e64 * D * F
-    wu_ptr += e64 * D * F
+    wg_ptr += e64 * stored_rows(D, WFMT) * F
+    wu_ptr += e64 * stored_rows(D, WFMT) * F
     sg_ptr += e64 * NUM_GROUPS * F
     su_ptr += e64 * NUM_GROUPS * F
     x_ptr += tok.to(tl.int64) * D
@@ -318,27 +328,37 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past D: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_ok = n_ok & (k1 < D)
             s_g = tl.load(sg_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
             s_u = tl.load(su_ptr + grp * F + n, mask=s_ok, other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
-            kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * F + n[None, :]
-            k_ok = kk < D
-            xk = row0(x_ptr, kk, k_ok, 16)
-            if EVEN_K and EVEN_N:
-                wg = tl.load(wg_ptr + offs)
-                wu = tl.load(wu_ptr + offs)
+            if WFMT == 2:  # int4: BK / 2 byte rows, each x's rows 2r and 2r + 1 (int4_pair_bf16)
+                r = (k1 + c0) // 2 + tl.arange(0, BK // 2)
+                r_ok = 2 * r < D
+                x_even = row0(x_ptr, 2 * r, r_ok, 16)
+                x_odd = row0(x_ptr, 2 * r + 1, r_ok, 16)
+                g_even, g_odd = int4_pair_bf16(wg_ptr, r, n, F, r_ok, n_ok, s_g, EVEN_K and EVEN_N)
+                u_even, u_odd = int4_pair_bf16(wu_ptr, r, n, F, r_ok, n_ok, s_u, EVEN_K and EVEN_N)
+                acc_g = dot(x_odd, g_odd, dot(x_even, g_even, acc_g, F32), F32)
+                acc_u = dot(x_odd, u_odd, dot(x_even, u_even, acc_u, F32), F32)
             else:
-                wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-                wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s) (SPEC 3)
-                wg = scaled_int8(wg, s_g[None, :], (-8388736.0 * s_g)[None, :]).to(tl.bfloat16)
-                wu = scaled_int8(wu, s_u[None, :], (-8388736.0 * s_u)[None, :]).to(tl.bfloat16)
-            acc_g = dot(xk, wg, acc_g, F32)
-            acc_u = dot(xk, wu, acc_u, F32)
+                kk = k1 + c0 + tl.arange(0, BK)
+                offs = w_offsets(kk[:, None], n[None, :], F, WFMT)
+                k_ok = kk < D
+                xk = row0(x_ptr, kk, k_ok, 16)
+                if EVEN_K and EVEN_N:
+                    wg = tl.load(wg_ptr + offs)
+                    wu = tl.load(wu_ptr + offs)
+                else:
+                    wg = tl.load(wg_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                    wu = tl.load(wu_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                if WFMT != 0:  # the reference's weights, bf16(w * s) (SPEC 3)
+                    wg = dequant_bf16(wg, kk, s_g, WFMT)
+                    wu = dequant_bf16(wu, kk, s_u, WFMT)
+                acc_g = dot(xk, wg, acc_g, F32)
+                acc_u = dot(xk, wu, acc_u, F32)
     g = tl.sum(acc_g, 0)  # rows 1.. are 0
     u = tl.sum(acc_u, 0)
     if SPLIT == 1:
@@ -351,7 +371,7 @@ def moe_mma_gemv_gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, 
 
 @triton.jit
 def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F,
-                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr,
+                             GROUP_K, NUM_GROUPS, CHUNK, K_PER_SPLIT, WFMT: tl.constexpr,
                              BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                              EVEN_N: tl.constexpr, SGLANG: tl.constexpr, F32: tl.constexpr):
     """moe_gemv_down_kernel's contract on the tensor cores; the f32 h enters as bf16 hi + lo
@@ -362,31 +382,34 @@ def moe_mma_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr,
     e64 = tl.load(ids_ptr + p).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < D
-    wd_ptr += e64 * F * D
+    wd_ptr += e64 * stored_rows(F, WFMT) * D
     sd_ptr += e64 * NUM_GROUPS * D
     h_ptr += p.to(tl.int64) * F
     acc = tl.zeros([16, BN], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         for c0 in range(0, CHUNK, BK):
-            kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * D + n[None, :]
-            k_ok = kk < F
-            hk = row0(h_ptr, kk, k_ok, 16)
-            if EVEN_K and EVEN_N:
-                w = tl.load(wd_ptr + offs)
+            if WFMT == 2:  # int4: BK / 2 byte rows, each h's rows 2r and 2r + 1 (int4_pair_bf16)
+                r = (k1 + c0) // 2 + tl.arange(0, BK // 2)
+                r_ok = 2 * r < F
+                w_even, w_odd = int4_pair_bf16(wd_ptr, r, n, D, r_ok, n_ok, s_d, EVEN_K and EVEN_N)
+                acc = _dot_f32_rows(row0(h_ptr, 2 * r, r_ok, 16), w_even, acc, F32)
+                acc = _dot_f32_rows(row0(h_ptr, 2 * r + 1, r_ok, 16), w_odd, acc, F32)
             else:
-                w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
-                w = scaled_int8(w, s_d[None, :], (-8388736.0 * s_d)[None, :]).to(tl.bfloat16)
-            h_hi = hk.to(tl.bfloat16)
-            h_lo = (hk - h_hi.to(tl.float32)).to(tl.bfloat16)
-            acc = dot(h_hi, w, acc, F32)
-            acc = dot(h_lo, w, acc, F32)
+                kk = k1 + c0 + tl.arange(0, BK)
+                offs = w_offsets(kk[:, None], n[None, :], D, WFMT)
+                k_ok = kk < F
+                if EVEN_K and EVEN_N:
+                    w = tl.load(wd_ptr + offs)
+                else:
+                    w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                if WFMT != 0:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                    w = dequant_bf16(w, kk, s_d, WFMT)
+                acc = _dot_f32_rows(row0(h_ptr, kk, k_ok, 16), w, acc, F32)
     out = tl.sum(acc, 0)
     gate = tl.load(gates_ptr + p)
     if not SGLANG:
@@ -413,7 +436,7 @@ def moe_gelu_combine_kernel(part_ptr, h_ptr, P, F, SPLIT: tl.constexpr, BN: tl.c
 
 @triton.jit
 def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, D, F, GROUP_K,
-                         NUM_GROUPS, CHUNK, K_PER_SPLIT, QUANT: tl.constexpr, BN: tl.constexpr,
+                         NUM_GROUPS, CHUNK, K_PER_SPLIT, WFMT: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                          DEQUANT: tl.constexpr, SGLANG: tl.constexpr):
     """out[split, p, n] = bf16(gate[p]) * (h[p, ks] @ Wd[e, ks, n]) over this split's ks, e = ids[p],
@@ -424,20 +447,20 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
     e64 = tl.load(ids_ptr + p).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < D
-    wd_ptr += e64 * F * D
+    wd_ptr += e64 * stored_rows(F, WFMT) * D
     sd_ptr += e64 * NUM_GROUPS * D
     h_ptr += p.to(tl.int64) * F
     acc = tl.zeros([BN], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for c1 in range(0, K_PER_SPLIT, CHUNK):  # the last split may run past F: masked
         k1 = k_lo + c1
-        if QUANT:  # a chunk lies in one scale group
+        if WFMT != 0:  # a chunk lies in one scale group
             grp = k1 // GROUP_K
             s_d = tl.load(sd_ptr + grp * D + n, mask=n_ok & (k1 < F), other=0.0).to(tl.float32)
         part = tl.zeros([BK, BN], dtype=tl.float32)
         for c0 in range(0, CHUNK, BK):
             kk = k1 + c0 + tl.arange(0, BK)
-            offs = kk[:, None] * D + n[None, :]
+            offs = w_offsets(kk[:, None], n[None, :], D, WFMT)
             if EVEN_K and EVEN_N:
                 hk = tl.load(h_ptr + kk)
                 w = tl.load(wd_ptr + offs)
@@ -445,8 +468,8 @@ def moe_gemv_down_kernel(h_ptr, ids_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, P, 
                 k_ok = kk < F
                 hk = tl.load(h_ptr + kk, mask=k_ok, other=0.0)
                 w = tl.load(wd_ptr + offs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if QUANT:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
-                part += dequant_f32(w, s_d, DEQUANT) * hk[:, None]
+            if WFMT != 0:  # the reference's weights, bf16(w * s), times f32 h (SPEC 2.6, 3)
+                part += dequant_f32(w, kk, s_d, WFMT, DEQUANT) * hk[:, None]
             else:
                 part += w.to(tl.float32) * hk[:, None]
         acc += tl.sum(part, 0)

@@ -89,7 +89,7 @@ def _check(where: str, key: str, value: Any, rule: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LinearTiles(_Tiles):
-    """int8_linear (ops/linear_triton.linear_kernel), M > 1: BM x BN output tiles over BK-deep
+    """quant_linear (ops/linear_triton.linear_kernel), M > 1: BM x BN output tiles over BK-deep
     K tiles, K split SPLIT ways (f32 partial sums); W warps, S pipeline stages."""
     BM: int = _key(128, pow2=True)
     BN: int = _key(128, pow2=True)
@@ -101,7 +101,7 @@ class LinearTiles(_Tiles):
 
 @dataclasses.dataclass(frozen=True)
 class GemvTiles(_Tiles):
-    """int8_gemv (ops/linear_triton.gemv3_kernel), one row x up to three matrices: BN columns
+    """quant_gemv (ops/linear_triton.gemv3_kernel), one row x up to three matrices: BN columns
     by BK rows per step; about PROGRAMS (column tile, K split) programs, the K split following;
     W warps, S pipeline stages; DEQUANT the dequantization's instructions (same values); MMA 1
     the products on the tensor cores (the same weights bf16(w * s) and f32 sums, an instruction
@@ -128,9 +128,7 @@ class MoeTiles(_Tiles):
     BN2 x BK2, W2, S2, its K range split SPLIT ways. MAGIC: the int8 -> f32 conversion through
     the float bit pattern instead of the conversion unit (dot_triton.i8_to_f32; exact either way,
     so an instruction choice, not numerics); only the down GEMM of the opt-in exact-products
-    path converts int8 values on their own, so elsewhere it has no effect. ORDER1 / ORDER2 1:
-    the grouped GEMMs' grids with the column tiles first (moe_triton's N_FIRST), so programs
-    launched together share a block's activations rather than a weight column tile.
+    path converts int8 values on their own, so elsewhere it has no effect.
     The defaults are the decode tiles (P <= 64) without the GEMV path."""
     GEMV: int = _key(0, minimum=0)
     BM: int = _key(16, pow2=True)
@@ -156,8 +154,6 @@ class MoeTiles(_Tiles):
     GS2: int = _key(3)
     DEQUANT: int = _key(DEQUANT_DEFAULT, minimum=0, choices=(0, 1, 2, 3))
     GMMA: int = _key(0, minimum=0, choices=(0, 1))
-    ORDER1: int = _key(0, minimum=0, choices=(0, 1))
-    ORDER2: int = _key(0, minimum=0, choices=(0, 1))
 
 
 FAMILIES: dict[str, type[_Tiles]] = {"mm": LinearTiles, "gemv": GemvTiles, "moe": MoeTiles}

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from grok1.model import MoE, PartialSums, moe_ref, route, wide_dtype
 from grok1.ops.moe import FusedMoE, sum_slots_sglang
 from grok1.parallel.mesh import all_reduce_
-from grok1.quant import INT8
 
 
 def expert_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Tensor,
@@ -76,7 +75,7 @@ def kernel_partial(x_MD: torch.Tensor, gates_MA: torch.Tensor, ids_MA: torch.Ten
     out = fused_moe(x_MD, gates_MA, ids_MA, w_gate.weight, w_gate.scales, w_up.weight,
                     w_up.scales, w_down.weight, w_down.scales, out_dtype=torch.float32,
                     reduce=not per_slot, gelu=moe.gelu, rounding=moe.rounding,
-                    has_dropped=partial)
+                    weights=moe.weights, has_dropped=partial)
     return out.sum(0) if per_slot else out  # [S, M, A, D] terms: the K splits summed
 
 
@@ -89,10 +88,8 @@ class ParallelMoE(FusedMoE):
         held = moe.w_gate.weight.shape[0]
         if held != len(experts):
             raise ValueError(f"MoE holds {held} experts but the layout gives it {len(experts)}")
-        super().__init__(moe)  # also the router cap, GELU and rounding (Grok-2's math)
-        # the fused kernels take the release's int8 or dense weights; int4 and fp8 run
-        # through the twin
-        self.kernel_ok = self.kernel_ok and moe.w_gate.weights in (None, INT8)
+        super().__init__(moe)  # also the router cap, GELU and rounding (Grok-2's math), and
+        # whether the kernels tile this rank's experts in their format (any: FusedMoE)
         self.experts = experts
         self.group = group
         self.last_router_logits: torch.Tensor | None = None  # as MoE's, while training

@@ -160,11 +160,11 @@ class RowParallelLinear(nn.Module):
     sum, kept in f32, all-reduced over `group` and rounded to bf16 once, as one process's
     matmul rounds once. (Rounding each rank's partial to bf16 before the sum, as SPEC 2.8
     guessed the reference does, moves the golden logits by 21 %: it is not what it does.)
-    Holds the Linear's own tensors under the same names; on CUDA an int8 weight goes through
-    grok1.ops.linear's kernel."""
+    Holds the Linear's own tensors under the same names; on CUDA a quantized weight (int8,
+    int4, fp8) goes through grok1.ops.linear's kernel."""
 
     def __init__(self, linear: Linear, group: dist.ProcessGroup | None):
-        from grok1.ops.linear import kernel_supported
+        from grok1.ops.linear import input_dim, kernel_supported
 
         super().__init__()
         if linear.weight.dim() != 2:
@@ -179,8 +179,8 @@ class RowParallelLinear(nn.Module):
             self.scales = None
         self.weights = linear.weights  # Linear.dense reads the format
         self.group = group
-        self.kernel_ok = linear.quantized and kernel_supported(
-            linear.weight.shape[0], linear.scales.shape[0])
+        self.kernel_ok = self.weights is not None and kernel_supported(
+            input_dim(self.weights, self.weight), self.scales.shape[0], self.weights)
 
     @property
     def quantized(self) -> bool:
@@ -195,10 +195,11 @@ class RowParallelLinear(nn.Module):
         from grok1.ops._triton import use_kernel
 
         if self.kernel_ok and use_kernel(x):
-            from grok1.ops.linear import int8_linear
+            from grok1.ops.linear import quant_linear
 
             x_MK = x.reshape(-1, x.shape[-1])
-            partial = int8_linear(x_MK, self.weight, self.scales, out_dtype=torch.float32)
+            partial = quant_linear(x_MK, self.weight, self.scales, out_dtype=torch.float32,
+                                   weights=self.weights)
             partial = partial.view(*x.shape[:-1], -1)
         else:
             partial = matmul_partial(x, self.dense())

@@ -161,6 +161,50 @@ def test_gpu_engine_with_kernels_and_graphs_matches_plain_model():
     check_against_plain_model(plain, engine, pads, got, tol=6e-2)
 
 
+# The kernels in every weight format (int4: W4A16, groups of 128 inputs; fp8 e4m3): the engine
+# with apply_kernels' modules (quantized attention projections, the fused MoE) against the plain
+# model's twins on the same weights, in the int8 test's 6e-2 (each kernel dequantizes as its
+# twin, so the same noise: h and the GEMV sums' order). On CPU the kernels run under Triton's
+# interpreter (TRITON_INTERPRET=1; skipped otherwise), one layer at a small width; on CUDA
+# the int8 test's shapes and graphs.
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+def test_engine_with_kernels_matches_plain_model_in_every_weight_format(weights):
+    from grok1.engine.runner import apply_kernels
+    from grok1.ops._triton import interpreting
+    from grok1.ops.linear import QuantLinear
+    from grok1.ops.moe import FusedMoE
+
+    if DEV == "cpu" and not interpreting():
+        pytest.skip("needs CUDA or Triton's interpreter (TRITON_INTERPRET=1)")
+    if DEV == "cuda":
+        config = GrokConfig.preset("debug").replace(emb_size=768, key_size=64, num_q_heads=12,
+                                                    num_kv_heads=2, sequence_len=256)
+        sizes = dict(max_batch_size=8, block_size=16, num_blocks=40, max_model_len=256,
+                     max_num_batched_tokens=64)
+        n, max_len, max_tokens = 7, 90, 12
+    else:  # the interpreter runs every kernel in numpy: one layer, a handful of tokens
+        config = GrokConfig.preset("tiny").replace(emb_size=256, key_size=32, num_q_heads=8,
+                                                   num_kv_heads=2, num_layers=1,
+                                                   expert_width=512, sequence_len=64)
+        sizes = dict(max_batch_size=2, block_size=8, num_blocks=8, max_model_len=64,
+                     max_num_batched_tokens=16)
+        n, max_len, max_tokens = 2, 10, 4
+    std = PEAKED | {"std": 0.2}
+    model = random_weights(config, weights=weights, device=DEV, **std)
+    plain = random_weights(config, weights=weights, device=DEV, **std)  # the twin, not swapped
+    engine = Engine(model, record_logits=True, **sizes)
+    apply_kernels(model)  # (done on CUDA already; on CPU by hand, for the interpreter)
+    layer = model.layers[0]
+    assert type(layer.moe) is FusedMoE and layer.moe.kernel_ok
+    assert type(layer.attn.wq) is QuantLinear and layer.attn.wq.kernel_ok
+    assert model.weights == plain.weights and model.weights.name == weights
+    prompts = random_prompts(n, config.vocab_size, max_len, seed=5)
+    got = drive(engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                ignore_eos=True))
+    check_against_plain_model(plain, engine, prompts, got, tol=6e-2)
+
+
 def test_prompt_logprobs_come_from_the_prefill_and_match_the_plain_model():
     """Chunked prefill (3-token budget): each prompt token's logprob, rank and top alternatives
     equal the plain model's; max_tokens=0 scores the prompt and stops; each position goes
@@ -251,10 +295,15 @@ def test_kernel_backed_modules_keep_the_models_weight_format():
     """apply_kernels swaps the quantized Linears and MoEs for kernel-backed ones; the model
     still says what it holds (bench/engine_bench.py's rooflines read Grok1.weights)."""
     from grok1.engine.runner import apply_kernels
-    from grok1.ops.linear import Int8Linear
-    from grok1.quant import INT8
+    from grok1.ops.linear import QuantLinear
+    from grok1.ops.moe import FusedMoE
+    from grok1.quant import INT8, int4
 
     model = random_weights(GrokConfig.preset("tiny").replace(num_layers=1))
     apply_kernels(model)
-    assert type(model.layers[0].attn.wq) is Int8Linear
+    assert type(model.layers[0].attn.wq) is QuantLinear
     assert model.weights == INT8 and model.quantized
+    model = random_weights(GrokConfig.preset("tiny").replace(num_layers=1), weights=int4(16))
+    apply_kernels(model)  # int4 and fp8 take the kernels too
+    assert type(model.layers[0].attn.wq) is QuantLinear and type(model.layers[0].moe) is FusedMoE
+    assert model.weights == int4(16) and not model.quantized

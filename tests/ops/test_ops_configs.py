@@ -32,8 +32,9 @@ def resolved_launch(op: str, device: str, args: tuple) -> dict:
     from grok1.ops.linear import gemv_config, linear_config
     from grok1.ops.moe import moe_config
 
-    if op == "moe":
-        return moe_config(*args, device).as_dict()
+    if op == "moe":  # (the captured case names say the weights as quantized: True, False)
+        P, D, F, E, quant = args
+        return moe_config(P, D, F, E, "int8" if quant else "bf16", device).as_dict()
     if op == "linear":
         return linear_config(*args, device).as_dict()
     K, Ns = args
@@ -85,12 +86,12 @@ def test_tuned_moe_configs_fall_back_to_the_architecture_then_to_gemv_defaults()
 
     load_table.cache_clear()
     # an H200 has no table of its own: it takes the sm_90 one (tuned on an H100)
-    h200 = moe_config(2, 6144, 32768, 8, True, "NVIDIA_H200|sm_90")
-    assert h200 == moe_config(2, 6144, 32768, 8, True, "NVIDIA_H100_80GB_HBM3|sm_90")
+    h200 = moe_config(2, 6144, 32768, 8, "int8", "NVIDIA_H200|sm_90")
+    assert h200 == moe_config(2, 6144, 32768, 8, "int8", "NVIDIA_H100_80GB_HBM3|sm_90")
     assert h200.GEMV == 2
     # a tensor-parallel shard's width is not tuned: batch-1 decode still takes the GEMV
-    assert moe_config(2, 6144, 8192, 8, True, "NVIDIA_H200|sm_90").GEMV == 2
-    assert moe_config(64, 6144, 8192, 8, True, "NVIDIA_H200|sm_90").GEMV == 0
+    assert moe_config(2, 6144, 8192, 8, "int8", "NVIDIA_H200|sm_90").GEMV == 2
+    assert moe_config(64, 6144, 8192, 8, "int8", "NVIDIA_H200|sm_90").GEMV == 0
 
 
 def test_staged_sweep_builds_each_stage_on_the_best_before_it_and_skips_failures():
@@ -182,7 +183,7 @@ def test_configs_given_at_the_call_are_validated_like_tables():
     import torch
 
     from grok1.config import ConfigError
-    from grok1.ops.linear import int8_linear
+    from grok1.ops.linear import quant_linear
     from grok1.ops.moe import fused_moe
     from grok1.ops.tile_config import GemvTiles, MoeTiles
 
@@ -193,8 +194,8 @@ def test_configs_given_at_the_call_are_validated_like_tables():
     ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
     with pytest.raises(ConfigError, match=r"^fused_moe\(config=...\): unknown key 'LATE'=1"):
         fused_moe(x, torch.rand(3, 2), ids, w, s, w, s, w.transpose(1, 2), s, {"LATE": 1})
-    with pytest.raises(ConfigError, match=r"^int8_linear\(config=...\): BK=48 must be a power"):
-        int8_linear(x, w[0], s[0], {"BK": 48})
+    with pytest.raises(ConfigError, match=r"^quant_linear\(config=...\): BK=48 must be a power"):
+        quant_linear(x, w[0], s[0], {"BK": 48})
     with pytest.raises(ConfigError, match=r"^MoeTiles: GBK2=24 must be a power of two"):
         MoeTiles(GBK2=24)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -9,6 +9,7 @@ from grok1.golden import rel_l2 as rel_err
 from grok1.model import moe_ref, route
 from grok1.ops._triton import use_kernel
 from grok1.ops.moe import fused_moe, moe_align, moe_align_ref
+from grok1.quant import FP8, int4
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not use_kernel(torch.empty(0, device=DEV)),
@@ -33,7 +34,7 @@ def moe_case(M, D, F, quant, seeds, *, only=None, out_dtype=None, E=8, **math):
 def run_fused(x, gates, ids, lins, config=None, **kwargs):
     wg, wu, wd = lins
     return fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
-                     wd.scales, config, **kwargs)
+                     wd.scales, config, weights=wg.weights, **kwargs)
 
 
 # dropped: a third of the pairs get id -1 (an expert-parallel rank's remote experts)
@@ -73,10 +74,7 @@ def test_fused_moe_matches_moe_ref(quant, M):
     ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3}, False),
     ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 16, "W2": 4, "S2": 2, "SPLIT": 3}, True),
     ({"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1}, True),
-    ({"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}, False),
-    # the grids with the column tiles first (ORDER1/ORDER2), each and both
-    ({"BM": 16, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 32, "BK2": 64, "W2": 4, "S2": 2, "SPLIT": 3, "ORDER1": 1, "ORDER2": 1}, False),
-    ({"BM": 32, "BN1": 64, "BK1": 64, "W1": 4, "S1": 2, "BN2": 64, "BK2": 32, "W2": 4, "S2": 2, "SPLIT": 1, "ORDER2": 1}, False)])
+    ({"BM": 64, "BN1": 128, "BK1": 64, "W1": 8, "S1": 3, "BN2": 128, "BK2": 64, "W2": 8, "S2": 3, "SPLIT": 1}, False)])
 def test_fused_moe_other_tiles_and_odd_sizes(cfg, exact):
     # D, F not multiples of the 128-wide N tiles
     x, gates, ids, lins, ref = moe_case(45, 192, 384, True, (7, 8))
@@ -198,3 +196,45 @@ def test_fused_moe_grok2_math_matches_moe_ref(quant, M):
     assert torch.equal(sum_slots_sglang(terms, torch.bfloat16), out)
     grok1_math = moe_ref(x, gates, ids, *lins)
     assert rel_err(grok1_math, ref) > 1e-3  # the case sees the difference (GELU, roundings)
+
+
+# ---- int4 (W4A16) and fp8 weights: the same kernels, another tile loader (WFMT) ------------
+# Each dequantizes as quant.dequantize_as (bf16(q * s), one rounding) like int8's default, so
+# the same 1.5e-2 budget holds (h rounded to bf16, f32 order); a wrong nibble, byte row or
+# scale group gives O(1). int4 at groups of 128 and 64 inputs; at D = 192, F = 384 the last
+# group of 128 is short (64 rows) and the 128-wide tiles are masked.
+FORMATS = [int4(128), int4(64), FP8]
+GMMA = {**GEMV, "GMMA": 1}
+NARROW_K = {**GEMV, "GBK1": 16, "GBK2": 8}  # FMA GEMV K tiles below the tensor cores' 16
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.label())
+@pytest.mark.parametrize("M,D,F,cfg", [
+    (1, 256, 512, None),  # P = 2: the untuned default (the GEMV on the tensor cores)
+    (1, 256, 512, GEMV), (3, 192, 384, GEMV), (1, 256, 512, NARROW_K),
+    (1, 192, 384, GMMA), (3, 256, 512, {**GMMA, "GSPLIT1": 3}),
+    (5, 256, 512, {"GEMV": 0}), (33, 192, 384, None), (200, 256, 512, None)],
+    ids=["default_p2", "gemv_p2", "gemv_p6_short_group", "gemv_narrow_tiles", "gmma_p2",
+         "gmma_p6_split", "mma_p10", "mma_p66_short_group", "mma_p400"])
+def test_int4_and_fp8_paths_match_moe_ref(fmt, M, D, F, cfg):
+    x, gates, ids, lins, ref = moe_case(M, D, F, fmt, (40 + M + D, 500 + M + F),
+                                        only=[1, 4] if M == 3 else None)
+    assert lins[0].weights == fmt and lins[0].weight.dtype == fmt.storage_dtype
+    out = run_fused(x, gates, ids, lins, cfg)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1.5e-2
+
+
+def test_int4_and_fp8_bad_calls_raise_one_line_errors():
+    x, gates, ids, lins, _ = moe_case(1, 256, 512, int4(128), (1, 2))
+    wg, wu, wd = lins
+    with pytest.raises(ValueError, match=r"^fused_moe: weights of dtype torch.uint8 need"):
+        fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
+                  wd.scales)
+    with pytest.raises(ValueError, match=r"^fused_moe: exact_int8_products takes int8 "
+                                         r"weights, not int4-g128$"):
+        run_fused(x, gates, ids, lins, exact_int8_products=True)
+    with pytest.raises(ValueError, match=r"^fused_moe: w_gate: int4-g64 scales have 2 groups"):
+        fused_moe(x, gates, ids, wg.weight, wg.scales, wu.weight, wu.scales, wd.weight,
+                  wd.scales, weights=int4(64))

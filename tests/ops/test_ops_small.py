@@ -1,4 +1,5 @@
-"""int8 linear, fused residual RMSNorm and RoPE + cache write vs their twins."""
+"""Quantized linear (int8, int4, fp8), fused residual RMSNorm and RoPE + cache write vs their
+twins."""
 
 import pytest
 import torch
@@ -6,10 +7,10 @@ import torch
 from grok1.golden import rel_l2 as rel_err
 from grok1.model import rms_norm, rope_cos_sin
 from grok1.ops._triton import use_kernel
-from grok1.ops.linear import int8_linear
+from grok1.ops.linear import quant_linear
 from grok1.ops.rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm_op
 from grok1.ops.rope import rope_and_cache, rope_and_cache_ref
-from grok1.quant import dequantize, quantize
+from grok1.quant import FP8, dequantize, int4, quantize, quantize_as
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -20,12 +21,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 # final bf16 rounding differ (2^-9 per element): 4e-3 is a safe bound.
 @pytest.mark.parametrize("M,K,N,G", [(1, 256, 192, 1), (37, 384, 96, 8), (130, 128, 200, 1),
                                      (5, 6144, 1024, 1)])
-def test_int8_linear_matches_dequantized_matmul(M, K, N, G):
+def test_quant_linear_matches_dequantized_matmul(M, K, N, G):
     g = torch.Generator().manual_seed(M + K)
     q, s = quantize(torch.randn(K, N, generator=g) / K ** 0.5, G)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
     ref = (x.float() @ dequantize(q, s).float()).to(torch.bfloat16)
-    out = int8_linear(x.to(DEV), q.to(DEV), s.to(DEV))
+    out = quant_linear(x.to(DEV), q.to(DEV), s.to(DEV))
     assert rel_err(out.cpu(), ref) < 4e-3
 
 
@@ -60,24 +61,81 @@ def test_rope_and_cache_write_match_twin():
 @pytest.mark.parametrize("mma", [0, 1], ids=["fma", "mma"])
 @pytest.mark.parametrize("K,Ns,G,dequant", [(256, (192, 64, 64), 1, 1), (384, (96, 200), 8, 0),
                                             (6144, (1024,), 8, 1), (130, (40, 72, 24, 56), 1, 1)])
-def test_int8_gemv_several_matrices_match_dequantized_matmuls(K, Ns, G, dequant, mma):
-    from grok1.ops.linear import int8_gemv
+def test_quant_gemv_several_matrices_match_dequantized_matmuls(K, Ns, G, dequant, mma):
+    from grok1.ops.linear import quant_gemv
     g = torch.Generator().manual_seed(K + len(Ns))
     mats = [quantize(torch.randn(K, n, generator=g) / K ** 0.5, G) for n in Ns]
     x = torch.randn(1, K, generator=g).to(torch.bfloat16)
     cfg = {"DEQUANT": dequant, "MMA": mma, "BK": 64 if mma else 32}
-    outs = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config=cfg)
+    outs = quant_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config=cfg)
     assert len(outs) == len(Ns)
     for (q, s), out in zip(mats, outs):
         ref = (x.float() @ dequantize(q, s).float()).to(torch.bfloat16)
         assert out.shape == ref.shape and out.dtype == torch.bfloat16
         assert rel_err(out.cpu(), ref) < 4e-3
     # the unsummed K splits (reduce=False) sum to the same values
-    parts = int8_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config=cfg,
-                      reduce=False)
+    parts = quant_gemv(x.to(DEV), [(q.to(DEV), s.to(DEV)) for q, s in mats], config=cfg,
+                       reduce=False)
     for part, out in zip(parts, outs):
         assert part.dtype == torch.float32 and part.shape[1:] == out.shape
         assert rel_err(part.sum(0).to(torch.bfloat16).cpu(), out.cpu()) < 4e-3
+
+
+# int4 (groups of 128 and 64 inputs; K = 192: a short last group of 64) and fp8 attention
+# projections through QuantLinear, against the twin model.Linear (dequantize_as, then the
+# matmul): the same dequantized values and 4e-3 budget as int8's. M = 1 takes the GEMV, the
+# others the MMA kernel (M <= 64 with its K split: f32 partials summed after).
+@pytest.mark.parametrize("fmt", [int4(128), int4(64), FP8], ids=lambda f: f.label())
+@pytest.mark.parametrize("M,K,N", [(1, 256, 192), (1, 192, 200), (37, 384, 96), (130, 192, 200),
+                                   (5, 1024, 256)])
+def test_quant_linear_int4_and_fp8_match_the_twin(fmt, M, K, N):
+    from grok1.model import Linear
+    from grok1.ops.linear import QuantLinear
+    g = torch.Generator().manual_seed(M + K + N)
+    lin = Linear(K, N, weights=fmt)
+    q, s = quantize_as(fmt, torch.randn(K, N, generator=g) / K ** 0.5, 1)
+    lin.weight.copy_(q)
+    lin.scales.copy_(s)
+    lin = lin.to(DEV)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16).to(DEV)
+    kernel = QuantLinear(lin)
+    assert kernel.kernel_ok and kernel.weights == fmt and not kernel.quantized
+    out, ref = kernel(x), lin(x)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), ref.cpu()) < 4e-3
+
+
+# q/k/v-like int4 and fp8 matrices sharing x in one GEMV launch (project_many, the engine's
+# decode), each output's K-split partial sums against its twin
+@pytest.mark.parametrize("fmt", [int4(128), int4(64), FP8], ids=lambda f: f.label())
+def test_project_many_int4_and_fp8_in_one_launch_match_the_twins(fmt):
+    from grok1.model import Linear, PartialSums
+    from grok1.ops.linear import QuantLinear, project_many
+    g = torch.Generator().manual_seed(7)
+    K, Ns = 384, (192, 64, 64)
+    lins = []
+    for n in Ns:
+        lin = Linear(K, n, weights=fmt)
+        q, s = quantize_as(fmt, torch.randn(K, n, generator=g) / K ** 0.5, 1)
+        lin.weight.copy_(q)
+        lin.scales.copy_(s)
+        lins.append(lin.to(DEV))
+    x = torch.randn(1, K, generator=g).to(torch.bfloat16).to(DEV)
+    outs = project_many(x, [QuantLinear(lin) for lin in lins])
+    for lin, out in zip(lins, outs):
+        assert isinstance(out, PartialSums)
+        assert rel_err(out.value().cpu(), lin(x).cpu()) < 4e-3
+
+
+def test_quant_linear_bad_calls_raise_one_line_errors():
+    g = torch.Generator().manual_seed(3)
+    q, s = quantize_as(int4(128), torch.randn(256, 64, generator=g), 1)
+    x = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^quant_linear: weights of dtype torch.uint8 need"):
+        quant_linear(x.to(DEV), q.to(DEV), s.to(DEV))
+    with pytest.raises(ValueError, match=r"^quant_linear: int4-g128 weights for input dim 512"):
+        quant_linear(torch.randn(1, 512).to(torch.bfloat16).to(DEV), q.to(DEV), s.to(DEV),
+                     weights=int4(128))
 
 
 # partial sums [S, M, A, D] (a GEMV's K splits, the MoE's slots) are summed in f32 and rounded

@@ -120,3 +120,40 @@ def test_int4_row_pieces_with_a_short_last_group_reassemble_the_matrix_exactly()
     with pytest.raises(ConfigError, match=r"^s: rows 32:96 of 160 cut across its 3 scale groups "
                                           r"of 64 rows"):
         slice_scales(scales, Split("in", 32, 96), 160, "s", fmt)
+
+
+# One rank's parallel modules on the kernels in every format (CUDA, or Triton's interpreter on
+# CPU: the gloo checks above run the twins there): a ParallelMoE holding half the experts and a
+# RowParallelLinear (no group: one rank's partial sum) against the plain modules' twins on the
+# same weights, at the kernels' bounds (tests/ops: 1.5e-2 for the MoE, 4e-3 for a projection).
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+def test_parallel_modules_take_int4_and_fp8_kernels(weights):
+    from grok1.golden import rel_l2
+    from grok1.model import moe_ref, route
+    from grok1.ops._triton import use_kernel
+    from grok1.parallel.expert import ParallelMoE
+    from grok1.parallel.tensor import RowParallelLinear
+
+    if not use_kernel(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("needs CUDA + Triton (or TRITON_INTERPRET=1)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    config = grok1.GrokConfig.preset("tiny").replace(emb_size=256, key_size=32, num_q_heads=8,
+                                                     num_kv_heads=2, num_layers=1,
+                                                     expert_width=512)
+    layer = grok1.random_weights(config, weights=weights, device=dev, router_std=8.0).layers[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16).to(dev)
+    half = copy.deepcopy(layer.moe)  # experts 4..7 of 8, as an expert-parallel rank holds
+    for lin in (half.w_gate, half.w_up, half.w_down):
+        lin.weight, lin.scales = lin.weight[4:], lin.scales[4:]
+    moe = ParallelMoE(half, range(4, 8), None)
+    assert moe.kernel_ok and moe.weights == layer.moe.w_gate.weights
+    _, gates, ids = route(x, layer.moe.router, 2)
+    gates = torch.where(ids >= 4, gates, 0.0)  # the other rank's experts add nothing here
+    want = moe_ref(x, gates, ids, layer.moe.w_gate, layer.moe.w_up, layer.moe.w_down)
+    got = moe(x).value()
+    assert rel_l2(got, want) < 1.5e-2
+    wo = RowParallelLinear(layer.attn.wo, None)
+    assert wo.kernel_ok
+    assert rel_l2(wo(x).value(), layer.attn.wo(x)) < 4e-3
