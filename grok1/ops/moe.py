@@ -242,10 +242,11 @@ def _gemv_k_split(K: int, kw: KernelWeights, want_split: int, want_bk: int, min_
     """(split, k_per_split, chunk, bk) for a GEMV over K rows in kw's scale groups: with G > 1
     whole groups per split, reduced and scaled per group (chunk = group); with one group (or
     bf16) whole BK tiles per split, reduced once (chunk = k_per_split). `min_bk`: the
-    smallest K tile the kernel takes (16 for the tensor cores)."""
+    smallest K tile the kernel takes (16 for the tensor cores, 32 for int4's byte pairs: a
+    narrower wanted tile is raised to it); bk 0 if no tile fits a group."""
     G, group_k = kw.num_groups, kw.group_k
     if G > 1:
-        bk = k_tile(group_k, G, want_bk, at_least=min_bk)
+        bk = k_tile(group_k, G, max(want_bk, min_bk), at_least=min_bk)
         k_per_split = cdiv(G, max(1, min(want_split, G))) * group_k
         chunk = group_k
     else:
