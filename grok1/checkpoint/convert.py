@@ -557,12 +557,10 @@ def load_sharded_native(folder: str | Path, config: GrokConfig | None = None, *,
         with torch.device("meta"):
             model = Grok1(config, weights=fmt, dtype=dtype or torch.bfloat16)
     targets = model.state_dict(keep_vars=True)
-    missing = [k for k in targets if k not in weight_map]
-    unexpected = [k for k in weight_map if k not in targets]
-    if missing or unexpected:
+    if mismatch := name_mismatch(targets, weight_map):
         raise CheckpointError(f"{folder.name}/{INDEX_FILE} does not match its config "
                               f"({config.num_layers} layers, {fmt.label() if fmt else 'bf16'}): "
-                              + name_mismatch(missing, unexpected))
+                              + mismatch)
     by_file: dict[str, list[str]] = {}
     for key, name in weight_map.items():
         by_file.setdefault(name, []).append(key)

@@ -194,13 +194,10 @@ def scan(path: str | Path, config: Grok2Config) -> dict[str, _Stored]:
                                   f"({e}); truncated? fetch it again") from None
 
     expected = _expected_file_shapes(config)
-    missing = [n for n in expected if n not in pieces]
-    unexpected = [n for n in pieces if n not in expected]
-    if missing or unexpected:
+    if mismatch := name_mismatch(expected, pieces):
         raise CheckpointError(f"{folder.name} does not hold the model its config describes "
                               f"({config.num_layers} layers, {config.num_experts} experts"
-                              f"{', dense MLP' if config.residual_moe else ''}): "
-                              + name_mismatch(missing, unexpected))
+                              f"{', dense MLP' if config.residual_moe else ''}): " + mismatch)
 
     want_dtype = _DTYPE_NAMES[config.checkpoint_dtype]
     stored = {}

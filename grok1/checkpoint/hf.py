@@ -230,12 +230,10 @@ def _check(shards: _Shards, scheme: Scheme, config: GrokConfig) -> None:
         per = shape[1:] if len(shape) == 3 else shape
         for n in names:
             expected[n] = tuple(reversed(per)) if transposed else per
-    missing = [n for n in expected if n not in shards.where]
-    unexpected = [n for n in shards.where if n not in expected and n != TIED_HEAD]
-    if missing or unexpected:
+    # a port may also store the tied head (lm_head.weight): optional, checked against the embedding
+    if mismatch := name_mismatch(expected, (n for n in shards.where if n != TIED_HEAD)):
         raise CheckpointError(f"{shards.folder.name} does not hold the Grok-1 its config "
-                              f"describes ({config.num_layers} layers): "
-                              + name_mismatch(missing, unexpected))
+                              f"describes ({config.num_layers} layers): " + mismatch)
     if TIED_HEAD in shards.where:
         expected[TIED_HEAD] = (config.vocab_size, config.emb_size)
     for name, shape in expected.items():

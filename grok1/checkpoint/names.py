@@ -17,7 +17,7 @@ loaded tensor under its state-dict key into a model built on the meta device.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -143,9 +143,15 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         setattr(module, attr, tensor)
 
 
-def name_mismatch(missing: list[str], unexpected: list[str]) -> str:
-    """"N missing: a, b, ...; M unexpected: ..." (the first 10 of each) for an error naming
-    what a checkpoint lacks or holds beyond its model; "" when neither."""
+def name_mismatch(expected: Iterable[str], present: Iterable[str]) -> str:
+    """"N missing: a, b, ...; M unexpected: ..." (the first 10 of each, in their collections'
+    order) for an error naming what a checkpoint's `present` tensors lack of the model's
+    `expected` ones or hold beyond them; "" when they match."""
+    expected, present = list(expected), list(present)
+    expected_set, present_set = set(expected), set(present)
+    missing = [k for k in expected if k not in present_set]
+    unexpected = [k for k in present if k not in expected_set]
+
     def first(names: list[str]) -> str:
         return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
 

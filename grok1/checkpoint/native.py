@@ -171,12 +171,9 @@ def load_native(path: str | Path, config: GrokConfig | None = None, *,
                 if "embed" in keys else torch.bfloat16
         whole = _whole_model(config, quantized, dtype)  # the file's shapes
         targets = dict(whole.state_dict(keep_vars=True))
-        missing = [k for k in targets if k not in set(keys)]
-        unexpected = [k for k in keys if k not in targets]
-        if missing or unexpected:
+        if mismatch := name_mismatch(targets, keys):
             raise CheckpointError(f"{where} does not match its config ({config.num_layers} layers"
-                                  f", {'quantized' if quantized else 'dense'}): "
-                                  + name_mismatch(missing, unexpected))
+                                  f", {'quantized' if quantized else 'dense'}): " + mismatch)
         for key, target in targets.items():
             s = f.get_slice(key)
             shape, file_dtype = tuple(s.get_shape()), _TORCH_DTYPES.get(s.get_dtype())

@@ -170,12 +170,10 @@ def read_adapter(path: str | Path, model_config: GrokConfig
     pieces: dict[str, dict[int | None, torch.Tensor]] = {}
     with f:
         keys = list(f.keys())
-        missing = [k for k in names if k not in set(keys)]
-        unexpected = [k for k in keys if k not in names]
-        if missing or unexpected:
+        if mismatch := name_mismatch(names, keys):
             raise CheckpointError(f"{where} does not match its {ADAPTER_CONFIG} for a model of "
                                   f"{c.num_layers} layers and {c.num_experts} experts: "
-                                  + name_mismatch(missing, unexpected))
+                                  + mismatch)
         for name, (module, ab, *expert) in names.items():
             t = f.get_tensor(name)
             d_in, d_out = dims[module.split(".", 2)[2]]
