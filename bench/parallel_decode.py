@@ -6,7 +6,7 @@ GPUs, / (num_gpus x copy bandwidth) measured in the same run (ANCHORS.md; bench/
     torchrun --nproc-per-node 4 bench/parallel_decode.py --layers 4 --moe tp ep --verify --out DIR
     torchrun --nproc-per-node 4 bench/parallel_decode.py --layers 64 --moe tp --out DIR  # 4 x H200
 
-Weights are random int8 (grok1.random_weights) built directly on each GPU, already sharded (no
+Weights are random int8 (or --weights int4 / fp8; grok1.random_weights) built directly on each GPU, already sharded (no
 rank ever holds the whole model). `--verify` (reduced depth only) first builds the whole model on every GPU, runs prompts
 through the one-GPU runner, then shards that same model and checks the parallel runner's logits
 (prefill, then decode steps replayed from CUDA graphs) against it. Rank 0 prints one line per
@@ -42,6 +42,7 @@ from grok1.config import GrokConfig
 from grok1.model import Grok1
 from grok1.parallel.mesh import Mesh, init_distributed, shutdown
 from grok1.parallel.tensor import Layout, local_config, parallelize, shard_model_
+from grok1.quant import INT8, int4, weight_format
 
 GIB = 2**30
 REF_DECODE_MS = 40.1  # ANCHORS.md: the JAX reference, 4 full-width layers, batch 1, one H100
@@ -58,10 +59,10 @@ def _gpus(mesh: Mesh) -> str:
 
 # ---- the model -------------------------------------------------------------------------------
 
-def sharded_bytes(config: GrokConfig, layout: Layout) -> int:
+def sharded_bytes(config: GrokConfig, layout: Layout, weights=INT8) -> int:
     """Bytes of one rank's weights (from a meta build; nothing allocated)."""
     with torch.device("meta"):
-        model = shard_model_(Grok1(config, quantized=True), layout)
+        model = shard_model_(Grok1(config, weights=weights), layout)
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
@@ -112,7 +113,7 @@ def verify(config: GrokConfig, layout: Layout, mesh: Mesh, args) -> tuple[Grok1,
     # decisive routing: the larger the router's scale, the rarer a top-2 choice that bf16
     # noise can flip between the two runs (one flip changes that token's output entirely)
     full = grok1.random_weights(config, seed=args.seed, device=mesh.device,
-                                router_std=args.router_std)
+                                router_std=args.router_std, weights=args.format)
     g = torch.Generator().manual_seed(args.seed + 7)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
                for n in (args.verify_tokens, args.verify_tokens // 2 + 1, 5)]
@@ -237,7 +238,8 @@ def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     env = environment()
     env.update(num_gpus=N, tp=N, moe=moe, layers=model.config.num_layers, ceilings=ceilings,
-               dtype="int8 weights, bf16 act", peak_memory_gib_per_gpu=float(peak))
+               dtype=f"{args.format.label()} weights, bf16 act", weights=args.format.name,
+               peak_memory_gib_per_gpu=float(peak))
     for r in results:
         r.update(env)
         if "roofline_ms" in r:  # the one-GPU roofline spread over N GPUs
@@ -337,6 +339,9 @@ def main() -> int:
     p.add_argument("--verify-steps", type=int, default=4)
     p.add_argument("--rtol", type=float, default=2e-2, help="rel L2 bound of --verify")
     p.add_argument("--router-std", type=float, default=2.0, help="--verify's router scale")
+    p.add_argument("--weights", choices=["int8", "int4", "fp8"], default="int8",
+                   help="random weights in this format (int8: the release's)")
+    p.add_argument("--group-size", type=int, default=None, help="int4's group along the input")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="append JSON lines to DIR/...jsonl")
     p.add_argument("--profile", action="store_true", help="kernel table of a b=1 decode step")
@@ -344,6 +349,8 @@ def main() -> int:
                    help="GPU us per layer by part (attention, MoE, all-reduce, ...) in each "
                         "decode and prefill row, and the full-depth estimate")
     args = p.parse_args()
+    args.format = (int4(args.group_size) if args.weights == "int4" and args.group_size
+                   else weight_format(args.weights))
     mesh = init_distributed()
     base = GrokConfig.resolve(args.config, args.set)
     args.full_layers = base.num_layers  # what --breakdown's estimate scales to
@@ -352,12 +359,12 @@ def main() -> int:
     try:
         for moe in args.moe:
             layout = Layout(mesh.tp_size, mesh.tp_rank, moe=moe)
-            need = sharded_bytes(config, layout)
+            need = sharded_bytes(config, layout, args.format)
             if mesh.device.type == "cuda":
                 free_t = torch.tensor([torch.cuda.mem_get_info(mesh.device)[0]], device=mesh.device)
                 dist.all_reduce(free_t, op=dist.ReduceOp.MIN)  # every rank must decide alike
                 free = int(free_t)
-                full = sharded_bytes(config, Layout(1, 0)) if args.verify and layout.size > 1 else 0
+                full = sharded_bytes(config, Layout(1, 0), args.format) if args.verify and layout.size > 1 else 0
                 work = kv_bytes(config, layout, max(args.batch or [1]), args.context) + 3 * GIB
                 if need + full + work > free:  # + KV cache, graphs and activations
                     log(mesh, f"skip: {config.num_layers} layers need {need / GIB:.1f} GiB per "
@@ -369,9 +376,11 @@ def main() -> int:
             if args.verify and mesh.world_size > 1:
                 model, results = verify(config, layout, mesh, args)
             elif mesh.world_size > 1:
-                model = grok1.random_weights(config, seed=args.seed, mesh=mesh, layout=layout)
+                model = grok1.random_weights(config, seed=args.seed, mesh=mesh, layout=layout,
+                                             weights=args.format)
             else:  # one GPU: the engine's own path (no parallel modules), the scaling's baseline
-                model = grok1.random_weights(config, seed=args.seed, device=mesh.device)
+                model = grok1.random_weights(config, seed=args.seed, device=mesh.device,
+                                             weights=args.format)
             log(mesh, f"built {config.num_layers}-layer model, moe {moe}: {need / GIB:.1f} GiB "
                       f"of weights per rank, {time.perf_counter() - start:.0f} s")
             ok &= report(mesh, results, moe, config, args.out)  # --verify's, before timing
