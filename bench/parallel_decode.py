@@ -231,7 +231,9 @@ def bench(model: Grok1, mesh: Mesh, moe: str, args) -> list[dict]:
     if args.breakdown:
         parts = profile_breakdown(model, mesh, args, args.full_layers)
         for r in results:
-            key = (r["kind"], r.get("prefill_tokens", r["batch"]))
+            if r["kind"] not in ("decode", "prefill"):  # the all-reduce rows have no parts
+                continue
+            key = (r["kind"], r.get("prefill_tokens", r.get("batch")))
             if key in parts:
                 r["breakdown"] = parts[key]
     peak = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) / GIB], device=mesh.device)
