@@ -134,21 +134,65 @@ def int4_f32(code):
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
 
+# int4 codes to the reference's bf16(q * s) in packed bf16 arithmetic, four bytes a call:
+# each nibble (code + 8) OR 0x4300 is the bf16 128 + code (its 7-bit mantissa holds 4 bits),
+# minus 136 is q exactly, and one bf16 FMA (times s, plus -0) rounds q * s once, to nearest
+# even: quant.dequantize_as's value, about 2 instructions an element where the f32 route
+# (int4_f32, multiply, convert) takes 5. Bytes b0..b3 of $2 give lanes (b0, b1) of $0 and
+# (b2, b3) of $1; $3, $4 the scales of the same lanes.
+_INT4_ASM = """{
+.reg .b32 t0, t1, one, q0, mz;
+prmt.b32 t0, $2, 0, 0x4140;
+prmt.b32 t1, $2, 0, 0x4342;
+SHIFT
+lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+mov.b32 one, 0x3F803F80;
+mov.b32 q0, 0xC308C308;
+mov.b32 mz, 0x80008000;
+fma.rn.bf16x2 t0, t0, one, q0;
+fma.rn.bf16x2 t1, t1, one, q0;
+fma.rn.bf16x2 $0, t0, $3, mz;
+fma.rn.bf16x2 $1, t1, $4, mz;
+}"""
+INT4_LOW_ASM = tl.constexpr(_INT4_ASM.replace("SHIFT", ""))
+INT4_HIGH_ASM = tl.constexpr(_INT4_ASM.replace("SHIFT", "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;"))
+
+
 @triton.jit
-def int4_pair_bf16(w_ptr, r, n, N, r_ok, n_ok, s, EVEN: tl.constexpr):
+def int4_bf16(b, s, HIGH: tl.constexpr):
+    """bf16(q * s) for the low (HIGH: high) nibbles of the int4 bytes b (uint8, each nibble the
+    code + 8, quant.pack_int4) and the bf16 scales s (broadcast to b's shape)."""
+    if INTERPRETED:
+        code = (b.to(tl.int32) >> (4 if HIGH else 0)) & 0xF
+        return to_bf16(int4_f32(code) * s.to(tl.float32))
+    s = tl.broadcast_to(s, b.shape)
+    return tl.inline_asm_elementwise(INT4_HIGH_ASM if HIGH else INT4_LOW_ASM,
+                                     "=r,=r,r,r,r", [b, s], dtype=tl.bfloat16, is_pure=True,
+                                     pack=4)
+
+
+@triton.jit
+def int4_pair_bf16(w_ptr, r, n, N, r_ok, n_ok, s, EVEN: tl.constexpr, TRANS: tl.constexpr = False):
     """The reference's weights bf16(q * s) of an int4 W [K, N] (packed [K / 2, N]) at rows 2r
     (the low nibbles) and 2r + 1 (the high ones), two [len(r), BN] tiles from one load of the
-    bytes [r, n]: the tensor-core GEMVs multiply them by x's even and odd rows (two MMAs of
-    len(r) rows), so each byte is loaded once and no nibble needs a per-row shift. s [BN]:
-    the f32 copies of the bf16 scales. EVEN: no masks (r_ok, n_ok all true)."""
-    offs = r[:, None] * N + n[None, :]
+    bytes [r, n] (TRANS: the transposed tiles [BN, len(r)], the grouped GEMMs' W^T): the
+    tensor-core products multiply them by x's even and odd rows (two MMAs of len(r) rows), so
+    each byte is loaded once and no nibble needs a per-row shift. s [BN]: the bf16 scales (or
+    their f32 copies). EVEN: no masks (r_ok, n_ok all true)."""
+    if TRANS:
+        offs = r[None, :] * N + n[:, None]
+        ok = n_ok[:, None] & r_ok[None, :]
+        s2 = s.to(tl.bfloat16)[:, None]
+    else:
+        offs = r[:, None] * N + n[None, :]
+        ok = r_ok[:, None] & n_ok[None, :]
+        s2 = s.to(tl.bfloat16)[None, :]
     if EVEN:
         b = tl.load(w_ptr + offs)
     else:
-        b = tl.load(w_ptr + offs, mask=r_ok[:, None] & n_ok[None, :], other=0)
-    b = b.to(tl.int32)
-    return (to_bf16(int4_f32(b & 0xF) * s[None, :]),
-            to_bf16(int4_f32(b >> 4) * s[None, :]))
+        b = tl.load(w_ptr + offs, mask=ok, other=0)
+    return int4_bf16(b, s2, False), int4_bf16(b, s2, True)
 
 
 @triton.jit

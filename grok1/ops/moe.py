@@ -195,11 +195,14 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     E, _, F = wg_EDF.shape
     P = M * A
     quant = kw1.wfmt != 0
-    bk1 = k_tile(kw1.group_k, kw1.num_groups, cfg.BK1)
-    bk2 = k_tile(kw2.group_k, kw2.num_groups, cfg.BK2)
+    # int4 tiles are two MMAs of BK / 2 rows (the bytes' low and high nibbles): tl.dot's 16
+    min_bk = 32 if kw1.wfmt == 2 else 16
+    bk1 = k_tile(kw1.group_k, kw1.num_groups, cfg.BK1, min_bk)
+    bk2 = k_tile(kw2.group_k, kw2.num_groups, cfg.BK2, min_bk)
     if not bk1 or not bk2:
         raise ValueError(f"fused_moe: D={D}, F={F} in scale groups of {kw1.group_k}/"
-                         f"{kw2.group_k} inputs have no K tile >= 16 inside one group; use moe_ref")
+                         f"{kw2.group_k} inputs have no K tile >= {min_bk} inside one group; "
+                         "use moe_ref")
     from grok1.ops.moe_triton import moe_down_kernel, moe_gate_up_kernel
     if not quant and cfg.BK1 * cfg.BN1 * cfg.S1 > 128 * 128 * 2:
         cfg = dataclasses.replace(cfg, S1=2)  # bf16 tiles are twice int8's bytes: fit shared memory

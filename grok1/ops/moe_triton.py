@@ -83,6 +83,25 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, P, NUM_SLOTS, NU
 
 
 @triton.jit
+def _tile_scales(s_ptr, k0, n, N, GROUP_K, NUM_GROUPS, EVEN_N: tl.constexpr):
+    """The bf16 scales [BN] of the K tile starting at k0 (BK divides GROUP_K, so one scale row
+    serves the whole tile; tiles past K are masked to 0 anyway)."""
+    grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)
+    if EVEN_N:
+        return tl.load(s_ptr + grp * N + n)
+    return tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
+
+
+@triton.jit
+def _int4_rows(ptr, idx, r, K, ok):
+    """Rows 2r and 2r + 1 of the [*, K] rows `idx` of ptr, transposed: two [len(r), BM] tiles
+    (0 where not ok or past K), the even and odd inputs an int4 tile's two nibbles multiply."""
+    rows = ptr + idx[None, :].to(tl.int64) * K + 2 * r[:, None]
+    mask = ok[None, :] & (2 * r[:, None] < K)
+    return tl.load(rows, mask=mask, other=0.0), tl.load(rows + 1, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, WFMT: tl.constexpr,
               SCALED: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
               MAGIC: tl.constexpr = False):
@@ -97,13 +116,7 @@ def _load_w_t(w_ptr, s_ptr, k0, n, K, N, GROUP_K, NUM_GROUPS, WFMT: tl.constexpr
     else:
         w = tl.load(ptrs, mask=(kk[None, :] < K) & (n[:, None] < N), other=0)
     if WFMT != 0 and SCALED:
-        # BK divides GROUP_K, so one scale row serves the whole tile
-        grp = tl.minimum(k0 // GROUP_K, NUM_GROUPS - 1)  # tiles past K are masked to 0 anyway
-        if EVEN_N:
-            s = tl.load(s_ptr + grp * N + n)
-        else:
-            s = tl.load(s_ptr + grp * N + n, mask=n < N, other=0)
-        s = s.to(tl.float32)
+        s = _tile_scales(s_ptr, k0, n, N, GROUP_K, NUM_GROUPS, EVEN_N).to(tl.float32)
         w = dequant_t_bf16(w, kk, s, WFMT)
     elif MAGIC:  # int8 scaled later (LATE), converted without the int -> float unit
         w = i8_to_f32(w, True).to(tl.bfloat16)
@@ -143,15 +156,28 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
         k_lo = grp * GROUP_K if LATE else 0
         k_hi = tl.minimum(k_lo + GROUP_K, D) if LATE else D
         for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + tl.arange(0, BK)
-            x_t = tl.load(x_ptr + tok[None, :].to(tl.int64) * D + kk[:, None],
-                          mask=valid[None, :] & (kk[:, None] < D), other=0.0)
-            wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
-                           BK, EVEN_K, EVEN_N, MAGIC)
-            part_g = dot(wg, x_t, part_g, F32)
-            wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
-                           BK, EVEN_K, EVEN_N, MAGIC)
-            part_u = dot(wu, x_t, part_u, F32)
+            if WFMT == 2:  # int4: BK / 2 byte rows loaded once, against x's even and odd rows
+                r = k0 // 2 + tl.arange(0, BK // 2)
+                r_ok = 2 * r < D
+                x_e, x_o = _int4_rows(x_ptr, tok, r, D, valid)
+                s_g = _tile_scales(sg_ptr, k0, n, F, GROUP_K, NUM_GROUPS, EVEN_N)
+                s_u = _tile_scales(su_ptr, k0, n, F, GROUP_K, NUM_GROUPS, EVEN_N)
+                g_e, g_o = int4_pair_bf16(wg_ptr, r, n, F, r_ok, n < F, s_g, EVEN_K and EVEN_N,
+                                          True)
+                part_g = dot(g_o, x_o, dot(g_e, x_e, part_g, F32), F32)
+                u_e, u_o = int4_pair_bf16(wu_ptr, r, n, F, r_ok, n < F, s_u, EVEN_K and EVEN_N,
+                                          True)
+                part_u = dot(u_o, x_o, dot(u_e, x_e, part_u, F32), F32)
+            else:
+                kk = k0 + tl.arange(0, BK)
+                x_t = tl.load(x_ptr + tok[None, :].to(tl.int64) * D + kk[:, None],
+                              mask=valid[None, :] & (kk[:, None] < D), other=0.0)
+                wg = _load_w_t(wg_ptr, sg_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
+                               BK, EVEN_K, EVEN_N, MAGIC)
+                part_g = dot(wg, x_t, part_g, F32)
+                wu = _load_w_t(wu_ptr, su_ptr, k0, n, D, F, GROUP_K, NUM_GROUPS, WFMT, not LATE,
+                               BK, EVEN_K, EVEN_N, MAGIC)
+                part_u = dot(wu, x_t, part_u, F32)
         if LATE:  # int8 values exact in bf16; the group's scale applied to the f32 sum
             acc_g += part_g * tl.load(sg_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
             acc_u += part_u * tl.load(su_ptr + grp * F + n, mask=n < F, other=0.0).to(tl.float32)[:, None]
@@ -161,6 +187,14 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
     h = _gelu_glu(acc_g, acc_u, ERF, SGLANG)
     ptrs = h_ptr + pair[None, :].to(tl.int64) * F + n[:, None]
     tl.store(ptrs, h, mask=valid[None, :] & (n[:, None] < F))
+
+
+@triton.jit
+def _dot_f32_cols(w, h_t, acc, F32: tl.constexpr):
+    """acc + w @ h_t for f32 columns h_t on the tensor cores: h_t as bf16 hi + lo, two MMAs."""
+    h_hi = h_t.to(tl.bfloat16)
+    h_lo = (h_t - h_hi.to(tl.float32)).to(tl.bfloat16)
+    return dot(w, h_lo, dot(w, h_hi, acc, F32), F32)
 
 
 @triton.jit
@@ -196,15 +230,22 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
         a = tl.maximum(grp * GROUP_K, k_lo) if LATE else k_lo
         z = tl.minimum((grp + 1) * GROUP_K, k_hi) if LATE else k_hi
         for k0 in range(a, z, BK):
-            kk = k0 + tl.arange(0, BK)
-            h_t = tl.load(h_ptr + safe[None, :] * F + kk[:, None],
-                          mask=valid[None, :] & (kk[:, None] < F), other=0.0)
-            w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, WFMT, not LATE,
-                          BK, EVEN_K, EVEN_N, MAGIC)
-            h_hi = h_t.to(tl.bfloat16)
-            h_lo = (h_t - h_hi.to(tl.float32)).to(tl.bfloat16)
-            part = dot(w, h_hi, part, F32)
-            part = dot(w, h_lo, part, F32)
+            if WFMT == 2:  # int4: BK / 2 byte rows loaded once, against h's even and odd rows
+                r = k0 // 2 + tl.arange(0, BK // 2)
+                r_ok = 2 * r < F
+                h_e, h_o = _int4_rows(h_ptr, safe, r, F, valid)
+                s_d = _tile_scales(sd_ptr, k0, n, D, GROUP_K, NUM_GROUPS, EVEN_N)
+                w_e, w_o = int4_pair_bf16(wd_ptr, r, n, D, r_ok, n < D, s_d, EVEN_K and EVEN_N,
+                                          True)
+                part = _dot_f32_cols(w_e, h_e, part, F32)
+                part = _dot_f32_cols(w_o, h_o, part, F32)
+            else:
+                kk = k0 + tl.arange(0, BK)
+                h_t = tl.load(h_ptr + safe[None, :] * F + kk[:, None],
+                              mask=valid[None, :] & (kk[:, None] < F), other=0.0)
+                w = _load_w_t(wd_ptr, sd_ptr, k0, n, F, D, GROUP_K, NUM_GROUPS, WFMT, not LATE,
+                              BK, EVEN_K, EVEN_N, MAGIC)
+                part = _dot_f32_cols(w, h_t, part, F32)
         if LATE:
             acc += part * tl.load(sd_ptr + grp * D + n, mask=n < D, other=0.0).to(tl.float32)[:, None]
         else:

@@ -89,9 +89,12 @@ def test_tuned_moe_configs_fall_back_to_the_architecture_then_to_gemv_defaults()
     h200 = moe_config(2, 6144, 32768, 8, "int8", "NVIDIA_H200|sm_90")
     assert h200 == moe_config(2, 6144, 32768, 8, "int8", "NVIDIA_H100_80GB_HBM3|sm_90")
     assert h200.GEMV == 2
-    # a tensor-parallel shard's width is not tuned: batch-1 decode still takes the GEMV
+    # a 4-way shard's width, tuned at batch 1, 64 and 128: batch-1 decode takes the GEMV, 32
+    # tokens (64 pairs, nearest the P = 2 entry) the grouped GEMMs (P > GEMV)
     assert moe_config(2, 6144, 8192, 8, "int8", "NVIDIA_H200|sm_90").GEMV == 2
-    assert moe_config(64, 6144, 8192, 8, "int8", "NVIDIA_H200|sm_90").GEMV == 0
+    assert moe_config(64, 6144, 8192, 8, "int8", "NVIDIA_H200|sm_90").GEMV < 64
+    # a width tuned at batch 1 only (8-way shards): 32 tokens take the decode defaults
+    assert moe_config(64, 6144, 4096, 8, "int8", "NVIDIA_H200|sm_90").GEMV == 0
 
 
 def test_staged_sweep_builds_each_stage_on_the_best_before_it_and_skips_failures():
@@ -119,10 +122,11 @@ def test_shipped_tables_load_in_the_one_layout():
 
     load_table.cache_clear()
     moe = load_table(CONFIG_DIR / "moe.json")["sm_90"]
-    assert sorted(moe) == [f"moe_D6144_F{F}_E8_int8" for F in (16384, 32768, 4096, 8192)] + [
+    assert sorted(moe) == [f"moe_D6144_F{F}_E8_{w}" for F in (16384, 32768, 4096, 8192)
+                           for w in ("int4", "int8") if (F, w) != (4096, "int4")] + [
         "moe_D8192_F16384_E8_bf16"]  # Grok-2's experts, bf16 (bench/moe.py --model grok-2)
     assert moe["moe_D8192_F16384_E8_bf16"][2].GEMV == 0  # bf16 at P=2: the MMA path (97 %)
-    assert sorted(moe["moe_D6144_F32768_E8_int8"]) == [2, 16, 128, 2048]
+    assert sorted(moe["moe_D6144_F32768_E8_int8"]) == [2, 16, 128, 256, 2048]
     assert moe["moe_D6144_F32768_E8_int8"][2048] == MoeTiles(
         BM=128, BN1=128, BK1=64, W1=8, BN2=256, BK2=64, W2=8, S2=3, SPLIT=1, MAGIC=1)
     gemv = load_table(CONFIG_DIR / "linear.json")["sm_90"]

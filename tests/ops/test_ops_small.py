@@ -214,3 +214,51 @@ def test_router_kernel_caps_logits_like_route(M, D, E, A):
     assert rel_err(logits, ref_logits) < 1e-5 and rel_err(uncapped, ref_logits) > 0.05
     assert torch.equal(ids, ref_ids)
     assert rel_err(gates, ref_gates) < 1e-5
+
+
+# ---- the int4 dequantizer alone (dot_triton.int4_pair_bf16: packed bf16 FMAs on the GPU) ---
+# Every code of every nibble, scales of both signs from 2^-30 to 2^10 and the bf16 rounding's
+# ties: bit for bit the twin's bf16(q * s), as stored tiles and transposed (the grouped GEMMs').
+try:  # the kernel below is defined only where Triton is (the tests then skip without CUDA)
+    import triton
+    import triton.language as tl
+
+    from grok1.ops.dot_triton import int4_pair_bf16
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def int4_tiles_kernel(w_ptr, s_ptr, out_ptr, R, N, TRANS: tl.constexpr, BR: tl.constexpr,
+                          BN: tl.constexpr):
+        r = tl.arange(0, BR)
+        n = tl.arange(0, BN)
+        s = tl.load(s_ptr + n, mask=n < N, other=0.0)
+        lo, hi = int4_pair_bf16(w_ptr, r, n, N, r < R, n < N, s, False, TRANS)
+        if TRANS:  # [BN, BR] tiles
+            offs = 2 * r[None, :] * N + n[:, None]
+            ok = (r[None, :] < R) & (n[:, None] < N)
+        else:
+            offs = 2 * r[:, None] * N + n[None, :]
+            ok = (r[:, None] < R) & (n[None, :] < N)
+        tl.store(out_ptr + offs, lo, mask=ok)
+        tl.store(out_ptr + offs + N, hi, mask=ok)
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["stored", "transposed"])
+def test_int4_dequantizer_is_the_twin_bit_for_bit(trans):
+    from grok1.quant import dequantize_as, pack_int4
+
+    g = torch.Generator().manual_seed(11)
+    R, N = 24, 200  # 48 input rows; N not a multiple of the tile: masked columns
+    codes = torch.randint(-8, 8, (2 * R, N), generator=g, dtype=torch.int8)
+    codes[:16, :16] = torch.arange(-8, 8, dtype=torch.int8)[:, None]  # every code
+    exps = torch.randint(-30, 11, (N,), generator=g).float()
+    s = (torch.rand(N, generator=g) + 1) * 2 ** exps * torch.where(torch.rand(N, generator=g) < .3, -1, 1)
+    s = s.to(torch.bfloat16)
+    s[:4] = torch.tensor([1.0, 3.0, 0.3, 1.0 + 2 ** -7])  # products with rounding ties
+    w = pack_int4(codes)
+    ref = dequantize_as(int4(2 * R), w, s[None, :])
+    out = torch.full((2 * R, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+    int4_tiles_kernel[(1,)](w.to(DEV), s.to(DEV), out, R, N, TRANS=trans, BR=32, BN=256)
+    assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
