@@ -139,6 +139,8 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
         # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)
         stages = [[{**c, "GEMV": P} if c.get("GEMV") else c for c in st]
                   for st in (GEMV_STAGES if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES)]
+        if weights == "int4" and M > 1:  # how the grouped GEMMs read int4 bytes (MoeTiles.I4PAIR)
+            stages = [[{"I4PAIR": 0}, {"I4PAIR": 1}]] + stages
 
         def measure(cfg, x=x, gates=gates, ids=ids, timer=fn_timer, M=M, experts=experts,
                     roof=roof):

@@ -105,7 +105,7 @@ def moe_config(P: int, D: int, F: int, E: int, dtype: str, device: str) -> MoeTi
         return MoeTiles()
     if P <= 512:
         return MoeTiles(BM=32, BN1=128, SPLIT=2)
-    return MoeTiles(BM=64, BN1=128, BK1=64, W1=8, BN2=128, BK2=64, W2=8, SPLIT=1)
+    return MoeTiles(BM=64, BN1=128, BK1=64, W1=8, BN2=128, BK2=64, W2=8, SPLIT=1, I4PAIR=0)
 
 
 # ---- the op ------------------------------------------------------------------------------
@@ -196,7 +196,8 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
     P = M * A
     quant = kw1.wfmt != 0
     # int4 tiles are two MMAs of BK / 2 rows (the bytes' low and high nibbles): tl.dot's 16
-    min_bk = 32 if kw1.wfmt == 2 else 16
+    pair = kw1.wfmt == 2 and bool(cfg.I4PAIR)
+    min_bk = 32 if pair else 16
     bk1 = k_tile(kw1.group_k, kw1.num_groups, cfg.BK1, min_bk)
     bk2 = k_tile(kw2.group_k, kw2.num_groups, cfg.BK2, min_bk)
     if not bk1 or not bk2:
@@ -216,7 +217,7 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
         x_MD, wg_EDF, wu_EDF, sg_EGF if quant else wg_EDF, su_EGF if quant else wu_EDF, h_PF,
         sorted_ids, block_expert, P, D, F, kw1.group_k, kw1.num_groups,
         A=A, WFMT=kw1.wfmt, BM=BM, BN=BN1, BK=bk1, EVEN_K=D % bk1 == 0, EVEN_N=F % BN1 == 0, F32=interpreting(), LATE=late,
-        **math, num_warps=cfg.W1, num_stages=cfg.S1)
+        **math, I4PAIR=pair, num_warps=cfg.W1, num_stages=cfg.S1)
     split = cfg.SPLIT
     k_per_split = cdiv(cdiv(F, split), bk2) * bk2
     split = cdiv(F, k_per_split)
@@ -229,7 +230,7 @@ def _fused_moe_mma(x_MD, gates_MA, ids_MA, wg_EDF, sg_EGF, wu_EDF, su_EGF, wd_EF
         P, D, F, kw2.group_k, kw2.num_groups, k_per_split,
         WFMT=kw2.wfmt, BM=BM, BN=BN2, BK=bk2, EVEN_K=k_per_split * split == F and F % bk2 == 0,
         EVEN_N=D % BN2 == 0, F32=interpreting(), LATE=late, SGLANG=math["SGLANG"],
-        MAGIC=late and bool(cfg.MAGIC), num_warps=cfg.W2, num_stages=cfg.S2)
+        MAGIC=late and bool(cfg.MAGIC), I4PAIR=pair, num_warps=cfg.W2, num_stages=cfg.S2)
     return out.view(split, M, A, D)
 
 

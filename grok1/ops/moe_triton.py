@@ -131,9 +131,11 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
                        A: tl.constexpr, WFMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        F32: tl.constexpr, LATE: tl.constexpr, ERF: tl.constexpr,
-                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
+                       SGLANG: tl.constexpr, MAGIC: tl.constexpr = False,
+                       I4PAIR: tl.constexpr = False):
     """h[pair, n] = gelu(bf16(x @ Wg)) * bf16(x @ Wu) in f32 (SPEC 2.6) for the pairs of one
-    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32."""
+    block, one expert; x [M, D] bf16 (token = pair // A), Wg/Wu [E, D, F], h [P, F] f32.
+    I4PAIR (int4): each byte loaded once, its nibbles against x's even and odd rows."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -156,7 +158,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ids_
         k_lo = grp * GROUP_K if LATE else 0
         k_hi = tl.minimum(k_lo + GROUP_K, D) if LATE else D
         for k0 in range(k_lo, k_hi, BK):
-            if WFMT == 2:  # int4: BK / 2 byte rows loaded once, against x's even and odd rows
+            if I4PAIR:  # int4: BK / 2 byte rows loaded once, against x's even and odd rows
                 r = k0 // 2 + tl.arange(0, BK // 2)
                 r_ok = 2 * r < D
                 x_e, x_o = _int4_rows(x_ptr, tok, r, D, valid)
@@ -202,7 +204,8 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
                     P, D, F, GROUP_K, NUM_GROUPS, K_PER_SPLIT,
                     WFMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, F32: tl.constexpr,
-                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False):
+                    LATE: tl.constexpr, SGLANG: tl.constexpr, MAGIC: tl.constexpr = False,
+                    I4PAIR: tl.constexpr = False):
     """out[split, pair, n] = bf16(gate[pair]) * (h[pair, ks] @ Wd[e, ks, n]) over this split's
     ks (the reference rounds the gate to bf16; SGLANG keeps it f32); h [P, F] f32, Wd [E, F, D], gates [P] f32,
     out [SPLIT, P, D] f32. The reference's down-projection is an f32 dot of f32 h: the tensor
@@ -230,7 +233,7 @@ def moe_down_kernel(h_ptr, wd_ptr, sd_ptr, gates_ptr, out_ptr, sorted_ids_ptr, b
         a = tl.maximum(grp * GROUP_K, k_lo) if LATE else k_lo
         z = tl.minimum((grp + 1) * GROUP_K, k_hi) if LATE else k_hi
         for k0 in range(a, z, BK):
-            if WFMT == 2:  # int4: BK / 2 byte rows loaded once, against h's even and odd rows
+            if I4PAIR:  # int4: BK / 2 byte rows loaded once, against h's even and odd rows
                 r = k0 // 2 + tl.arange(0, BK // 2)
                 r_ok = 2 * r < F
                 h_e, h_o = _int4_rows(h_ptr, safe, r, F, valid)

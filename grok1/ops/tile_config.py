@@ -128,7 +128,11 @@ class MoeTiles(_Tiles):
     BN2 x BK2, W2, S2, its K range split SPLIT ways. MAGIC: the int8 -> f32 conversion through
     the float bit pattern instead of the conversion unit (dot_triton.i8_to_f32; exact either way,
     so an instruction choice, not numerics); only the down GEMM of the opt-in exact-products
-    path converts int8 values on their own, so elsewhere it has no effect.
+    path converts int8 values on their own, so elsewhere it has no effect. I4PAIR (int4 weights'
+    grouped GEMMs; same values either way): 1 loads each byte once and multiplies its two
+    nibbles' tiles by x's even and odd rows (two MMAs of BK / 2 rows; BK >= 32), 0 loads the
+    tile row by row (each byte twice, one MMA of BK): 1 pays at decode's few pairs per expert,
+    0 at prefill's, where the strided x loads stall the pipeline (bench/NOTES.md).
     The defaults are the decode tiles (P <= 64) without the GEMV path."""
     GEMV: int = _key(0, minimum=0)
     BM: int = _key(16, pow2=True)
@@ -154,6 +158,7 @@ class MoeTiles(_Tiles):
     GS2: int = _key(3)
     DEQUANT: int = _key(DEQUANT_DEFAULT, minimum=0, choices=(0, 1, 2, 3))
     GMMA: int = _key(0, minimum=0, choices=(0, 1))
+    I4PAIR: int = _key(1, minimum=0, choices=(0, 1))
 
 
 FAMILIES: dict[str, type[_Tiles]] = {"mm": LinearTiles, "gemv": GemvTiles, "moe": MoeTiles}

@@ -214,9 +214,11 @@ NARROW_K = {**GEMV, "GBK1": 16, "GBK2": 8}  # FMA GEMV K tiles below the tensor 
     (1, 256, 512, GEMV), (3, 192, 384, GEMV), (1, 256, 512, NARROW_K),
     (1, 192, 384, GMMA), (3, 256, 512, {**GMMA, "GSPLIT1": 3}),
     (1, 256, 512, {**GMMA, "GBK1": 16, "GBK2": 16}),
-    (5, 256, 512, {"GEMV": 0}), (33, 192, 384, None), (200, 256, 512, None)],
+    (5, 256, 512, {"GEMV": 0}), (33, 192, 384, None), (200, 256, 512, None),
+    (200, 256, 512, {"I4PAIR": 0}), (33, 192, 384, {"I4PAIR": 0, "BK1": 32, "BK2": 32})],
     ids=["default_p2", "gemv_p2", "gemv_p6_short_group", "gemv_narrow_tiles", "gmma_p2",
-         "gmma_p6_split", "gmma_p2_narrow_tiles", "mma_p10", "mma_p66_short_group", "mma_p400"])
+         "gmma_p6_split", "gmma_p2_narrow_tiles", "mma_p10", "mma_p66_short_group", "mma_p400",
+         "mma_p400_rows", "mma_p66_rows_short_group"])
 def test_int4_and_fp8_paths_match_moe_ref(fmt, M, D, F, cfg):
     x, gates, ids, lins, ref = moe_case(M, D, F, fmt, (40 + M + D, 500 + M + F),
                                         only=[1, 4] if M == 3 else None)
