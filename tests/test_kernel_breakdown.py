@@ -61,3 +61,18 @@ def test_per_layer_and_once_a_step_kernels_and_the_full_depth_estimate():
     assert b["full_model_ms"] == pytest.approx((layer * 64 + once) / 1e3)
     assert b["kernels"][0]["name"] == "moe_mma_gemv_gate_up_kernel"
     assert b["kernels"][0]["calls_per_layer"] == 1
+
+
+def test_parallel_decode_attaches_each_breakdown_to_its_row_only():
+    """bench/parallel_decode.py --breakdown: decode rows by batch, prefill rows by tokens (whose
+    "batch" is 1 too), and the all-reduce rows, which have neither key, left alone (they once
+    raised KeyError after the timings and lost the run's rows)."""
+    from bench.parallel_decode import attach_breakdowns
+
+    rows = [{"kind": "decode", "batch": 1}, {"kind": "decode", "batch": 8},
+            {"kind": "prefill", "batch": 1, "prefill_tokens": 1024},
+            {"kind": "allreduce_f32", "tokens": 1, "graph": True, "us": 14.4}]
+    parts = {("decode", 1): {"layer_us": 262.0}, ("prefill", 1024): {"layer_us": 4751.0}}
+    attach_breakdowns(rows, parts)
+    assert [r.get("breakdown") for r in rows] == [
+        {"layer_us": 262.0}, None, {"layer_us": 4751.0}, None]
