@@ -55,6 +55,19 @@ DECODE_STAGES = [
     [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
         (64, 128, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4)]],
     [{"SPLIT": s} for s in (1, 2, 4, 8)]]
+# 64 < P <= 512 (batch 33-256 decode): the grouped GEMMs at a few pairs per expert are
+# latency-bound with one 8-warp block per SM (ncu: 144-255 registers a thread and 233 KB of
+# shared memory at 64 x 128 x 64, 3-4 stages; bench/NOTES.md), so the stages offer smaller
+# footprints (4 warps, fewer stages, narrower tiles) that let two or more blocks share an SM.
+MID_STAGES = [
+    [{"BM": m} for m in (16, 32, 64)],
+    [{"BN1": a, "BK1": b, "W1": w, "S1": st} for a, b, w, st in [
+        (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 4),
+        (128, 128, 8, 3), (256, 64, 8, 3)]],
+    [{"BN2": a, "BK2": b, "W2": w, "S2": st} for a, b, w, st in [
+        (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3),
+        (256, 64, 8, 3)]],
+    [{"SPLIT": s} for s in (1, 2, 4)]]
 PREFILL_STAGES = [
     [{"MAGIC": 0}, {"MAGIC": 1}],
     [{"BM": m, "BN1": a, "BK1": b, "W1": w, "S1": st} for m, a, b, w, st in [
@@ -138,7 +151,8 @@ def sweep_width(tokens: list[int], F: int, ceil: dict, table: dict, key_part: in
         fn_timer = (lambda fn: time_graph_ms(fn, calls=10)) if P <= 64 else (lambda fn: time_ms(fn, reps=20))
         # the GEMV stage's placeholder "GEMV": 1 << 20 becomes this pair count (0 stays off)
         stages = [[{**c, "GEMV": P} if c.get("GEMV") else c for c in st]
-                  for st in (GEMV_STAGES if M == 1 else DECODE_STAGES if P <= 64 else PREFILL_STAGES)]
+                  for st in (GEMV_STAGES if M == 1 else DECODE_STAGES if P <= 64
+                             else MID_STAGES if P <= 512 else PREFILL_STAGES)]
         if weights == "int4" and M > 1:  # how the grouped GEMMs read int4 bytes (MoeTiles.I4PAIR)
             stages = [[{"I4PAIR": 0}, {"I4PAIR": 1}]] + stages
 
