@@ -10,6 +10,9 @@
 # and tabulate wheels; carry .ref), serve (grok1 serve on 4 random full-width layers under
 # bench/serve_load.py; carry .whl with fastapi, uvicorn, pydantic and their needs, and the Grok-1
 # tokenizer as .ref/tokenizer.model or $GROK_TOKENIZER).
+# At the end everything under $OUT goes into one $OUT/results.tgz (PACK=0 keeps the files as they
+# are): the device tool returns only a handful of files from $OUT, and two runs' JSON were lost
+# that way (bench/NOTES.md, session 7). Unpack it with `tar xzf results.tgz`.
 set -o pipefail
 OUT=${OUT:-/tmp/grok1_out}
 mkdir -p "$OUT"
@@ -37,6 +40,7 @@ for _ in range(240):
   pkill -INT -f "grok1 serve"; sleep 15; tail -3 "$OUT/$name.server.log"
 }
 
+status=0  # the first failing step's exit status is the script's (after packing)
 for s in $steps; do
   case $s in
     gate) # the server's GPU tests need fastapi & co: carry .whl (README, Contributing)
@@ -77,5 +81,11 @@ for s in $steps; do
            [ -s "$OUT/linear_tuned.json" ] && cp "$OUT/linear_tuned.json" grok1/ops/configs/linear.json
            timeout 120 python3 bench/decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.log"
            timeout 80 python3 bench/prefill.py --out "$OUT" 2>&1 | tee "$OUT/prefill.log" ;;
-  esac
+  esac || { rc=$?; [ "$status" = 0 ] && status=$rc; }
 done
+
+if [ "${PACK:-1}" = 1 ]; then
+  (cd "$OUT" && tar czf /tmp/grok1_results.tgz . && find . -mindepth 1 -delete \
+     && mv /tmp/grok1_results.tgz results.tgz && echo "packed $OUT/results.tgz: $(tar tzf results.tgz | grep -vc '/$') files")
+fi
+exit "$status"
