@@ -42,7 +42,7 @@ from grok1.config import GrokConfig
 from grok1.model import Grok1
 from grok1.parallel.mesh import Mesh, init_distributed, shutdown
 from grok1.parallel.tensor import Layout, local_config, parallelize, shard_model_
-from grok1.quant import INT8, int4, weight_format
+from grok1.quant import INT4_GROUP_SIZE, INT8, weight_format
 
 GIB = 2**30
 REF_DECODE_MS = 40.1  # ANCHORS.md: the JAX reference, 4 full-width layers, batch 1, one H100
@@ -355,7 +355,8 @@ def main() -> int:
     p.add_argument("--router-std", type=float, default=2.0, help="--verify's router scale")
     p.add_argument("--weights", choices=["int8", "int4", "fp8"], default="int8",
                    help="random weights in this format (int8: the release's)")
-    p.add_argument("--group-size", type=int, default=None, help="int4's group along the input")
+    p.add_argument("--group-size", type=int, default=INT4_GROUP_SIZE,
+                   help="int4's inputs per scale group")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="append JSON lines to DIR/...jsonl")
     p.add_argument("--profile", action="store_true", help="kernel table of a b=1 decode step")
@@ -363,8 +364,7 @@ def main() -> int:
                    help="GPU us per layer by part (attention, MoE, all-reduce, ...) in each "
                         "decode and prefill row, and the full-depth estimate")
     args = p.parse_args()
-    args.format = (int4(args.group_size) if args.weights == "int4" and args.group_size
-                   else weight_format(args.weights))
+    args.format = weight_format(args.weights, args.group_size)
     mesh = init_distributed()
     base = GrokConfig.resolve(args.config, args.set)
     args.full_layers = base.num_layers  # what --breakdown's estimate scales to
